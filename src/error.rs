@@ -1,0 +1,169 @@
+//! The library's error type.
+//!
+//! Every error says what failed and on which object (a store key, a chunk id, a file path), and
+//! carries a [`ErrorKind`] so callers can decide what to do: [`Error::is_retryable`] tells whether
+//! running the same command again may help, [`Error::hint`] gives the user a next step.
+
+use std::path::PathBuf;
+
+/// Broad class of an [`Error`], for exit codes, metrics and retry decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad configuration or command-line input.
+    Config,
+    /// The repository is missing, of an unknown format, or already exists.
+    Repository,
+    /// The object store failed (network, permissions, throttling).
+    Store,
+    /// Stored data does not match its hash or cannot be decoded.
+    Integrity,
+    /// Reading the backup source or writing the restore target failed.
+    Io,
+    /// Input that would be unsafe to act on (a path escaping the restore target).
+    Unsafe,
+    /// A snapshot reference did not resolve.
+    NotFound,
+}
+
+/// Errors of the tresor library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    #[error("{url} is not a tresor repository (it has no `config` object)")]
+    NotARepository { url: String },
+
+    #[error("{url} already holds a tresor repository; refusing to overwrite it")]
+    AlreadyInitialized { url: String },
+
+    #[error("repository {url} has format version {found}; this tresor reads version {supported}")]
+    UnsupportedFormat {
+        url: String,
+        found: u32,
+        supported: u32,
+    },
+
+    #[error("store: {op} {key} failed: {source}")]
+    Store {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    #[error("object {key} is missing from the store")]
+    Missing { key: String },
+
+    #[error("corrupt object {object}: {reason}")]
+    Corrupt { object: String, reason: String },
+
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{context}: {source}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<Error>,
+    },
+
+    #[error("no snapshot matches {0:?}")]
+    SnapshotNotFound(String),
+
+    #[error("snapshot reference {reference:?} is ambiguous; it matches {matches}")]
+    AmbiguousSnapshot { reference: String, matches: String },
+
+    #[error("refusing unsafe path {path:?}: {reason}")]
+    UnsafePath { path: String, reason: &'static str },
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Adds what was being done (for example which file used a corrupt chunk).
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+
+    /// The innermost error, below any [`Error::Context`] layers.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Context { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self.root() {
+            Error::Config(_) => ErrorKind::Config,
+            Error::NotARepository { .. }
+            | Error::AlreadyInitialized { .. }
+            | Error::UnsupportedFormat { .. } => ErrorKind::Repository,
+            Error::Store { .. } => ErrorKind::Store,
+            Error::Missing { .. } | Error::Corrupt { .. } => ErrorKind::Integrity,
+            Error::Io { .. } => ErrorKind::Io,
+            Error::UnsafePath { .. } => ErrorKind::Unsafe,
+            Error::SnapshotNotFound(_) | Error::AmbiguousSnapshot { .. } => ErrorKind::NotFound,
+            Error::Context { .. } => unreachable!("root() strips context"),
+        }
+    }
+
+    /// Whether running the same operation again may succeed (transient store or I/O trouble).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.kind(), ErrorKind::Store | ErrorKind::Io)
+    }
+
+    /// A next step for the user, where there is an obvious one.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self.root() {
+            Error::NotARepository { .. } => {
+                Some("check --repo / TRESOR_REPO, or create a repository with `tresor init`")
+            }
+            Error::UnsupportedFormat { .. } => Some("upgrade tresor to read this repository"),
+            Error::Missing { .. } | Error::Corrupt { .. } => Some(
+                "the repository is damaged; run `tresor verify --read-data` to see which snapshots are affected",
+            ),
+            Error::Store { .. } => Some("check the store's endpoint, credentials and permissions"),
+            Error::AmbiguousSnapshot { .. } => Some("give more characters of the snapshot id"),
+            Error::SnapshotNotFound(_) => Some("list snapshots with `tresor snapshots`"),
+            _ => None,
+        }
+    }
+}
+
+/// Result alias of the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_keeps_kind_and_names_both_parts() {
+        let e = Error::Corrupt {
+            object: "chunks/ab/abcd".into(),
+            reason: "hash mismatch".into(),
+        }
+        .context("restoring etc/passwd");
+        assert_eq!(e.kind(), ErrorKind::Integrity);
+        let msg = e.to_string();
+        assert!(msg.contains("etc/passwd") && msg.contains("chunks/ab/abcd"), "{msg}");
+        assert!(e.hint().is_some());
+        assert!(!e.is_retryable());
+    }
+}

@@ -1,0 +1,21 @@
+//! tresor: digital-twin backups of container workloads.
+//!
+//! The data path reads top to bottom: a source ([`volume`]) is cut by the [`chunker`], hashed,
+//! deduplicated and compressed by the [`pipeline`], stored through the [`repository`] on a
+//! [`store`], and recorded last as a [`snapshot`]. Restore is the same path backwards, with every
+//! chunk re-hashed on the way. `ARCHITECTURE.md` describes the modules and the on-store format.
+
+pub mod cache;
+pub mod catalog;
+pub mod chunker;
+pub mod codec;
+pub mod error;
+pub mod id;
+pub mod pipeline;
+pub mod progress;
+pub mod repository;
+pub mod snapshot;
+pub mod store;
+pub mod volume;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,407 @@
+//! The chunk pipeline: bytes in, chunk refs out (and back).
+//!
+//! Writing: the caller's thread chunks and hashes (BLAKE3 runs at several GB/s on one core) and
+//! drops chunks already known or all-zero; each new chunk is compressed on the rayon pool and
+//! uploaded on the tokio runtime. A byte budget bounds the data in flight, so memory stays flat
+//! however large the source is: when the budget is spent, the caller's thread waits.
+//! [`ChunkWriter::flush`] waits for every upload and reports the first failure.
+//!
+//! Reading: [`fetch`] downloads a chunk on the runtime and decodes and re-hashes it on rayon;
+//! [`StreamReader`] reads a ref list as one byte stream with a window of chunks fetched ahead.
+//!
+//! The API is blocking (it is called from walker and writer threads) and drives async work
+//! through a runtime [`Handle`]; never call it from inside an async task.
+
+use std::collections::VecDeque;
+use std::io::{self, BufRead, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::cache::KnownChunks;
+use crate::chunker::{Chunker, Mode};
+use crate::error::{Error, Result};
+use crate::id::{is_all_zero, ChunkRef};
+use crate::repository::Repository;
+
+/// Bytes of chunk data allowed in flight (read but not yet stored) by default.
+pub const DEFAULT_IN_FLIGHT: usize = 64 << 20;
+/// Concurrent store requests per pipeline.
+const MAX_REQUESTS: usize = 16;
+
+/// Counters of a [`ChunkWriter`], in plaintext bytes unless named otherwise.
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    pub chunks_new: AtomicU64,
+    pub bytes_new: AtomicU64,
+    /// Encoded (compressed) bytes uploaded.
+    pub bytes_uploaded: AtomicU64,
+    pub chunks_dedup: AtomicU64,
+    pub bytes_dedup: AtomicU64,
+    pub bytes_zero: AtomicU64,
+}
+
+/// A plain copy of [`WriteStats`].
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
+pub struct WriteSummary {
+    pub chunks_new: u64,
+    pub bytes_new: u64,
+    pub bytes_uploaded: u64,
+    pub chunks_dedup: u64,
+    pub bytes_dedup: u64,
+    pub bytes_zero: u64,
+}
+
+impl WriteStats {
+    pub fn summary(&self) -> WriteSummary {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        WriteSummary {
+            chunks_new: g(&self.chunks_new),
+            bytes_new: g(&self.bytes_new),
+            bytes_uploaded: g(&self.bytes_uploaded),
+            chunks_dedup: g(&self.chunks_dedup),
+            bytes_dedup: g(&self.bytes_dedup),
+            bytes_zero: g(&self.bytes_zero),
+        }
+    }
+}
+
+/// Counts bytes in flight and makes writers wait while the budget is spent.
+#[derive(Debug)]
+struct Budget {
+    limit: usize,
+    used: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, n: usize) {
+        let mut used = self.used.lock().expect("budget lock");
+        // A chunk larger than the whole budget still goes, alone.
+        while *used > 0 && *used + n > self.limit {
+            used = self.changed.wait(used).expect("budget lock");
+        }
+        *used += n;
+    }
+
+    fn release(&self, n: usize) {
+        *self.used.lock().expect("budget lock") -= n;
+        self.changed.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let mut used = self.used.lock().expect("budget lock");
+        while *used > 0 {
+            used = self.changed.wait(used).expect("budget lock");
+        }
+    }
+}
+
+struct Shared {
+    repo: Arc<Repository>,
+    known: Arc<KnownChunks>,
+    budget: Budget,
+    requests: Arc<Semaphore>,
+    failure: Mutex<Option<Error>>,
+    stats: WriteStats,
+}
+
+/// Stores chunks with deduplication, parallel compression and bounded memory.
+#[derive(Clone)]
+pub struct ChunkWriter {
+    shared: Arc<Shared>,
+    rt: Handle,
+}
+
+impl ChunkWriter {
+    pub fn new(repo: Arc<Repository>, known: Arc<KnownChunks>, rt: Handle, in_flight: usize) -> Self {
+        ChunkWriter {
+            shared: Arc::new(Shared {
+                repo,
+                known,
+                budget: Budget {
+                    limit: in_flight,
+                    used: Mutex::new(0),
+                    changed: Condvar::new(),
+                },
+                requests: Arc::new(Semaphore::new(MAX_REQUESTS)),
+                failure: Mutex::new(None),
+                stats: WriteStats::default(),
+            }),
+            rt,
+        }
+    }
+
+    pub fn repo(&self) -> &Arc<Repository> {
+        &self.shared.repo
+    }
+
+    pub fn stats(&self) -> &WriteStats {
+        &self.shared.stats
+    }
+
+    /// Stores one chunk (unless known or all-zero) and returns its ref at once; the upload
+    /// finishes in the background. Blocks while the in-flight budget is spent.
+    ///
+    /// # Errors
+    /// The first failure of an earlier background upload.
+    pub fn write(&self, data: Bytes) -> Result<ChunkRef> {
+        self.check_failure()?;
+        let shared = &self.shared;
+        let len = data.len();
+        let len32 = u32::try_from(len).expect("chunks are below 4 GiB");
+        if is_all_zero(&data) {
+            shared.stats.bytes_zero.fetch_add(len as u64, Ordering::Relaxed);
+            return Ok(ChunkRef::zero(len32));
+        }
+        let id = shared.repo.chunk_id(&data);
+        if !shared.known.insert(id) {
+            shared.stats.chunks_dedup.fetch_add(1, Ordering::Relaxed);
+            shared.stats.bytes_dedup.fetch_add(len as u64, Ordering::Relaxed);
+            return Ok(ChunkRef { id, len: len32 });
+        }
+        shared.budget.acquire(len);
+        let shared = Arc::clone(shared);
+        let rt = self.rt.clone();
+        rayon::spawn(move || {
+            let encoded = shared.repo.encode_chunk(&data);
+            drop(data);
+            rt.spawn(async move {
+                let uploaded = encoded.len() as u64;
+                let permit = shared.requests.clone().acquire_owned().await;
+                let result = shared.repo.put_chunk(&id, encoded).await;
+                drop(permit);
+                match result {
+                    Ok(()) => {
+                        let s = &shared.stats;
+                        s.chunks_new.fetch_add(1, Ordering::Relaxed);
+                        s.bytes_new.fetch_add(len as u64, Ordering::Relaxed);
+                        s.bytes_uploaded.fetch_add(uploaded, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        shared.known.remove(&id);
+                        shared.failure.lock().expect("failure lock").get_or_insert(e);
+                    }
+                }
+                shared.budget.release(len);
+            });
+        });
+        Ok(ChunkRef { id, len: len32 })
+    }
+
+    /// Waits until every chunk written so far is stored.
+    ///
+    /// # Errors
+    /// The first upload failure.
+    pub fn flush(&self) -> Result<()> {
+        self.shared.budget.wait_idle();
+        self.check_failure()
+    }
+
+    fn check_failure(&self) -> Result<()> {
+        match self.shared.failure.lock().expect("failure lock").take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Chunks a byte stream written to it and collects the refs, in order.
+pub struct StreamWriter<'a> {
+    writer: &'a ChunkWriter,
+    chunker: Chunker,
+    refs: Vec<ChunkRef>,
+    len: u64,
+}
+
+impl<'a> StreamWriter<'a> {
+    pub fn new(writer: &'a ChunkWriter, mode: Mode) -> Self {
+        StreamWriter {
+            chunker: Chunker::new(writer.repo().config().chunker, mode),
+            writer,
+            refs: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Adds bytes to the stream.
+    pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
+        self.len += data.len() as u64;
+        let (writer, refs) = (self.writer, &mut self.refs);
+        self.chunker
+            .push(data, &mut |chunk| writer.write(chunk).map(|r| refs.push(r)))
+    }
+
+    /// Ends the stream and returns its refs and length. The chunks may still be uploading:
+    /// see [`ChunkWriter::flush`].
+    pub fn finish(mut self) -> Result<(Vec<ChunkRef>, u64)> {
+        let (writer, refs) = (self.writer, &mut self.refs);
+        self.chunker
+            .finish(&mut |chunk| writer.write(chunk).map(|r| refs.push(r)))?;
+        Ok((self.refs, self.len))
+    }
+}
+
+impl io::Write for StreamWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf).map_err(io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Starts fetching a chunk: download on the runtime, decode and re-hash on rayon.
+/// A zero ref yields zeros without touching the store.
+pub fn fetch(repo: &Arc<Repository>, rt: &Handle, r: ChunkRef) -> JoinHandle<Result<Bytes>> {
+    let repo = Arc::clone(repo);
+    rt.spawn(async move {
+        if r.is_zero() {
+            return Ok(Bytes::from(vec![0u8; r.len as usize]));
+        }
+        let raw = repo.get_chunk_raw(&r.id).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        rayon::spawn(move || {
+            let _ = tx.send(repo.decode_chunk(&r.id, &raw));
+        });
+        let data = rx.await.expect("decode task dropped")?;
+        if data.len() != r.len as usize {
+            return Err(Error::Corrupt {
+                object: Repository::chunk_key(&r.id),
+                reason: format!("holds {} bytes, its reference says {}", data.len(), r.len),
+            });
+        }
+        Ok(data)
+    })
+}
+
+/// Waits for a fetch started by [`fetch`], from a blocking thread.
+pub fn wait(rt: &Handle, handle: JoinHandle<Result<Bytes>>) -> Result<Bytes> {
+    rt.block_on(handle).expect("fetch task panicked")
+}
+
+/// Reads a ref list as one byte stream, fetching `window` chunks ahead.
+pub struct StreamReader {
+    repo: Arc<Repository>,
+    rt: Handle,
+    refs: std::vec::IntoIter<ChunkRef>,
+    pending: VecDeque<JoinHandle<Result<Bytes>>>,
+    window: usize,
+    current: Bytes,
+}
+
+impl StreamReader {
+    pub fn new(repo: Arc<Repository>, rt: Handle, refs: Vec<ChunkRef>, window: usize) -> Self {
+        StreamReader {
+            repo,
+            rt,
+            refs: refs.into_iter(),
+            pending: VecDeque::new(),
+            window: window.max(1),
+            current: Bytes::new(),
+        }
+    }
+
+    /// Whether the stream is exhausted.
+    pub fn at_end(&mut self) -> Result<bool> {
+        Ok(self.fill_buf().map_err(from_io)?.is_empty())
+    }
+}
+
+impl BufRead for StreamReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.current.is_empty() {
+            while self.pending.len() < self.window {
+                match self.refs.next() {
+                    Some(r) => self.pending.push_back(fetch(&self.repo, &self.rt, r)),
+                    None => break,
+                }
+            }
+            match self.pending.pop_front() {
+                Some(h) => self.current = wait(&self.rt, h).map_err(io::Error::other)?,
+                None => break,
+            }
+        }
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, amt: usize) {
+        let _ = self.current.split_to(amt);
+    }
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// Recovers a library error carried through `std::io`.
+pub fn from_io(e: io::Error) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+        *e.into_inner()
+            .expect("checked")
+            .downcast::<Error>()
+            .expect("checked")
+    } else {
+        Error::io("<stream>", e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::InitOptions;
+    use crate::store::{Store, StoreOptions};
+
+    #[test]
+    fn write_then_read_back_with_dedup_and_zeros() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let store = Store::open("memory://", &StoreOptions::default(), true).unwrap();
+        let repo = Arc::new(rt.block_on(Repository::init(store, InitOptions::default())).unwrap());
+        let known = Arc::new(rt.block_on(KnownChunks::load(&repo, None)).unwrap());
+        let writer = ChunkWriter::new(repo.clone(), known, rt.handle().clone(), 8 << 20);
+
+        let mut data: Vec<u8> = (0..6_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        data.extend(std::iter::repeat_n(0u8, 9 << 20));
+        let mut sw = StreamWriter::new(&writer, Mode::ContentDefined);
+        for piece in data.chunks(100_000) {
+            sw.write_all(piece).unwrap();
+        }
+        let (refs, len) = sw.finish().unwrap();
+        writer.flush().unwrap();
+        assert_eq!(len, data.len() as u64);
+        assert!(refs.iter().any(|r| r.is_zero()));
+        let stats = writer.stats().summary();
+        assert!(stats.bytes_zero >= 4 << 20, "{stats:?}");
+        assert_eq!(stats.bytes_new + stats.bytes_zero + stats.bytes_dedup, data.len() as u64);
+
+        let mut again = StreamWriter::new(&writer, Mode::ContentDefined);
+        again.write_all(&data).unwrap();
+        let (refs2, _) = again.finish().unwrap();
+        writer.flush().unwrap();
+        assert_eq!(refs, refs2);
+        assert_eq!(writer.stats().summary().chunks_new, stats.chunks_new);
+
+        let handle = rt.handle().clone();
+        let back = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            StreamReader::new(repo, handle, refs, 4).read_to_end(&mut out).unwrap();
+            out
+        })
+        .join()
+        .unwrap();
+        assert!(back == data);
+    }
+}

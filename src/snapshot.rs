@@ -1,0 +1,206 @@
+//! Snapshot records: what was backed up, when, from where, and the root of its data.
+//!
+//! A record is JSON, immutable, and named by the BLAKE3 of its bytes. It is written last, after
+//! every chunk it references is stored and synced (see [`crate::repository`]). Its `root` is a
+//! ref list: for a tree, the chunks of its catalog ([`crate::catalog`]); for a block image,
+//! the chunks of its binary ref list (36 bytes per data chunk, [`ChunkRef::encode`]).
+//!
+//! A snapshot is named on the command line by its id, a unique prefix of it (at least 4 hex
+//! digits), or a volume name meaning the newest snapshot of that name.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::ChunkRef;
+use crate::pipeline::WriteSummary;
+use crate::repository::Repository;
+
+/// Record format version.
+pub const RECORD_VERSION: u32 = 1;
+
+/// What a snapshot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Volume,
+    Image,
+}
+
+/// How the root ref list is to be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootFormat {
+    /// A catalog stream of tree entries.
+    Tree,
+    /// A binary list of data chunk refs making up one byte stream.
+    Block,
+}
+
+/// Sizes and counts of a backup run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Summary {
+    /// Bytes of file or image data the snapshot describes.
+    pub logical_bytes: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub other_entries: u64,
+    /// Files whose content was read (unchanged files are taken from the parent snapshot).
+    pub files_read: u64,
+    pub bytes_read: u64,
+    pub errors: u64,
+    pub duration_ms: u64,
+    /// Chunk counts and sizes: new, deduplicated, all-zero.
+    pub chunks: WriteSummary,
+}
+
+/// A snapshot record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub version: u32,
+    pub kind: Kind,
+    /// Volume name (or image reference).
+    pub name: String,
+    /// Where it came from: an absolute path, a device, a registry reference.
+    pub source: String,
+    pub host: String,
+    pub time: DateTime<Utc>,
+    pub tags: Vec<String>,
+    /// Some entries could not be read and are missing.
+    pub partial: bool,
+    pub root_format: RootFormat,
+    pub root: Vec<ChunkRef>,
+    /// The snapshot used to detect unchanged files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub summary: Summary,
+    /// The first problems met (unreadable files), for the report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+/// A record with its id.
+#[derive(Clone, Debug, Serialize)]
+pub struct Listed {
+    pub id: String,
+    #[serde(flatten)]
+    pub snapshot: Snapshot,
+}
+
+impl Snapshot {
+    /// Stores the record. Everything it references must be stored and synced already.
+    pub async fn save(&self, repo: &Repository) -> Result<String> {
+        let json = serde_json::to_vec(self).expect("snapshot serialises");
+        repo.put_snapshot(&json).await
+    }
+
+    /// Loads and parses one record.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] naming the record when it does not parse.
+    pub async fn load(repo: &Repository, id: &str) -> Result<Snapshot> {
+        let bytes = repo.get_snapshot(id).await?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+            object: format!("snapshots/{id}"),
+            reason: format!("record does not parse: {e}"),
+        })
+    }
+}
+
+/// Which snapshots to list.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub kind: Option<Kind>,
+    pub name: Option<String>,
+    pub host: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, s: &Snapshot) -> bool {
+        self.kind.is_none_or(|k| k == s.kind)
+            && self.name.as_ref().is_none_or(|n| *n == s.name)
+            && self.host.as_ref().is_none_or(|h| *h == s.host)
+    }
+}
+
+/// Every snapshot matching `filter`, oldest first. Records that cannot be read are reported by
+/// a warning and left out, so one damaged record does not hide the others.
+pub async fn list(repo: &Arc<Repository>, filter: &Filter) -> Result<Vec<Listed>> {
+    let ids = repo.list_snapshot_ids().await?;
+    let loaded: Vec<(String, Result<Snapshot>)> = futures::stream::iter(ids)
+        .map(|id| {
+            let repo = Arc::clone(repo);
+            async move {
+                let s = Snapshot::load(&repo, &id).await;
+                (id, s)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut out = Vec::new();
+    for (id, s) in loaded {
+        match s {
+            Ok(snapshot) if filter.matches(&snapshot) => out.push(Listed { id, snapshot }),
+            Ok(_) => {}
+            Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => {
+                tracing::warn!("skipping snapshot {id}: {e}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort_by(|a, b| (a.snapshot.time, &a.id).cmp(&(b.snapshot.time, &b.id)));
+    Ok(out)
+}
+
+/// Resolves a snapshot reference (id, unique id prefix, or name for the newest of that name)
+/// among snapshots of `kind`.
+///
+/// # Errors
+/// [`Error::SnapshotNotFound`], [`Error::AmbiguousSnapshot`].
+pub async fn resolve(repo: &Arc<Repository>, reference: &str, kind: Kind) -> Result<Listed> {
+    let ids = repo.list_snapshot_ids().await?;
+    let is_hex = reference.len() >= 4 && reference.bytes().all(|b| b.is_ascii_hexdigit());
+    if is_hex {
+        let lower = reference.to_ascii_lowercase();
+        let matching: Vec<&String> = ids.iter().filter(|id| id.starts_with(&lower)).collect();
+        match matching.as_slice() {
+            [one] => {
+                let snapshot = Snapshot::load(repo, one).await?;
+                return Ok(Listed {
+                    id: (*one).clone(),
+                    snapshot,
+                });
+            }
+            [] => {}
+            many => {
+                return Err(Error::AmbiguousSnapshot {
+                    reference: reference.into(),
+                    matches: many.iter().map(|m| &m[..12]).collect::<Vec<_>>().join(", "),
+                })
+            }
+        }
+    }
+    let filter = Filter {
+        kind: Some(kind),
+        name: Some(reference.to_string()),
+        host: None,
+    };
+    list(repo, &filter)
+        .await?
+        .pop()
+        .ok_or_else(|| Error::SnapshotNotFound(reference.to_string()))
+}
+
+/// The newest snapshot of `kind` with this name and host, if any (the parent of a new backup).
+pub async fn latest(repo: &Arc<Repository>, kind: Kind, name: &str, host: &str) -> Result<Option<Listed>> {
+    let filter = Filter {
+        kind: Some(kind),
+        name: Some(name.to_string()),
+        host: Some(host.to_string()),
+    };
+    Ok(list(repo, &filter).await?.pop())
+}

@@ -1,0 +1,249 @@
+//! The object store backend: `file://`, `s3://` and `memory://` behind one small API.
+//!
+//! Keys are `/`-separated strings relative to the repository root (for `s3://BUCKET/PREFIX` the
+//! prefix is applied here, so the layers above never see it). The store promises only what every
+//! S3 implementation keeps: a PUT is atomic and durable once it returns, GET returns whole
+//! objects, LIST is unordered. It relies on no conditional PUT (Garage ignores `If-None-Match`).
+//!
+//! The local filesystem store writes each object to a staging file and renames it into place,
+//! but does not fsync. [`Store::sync`] is the barrier that makes every object written so far
+//! durable (one `syncfs(2)` of the repository's filesystem); callers use it before writing an
+//! object that references others, so a power cut can never leave a record pointing at data that
+//! never reached the disk.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as StorePath;
+use object_store::prefix::PrefixStore;
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
+
+use crate::error::{Error, Result};
+
+/// Settings for `s3://` stores that are not part of the URL. Unset fields fall back to the usual
+/// `AWS_*` environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ALLOW_HTTP`).
+#[derive(Clone, Debug, Default)]
+pub struct StoreOptions {
+    /// Endpoint such as `http://127.0.0.1:3900` for Garage, MinIO or Ceph RGW.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Allow plain HTTP (only sensible on loopback or a trusted network).
+    pub allow_http: bool,
+}
+
+/// A repository's object store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    url: String,
+    local_root: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl Store {
+    /// Opens the store named by `url`: `file:///ABS/PATH` (or a plain path), `s3://BUCKET[/PREFIX]`,
+    /// or `memory://` (a fresh in-process store, for tests).
+    ///
+    /// For `file://` the directory is created when `create` is set.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an unknown scheme or unusable settings.
+    pub fn open(url: &str, options: &StoreOptions, create: bool) -> Result<Store> {
+        if url == "memory://" {
+            return Ok(Store {
+                inner: Arc::new(InMemory::new()),
+                url: url.to_string(),
+                local_root: None,
+            });
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            return Self::open_s3(url, rest, options);
+        }
+        let path = match url.strip_prefix("file://") {
+            Some(p) => PathBuf::from(p),
+            None if !url.contains("://") => PathBuf::from(url),
+            None => {
+                return Err(Error::Config(format!(
+                    "unsupported repository URL {url:?}: use file:///PATH, s3://BUCKET/PREFIX or memory://"
+                )))
+            }
+        };
+        if create {
+            std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        let path = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+        let local = LocalFileSystem::new_with_prefix(&path).map_err(|e| Error::Store {
+            op: "open",
+            key: path.display().to_string(),
+            source: e,
+        })?;
+        Ok(Store {
+            inner: Arc::new(local),
+            url: format!("file://{}", path.display()),
+            local_root: Some(path),
+        })
+    }
+
+    fn open_s3(url: &str, rest: &str, options: &StoreOptions) -> Result<Store> {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(Error::Config(format!("{url:?} names no bucket")));
+        }
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_virtual_hosted_style_request(false)
+            .with_retry(retry_config());
+        if let Some(endpoint) = &options.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(region) = &options.region {
+            builder = builder.with_region(region);
+        }
+        if options.allow_http {
+            builder = builder.with_allow_http(true);
+        }
+        let s3 = builder.build().map_err(|e| Error::Config(format!("s3 store {url}: {e}")))?;
+        let prefix = prefix.trim_matches('/');
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(PrefixStore::new(s3, prefix))
+        };
+        Ok(Store {
+            inner,
+            url: url.to_string(),
+            local_root: None,
+        })
+    }
+
+    /// The normalised URL, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Reads a whole object.
+    ///
+    /// # Errors
+    /// [`Error::Missing`] when the key does not exist, [`Error::Store`] otherwise.
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        let result = self.inner.get(&StorePath::from(key)).await;
+        let get = result.map_err(|e| store_err("get", key, e))?;
+        get.bytes().await.map_err(|e| store_err("get", key, e))
+    }
+
+    /// Like [`Store::get`], with `None` for a missing object.
+    pub async fn get_opt(&self, key: &str) -> Result<Option<Bytes>> {
+        match self.get(key).await {
+            Ok(b) => Ok(Some(b)),
+            Err(Error::Missing { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes a whole object, replacing any object of that key.
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        self.inner
+            .put(&StorePath::from(key), data.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| store_err("put", key, e))
+    }
+
+    /// Deletes an object; deleting a missing object is not an error.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self.inner.delete(&StorePath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err("delete", key, e)),
+        }
+    }
+
+    /// Lists every key under `prefix` (recursively) with its size, in no particular order.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let path = StorePath::from(prefix);
+        self.inner
+            .list(Some(&path))
+            .map_ok(|meta| (meta.location.to_string(), meta.size))
+            .try_collect()
+            .await
+            .map_err(|e| store_err("list", prefix, e))
+    }
+
+    /// Makes every object written so far durable (see the module docs). A no-op for remote stores,
+    /// whose PUT is durable once it returns.
+    pub async fn sync(&self) -> Result<()> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            let dir = std::fs::File::open(&root).map_err(|e| Error::io(&root, e))?;
+            nix::unistd::syncfs(&dir).map_err(|e| Error::io(&root, e.into()))
+        })
+        .await
+        .expect("syncfs task panicked")
+    }
+}
+
+fn store_err(op: &'static str, key: &str, e: object_store::Error) -> Error {
+    match e {
+        object_store::Error::NotFound { .. } => Error::Missing {
+            key: key.to_string(),
+        },
+        source => Error::Store {
+            op,
+            key: key.to_string(),
+            source,
+        },
+    }
+}
+
+/// Retries with exponential backoff on 5xx, 429 and connection errors: 10 tries within 3 minutes,
+/// object_store's default, with a first pause of 100 ms growing to 15 s.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(15),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: Duration::from_secs(180),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_store_round_trip_and_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/repo", dir.path().display());
+        let store = Store::open(&url, &StoreOptions::default(), true).unwrap();
+        store.put("a/b", Bytes::from_static(b"x")).await.unwrap();
+        assert_eq!(store.get("a/b").await.unwrap(), Bytes::from_static(b"x"));
+        assert!(matches!(store.get("a/c").await, Err(Error::Missing { key }) if key == "a/c"));
+        assert_eq!(store.list("a").await.unwrap(), vec![("a/b".to_string(), 1)]);
+        store.sync().await.unwrap();
+        store.delete("a/b").await.unwrap();
+        store.delete("a/b").await.unwrap();
+        assert!(store.get_opt("a/b").await.unwrap().is_none());
+    }
+
+    #[test]
+    fn rejects_unknown_scheme() {
+        let err = Store::open("ftp://x", &StoreOptions::default(), false).unwrap_err();
+        assert!(err.to_string().contains("ftp://x"));
+    }
+}

@@ -1,0 +1,270 @@
+//! Backing up a directory tree or a block image.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::catalog::{self, Entry, EntryKind, PreviousCatalog};
+use crate::chunker::Mode;
+use crate::error::{Error, Result};
+use crate::id::ChunkRef;
+use crate::pipeline::{ChunkWriter, StreamReader, StreamWriter};
+use crate::progress::Progress;
+use crate::snapshot::Summary;
+
+use super::fsmeta::{self, Names};
+
+const READ_BUF: usize = 1 << 20;
+/// Problems kept verbatim in the snapshot record; the rest are only counted.
+const MAX_RECORDED_ERRORS: usize = 100;
+
+/// What a tree walk produced.
+pub struct TreeResult {
+    pub catalog: Vec<ChunkRef>,
+    pub summary: Summary,
+    pub errors: Vec<String>,
+}
+
+/// Walks `root` depth-first in sorted order, storing file contents through `writer` and the
+/// catalog as its own stream. Files unchanged since `previous` (same size, mtime, ctime and inode)
+/// are not read again. With `strict`, the first unreadable entry aborts the walk.
+pub fn backup_tree(
+    writer: &ChunkWriter,
+    root: &Path,
+    previous: Option<PreviousCatalog<StreamReader>>,
+    strict: bool,
+    progress: &Progress,
+) -> Result<TreeResult> {
+    let mut walker = Walker {
+        writer,
+        catalog: StreamWriter::new(writer, Mode::ContentDefined),
+        previous,
+        hardlinks: HashMap::new(),
+        names: Names::default(),
+        summary: Summary::default(),
+        errors: Vec::new(),
+        strict,
+        progress,
+        buf: vec![0u8; READ_BUF],
+    };
+    walker.walk(root)?;
+    let (catalog, _) = walker.catalog.finish()?;
+    Ok(TreeResult {
+        catalog,
+        summary: walker.summary,
+        errors: walker.errors,
+    })
+}
+
+struct Walker<'a> {
+    writer: &'a ChunkWriter,
+    catalog: StreamWriter<'a>,
+    previous: Option<PreviousCatalog<StreamReader>>,
+    /// (device, inode) of files with several links -> the first path and its content.
+    hardlinks: HashMap<(u64, u64), (Vec<u8>, Vec<ChunkRef>)>,
+    names: Names,
+    summary: Summary,
+    errors: Vec<String>,
+    strict: bool,
+    progress: &'a Progress,
+    buf: Vec<u8>,
+}
+
+impl Walker<'_> {
+    fn walk(&mut self, root: &Path) -> Result<()> {
+        let root_md = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
+        let mut stack: Vec<(PathBuf, Vec<u8>, Option<std::fs::Metadata>)> =
+            vec![(root.to_path_buf(), Vec::new(), Some(root_md))];
+        while let Some((abs, rel, md)) = stack.pop() {
+            let md = match md.map_or_else(|| std::fs::symlink_metadata(&abs), Ok) {
+                Ok(md) => md,
+                Err(e) => {
+                    self.skip(&rel, Error::io(&abs, e))?;
+                    continue;
+                }
+            };
+            let mut entry = fsmeta::entry_from(rel, &md, &mut self.names);
+            match fsmeta::read_xattrs(&abs) {
+                Ok(x) => entry.xattrs = x,
+                Err(e) => self.problem(&entry.path, e)?,
+            }
+            match entry.kind {
+                EntryKind::Dir => {
+                    self.summary.dirs += 1;
+                    match sorted_children(&abs) {
+                        Ok(children) => {
+                            for name in children.into_iter().rev() {
+                                let mut rel = entry.path.clone();
+                                if !rel.is_empty() {
+                                    rel.push(b'/');
+                                }
+                                rel.extend_from_slice(name.as_bytes());
+                                stack.push((abs.join(&name), rel, None));
+                            }
+                        }
+                        Err(e) => self.problem(&entry.path, e)?,
+                    }
+                }
+                EntryKind::File => {
+                    if !self.file(&abs, &md, &mut entry)? {
+                        continue;
+                    }
+                }
+                EntryKind::Symlink => match std::fs::read_link(&abs) {
+                    Ok(target) => {
+                        entry.link = Some(target.as_os_str().as_bytes().to_vec());
+                        self.summary.other_entries += 1;
+                    }
+                    Err(e) => {
+                        self.skip(&entry.path, Error::io(&abs, e))?;
+                        continue;
+                    }
+                },
+                _ => self.summary.other_entries += 1,
+            }
+            catalog::write_entry(&mut self.catalog, &entry)?;
+        }
+        Ok(())
+    }
+
+    /// Fills in a file's content. Returns false when the file was skipped.
+    fn file(&mut self, abs: &Path, md: &std::fs::Metadata, entry: &mut Entry) -> Result<bool> {
+        self.summary.files += 1;
+        let key = (md.dev(), md.ino());
+        if md.nlink() > 1 {
+            if let Some((first, content)) = self.hardlinks.get(&key) {
+                entry.kind = EntryKind::Hardlink;
+                entry.link = Some(first.clone());
+                entry.content = content.clone();
+                self.summary.logical_bytes += entry.size;
+                return Ok(true);
+            }
+        }
+        let unchanged = match &mut self.previous {
+            Some(prev) => prev.find(&entry.path)?.filter(|p| {
+                p.kind == EntryKind::File
+                    && p.size == entry.size
+                    && p.mtime_ns == entry.mtime_ns
+                    && p.ctime_ns == entry.ctime_ns
+                    && p.ino == entry.ino
+            }),
+            None => None,
+        };
+        match unchanged {
+            Some(prev) => {
+                entry.content = prev.content;
+                self.progress.inc(entry.size);
+            }
+            None => match self.read_file(abs) {
+                Ok((content, len)) => {
+                    entry.content = content;
+                    entry.size = len;
+                    self.summary.files_read += 1;
+                    self.summary.bytes_read += len;
+                }
+                Err(e) => {
+                    self.skip(&entry.path, e)?;
+                    return Ok(false);
+                }
+            },
+        }
+        self.summary.logical_bytes += entry.size;
+        if md.nlink() > 1 {
+            self.hardlinks
+                .insert(key, (entry.path.clone(), entry.content.clone()));
+        }
+        Ok(true)
+    }
+
+    fn read_file(&mut self, abs: &Path) -> Result<(Vec<ChunkRef>, u64)> {
+        let mut file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(abs)
+            .map_err(|e| Error::io(abs, e))?;
+        let mut stream = StreamWriter::new(self.writer, Mode::ContentDefined);
+        loop {
+            let n = match file.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(abs, e)),
+            };
+            stream.write_all(&self.buf[..n])?;
+            self.progress.inc(n as u64);
+        }
+        stream.finish()
+    }
+
+    /// An entry that could not be read and is left out of the snapshot.
+    fn skip(&mut self, rel: &[u8], e: Error) -> Result<()> {
+        // Store failures are not the source's fault: they abort the run.
+        if !matches!(e, Error::Io { .. }) {
+            return Err(e);
+        }
+        self.problem(rel, e)
+    }
+
+    fn problem(&mut self, rel: &[u8], e: Error) -> Result<()> {
+        if self.strict {
+            return Err(e.context(format!(
+                "backing up {:?} (--strict)",
+                String::from_utf8_lossy(rel)
+            )));
+        }
+        tracing::warn!("{e}; the snapshot will be marked partial");
+        self.summary.errors += 1;
+        if self.errors.len() < MAX_RECORDED_ERRORS {
+            self.errors.push(e.to_string());
+        }
+        Ok(())
+    }
+}
+
+fn sorted_children(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        names.push(entry.map_err(|e| Error::io(dir, e))?.file_name());
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+/// Stores a block device or image file as one byte stream of fixed-size chunks, and returns
+/// the binary ref list's own refs with the stream's size.
+pub fn backup_block(
+    writer: &ChunkWriter,
+    path: &Path,
+    progress: &Progress,
+) -> Result<(Vec<ChunkRef>, Summary)> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut data = StreamWriter::new(writer, Mode::Fixed);
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        data.write_all(&buf[..n])?;
+        progress.inc(n as u64);
+    }
+    let (refs, len) = data.finish()?;
+    let mut list = StreamWriter::new(writer, Mode::ContentDefined);
+    for r in &refs {
+        list.write_all(&r.encode())?;
+    }
+    let (root, _) = list.finish()?;
+    let summary = Summary {
+        logical_bytes: len,
+        files: 1,
+        files_read: 1,
+        bytes_read: len,
+        ..Summary::default()
+    };
+    Ok((root, summary))
+}
