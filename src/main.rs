@@ -1,1 +1,431 @@
-fn main(){}
+//! The `tresor` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use tresor::cache::KnownChunks;
+use tresor::chunker::ChunkerParams;
+use tresor::progress::Progress;
+use tresor::repository::{InitOptions, Repository};
+use tresor::snapshot::{self, Filter, Kind, Listed};
+use tresor::store::{Store, StoreOptions};
+use tresor::volume::{self, BackupOptions, RestoreOptions};
+
+/// Exit code of a backup that completed but could not read every file (as restic does).
+const EXIT_PARTIAL: u8 = 3;
+
+/// Digital-twin backups of container workloads: OCI images and volumes, deduplicated into a
+/// sovereign object store, restorable elsewhere byte for byte.
+#[derive(Parser)]
+#[command(name = "tresor", version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Repository URL: file:///PATH or s3://BUCKET/PREFIX.
+    #[arg(long, short = 'r', env = "TRESOR_REPO", global = true)]
+    repo: Option<String>,
+    /// S3 endpoint, e.g. http://127.0.0.1:3900 for Garage (default: AWS_ENDPOINT_URL or AWS).
+    #[arg(long, env = "TRESOR_S3_ENDPOINT", global = true)]
+    s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION).
+    #[arg(long, env = "TRESOR_S3_REGION", global = true)]
+    s3_region: Option<String>,
+    /// Allow plain HTTP to the S3 endpoint (loopback or trusted networks only).
+    #[arg(long, env = "TRESOR_S3_ALLOW_HTTP", global = true)]
+    s3_allow_http: bool,
+    /// Directory of the local chunk cache [default: $CACHE_DIRECTORY, $XDG_CACHE_HOME/tresor or ~/.cache/tresor].
+    #[arg(long, env = "TRESOR_CACHE_DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+    /// Keep no local cache (every run lists the store).
+    #[arg(long, global = true)]
+    no_cache: bool,
+    /// Print results as JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(long, short = 'v', action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new repository.
+    Init(InitArgs),
+    /// Back up a volume (or, later, an image).
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// List snapshots, oldest first.
+    Snapshots(SnapshotsArgs),
+    /// Restore a snapshot.
+    #[command(subcommand)]
+    Restore(RestoreCommand),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Minimum chunk size (bytes, or with KiB/MiB).
+    #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+    chunk_min: u32,
+    /// Average chunk size.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    chunk_avg: u32,
+    /// Maximum chunk size.
+    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    chunk_max: u32,
+    /// zstd level (1-22), or "none".
+    #[arg(long, default_value = "3")]
+    compression: String,
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Back up a directory tree, or a block device / image file.
+    Volume(BackupVolumeArgs),
+}
+
+#[derive(Args)]
+struct BackupVolumeArgs {
+    /// Volume name; snapshots of one name form its history.
+    name: String,
+    /// Directory, block device or image file.
+    path: PathBuf,
+    /// Tag for the snapshot (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Store PATH as one byte stream (implied for devices and regular files).
+    #[arg(long)]
+    block: bool,
+    /// Fail on the first unreadable file instead of recording a partial snapshot.
+    #[arg(long)]
+    strict: bool,
+    /// Host name recorded in the snapshot [default: this host's name].
+    #[arg(long)]
+    host: Option<String>,
+    /// Read every file, ignoring the previous snapshot.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct SnapshotsArgs {
+    #[arg(long, value_enum)]
+    kind: Option<Kind>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    host: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum RestoreCommand {
+    /// Restore a volume snapshot into a directory (trees) or a file or device (block images).
+    Volume(RestoreVolumeArgs),
+}
+
+#[derive(Args)]
+struct RestoreVolumeArgs {
+    /// Snapshot id, unique id prefix, or volume name (its newest snapshot).
+    snapshot: String,
+    /// Target directory, file or block device.
+    #[arg(long)]
+    to: PathBuf,
+    /// Restore only this path of the tree (as stored, relative to the volume root).
+    #[arg(long)]
+    path: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            if let Some(hint) = e.downcast_ref::<tresor::Error>().and_then(|e| e.hint()) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "tresor=debug,info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Init(args) => init(g, args).await,
+        Command::Backup(BackupCommand::Volume(args)) => backup_volume(g, args).await,
+        Command::Snapshots(args) => snapshots(g, args).await,
+        Command::Restore(RestoreCommand::Volume(args)) => restore_volume(g, args).await,
+    }
+}
+
+fn store(g: &Global, create: bool) -> anyhow::Result<Store> {
+    let url = g
+        .repo
+        .as_deref()
+        .context("no repository given: use --repo URL or set TRESOR_REPO")?;
+    let options = StoreOptions {
+        endpoint: g.s3_endpoint.clone(),
+        region: g.s3_region.clone(),
+        allow_http: g.s3_allow_http,
+    };
+    Ok(Store::open(url, &options, create)?)
+}
+
+async fn open(g: &Global) -> anyhow::Result<Arc<Repository>> {
+    Ok(Arc::new(Repository::open(store(g, false)?).await?))
+}
+
+fn cache_dir(g: &Global) -> Option<PathBuf> {
+    if g.no_cache {
+        return None;
+    }
+    let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    g.cache_dir
+        .clone()
+        .or_else(|| env("CACHE_DIRECTORY"))
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("tresor")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/tresor")))
+}
+
+async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode> {
+    let compression_level = match args.compression.as_str() {
+        "none" => None,
+        level => Some(
+            level
+                .parse()
+                .with_context(|| format!("--compression {level:?}: give a zstd level or \"none\""))?,
+        ),
+    };
+    let options = InitOptions {
+        chunker: ChunkerParams {
+            min_size: args.chunk_min,
+            avg_size: args.chunk_avg,
+            max_size: args.chunk_max,
+        },
+        compression_level,
+    };
+    let repo = Repository::init(store(g, true)?, options).await?;
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&json!({
+            "url": repo.store().url(),
+            "config": repo.config(),
+        }))?);
+    } else {
+        println!("created tresor repository {} at {}", repo.config().id, repo.store().url());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn backup_volume(g: &Global, args: &BackupVolumeArgs) -> anyhow::Result<ExitCode> {
+    let repo = open(g).await?;
+    let known = Arc::new(KnownChunks::load(&repo, cache_dir(g).as_deref()).await?);
+    let options = BackupOptions {
+        name: args.name.clone(),
+        path: args.path.clone(),
+        host: args.host.clone().unwrap_or_else(host_name),
+        tags: args.tags.clone(),
+        block: args.block,
+        strict: args.strict,
+        use_parent: !args.force,
+    };
+    let progress = Progress::new(!g.quiet, &format!("backup {}", args.name), None);
+    let rt = tokio::runtime::Handle::current();
+    let p = progress.clone();
+    let listed = tokio::task::spawn_blocking(move || volume::backup(&repo, &known, &rt, &options, &p))
+        .await??;
+    progress.finish();
+    let s = &listed.snapshot;
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&snapshot_json(&listed))?);
+    } else {
+        let secs = s.summary.duration_ms as f64 / 1000.0;
+        println!(
+            "snapshot {} of volume {} saved: {} files, {} dirs, {} read, {} new ({} uploaded) in {:.1}s",
+            &listed.id[..8],
+            s.name,
+            s.summary.files,
+            s.summary.dirs,
+            human_bytes(s.summary.bytes_read),
+            human_bytes(s.summary.chunks.bytes_new),
+            human_bytes(s.summary.chunks.bytes_uploaded),
+            secs,
+        );
+        if s.partial {
+            eprintln!(
+                "warning: {} entries could not be read; the snapshot is partial",
+                s.summary.errors
+            );
+        }
+    }
+    Ok(if s.partial {
+        ExitCode::from(EXIT_PARTIAL)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn snapshots(g: &Global, args: &SnapshotsArgs) -> anyhow::Result<ExitCode> {
+    let repo = open(g).await?;
+    let filter = Filter {
+        kind: args.kind,
+        name: args.name.clone(),
+        host: args.host.clone(),
+    };
+    let listed = snapshot::list(&repo, &filter).await?;
+    if g.json {
+        let all: Vec<_> = listed.iter().map(snapshot_json).collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<10} {:<20} {:<12} {:<7} {:<20} {:>10} {:>10}  flags",
+        "id", "time", "host", "kind", "name", "size", "new"
+    );
+    for l in &listed {
+        let s = &l.snapshot;
+        println!(
+            "{:<10} {:<20} {:<12} {:<7} {:<20} {:>10} {:>10}  {}",
+            &l.id[..8],
+            s.time.format("%Y-%m-%d %H:%M:%S"),
+            s.host,
+            format!("{:?}", s.kind).to_lowercase(),
+            s.name,
+            human_bytes(s.summary.logical_bytes),
+            human_bytes(s.summary.chunks.bytes_new),
+            if s.partial { "partial" } else { "" },
+        );
+    }
+    println!("{} snapshots", listed.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn restore_volume(g: &Global, args: &RestoreVolumeArgs) -> anyhow::Result<ExitCode> {
+    let repo = open(g).await?;
+    let snap = snapshot::resolve(&repo, &args.snapshot, Kind::Volume).await?;
+    let options = RestoreOptions {
+        subpath: args.path.clone(),
+        chown: nix::unistd::geteuid().is_root(),
+    };
+    let progress = Progress::new(
+        !g.quiet,
+        &format!("restore {}", &snap.id[..8]),
+        Some(snap.snapshot.summary.logical_bytes),
+    );
+    let rt = tokio::runtime::Handle::current();
+    let (p, to) = (progress.clone(), args.to.clone());
+    let report = tokio::task::spawn_blocking(move || volume::restore(&repo, &rt, &snap, &to, &options, &p))
+        .await??;
+    progress.finish();
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "restored snapshot {} to {}: {} files, {} dirs, {} written, {} chunks verified in {:.1}s",
+            &report.snapshot[..8],
+            report.target,
+            report.files,
+            report.dirs,
+            human_bytes(report.bytes_written),
+            report.chunks_verified,
+            report.duration_ms as f64 / 1000.0
+        );
+        for s in &report.skipped {
+            eprintln!("skipped: {s}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The JSON view of a snapshot in listings: everything but the root ref list.
+fn snapshot_json(l: &Listed) -> serde_json::Value {
+    let s = &l.snapshot;
+    json!({
+        "id": l.id,
+        "short_id": &l.id[..8],
+        "time": s.time.to_rfc3339(),
+        "kind": s.kind,
+        "name": s.name,
+        "source": s.source,
+        "host": s.host,
+        "tags": s.tags,
+        "partial": s.partial,
+        "format": s.root_format,
+        "parent": s.parent,
+        "logical_bytes": s.summary.logical_bytes,
+        "new_bytes": s.summary.chunks.bytes_new,
+        "stored_bytes": s.summary.chunks.bytes_uploaded,
+        "summary": s.summary,
+        "errors": s.errors,
+    })
+}
+
+fn host_name() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Parses `4096`, `256KiB`, `1MiB`, `4M`.
+fn parse_size(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    u32::try_from(n * mult).map_err(|_| format!("{s:?} is too large"))
+}
