@@ -169,13 +169,15 @@ impl<R: BufRead> CatalogReader<R> {
             return Ok(None);
         }
         self.count += 1;
-        ciborium::from_reader(&mut self.inner).map(Some).map_err(|e| match e {
-            ciborium::de::Error::Io(io) => crate::pipeline::from_io(io),
-            other => Error::Corrupt {
-                object: format!("catalog of snapshot {}", self.object),
-                reason: format!("entry {} does not decode: {other}", self.count),
-            },
-        })
+        ciborium::from_reader(&mut self.inner)
+            .map(Some)
+            .map_err(|e| match e {
+                ciborium::de::Error::Io(io) => crate::pipeline::from_io(io),
+                other => Error::Corrupt {
+                    object: format!("catalog of snapshot {}", self.object),
+                    reason: format!("entry {} does not decode: {other}", self.count),
+                },
+            })
     }
 }
 
@@ -242,8 +244,19 @@ mod tests {
 
     #[test]
     fn validation_refuses_escapes() {
-        for bad in [&b"/etc/passwd"[..], b"../x", b"a/../../x", b"a//b", b"a/./b", b"a\0b"] {
-            assert!(validate_path(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"/etc/passwd"[..],
+            b"../x",
+            b"a/../../x",
+            b"a//b",
+            b"a/./b",
+            b"a\0b",
+        ] {
+            assert!(
+                validate_path(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(validate_path(b"a/b c/\xff\xfe").is_ok());
     }
@@ -268,7 +281,9 @@ mod tests {
         assert!(prev.find(b"y").unwrap().is_none());
         assert!(prev.find(b"z").unwrap().is_some());
 
-        let err = CatalogReader::new(&b"\xff\xff"[..], "snap1").next_entry().unwrap_err();
+        let err = CatalogReader::new(&b"\xff\xff"[..], "snap1")
+            .next_entry()
+            .unwrap_err();
         assert!(err.to_string().contains("snap1"), "{err}");
     }
 }

@@ -108,7 +108,11 @@ impl Chunker {
         self.cut(true, emit)
     }
 
-    fn cut<E>(&mut self, eof: bool, emit: &mut impl FnMut(Bytes) -> Result<(), E>) -> Result<(), E> {
+    fn cut<E>(
+        &mut self,
+        eof: bool,
+        emit: &mut impl FnMut(Bytes) -> Result<(), E>,
+    ) -> Result<(), E> {
         let lengths: Vec<usize> = match self.mode {
             Mode::Fixed => {
                 let size = self.params.avg_size as usize;
@@ -198,7 +202,11 @@ mod tests {
         let a = chunk_all(&data, 4096, Mode::ContentDefined);
         let b = chunk_all(&edited, 4096, Mode::ContentDefined);
         let shared = b.iter().filter(|c| a.contains(c)).count();
-        assert!(shared + 3 >= a.len(), "{shared} of {} chunks survived", a.len());
+        assert!(
+            shared + 3 >= a.len(),
+            "{shared} of {} chunks survived",
+            a.len()
+        );
     }
 
     #[test]

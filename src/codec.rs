@@ -94,14 +94,19 @@ mod tests {
         assert!(enc.len() < text.len());
         assert_eq!(decode("x", &enc, 1 << 20).unwrap(), text);
 
-        let random: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let random: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let enc = encode(&random, Some(3));
         assert_eq!(decode("x", &enc, 1 << 20).unwrap(), random);
     }
 
     #[test]
     fn rejects_garbage_and_bombs() {
-        assert!(decode("obj1", b"nonsense", 100).unwrap_err().to_string().contains("obj1"));
+        assert!(decode("obj1", b"nonsense", 100)
+            .unwrap_err()
+            .to_string()
+            .contains("obj1"));
         let enc = encode(&vec![7u8; 1 << 20], Some(3));
         let err = decode("obj2", &enc, 1024).unwrap_err().to_string();
         assert!(err.contains("obj2"), "{err}");

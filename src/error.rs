@@ -31,8 +31,8 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    #[error("{url} is not a tresor repository (it has no `config` object)")]
-    NotARepository { url: String },
+    #[error("{url} is not a tresor repository: {reason}")]
+    NotARepository { url: String, reason: &'static str },
 
     #[error("{url} already holds a tresor repository; refusing to overwrite it")]
     AlreadyInitialized { url: String },
@@ -162,7 +162,10 @@ mod tests {
         .context("restoring etc/passwd");
         assert_eq!(e.kind(), ErrorKind::Integrity);
         let msg = e.to_string();
-        assert!(msg.contains("etc/passwd") && msg.contains("chunks/ab/abcd"), "{msg}");
+        assert!(
+            msg.contains("etc/passwd") && msg.contains("chunks/ab/abcd"),
+            "{msg}"
+        );
         assert!(e.hint().is_some());
         assert!(!e.is_retryable());
     }

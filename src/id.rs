@@ -123,7 +123,9 @@ pub fn is_all_zero(data: &[u8]) -> bool {
         return false;
     }
     let (prefix, words, suffix) = unsafe { data.align_to::<u128>() };
-    prefix.iter().all(|b| *b == 0) && suffix.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0)
+    prefix.iter().all(|b| *b == 0)
+        && suffix.iter().all(|b| *b == 0)
+        && words.iter().all(|w| *w == 0)
 }
 
 #[cfg(test)]

@@ -215,7 +215,11 @@ fn cache_dir(g: &Global) -> Option<PathBuf> {
     if g.no_cache {
         return None;
     }
-    let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     g.cache_dir
         .clone()
         .or_else(|| env("CACHE_DIRECTORY"))
@@ -224,14 +228,13 @@ fn cache_dir(g: &Global) -> Option<PathBuf> {
 }
 
 async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode> {
-    let compression_level = match args.compression.as_str() {
-        "none" => None,
-        level => Some(
-            level
-                .parse()
-                .with_context(|| format!("--compression {level:?}: give a zstd level or \"none\""))?,
-        ),
-    };
+    let compression_level =
+        match args.compression.as_str() {
+            "none" => None,
+            level => Some(level.parse().with_context(|| {
+                format!("--compression {level:?}: give a zstd level or \"none\"")
+            })?),
+        };
     let options = InitOptions {
         chunker: ChunkerParams {
             min_size: args.chunk_min,
@@ -242,12 +245,19 @@ async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode> {
     };
     let repo = Repository::init(store(g, true)?, options).await?;
     if g.json {
-        println!("{}", serde_json::to_string_pretty(&json!({
-            "url": repo.store().url(),
-            "config": repo.config(),
-        }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "url": repo.store().url(),
+                "config": repo.config(),
+            }))?
+        );
     } else {
-        println!("created tresor repository {} at {}", repo.config().id, repo.store().url());
+        println!(
+            "created tresor repository {} at {}",
+            repo.config().id,
+            repo.store().url()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -267,8 +277,9 @@ async fn backup_volume(g: &Global, args: &BackupVolumeArgs) -> anyhow::Result<Ex
     let progress = Progress::new(!g.quiet, &format!("backup {}", args.name), None);
     let rt = tokio::runtime::Handle::current();
     let p = progress.clone();
-    let listed = tokio::task::spawn_blocking(move || volume::backup(&repo, &known, &rt, &options, &p))
-        .await??;
+    let listed =
+        tokio::task::spawn_blocking(move || volume::backup(&repo, &known, &rt, &options, &p))
+            .await??;
     progress.finish();
     let s = &listed.snapshot;
     if g.json {
@@ -349,8 +360,9 @@ async fn restore_volume(g: &Global, args: &RestoreVolumeArgs) -> anyhow::Result<
     );
     let rt = tokio::runtime::Handle::current();
     let (p, to) = (progress.clone(), args.to.clone());
-    let report = tokio::task::spawn_blocking(move || volume::restore(&repo, &rt, &snap, &to, &options, &p))
-        .await??;
+    let report =
+        tokio::task::spawn_blocking(move || volume::restore(&repo, &rt, &snap, &to, &options, &p))
+            .await??;
     progress.finish();
     if g.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

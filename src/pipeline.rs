@@ -119,7 +119,12 @@ pub struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    pub fn new(repo: Arc<Repository>, known: Arc<KnownChunks>, rt: Handle, in_flight: usize) -> Self {
+    pub fn new(
+        repo: Arc<Repository>,
+        known: Arc<KnownChunks>,
+        rt: Handle,
+        in_flight: usize,
+    ) -> Self {
         ChunkWriter {
             shared: Arc::new(Shared {
                 repo,
@@ -156,13 +161,19 @@ impl ChunkWriter {
         let len = data.len();
         let len32 = u32::try_from(len).expect("chunks are below 4 GiB");
         if is_all_zero(&data) {
-            shared.stats.bytes_zero.fetch_add(len as u64, Ordering::Relaxed);
+            shared
+                .stats
+                .bytes_zero
+                .fetch_add(len as u64, Ordering::Relaxed);
             return Ok(ChunkRef::zero(len32));
         }
         let id = shared.repo.chunk_id(&data);
         if !shared.known.insert(id) {
             shared.stats.chunks_dedup.fetch_add(1, Ordering::Relaxed);
-            shared.stats.bytes_dedup.fetch_add(len as u64, Ordering::Relaxed);
+            shared
+                .stats
+                .bytes_dedup
+                .fetch_add(len as u64, Ordering::Relaxed);
             return Ok(ChunkRef { id, len: len32 });
         }
         shared.budget.acquire(len);
@@ -185,7 +196,11 @@ impl ChunkWriter {
                     }
                     Err(e) => {
                         shared.known.remove(&id);
-                        shared.failure.lock().expect("failure lock").get_or_insert(e);
+                        shared
+                            .failure
+                            .lock()
+                            .expect("failure lock")
+                            .get_or_insert(e);
                     }
                 }
                 shared.budget.release(len);
@@ -369,11 +384,16 @@ mod tests {
     fn write_then_read_back_with_dedup_and_zeros() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let store = Store::open("memory://", &StoreOptions::default(), true).unwrap();
-        let repo = Arc::new(rt.block_on(Repository::init(store, InitOptions::default())).unwrap());
+        let repo = Arc::new(
+            rt.block_on(Repository::init(store, InitOptions::default()))
+                .unwrap(),
+        );
         let known = Arc::new(rt.block_on(KnownChunks::load(&repo, None)).unwrap());
         let writer = ChunkWriter::new(repo.clone(), known, rt.handle().clone(), 8 << 20);
 
-        let mut data: Vec<u8> = (0..6_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        let mut data: Vec<u8> = (0..6_000_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
         data.extend(std::iter::repeat_n(0u8, 9 << 20));
         let mut sw = StreamWriter::new(&writer, Mode::ContentDefined);
         for piece in data.chunks(100_000) {
@@ -385,7 +405,10 @@ mod tests {
         assert!(refs.iter().any(|r| r.is_zero()));
         let stats = writer.stats().summary();
         assert!(stats.bytes_zero >= 4 << 20, "{stats:?}");
-        assert_eq!(stats.bytes_new + stats.bytes_zero + stats.bytes_dedup, data.len() as u64);
+        assert_eq!(
+            stats.bytes_new + stats.bytes_zero + stats.bytes_dedup,
+            data.len() as u64
+        );
 
         let mut again = StreamWriter::new(&writer, Mode::ContentDefined);
         again.write_all(&data).unwrap();
@@ -397,7 +420,9 @@ mod tests {
         let handle = rt.handle().clone();
         let back = std::thread::spawn(move || {
             let mut out = Vec::new();
-            StreamReader::new(repo, handle, refs, 4).read_to_end(&mut out).unwrap();
+            StreamReader::new(repo, handle, refs, 4)
+                .read_to_end(&mut out)
+                .unwrap();
             out
         })
         .join()

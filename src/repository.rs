@@ -100,7 +100,9 @@ impl Repository {
             created: chrono::Utc::now(),
         };
         let json = serde_json::to_vec_pretty(&config).expect("config serialises");
-        store.put(CONFIG_KEY, codec::encode(&json, None).into()).await?;
+        store
+            .put(CONFIG_KEY, codec::encode(&json, None).into())
+            .await?;
         store.sync().await?;
         Ok(Repository { store, config })
     }
@@ -115,9 +117,15 @@ impl Repository {
         let raw = store
             .get_opt(CONFIG_KEY)
             .await?
-            .ok_or_else(|| Error::NotARepository { url: url.clone() })?;
-        let json = codec::decode(CONFIG_KEY, &raw, MAX_RECORD_LEN)
-            .map_err(|_| Error::NotARepository { url: url.clone() })?;
+            .ok_or_else(|| Error::NotARepository {
+                url: url.clone(),
+                reason: "it has no `config` object",
+            })?;
+        let json =
+            codec::decode(CONFIG_KEY, &raw, MAX_RECORD_LEN).map_err(|_| Error::NotARepository {
+                url: url.clone(),
+                reason: "its `config` object is not a tresor config",
+            })?;
         #[derive(Deserialize)]
         struct Version {
             version: u32,
@@ -209,7 +217,9 @@ impl Repository {
     pub async fn put_snapshot(&self, record: &[u8]) -> Result<String> {
         let id = blake3::hash(record).to_hex().to_string();
         let key = format!("{SNAPSHOTS_PREFIX}/{id}");
-        self.store.put(&key, codec::encode(record, None).into()).await?;
+        self.store
+            .put(&key, codec::encode(record, None).into())
+            .await?;
         self.store.sync().await?;
         Ok(id)
     }
@@ -258,7 +268,9 @@ mod tests {
             Repository::open(store.clone()).await,
             Err(Error::NotARepository { .. })
         ));
-        Repository::init(store.clone(), InitOptions::default()).await.unwrap();
+        Repository::init(store.clone(), InitOptions::default())
+            .await
+            .unwrap();
         assert!(matches!(
             Repository::init(store.clone(), InitOptions::default()).await,
             Err(Error::AlreadyInitialized { .. })
@@ -271,14 +283,22 @@ mod tests {
     async fn newer_format_is_refused() {
         let store = memory();
         let json = br#"{"version": 99}"#;
-        store.put("config", codec::encode(json, None).into()).await.unwrap();
+        store
+            .put("config", codec::encode(json, None).into())
+            .await
+            .unwrap();
         let err = Repository::open(store).await.unwrap_err();
-        assert!(matches!(err, Error::UnsupportedFormat { found: 99, .. }), "{err}");
+        assert!(
+            matches!(err, Error::UnsupportedFormat { found: 99, .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn chunk_reads_are_checked() {
-        let repo = Repository::init(memory(), InitOptions::default()).await.unwrap();
+        let repo = Repository::init(memory(), InitOptions::default())
+            .await
+            .unwrap();
         let data = b"some chunk".repeat(100);
         let id = repo.chunk_id(&data);
         repo.put_chunk(&id, repo.encode_chunk(&data)).await.unwrap();
@@ -293,12 +313,22 @@ mod tests {
 
     #[tokio::test]
     async fn snapshot_records_are_checked() {
-        let repo = Repository::init(memory(), InitOptions::default()).await.unwrap();
+        let repo = Repository::init(memory(), InitOptions::default())
+            .await
+            .unwrap();
         let id = repo.put_snapshot(b"{}").await.unwrap();
         assert_eq!(repo.list_snapshot_ids().await.unwrap(), vec![id.clone()]);
         assert_eq!(repo.get_snapshot(&id).await.unwrap(), b"{}");
         let key = format!("snapshots/{id}");
-        repo.store().put(&key, codec::encode(b"[]", None).into()).await.unwrap();
-        assert!(repo.get_snapshot(&id).await.unwrap_err().to_string().contains(&key));
+        repo.store()
+            .put(&key, codec::encode(b"[]", None).into())
+            .await
+            .unwrap();
+        assert!(repo
+            .get_snapshot(&id)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains(&key));
     }
 }

@@ -196,7 +196,12 @@ pub async fn resolve(repo: &Arc<Repository>, reference: &str, kind: Kind) -> Res
 }
 
 /// The newest snapshot of `kind` with this name and host, if any (the parent of a new backup).
-pub async fn latest(repo: &Arc<Repository>, kind: Kind, name: &str, host: &str) -> Result<Option<Listed>> {
+pub async fn latest(
+    repo: &Arc<Repository>,
+    kind: Kind,
+    name: &str,
+    host: &str,
+) -> Result<Option<Listed>> {
     let filter = Filter {
         kind: Some(kind),
         name: Some(name.to_string()),

@@ -82,6 +82,11 @@ impl Store {
         };
         if create {
             std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        } else if !path.is_dir() {
+            return Err(Error::NotARepository {
+                url: url.to_string(),
+                reason: "no such directory",
+            });
         }
         let path = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
         let local = LocalFileSystem::new_with_prefix(&path).map_err(|e| Error::Store {
@@ -114,7 +119,9 @@ impl Store {
         if options.allow_http {
             builder = builder.with_allow_http(true);
         }
-        let s3 = builder.build().map_err(|e| Error::Config(format!("s3 store {url}: {e}")))?;
+        let s3 = builder
+            .build()
+            .map_err(|e| Error::Config(format!("s3 store {url}: {e}")))?;
         let prefix = prefix.trim_matches('/');
         let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
             Arc::new(s3)

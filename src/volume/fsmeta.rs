@@ -77,7 +77,11 @@ pub fn entry_from(path: Vec<u8>, md: &Metadata, names: &mut Names) -> Entry {
         mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
         ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
         ino: md.ino(),
-        size: if kind == EntryKind::File { md.size() } else { 0 },
+        size: if kind == EntryKind::File {
+            md.size()
+        } else {
+            0
+        },
         link: None,
         rdev: if matches!(kind, EntryKind::CharDevice | EntryKind::BlockDevice) {
             md.rdev()
@@ -123,7 +127,7 @@ pub fn apply(path: &Path, entry: &Entry, chown: bool) -> Result<()> {
         if let Err(e) = xattr::set(path, name, &x.value) {
             // security.* and trusted.* need privileges; a user restore goes on without them.
             let privileged = x.name.starts_with(b"security.") || x.name.starts_with(b"trusted.");
-            if !(privileged && !chown) {
+            if !privileged || chown {
                 return Err(io(e));
             }
         }

@@ -57,23 +57,43 @@ pub fn backup(
     let started = Instant::now();
     let source = std::fs::canonicalize(&options.path).map_err(|e| Error::io(&options.path, e))?;
     let md = std::fs::metadata(&source).map_err(|e| Error::io(&source, e))?;
-    let writer = ChunkWriter::new(Arc::clone(repo), Arc::clone(known), rt.clone(), DEFAULT_IN_FLIGHT);
+    let writer = ChunkWriter::new(
+        Arc::clone(repo),
+        Arc::clone(known),
+        rt.clone(),
+        DEFAULT_IN_FLIGHT,
+    );
     let (root_format, root, mut summary, errors, parent) = if md.is_dir() && !options.block {
         let parent = if options.use_parent {
-            rt.block_on(snapshot::latest(repo, Kind::Volume, &options.name, &options.host))?
-                .filter(|p| p.snapshot.root_format == RootFormat::Tree)
+            rt.block_on(snapshot::latest(
+                repo,
+                Kind::Volume,
+                &options.name,
+                &options.host,
+            ))?
+            .filter(|p| p.snapshot.root_format == RootFormat::Tree)
         } else {
             None
         };
         let previous = match &parent {
             Some(p) => {
-                let stream = StreamReader::new(Arc::clone(repo), rt.clone(), p.snapshot.root.clone(), 4);
-                Some(PreviousCatalog::new(CatalogReader::new(stream, p.id.clone()))?)
+                let stream =
+                    StreamReader::new(Arc::clone(repo), rt.clone(), p.snapshot.root.clone(), 4);
+                Some(PreviousCatalog::new(CatalogReader::new(
+                    stream,
+                    p.id.clone(),
+                ))?)
             }
             None => None,
         };
         let tree = backup::backup_tree(&writer, &source, previous, options.strict, progress)?;
-        (RootFormat::Tree, tree.catalog, tree.summary, tree.errors, parent.map(|p| p.id))
+        (
+            RootFormat::Tree,
+            tree.catalog,
+            tree.summary,
+            tree.errors,
+            parent.map(|p| p.id),
+        )
     } else if md.is_dir() {
         return Err(Error::Config(format!(
             "{} is a directory; --block needs a block device or image file",
@@ -120,10 +140,19 @@ pub fn restore(
     progress: &Progress,
 ) -> Result<RestoreReport> {
     match snap.snapshot.root_format {
-        RootFormat::Tree => restore::restore_tree(Arc::clone(repo), rt.clone(), snap, target, options, progress),
+        RootFormat::Tree => restore::restore_tree(
+            Arc::clone(repo),
+            rt.clone(),
+            snap,
+            target,
+            options,
+            progress,
+        ),
         RootFormat::Block if options.subpath.is_some() => Err(Error::Config(
             "--path selects inside a tree; this is a block snapshot".into(),
         )),
-        RootFormat::Block => restore::restore_block(Arc::clone(repo), rt.clone(), snap, target, progress),
+        RootFormat::Block => {
+            restore::restore_block(Arc::clone(repo), rt.clone(), snap, target, progress)
+        }
     }
 }

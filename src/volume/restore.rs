@@ -240,7 +240,13 @@ impl TreeWriter<'_> {
                     }
                 }
                 self.report.dirs += 1;
-                self.dirs.push((dest, Entry { content: Vec::new(), ..e }));
+                self.dirs.push((
+                    dest,
+                    Entry {
+                        content: Vec::new(),
+                        ..e
+                    },
+                ));
             }
             EntryKind::File => self.file(&dest, &e)?,
             EntryKind::Hardlink => {
@@ -261,7 +267,14 @@ impl TreeWriter<'_> {
                 remove_existing(&dest)?;
                 std::os::unix::fs::symlink(OsStr::from_bytes(&link), &dest)
                     .map_err(|err| Error::io(&dest, err))?;
-                fsmeta::apply(&dest, &Entry { xattrs: Vec::new(), ..e }, self.chown)?;
+                fsmeta::apply(
+                    &dest,
+                    &Entry {
+                        xattrs: Vec::new(),
+                        ..e
+                    },
+                    self.chown,
+                )?;
                 self.report.other_entries += 1;
             }
             EntryKind::Fifo => {
@@ -294,7 +307,9 @@ impl TreeWriter<'_> {
                 } else {
                     "device nodes need root"
                 };
-                self.report.skipped.push(format!("{}: {why}", e.display_path()));
+                self.report
+                    .skipped
+                    .push(format!("{}: {why}", e.display_path()));
             }
         }
         Ok(())
@@ -307,18 +322,19 @@ impl TreeWriter<'_> {
         if self.checked_parent.as_deref() == Some(parent) {
             return Ok(());
         }
-        let rel = parent.strip_prefix(&self.target).expect("dest is below the target");
+        let rel = parent
+            .strip_prefix(&self.target)
+            .expect("dest is below the target");
         let mut dir = self.target.clone();
         for c in rel.components() {
             dir.push(c);
             match std::fs::symlink_metadata(&dir) {
                 Ok(md) if md.is_dir() => {}
-                Ok(md) if md.file_type().is_symlink() => {
-                    return Err(Error::UnsafePath {
-                        path: dir.display().to_string(),
-                        reason: "a parent directory is a symlink; writing through it could leave the target",
-                    })
-                }
+                Ok(md) if md.file_type().is_symlink() => return Err(Error::UnsafePath {
+                    path: dir.display().to_string(),
+                    reason:
+                        "a parent directory is a symlink; writing through it could leave the target",
+                }),
                 Ok(_) => {
                     return Err(Error::io(
                         &dir,
@@ -337,7 +353,9 @@ impl TreeWriter<'_> {
         let name = dest.file_name().expect("validated path has a name");
         let mut tmp_name = b".".to_vec();
         tmp_name.extend_from_slice(name.as_bytes());
-        tmp_name.extend_from_slice(format!(".tresor-{}-{}", std::process::id(), self.tmp_seq).as_bytes());
+        tmp_name.extend_from_slice(
+            format!(".tresor-{}-{}", std::process::id(), self.tmp_seq).as_bytes(),
+        );
         let tmp = dest.with_file_name(OsStr::from_bytes(&tmp_name));
         let result = self.write_file(&tmp, e).and_then(|()| {
             fsmeta::apply(&tmp, e, self.chown)?;
@@ -383,7 +401,10 @@ impl TreeWriter<'_> {
         if written != e.size {
             return Err(Error::Corrupt {
                 object: format!("catalog entry {}", e.display_path()),
-                reason: format!("content adds up to {written} bytes, the entry says {}", e.size),
+                reason: format!(
+                    "content adds up to {written} bytes, the entry says {}",
+                    e.size
+                ),
             });
         }
         file.set_len(written).map_err(|err| Error::io(tmp, err))?;
@@ -474,7 +495,8 @@ pub fn restore_block(
         progress.inc(r.len as u64);
     }
     if !is_device {
-        out.set_len(report.bytes_written).map_err(|e| Error::io(target, e))?;
+        out.set_len(report.bytes_written)
+            .map_err(|e| Error::io(target, e))?;
     }
     out.sync_all().map_err(|e| Error::io(target, e))?;
     report.duration_ms = started.elapsed().as_millis() as u64;

@@ -1,0 +1,232 @@
+//! Helpers shared by the integration tests: running the real `tresor` binary against a real
+//! repository, and comparing trees byte for byte and by metadata.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A scratch directory with a repository URL and cache of its own.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub repo: String,
+}
+
+impl Env {
+    /// A fresh environment with an initialised `file://` repository.
+    pub fn new() -> Env {
+        let env = Env::empty();
+        let out = env.tresor(&["init"]);
+        assert!(out.status.success(), "init failed: {}", stderr(&out));
+        env
+    }
+
+    /// A fresh environment whose repository is not initialised.
+    pub fn empty() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("tresor-test-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        let repo = format!("file://{}/repo", dir.path().display());
+        Env { dir, repo }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// The tresor command with this environment's repository and cache.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tresor"));
+        c.env("TRESOR_REPO", &self.repo)
+            .env("TRESOR_CACHE_DIR", self.path("cache"))
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    pub fn tresor(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run tresor")
+    }
+
+    /// Runs tresor with `--json`, asserts success and parses stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.tresor(&all);
+        assert!(
+            out.status.success(),
+            "tresor {args:?} failed ({}): {}",
+            out.status,
+            stderr(&out)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "bad JSON from {args:?}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Backs up `path` as volume `name` and returns the snapshot JSON.
+    pub fn backup(&self, name: &str, path: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["backup", "volume", name, path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.json(&args)
+    }
+
+    /// Restores `snap` to `to` and returns the report JSON.
+    pub fn restore(&self, snap: &str, to: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["restore", "volume", snap, "--to", to.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.json(&args)
+    }
+
+    /// Every stored chunk file of the repository.
+    pub fn chunk_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let root = self.path("repo/chunks");
+        for d in std::fs::read_dir(root).unwrap() {
+            for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+                out.push(f.unwrap().path());
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible.
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// Everything about one tree node that a restore must reproduce.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Node {
+    pub kind: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, i64),
+    pub content: Option<blake3::Hash>,
+    pub link: Option<Vec<u8>>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Index of the first path sharing this inode (hardlink groups), if any other does.
+    pub hardlink_group: Option<Vec<u8>>,
+}
+
+/// Describes every node under `root` (the root itself as ""), keyed by relative path bytes.
+pub fn describe(root: &Path) -> BTreeMap<Vec<u8>, Node> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+    let mut stack = vec![(root.to_path_buf(), Vec::<u8>::new())];
+    while let Some((abs, rel)) = stack.pop() {
+        let md = std::fs::symlink_metadata(&abs).unwrap();
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            "dir"
+        } else if ft.is_symlink() {
+            "symlink"
+        } else if ft.is_fifo() {
+            "fifo"
+        } else if ft.is_file() {
+            "file"
+        } else {
+            "other"
+        };
+        let mut xattrs = BTreeMap::new();
+        if !ft.is_symlink() {
+            for name in xattr::list(&abs).unwrap() {
+                let value = xattr::get(&abs, &name).unwrap().unwrap_or_default();
+                xattrs.insert(name.as_bytes().to_vec(), value);
+            }
+        }
+        if ft.is_file() && md.nlink() > 1 {
+            inodes.entry(md.ino()).or_default().push(rel.clone());
+        }
+        let node = Node {
+            kind: kind.into(),
+            mode: if ft.is_symlink() {
+                0
+            } else {
+                md.mode() & 0o7777
+            },
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            content: ft
+                .is_file()
+                .then(|| blake3::hash(&std::fs::read(&abs).unwrap())),
+            link: ft.is_symlink().then(|| {
+                std::fs::read_link(&abs)
+                    .unwrap()
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec()
+            }),
+            xattrs,
+            hardlink_group: None,
+        };
+        if ft.is_dir() {
+            for e in std::fs::read_dir(&abs).unwrap() {
+                let name = e.unwrap().file_name();
+                let mut r = rel.clone();
+                if !r.is_empty() {
+                    r.push(b'/');
+                }
+                r.extend_from_slice(name.as_bytes());
+                stack.push((abs.join(&name), r));
+            }
+        }
+        out.insert(rel, node);
+    }
+    // A group is named by its smallest path, which does not depend on directory order.
+    for paths in inodes.values() {
+        let first = paths.iter().min().cloned();
+        for p in paths {
+            out.get_mut(p).unwrap().hardlink_group = first.clone();
+        }
+    }
+    out
+}
+
+/// Asserts two trees are equal, naming the first difference.
+pub fn assert_same_tree(original: &Path, restored: &Path) {
+    let a = describe(original);
+    let b = describe(restored);
+    for (path, node) in &a {
+        let shown = String::from_utf8_lossy(path);
+        let other = b
+            .get(path)
+            .unwrap_or_else(|| panic!("{shown:?} is missing from the restore"));
+        assert_eq!(node, other, "{shown:?} differs");
+    }
+    for path in b.keys() {
+        assert!(
+            a.contains_key(path),
+            "{:?} was not in the original",
+            String::from_utf8_lossy(path)
+        );
+    }
+}
+
+pub fn os(s: &[u8]) -> &OsStr {
+    OsStr::from_bytes(s)
+}

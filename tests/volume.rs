@@ -1,0 +1,392 @@
+//! Volume backup and restore through the real `tresor` binary on a real `file://` repository.
+
+mod common;
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+fn set_mtime(path: &Path, secs: i64, nanos: u32) {
+    let t = filetime::FileTime::from_unix_time(secs, nanos);
+    filetime::set_symlink_file_times(path, t, t).unwrap();
+}
+
+/// A tree with every kind of entry and metadata tresor must keep.
+fn build_tree(root: &Path) {
+    fs::create_dir_all(root.join("dir/sub")).unwrap();
+    fs::create_dir_all(root.join("empty-dir")).unwrap();
+    fs::write(root.join("empty-file"), b"").unwrap();
+    fs::write(root.join("small.txt"), b"hello tresor\n").unwrap();
+    fs::write(root.join("multi.bin"), random_bytes(9 * MIB + 123, 1)).unwrap();
+
+    let mut sparse = fs::File::create(root.join("sparse.img")).unwrap();
+    sparse.set_len(200 * MIB as u64).unwrap();
+    sparse.seek(SeekFrom::Start(100 * MIB as u64)).unwrap();
+    sparse
+        .write_all(b"an island of data in a sea of zeros")
+        .unwrap();
+    drop(sparse);
+
+    std::os::unix::fs::symlink("small.txt", root.join("link-rel")).unwrap();
+    std::os::unix::fs::symlink("does/not/exist", root.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.join("dir/abs-link")).unwrap();
+    fs::hard_link(root.join("multi.bin"), root.join("dir/hard")).unwrap();
+    fs::hard_link(root.join("multi.bin"), root.join("dir/sub/hard2")).unwrap();
+
+    fs::write(root.join("ünïcödé ✓.txt"), "unicode").unwrap();
+    fs::write(root.join("with space"), "space").unwrap();
+    fs::write(root.join("new\nline"), "newline").unwrap();
+    fs::write(root.join("-dash"), "dash").unwrap();
+    fs::write(root.join(os(b"bad-utf8-\xff\xfe")), "not utf-8").unwrap();
+    nix::unistd::mkfifo(
+        &root.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+
+    fs::set_permissions(root.join("small.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(root.join("with space"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::set_permissions(root.join("dir/sub"), fs::Permissions::from_mode(0o750)).unwrap();
+    fs::set_permissions(root.join("empty-dir"), fs::Permissions::from_mode(0o1777)).unwrap();
+    xattr::set(root.join("small.txt"), "user.comment", b"kept").unwrap();
+    xattr::set(root.join("dir"), "user.dir-attr", b"\x00binary\xff").unwrap();
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::lchown(root.join("-dash"), Some(1234), Some(5678)).unwrap();
+    }
+
+    set_mtime(&root.join("small.txt"), 1_500_000_000, 123_456_789);
+    set_mtime(&root.join("dangling"), 1_400_000_000, 1);
+    set_mtime(&root.join("dir/sub"), 1_600_000_000, 42);
+    set_mtime(&root.join("dir"), 1_600_000_001, 0);
+    set_mtime(root, 1_600_000_002, 0);
+}
+
+#[test]
+fn tree_round_trip_keeps_bytes_and_metadata() {
+    let env = Env::new();
+    let src = env.path("src");
+    build_tree(&src);
+    let snap = env.backup("data", &src, &[]);
+    assert_eq!(snap["partial"], false);
+    assert_eq!(snap["kind"], "volume");
+    assert!(snap["time"].as_str().unwrap().contains('T'));
+    // 200 MiB of sparse zeros and a 9 MiB file stored three times cost about 9 MiB.
+    let stored = snap["stored_bytes"].as_u64().unwrap();
+    assert!(stored < 11 * MIB as u64, "stored {stored} bytes");
+    assert!(snap["summary"]["chunks"]["bytes_zero"].as_u64().unwrap() >= 190 * MIB as u64);
+
+    let out = env.path("out");
+    let report = env.restore("data", &out, &[]);
+    assert_same_tree(&src, &out);
+    assert!(report["chunks_verified"].as_u64().unwrap() > 0);
+    // The sparse file is restored sparse.
+    let md = fs::metadata(out.join("sparse.img")).unwrap();
+    assert_eq!(md.len(), 200 * MIB as u64);
+    assert!(
+        md.blocks() * 512 < 8 * MIB as u64,
+        "restored sparse file allocates {} blocks",
+        md.blocks()
+    );
+
+    // The listing has the fields scripts rely on.
+    let list = env.json(&["snapshots"]);
+    let first = &list.as_array().unwrap()[0];
+    for key in [
+        "id",
+        "time",
+        "kind",
+        "name",
+        "source",
+        "host",
+        "tags",
+        "partial",
+        "logical_bytes",
+        "new_bytes",
+    ] {
+        assert!(first.get(key).is_some(), "snapshots --json lacks {key}");
+    }
+    assert_eq!(first["id"], snap["id"]);
+}
+
+#[test]
+fn sub_path_restore_and_snapshot_references() {
+    let env = Env::new();
+    let src = env.path("src");
+    build_tree(&src);
+    let snap = env.backup("data", &src, &["--tag", "nightly"]);
+    let id = snap["id"].as_str().unwrap();
+
+    let out = env.path("part");
+    env.restore(&id[..10], &out, &["--path", "dir/sub"]);
+    assert!(!out.join("small.txt").exists());
+    assert_eq!(
+        fs::read(out.join("dir/sub/hard2")).unwrap(),
+        fs::read(src.join("multi.bin")).unwrap()
+    );
+    assert_eq!(
+        fs::metadata(out.join("dir/sub")).unwrap().mode() & 0o7777,
+        0o750
+    );
+
+    let err = env.tresor(&[
+        "restore",
+        "volume",
+        "nosuchvolume",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!err.status.success());
+    assert!(stderr(&err).contains("nosuchvolume"), "{}", stderr(&err));
+    assert_eq!(
+        env.json(&["snapshots", "--name", "data"])[0]["tags"][0],
+        "nightly"
+    );
+    assert_eq!(
+        env.json(&["snapshots", "--name", "other"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[test]
+fn unchanged_tree_is_not_read_again_and_dedups() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("big.bin"), random_bytes(100 * MIB, 2)).unwrap();
+    for i in 0..50 {
+        fs::write(src.join(format!("f{i}")), random_bytes(10_000, 100 + i)).unwrap();
+    }
+    let first = env.backup("v", &src, &[]);
+    let logical = first["logical_bytes"].as_u64().unwrap();
+    assert_eq!(first["summary"]["files_read"], 51);
+
+    // Unchanged: no file content is read at all.
+    let second = env.backup("v", &src, &[]);
+    assert_eq!(second["summary"]["files_read"], 0);
+    assert_eq!(second["summary"]["bytes_read"], 0);
+    assert_eq!(second["parent"], first["id"]);
+    assert_eq!(second["new_bytes"], 0);
+
+    // Forced full read: everything deduplicates (< 1% new).
+    let forced = env.backup("v", &src, &["--force"]);
+    assert_eq!(forced["summary"]["files_read"], 51);
+    assert!(forced["new_bytes"].as_u64().unwrap() * 100 < logical);
+
+    // Change 1% of the large file: about that much is new, and only that file is read.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("big.bin"))
+        .unwrap();
+    f.seek(SeekFrom::Start(40 * MIB as u64)).unwrap();
+    f.write_all(&random_bytes(MIB, 3)).unwrap();
+    drop(f);
+    let changed = env.backup("v", &src, &[]);
+    assert_eq!(changed["summary"]["files_read"], 1);
+    let new = changed["new_bytes"].as_u64().unwrap();
+    assert!(
+        new >= MIB as u64 && new < 8 * MIB as u64,
+        "{new} new bytes for a 1 MiB change"
+    );
+
+    let out = env.path("out");
+    env.restore(changed["id"].as_str().unwrap(), &out, &[]);
+    assert_same_tree(&src, &out);
+}
+
+#[test]
+fn block_image_round_trip_stores_no_zeros() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    let mut f = fs::File::create(&img).unwrap();
+    f.set_len(64 * MIB as u64 + 4097).unwrap();
+    f.seek(SeekFrom::Start(10 * MIB as u64)).unwrap();
+    f.write_all(&random_bytes(4 * MIB, 5)).unwrap();
+    drop(f);
+    let snap = env.backup("disk", &img, &[]);
+    assert_eq!(snap["format"], "block");
+    let stored = snap["stored_bytes"].as_u64().unwrap();
+    assert!(stored < 5 * MIB as u64, "stored {stored}");
+
+    let out = env.path("restored.img");
+    env.restore("disk", &out, &[]);
+    assert_eq!(
+        blake3::hash(&fs::read(&out).unwrap()),
+        blake3::hash(&fs::read(&img).unwrap())
+    );
+    assert!(fs::metadata(&out).unwrap().blocks() * 512 < 16 * MIB as u64);
+}
+
+#[test]
+fn corrupt_chunk_fails_restore_naming_chunk_and_file() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("victim.bin"), random_bytes(3 * MIB, 9)).unwrap();
+    env.backup("v", &src, &[]);
+
+    // The largest chunk object is victim.bin's data (random data is stored uncompressed).
+    let chunk = env
+        .chunk_files()
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(&chunk).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    fs::write(&chunk, bytes).unwrap();
+
+    let out = env.path("out");
+    let res = env.tresor(&["restore", "volume", "v", "--to", out.to_str().unwrap()]);
+    assert!(!res.status.success());
+    let err = stderr(&res);
+    let id = chunk.file_name().unwrap().to_str().unwrap();
+    assert!(err.contains(id), "error does not name chunk {id}: {err}");
+    assert!(
+        err.contains("victim.bin"),
+        "error does not name the file: {err}"
+    );
+    assert!(
+        !out.join("victim.bin").exists(),
+        "a corrupt file was written under its name"
+    );
+    let leftovers: Vec<_> = fs::read_dir(&out).unwrap().collect();
+    assert!(leftovers.is_empty(), "restore left {leftovers:?}");
+}
+
+#[test]
+fn killed_backup_leaves_a_repository_that_completes_and_restores() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("small"), b"first").unwrap();
+    env.backup("v", &src, &[]);
+    for i in 0..4 {
+        fs::write(src.join(format!("big{i}")), random_bytes(100 * MIB, 20 + i)).unwrap();
+    }
+
+    let mut child = env
+        .cmd()
+        .args(["-q", "backup", "volume", "v", src.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let before = env.chunk_files().len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while env.chunk_files().len() < before + 20 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "backup finished before it could be killed"
+        );
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        env.json(&["snapshots"]).as_array().unwrap().len(),
+        1,
+        "a killed backup listed a snapshot"
+    );
+
+    let done = env.backup("v", &src, &[]);
+    assert!(done["summary"]["chunks"]["chunks_dedup"].as_u64().unwrap() < 400);
+    for snap in env.json(&["snapshots"]).as_array().unwrap() {
+        let id = snap["id"].as_str().unwrap();
+        let out = env.path(&format!("out-{id}"));
+        env.restore(id, &out, &[]);
+        if *snap == env.json(&["snapshots"])[1] {
+            assert_same_tree(&src, &out);
+        }
+    }
+}
+
+#[test]
+fn repository_errors_are_named() {
+    let env = Env::empty();
+    let out = env.tresor(&["snapshots"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("is not a tresor repository") && err.contains("tresor init"),
+        "{err}"
+    );
+
+    assert!(env.tresor(&["init"]).status.success());
+    let again = env.tresor(&["init"]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("refusing to overwrite"));
+
+    let out = env
+        .cmd()
+        .env_remove("TRESOR_REPO")
+        .arg("snapshots")
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("--repo"));
+
+    let bad = env
+        .cmd()
+        .args(["init", "--chunk-min", "3"])
+        .env("TRESOR_REPO", env.path("r2"))
+        .output()
+        .unwrap();
+    assert!(stderr(&bad).contains("min 3"), "{}", stderr(&bad));
+}
+
+#[test]
+fn unreadable_files_make_a_partial_snapshot_unless_strict() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("open"), b"readable").unwrap();
+    fs::write(src.join("secret"), b"not for you").unwrap();
+    fs::set_permissions(src.join("secret"), fs::Permissions::from_mode(0o000)).unwrap();
+    // root reads everything; drop to nobody, with the scratch directory open to it.
+    let as_user = |args: &[&str]| {
+        let mut c = env.cmd();
+        if nix::unistd::geteuid().is_root() {
+            let mut wrapped = std::process::Command::new("setpriv");
+            wrapped.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                env!("CARGO_BIN_EXE_tresor"),
+            ]);
+            for (k, v) in c.get_envs() {
+                if let Some(v) = v {
+                    wrapped.env(k, v);
+                }
+            }
+            c = wrapped;
+        }
+        c.args(args).output().unwrap()
+    };
+    if nix::unistd::geteuid().is_root() {
+        for p in [env.dir.path().to_path_buf(), src.clone(), src.join("open")] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        std::process::Command::new("chmod")
+            .args(["-R", "a+rwX"])
+            .arg(env.path("repo"))
+            .status()
+            .unwrap();
+    }
+    let out = as_user(&["--json", "backup", "volume", "v", src.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(snap["partial"], true);
+    assert_eq!(snap["summary"]["errors"], 1);
+    assert!(snap["errors"][0].as_str().unwrap().contains("secret"));
+
+    let strict = as_user(&["backup", "volume", "v", src.to_str().unwrap(), "--strict"]);
+    assert_eq!(strict.status.code(), Some(1));
+    assert!(stderr(&strict).contains("secret"), "{}", stderr(&strict));
+}
