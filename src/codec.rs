@@ -13,6 +13,8 @@
 //! (already-compressed layers) costs no decompression on restore. Decoding bounds the output
 //! size, so a hostile object cannot inflate into unbounded memory.
 
+use std::cell::RefCell;
+
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"TRSR";
@@ -27,13 +29,29 @@ pub enum Compression {
     Zstd = 1,
 }
 
+thread_local! {
+    // zstd contexts are costly to set up; each worker thread keeps one per direction.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
 /// Wraps `payload` in an envelope, zstd-compressing it at `level` when that saves space.
 pub fn encode(payload: &[u8], level: Option<i32>) -> Vec<u8> {
     if let Some(level) = level {
-        if let Ok(compressed) = zstd::bulk::compress(payload, level) {
-            if compressed.len() < payload.len() {
-                return with_header(Compression::Zstd, &compressed);
+        let mut out = vec![0u8; HEADER_LEN + zstd::zstd_safe::compress_bound(payload.len())];
+        out[..4].copy_from_slice(MAGIC);
+        out[4..HEADER_LEN].copy_from_slice(&[VERSION, Compression::Zstd as u8, 0, 0]);
+        let compressed = COMPRESSOR.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.as_ref().is_none_or(|(l, _)| *l != level) {
+                *cell = Some((level, zstd::bulk::Compressor::new(level).ok()?));
             }
+            let (_, c) = cell.as_mut().expect("set above");
+            c.compress_to_buffer(payload, &mut out[HEADER_LEN..]).ok()
+        });
+        if let Some(n) = compressed.filter(|n| *n < payload.len()) {
+            out.truncate(HEADER_LEN + n);
+            return out;
         }
     }
     with_header(Compression::None, payload)
@@ -76,7 +94,14 @@ pub fn decode(object: &str, data: &[u8], max_len: usize) -> Result<Vec<u8>> {
             body.len()
         ))),
         0 => Ok(body.to_vec()),
-        1 => zstd::bulk::decompress(body, max_len)
+        1 => DECOMPRESSOR
+            .with(|cell| {
+                let mut cell = cell.borrow_mut();
+                if cell.is_none() {
+                    *cell = Some(zstd::bulk::Decompressor::new()?);
+                }
+                cell.as_mut().expect("set above").decompress(body, max_len)
+            })
             .map_err(|e| corrupt(format!("zstd payload does not decompress: {e}"))),
         c => Err(corrupt(format!("unknown compression {c}"))),
     }

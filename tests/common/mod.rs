@@ -5,10 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+pub const MIB: usize = 1 << 20;
 
 /// A scratch directory with a repository URL and cache of its own.
 pub struct Env {
@@ -229,4 +233,59 @@ pub fn assert_same_tree(original: &Path, restored: &Path) {
 
 pub fn os(s: &[u8]) -> &OsStr {
     OsStr::from_bytes(s)
+}
+
+fn set_mtime(path: &Path, secs: i64, nanos: u32) {
+    let t = filetime::FileTime::from_unix_time(secs, nanos);
+    filetime::set_symlink_file_times(path, t, t).unwrap();
+}
+
+/// A tree with every kind of entry and metadata tresor must keep.
+pub fn build_tree(root: &Path) {
+    fs::create_dir_all(root.join("dir/sub")).unwrap();
+    fs::create_dir_all(root.join("empty-dir")).unwrap();
+    fs::write(root.join("empty-file"), b"").unwrap();
+    fs::write(root.join("small.txt"), b"hello tresor\n").unwrap();
+    fs::write(root.join("multi.bin"), random_bytes(9 * MIB + 123, 1)).unwrap();
+
+    let mut sparse = fs::File::create(root.join("sparse.img")).unwrap();
+    sparse.set_len(200 * MIB as u64).unwrap();
+    sparse.seek(SeekFrom::Start(100 * MIB as u64)).unwrap();
+    sparse
+        .write_all(b"an island of data in a sea of zeros")
+        .unwrap();
+    drop(sparse);
+
+    std::os::unix::fs::symlink("small.txt", root.join("link-rel")).unwrap();
+    std::os::unix::fs::symlink("does/not/exist", root.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.join("dir/abs-link")).unwrap();
+    fs::hard_link(root.join("multi.bin"), root.join("dir/hard")).unwrap();
+    fs::hard_link(root.join("multi.bin"), root.join("dir/sub/hard2")).unwrap();
+
+    fs::write(root.join("ünïcödé ✓.txt"), "unicode").unwrap();
+    fs::write(root.join("with space"), "space").unwrap();
+    fs::write(root.join("new\nline"), "newline").unwrap();
+    fs::write(root.join("-dash"), "dash").unwrap();
+    fs::write(root.join(os(b"bad-utf8-\xff\xfe")), "not utf-8").unwrap();
+    nix::unistd::mkfifo(
+        &root.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+
+    fs::set_permissions(root.join("small.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(root.join("with space"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::set_permissions(root.join("dir/sub"), fs::Permissions::from_mode(0o750)).unwrap();
+    fs::set_permissions(root.join("empty-dir"), fs::Permissions::from_mode(0o1777)).unwrap();
+    xattr::set(root.join("small.txt"), "user.comment", b"kept").unwrap();
+    xattr::set(root.join("dir"), "user.dir-attr", b"\x00binary\xff").unwrap();
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::lchown(root.join("-dash"), Some(1234), Some(5678)).unwrap();
+    }
+
+    set_mtime(&root.join("small.txt"), 1_500_000_000, 123_456_789);
+    set_mtime(&root.join("dangling"), 1_400_000_000, 1);
+    set_mtime(&root.join("dir/sub"), 1_600_000_000, 42);
+    set_mtime(&root.join("dir"), 1_600_000_001, 0);
+    set_mtime(root, 1_600_000_002, 0);
 }
