@@ -6,7 +6,9 @@
 #
 # Prints MB/s (decimal, of the tree's logical size) and peak RSS for: first backup,
 # unchanged re-backup, and restore. The source tree sits in the page cache after generation,
-# so this measures tresor's own path (chunk, hash, compress, store), not the source disk.
+# so this measures tresor's own path (chunk, hash, compress, store), not the source disk. A
+# backup ends with syncfs (the snapshot is durable), so it includes writing the repository
+# to disk; `sync` runs before each step so no step pays for the previous one's writeback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +39,8 @@ run() {
     shift
     local log="$BENCH_DIR/time.log"
     local start end
+    # Start each step with no dirty pages left from the previous one.
+    sync
     start=$(date +%s.%N)
     /usr/bin/time -v -o "$log" "$@" >/dev/null
     end=$(date +%s.%N)
@@ -72,7 +76,7 @@ fi
 if command -v borg >/dev/null; then
     export BORG_REPO="$BENCH_DIR/borg-repo" BORG_PASSPHRASE="$PASS"
     rm -rf "$BORG_REPO"
-    borg init -q --encryption=repokey-blake2 "$BORG_REPO"
+    borg init --encryption=repokey-blake2 "$BORG_REPO"
     run "borg create (first, lz4)" borg create "::a" "$SRC"
     run "borg create (unchanged)" borg create "::b" "$SRC"
     mkdir -p "$BENCH_DIR/restore"
