@@ -41,7 +41,7 @@ fn data() -> Vec<u8> {
 }
 
 fn chunks(data: &[u8]) -> Vec<bytes::Bytes> {
-    let mut c = Chunker::new(ChunkerParams::default(), Mode::ContentDefined);
+    let mut c = Chunker::new(ChunkerParams::default(), Mode::ContentDefined, 0);
     let mut out = Vec::new();
     let mut emit = |b| -> Result<(), ()> {
         out.push(b);
@@ -73,7 +73,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             pieces
                 .iter()
-                .map(|p| codec::encode(p, Some(3)).len())
+                .map(|p| codec::encode(p, Some(3), None).len())
                 .sum::<usize>()
         })
     });
@@ -81,7 +81,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             chunks(&data)
                 .iter()
-                .map(|p| ChunkId::of(p).0[0] as usize + codec::encode(p, Some(3)).len())
+                .map(|p| ChunkId::of(p).0[0] as usize + codec::encode(p, Some(3), None).len())
                 .sum::<usize>()
         })
     });

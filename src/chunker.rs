@@ -9,7 +9,7 @@
 //! its end is certain. It keeps at most a few maximum-size chunks buffered.
 
 use bytes::{Bytes, BytesMut};
-use fastcdc::v2020::FastCDC;
+use fastcdc::v2020::{FastCDC, Normalization};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -76,14 +76,18 @@ pub enum Mode {
 pub struct Chunker {
     params: ChunkerParams,
     mode: Mode,
+    seed: u64,
     buf: BytesMut,
 }
 
 impl Chunker {
-    pub fn new(params: ChunkerParams, mode: Mode) -> Chunker {
+    /// `seed` perturbs FastCDC's gear table (0 is the standard table); encrypted repositories
+    /// derive it from their key so chunk sizes do not reveal content.
+    pub fn new(params: ChunkerParams, mode: Mode, seed: u64) -> Chunker {
         Chunker {
             params,
             mode,
+            seed,
             buf: BytesMut::new(),
         }
     }
@@ -125,11 +129,13 @@ impl Chunker {
             }
             Mode::ContentDefined => {
                 let p = self.params;
-                let mut v: Vec<usize> = FastCDC::new(
+                let mut v: Vec<usize> = FastCDC::with_level_and_seed(
                     &self.buf,
                     p.min_size as usize,
                     p.avg_size as usize,
                     p.max_size as usize,
+                    Normalization::Level1,
+                    self.seed,
                 )
                 .map(|c| c.length)
                 .collect();
@@ -164,12 +170,16 @@ mod tests {
     }
 
     fn chunk_all(data: &[u8], piece: usize, mode: Mode) -> Vec<Bytes> {
+        chunk_seeded(data, piece, mode, 0)
+    }
+
+    fn chunk_seeded(data: &[u8], piece: usize, mode: Mode, seed: u64) -> Vec<Bytes> {
         let params = ChunkerParams {
             min_size: 2048,
             avg_size: 8192,
             max_size: 32768,
         };
-        let mut c = Chunker::new(params, mode);
+        let mut c = Chunker::new(params, mode, seed);
         let mut out = Vec::new();
         let mut emit = |b: Bytes| -> Result<(), ()> {
             out.push(b);
@@ -191,6 +201,18 @@ mod tests {
         assert_eq!(a.concat(), data);
         assert!(a.len() > 40, "expected ~128 chunks, got {}", a.len());
         assert!(a.iter().all(|c| c.len() <= 32768));
+    }
+
+    #[test]
+    fn seed_moves_cut_points() {
+        let data = pseudo_random(1 << 20, 11);
+        let plain: Vec<usize> = chunk_all(&data, 1 << 20, Mode::ContentDefined)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        let seeded = chunk_seeded(&data, 1 << 20, Mode::ContentDefined, 0x5eed);
+        assert_eq!(seeded.concat(), data);
+        assert_ne!(plain, seeded.iter().map(|c| c.len()).collect::<Vec<_>>());
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! offset 0  4 bytes  magic "TRSR"
 //! offset 4  1 byte   envelope version (1)
 //! offset 5  1 byte   compression: 0 = none, 1 = zstd
-//! offset 6  1 byte   encryption: 0 = none (room for a sealed format)
+//! offset 6  1 byte   encryption: 0 = none, 1 = XChaCha20-Poly1305 (nonce, then ciphertext+tag)
 //! offset 7  1 byte   reserved, 0
 //! offset 8  ...      payload
 //! ```
+//!
+//! A sealed payload's associated data is the header and the object's store key, so neither can
+//! be changed, nor the object moved to another key, without failing authentication.
 //!
 //! Compression is skipped when it would not make the object smaller, so incompressible data
 //! (already-compressed layers) costs no decompression on restore. Decoding bounds the output
@@ -15,10 +18,13 @@
 
 use std::cell::RefCell;
 
+use crate::crypto::{self, MasterKey};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"TRSR";
 const VERSION: u8 = 1;
+/// Encryption byte of objects sealed with XChaCha20-Poly1305 ([`crate::crypto`]).
+const ENCRYPTED: u8 = 1;
 /// Length of the envelope header.
 pub const HEADER_LEN: usize = 8;
 
@@ -35,42 +41,71 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-/// Wraps `payload` in an envelope, zstd-compressing it at `level` when that saves space.
-pub fn encode(payload: &[u8], level: Option<i32>) -> Vec<u8> {
-    if let Some(level) = level {
-        let mut out = vec![0u8; HEADER_LEN + zstd::zstd_safe::compress_bound(payload.len())];
-        out[..4].copy_from_slice(MAGIC);
-        out[4..HEADER_LEN].copy_from_slice(&[VERSION, Compression::Zstd as u8, 0, 0]);
-        let compressed = COMPRESSOR.with(|cell| {
-            let mut cell = cell.borrow_mut();
-            if cell.as_ref().is_none_or(|(l, _)| *l != level) {
-                *cell = Some((level, zstd::bulk::Compressor::new(level).ok()?));
-            }
-            let (_, c) = cell.as_mut().expect("set above");
-            c.compress_to_buffer(payload, &mut out[HEADER_LEN..]).ok()
-        });
-        if let Some(n) = compressed.filter(|n| *n < payload.len()) {
-            out.truncate(HEADER_LEN + n);
-            return out;
-        }
+/// Wraps `payload` in an envelope, zstd-compressing it at `level` when that saves space, and
+/// sealing it when `seal` gives the repository key and the object's store key.
+pub fn encode(payload: &[u8], level: Option<i32>, seal: Option<(&MasterKey, &str)>) -> Vec<u8> {
+    let compressed = level.and_then(|level| compress(payload, level));
+    let (compression, body) = match &compressed {
+        Some(c) => (Compression::Zstd, c.as_slice()),
+        None => (Compression::None, payload),
+    };
+    let encryption = if seal.is_some() { ENCRYPTED } else { 0 };
+    let header = [
+        MAGIC[0],
+        MAGIC[1],
+        MAGIC[2],
+        MAGIC[3],
+        VERSION,
+        compression as u8,
+        encryption,
+        0,
+    ];
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len() + crypto::OVERHEAD);
+    out.extend_from_slice(&header);
+    match seal {
+        Some((key, object)) => out.extend_from_slice(&key.seal(&aad(&header, object), body)),
+        None => out.extend_from_slice(body),
     }
-    with_header(Compression::None, payload)
-}
-
-fn with_header(compression: Compression, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[VERSION, compression as u8, 0, 0]);
-    out.extend_from_slice(body);
     out
 }
 
-/// Opens an envelope, returning the plaintext payload.
+/// zstd output, or `None` when it would not be smaller.
+fn compress(payload: &[u8], level: i32) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; zstd::zstd_safe::compress_bound(payload.len())];
+    let n = COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|(l, _)| *l != level) {
+            *cell = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, c) = cell.as_mut().expect("set above");
+        c.compress_to_buffer(payload, &mut out[..]).ok()
+    })?;
+    (n < payload.len()).then(|| {
+        out.truncate(n);
+        out
+    })
+}
+
+/// Associated data of a sealed object: its header and its store key.
+fn aad(header: &[u8], object: &str) -> Vec<u8> {
+    let mut aad = header.to_vec();
+    aad.extend_from_slice(object.as_bytes());
+    aad
+}
+
+/// Opens an envelope, returning the plaintext payload. With `key` (an encrypted repository),
+/// the object must be sealed for exactly this store key; a plaintext object is refused, since
+/// anyone with write access to the store could have planted it.
 ///
 /// # Errors
-/// [`Error::Corrupt`] naming `object` when the header is wrong, the format unknown, the payload
-/// does not decompress, or it would exceed `max_len` bytes.
-pub fn decode(object: &str, data: &[u8], max_len: usize) -> Result<Vec<u8>> {
+/// [`Error::Corrupt`] naming `object` when the header is wrong, the format unknown, the seal
+/// does not open, the payload does not decompress, or it would exceed `max_len` bytes.
+pub fn decode(
+    object: &str,
+    data: &[u8],
+    max_len: usize,
+    key: Option<&MasterKey>,
+) -> Result<Vec<u8>> {
     let corrupt = |reason: String| Error::Corrupt {
         object: object.to_string(),
         reason,
@@ -81,14 +116,27 @@ pub fn decode(object: &str, data: &[u8], max_len: usize) -> Result<Vec<u8>> {
     if data[4] != VERSION {
         return Err(corrupt(format!("unknown envelope version {}", data[4])));
     }
-    if data[6] != 0 {
-        return Err(corrupt(format!(
-            "object is encrypted (scheme {}) and this repository has no key",
-            data[6]
-        )));
-    }
-    let body = &data[HEADER_LEN..];
-    match data[5] {
+    let (header, rest) = data.split_at(HEADER_LEN);
+    let opened;
+    let body = match (header[6], key) {
+        (0, None) => rest,
+        (ENCRYPTED, Some(key)) => {
+            opened = key.open(&aad(header, object), rest).ok_or_else(|| {
+                corrupt("authentication failed: the object was altered, truncated or moved".into())
+            })?;
+            &opened[..]
+        }
+        (0, Some(_)) => {
+            return Err(corrupt(
+                "object is not encrypted but the repository is; refusing it".into(),
+            ))
+        }
+        (ENCRYPTED, None) => {
+            return Err(corrupt("object is encrypted and no key was given".into()));
+        }
+        (e, _) => return Err(corrupt(format!("unknown encryption scheme {e}"))),
+    };
+    match header[5] {
         0 if body.len() > max_len => Err(corrupt(format!(
             "payload of {} bytes exceeds the limit of {max_len}",
             body.len()
@@ -114,26 +162,46 @@ mod tests {
     #[test]
     fn round_trips_and_skips_useless_compression() {
         let text = b"tresor ".repeat(1000);
-        let enc = encode(&text, Some(3));
+        let enc = encode(&text, Some(3), None);
         assert_eq!(enc[5], Compression::Zstd as u8);
         assert!(enc.len() < text.len());
-        assert_eq!(decode("x", &enc, 1 << 20).unwrap(), text);
+        assert_eq!(decode("x", &enc, 1 << 20, None).unwrap(), text);
 
         let random: Vec<u8> = (0..4096u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
-        let enc = encode(&random, Some(3));
-        assert_eq!(decode("x", &enc, 1 << 20).unwrap(), random);
+        let enc = encode(&random, Some(3), None);
+        assert_eq!(decode("x", &enc, 1 << 20, None).unwrap(), random);
+    }
+
+    #[test]
+    fn sealed_objects_are_bound_to_their_key_and_repository() {
+        let key = MasterKey::generate();
+        let text = b"marker ".repeat(100);
+        let enc = encode(&text, Some(3), Some((&key, "chunks/aa/1")));
+        assert_eq!(
+            decode("chunks/aa/1", &enc, 1 << 20, Some(&key)).unwrap(),
+            text
+        );
+        assert!(!enc.windows(7).any(|w| w == b"marker "));
+        let moved = decode("chunks/aa/2", &enc, 1 << 20, Some(&key)).unwrap_err();
+        assert!(moved.to_string().contains("chunks/aa/2"), "{moved}");
+        let mut header_flip = enc.clone();
+        header_flip[5] = 0;
+        assert!(decode("chunks/aa/1", &header_flip, 1 << 20, Some(&key)).is_err());
+        let plain = encode(&text, Some(3), None);
+        assert!(decode("chunks/aa/1", &plain, 1 << 20, Some(&key)).is_err());
+        assert!(decode("chunks/aa/1", &enc, 1 << 20, None).is_err());
     }
 
     #[test]
     fn rejects_garbage_and_bombs() {
-        assert!(decode("obj1", b"nonsense", 100)
+        assert!(decode("obj1", b"nonsense", 100, None)
             .unwrap_err()
             .to_string()
             .contains("obj1"));
-        let enc = encode(&vec![7u8; 1 << 20], Some(3));
-        let err = decode("obj2", &enc, 1024).unwrap_err().to_string();
+        let enc = encode(&vec![7u8; 1 << 20], Some(3), None);
+        let err = decode("obj2", &enc, 1024, None).unwrap_err().to_string();
         assert!(err.contains("obj2"), "{err}");
     }
 }

@@ -44,6 +44,9 @@ pub enum Error {
         supported: u32,
     },
 
+    #[error("no key slot of {url} opens with the given password or key file")]
+    WrongKey { url: String },
+
     #[error("store: {op} {key} failed: {source}")]
     Store {
         op: &'static str,
@@ -110,7 +113,7 @@ impl Error {
     /// The class of this error.
     pub fn kind(&self) -> ErrorKind {
         match self.root() {
-            Error::Config(_) => ErrorKind::Config,
+            Error::Config(_) | Error::WrongKey { .. } => ErrorKind::Config,
             Error::NotARepository { .. }
             | Error::AlreadyInitialized { .. }
             | Error::UnsupportedFormat { .. } => ErrorKind::Repository,
@@ -135,6 +138,9 @@ impl Error {
                 Some("check --repo / TRESOR_REPO, or create a repository with `tresor init`")
             }
             Error::UnsupportedFormat { .. } => Some("upgrade tresor to read this repository"),
+            Error::WrongKey { .. } => Some(
+                "check --password-file / TRESOR_PASSWORD / --key-file; `tresor key list` shows the slots",
+            ),
             Error::Missing { .. } | Error::Corrupt { .. } => Some(
                 "the repository is damaged; run `tresor verify --read-data` to see which snapshots are affected",
             ),

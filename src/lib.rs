@@ -9,6 +9,7 @@ pub mod cache;
 pub mod catalog;
 pub mod chunker;
 pub mod codec;
+pub mod crypto;
 pub mod error;
 pub mod id;
 pub mod pipeline;

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use zeroize::Zeroizing;
 
 use tresor::cache::KnownChunks;
 use tresor::chunker::ChunkerParams;
+use tresor::crypto::Secret;
 use tresor::progress::Progress;
 use tresor::repository::{InitOptions, Repository};
 use tresor::snapshot::{self, Filter, Kind, Listed};
@@ -47,6 +49,12 @@ struct Global {
     /// Directory of the local chunk cache [default: $CACHE_DIRECTORY, $XDG_CACHE_HOME/tresor or ~/.cache/tresor].
     #[arg(long, env = "TRESOR_CACHE_DIR", global = true)]
     cache_dir: Option<PathBuf>,
+    /// File whose first line is the repository password.
+    #[arg(long, env = "TRESOR_PASSWORD_FILE", global = true)]
+    password_file: Option<PathBuf>,
+    /// Key file that opens the repository (`init` creates it when missing).
+    #[arg(long, env = "TRESOR_KEY_FILE", global = true)]
+    key_file: Option<PathBuf>,
     /// Keep no local cache (every run lists the store).
     #[arg(long, global = true)]
     no_cache: bool,
@@ -73,6 +81,43 @@ enum Command {
     /// Restore a snapshot.
     #[command(subcommand)]
     Restore(RestoreCommand),
+    /// Manage the key slots of an encrypted repository.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// List key slots.
+    List,
+    /// Add a key slot (a passphrase or a key file) that opens the repository too.
+    Add(NewKeyArgs),
+    /// Remove a key slot (not the one used now, nor the last).
+    Remove {
+        /// Slot id or unique prefix, as `key list` shows it.
+        id: String,
+    },
+    /// Replace the passphrase or key file used now by a new one.
+    Passwd(NewKeyArgs),
+}
+
+#[derive(Args)]
+struct NewKeyArgs {
+    /// File whose first line is the new password [default: TRESOR_NEW_PASSWORD, or a prompt].
+    #[arg(long, conflicts_with = "new_key_file")]
+    new_password_file: Option<PathBuf>,
+    /// New key file (created with a random key when missing).
+    #[arg(long)]
+    new_key_file: Option<PathBuf>,
+}
+
+/// Whether `init` encrypts.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Encryption {
+    /// XChaCha20-Poly1305 with keyed BLAKE3 chunk ids.
+    On,
+    /// No encryption (for stores already encrypted at rest by other means).
+    None,
 }
 
 #[derive(Args)]
@@ -89,6 +134,10 @@ struct InitArgs {
     /// zstd level (1-22), or "none".
     #[arg(long, default_value = "3")]
     compression: String,
+    /// Client-side encryption; the password or key file comes from --password-file,
+    /// TRESOR_PASSWORD, --key-file, systemd credentials or a prompt.
+    #[arg(long, value_enum, default_value = "on", num_args = 0..=1, default_missing_value = "on")]
+    encryption: Encryption,
 }
 
 #[derive(Subcommand)]
@@ -203,6 +252,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(BackupCommand::Volume(args)) => backup_volume(g, args).await,
         Command::Snapshots(args) => snapshots(g, args).await,
         Command::Restore(RestoreCommand::Volume(args)) => restore_volume(g, args).await,
+        Command::Key(cmd) => key(g, cmd).await,
     }
 }
 
@@ -220,7 +270,198 @@ fn store(g: &Global, create: bool) -> anyhow::Result<Store> {
 }
 
 async fn open(g: &Global) -> anyhow::Result<Arc<Repository>> {
-    Ok(Arc::new(Repository::open(store(g, false)?).await?))
+    let store = store(g, false)?;
+    let url = store.url().to_string();
+    Ok(Arc::new(
+        Repository::open(store, || secret(g, &url, false)).await?,
+    ))
+}
+
+/// The passphrase or key file for an encrypted repository, from (in order) --key-file,
+/// --password-file, TRESOR_PASSWORD, the systemd credentials `tresor-key-file` and
+/// `tresor-password`, or a prompt when stdin is a terminal. With `create`, a missing key file
+/// is created and a prompted password is asked twice.
+fn secret(g: &Global, url: &str, create: bool) -> tresor::Result<Secret> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    if let Some(path) = &g.key_file {
+        return key_file(path, create);
+    }
+    if let Some(path) = &g.password_file {
+        return password_file(path);
+    }
+    if let Ok(p) = std::env::var("TRESOR_PASSWORD") {
+        return Ok(Secret::Passphrase(Zeroizing::new(p)));
+    }
+    if let Some(dir) = credentials {
+        if dir.join("tresor-key-file").is_file() {
+            return key_file(&dir.join("tresor-key-file"), false);
+        }
+        if dir.join("tresor-password").is_file() {
+            return password_file(&dir.join("tresor-password"));
+        }
+    }
+    prompt(&format!("password for {url}"), create).ok_or_else(|| {
+        tresor::Error::Config(format!(
+            "{url} is encrypted: give --password-file, TRESOR_PASSWORD or --key-file \
+             (or run on a terminal to be asked)"
+        ))
+    })
+}
+
+fn key_file(path: &std::path::Path, create: bool) -> tresor::Result<Secret> {
+    if create && !path.exists() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let contents = Secret::new_key_file_contents();
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| tresor::Error::io(path, e))?;
+        f.write_all(contents.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| tresor::Error::io(path, e))?;
+        eprintln!(
+            "created key file {}: keep a copy somewhere safe, without it the data is lost",
+            path.display()
+        );
+    }
+    let bytes = std::fs::read(path).map_err(|e| tresor::Error::io(path, e))?;
+    if bytes.trim_ascii().is_empty() {
+        return Err(tresor::Error::Config(format!(
+            "key file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Secret::KeyFile(Zeroizing::new(bytes)))
+}
+
+fn password_file(path: &std::path::Path) -> tresor::Result<Secret> {
+    let text =
+        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| tresor::Error::io(path, e))?);
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(tresor::Error::Config(format!(
+            "password file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Secret::Passphrase(Zeroizing::new(line.to_string())))
+}
+
+/// Asks for a password on the terminal; `None` when stdin is not one.
+fn prompt(what: &str, twice: bool) -> Option<Secret> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return None;
+    }
+    loop {
+        let first = Zeroizing::new(rpassword::prompt_password(format!("{what}: ")).ok()?);
+        if !twice {
+            return Some(Secret::Passphrase(first));
+        }
+        let second = Zeroizing::new(rpassword::prompt_password("again: ").ok()?);
+        if first == second && !first.is_empty() {
+            return Some(Secret::Passphrase(first));
+        }
+        eprintln!("the passwords differ or are empty; try again");
+    }
+}
+
+/// The secret of a new key slot, from the `key add`/`key passwd` options.
+fn new_secret(args: &NewKeyArgs) -> anyhow::Result<Secret> {
+    if let Some(path) = &args.new_key_file {
+        return Ok(key_file(path, true)?);
+    }
+    if let Some(path) = &args.new_password_file {
+        return Ok(password_file(path)?);
+    }
+    if let Ok(p) = std::env::var("TRESOR_NEW_PASSWORD") {
+        return Ok(Secret::Passphrase(Zeroizing::new(p)));
+    }
+    prompt("new password", true).context(
+        "give --new-password-file, --new-key-file or TRESOR_NEW_PASSWORD (or run on a terminal)",
+    )
+}
+
+async fn key(g: &Global, cmd: &KeyCommand) -> anyhow::Result<ExitCode> {
+    let repo = open(g).await?;
+    anyhow::ensure!(
+        repo.is_encrypted(),
+        "{} is not encrypted; it has no keys",
+        repo.store().url()
+    );
+    match cmd {
+        KeyCommand::List => {
+            let keys = repo.list_keys().await?;
+            if g.json {
+                let all: Vec<_> = keys
+                    .iter()
+                    .map(|(id, slot)| {
+                        json!({
+                            "id": id,
+                            "kind": slot.kind,
+                            "created": slot.created.to_rfc3339(),
+                            "host": slot.host,
+                            "current": Some(id.as_str()) == repo.key_slot(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!("{:<10} {:<11} {:<20} host", "id", "kind", "created");
+                for (id, slot) in &keys {
+                    let current = if Some(id.as_str()) == repo.key_slot() {
+                        " (current)"
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "{:<10} {:<11} {:<20} {}{current}",
+                        &id[..8],
+                        format!("{:?}", slot.kind).to_lowercase(),
+                        slot.created.format("%Y-%m-%d %H:%M:%S"),
+                        slot.host
+                    );
+                }
+            }
+        }
+        KeyCommand::Add(args) => {
+            let id = repo.add_key(&new_secret(args)?).await?;
+            report(
+                g,
+                json!({ "added": id }),
+                &format!("added key slot {}", &id[..8]),
+            )?;
+        }
+        KeyCommand::Remove { id } => {
+            repo.remove_key(id).await?;
+            report(
+                g,
+                json!({ "removed": id }),
+                &format!("removed key slot {id}"),
+            )?;
+        }
+        KeyCommand::Passwd(args) => {
+            let (id, old) = repo.replace_key(&new_secret(args)?).await?;
+            report(
+                g,
+                json!({ "added": id, "removed": old }),
+                &format!("replaced key slot {} by {}", &old[..8], &id[..8]),
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(g: &Global, value: serde_json::Value, text: &str) -> anyhow::Result<()> {
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("{text}");
+    }
+    Ok(())
 }
 
 fn cache_dir(g: &Global) -> Option<PathBuf> {
@@ -255,7 +496,12 @@ async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode> {
         },
         compression_level,
     };
-    let repo = Repository::init(store(g, true)?, options).await?;
+    let store = store(g, true)?;
+    let secret = match args.encryption {
+        Encryption::On => Some(secret(g, store.url(), true)?),
+        Encryption::None => None,
+    };
+    let repo = Repository::init(store, options, secret.as_ref()).await?;
     if g.json {
         println!(
             "{}",

@@ -180,7 +180,7 @@ impl ChunkWriter {
         let shared = Arc::clone(shared);
         let rt = self.rt.clone();
         rayon::spawn(move || {
-            let encoded = shared.repo.encode_chunk(&data);
+            let encoded = shared.repo.encode_chunk(&id, &data);
             drop(data);
             rt.spawn(async move {
                 let uploaded = encoded.len() as u64;
@@ -237,7 +237,11 @@ pub struct StreamWriter<'a> {
 impl<'a> StreamWriter<'a> {
     pub fn new(writer: &'a ChunkWriter, mode: Mode) -> Self {
         StreamWriter {
-            chunker: Chunker::new(writer.repo().config().chunker, mode),
+            chunker: Chunker::new(
+                writer.repo().config().chunker,
+                mode,
+                writer.repo().chunker_seed(),
+            ),
             writer,
             refs: Vec::new(),
             len: 0,
@@ -385,7 +389,7 @@ mod tests {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let store = Store::open("memory://", &StoreOptions::default(), true).unwrap();
         let repo = Arc::new(
-            rt.block_on(Repository::init(store, InitOptions::default()))
+            rt.block_on(Repository::init(store, InitOptions::default(), None))
                 .unwrap(),
         );
         let known = Arc::new(rt.block_on(KnownChunks::load(&repo, None)).unwrap());

@@ -2,10 +2,14 @@
 //!
 //! # Layout
 //! ```text
-//! config                  JSON (in an envelope): format version, repository id, chunker, compression
-//! chunks/<2 hex>/<64 hex> one chunk: envelope around the (zstd-compressed) plaintext;
-//!                         the key is the BLAKE3-256 of the plaintext
-//! snapshots/<64 hex>      one snapshot record (JSON in an envelope); the key is the BLAKE3 of the record
+//! config                  JSON (in an envelope, never encrypted): format version, repository id,
+//!                         chunker, compression, cipher
+//! keys/<64 hex>           a key slot (encrypted repositories): the master key sealed under a
+//!                         passphrase or key file, see [`crate::crypto`]
+//! chunks/<2 hex>/<64 hex> one chunk: envelope around the (zstd-compressed, sealed) plaintext;
+//!                         the key is the (keyed) BLAKE3-256 of the plaintext
+//! snapshots/<64 hex>      one snapshot record (JSON in an envelope, sealed); the key is the
+//!                         (keyed) BLAKE3 of the record
 //! ```
 //! Everything a snapshot references (file contents, its catalog or block ref list) is made of
 //! chunks, so a repository has exactly two kinds of data object.
@@ -22,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunker::ChunkerParams;
 use crate::codec;
+use crate::crypto::{KeySlot, MasterKey, Secret, CIPHER};
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
 use crate::store::Store;
@@ -31,6 +36,8 @@ pub const FORMAT_VERSION: u32 = 1;
 const CONFIG_KEY: &str = "config";
 /// Store prefix of chunk objects.
 pub const CHUNKS_PREFIX: &str = "chunks";
+/// Store prefix of key slots.
+pub const KEYS_PREFIX: &str = "keys";
 /// Store prefix of snapshot records.
 pub const SNAPSHOTS_PREFIX: &str = "snapshots";
 const MAX_RECORD_LEN: usize = 64 << 20;
@@ -45,6 +52,9 @@ pub struct RepoConfig {
     /// zstd level; `None` stores chunks uncompressed.
     pub compression_level: Option<i32>,
     pub created: chrono::DateTime<chrono::Utc>,
+    /// The cipher of an encrypted repository ([`CIPHER`]); absent when unencrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
 }
 
 /// Options of [`Repository::init`].
@@ -68,15 +78,23 @@ impl Default for InitOptions {
 pub struct Repository {
     store: Store,
     config: RepoConfig,
+    key: Option<MasterKey>,
+    /// The key slot that opened the repository.
+    slot: Option<String>,
 }
 
 impl Repository {
-    /// Creates a repository in `store`.
+    /// Creates a repository in `store`, encrypted with a new master key in a first key slot
+    /// opened by `secret`, or unencrypted when `secret` is `None`.
     ///
     /// # Errors
     /// [`Error::AlreadyInitialized`] if the store already holds a `config`; [`Error::Config`] for
     /// invalid chunker or compression settings.
-    pub async fn init(store: Store, options: InitOptions) -> Result<Repository> {
+    pub async fn init(
+        store: Store,
+        options: InitOptions,
+        secret: Option<&Secret>,
+    ) -> Result<Repository> {
         options.chunker.validate()?;
         if let Some(level) = options.compression_level {
             if !zstd::compression_level_range().contains(&level) {
@@ -98,21 +116,35 @@ impl Repository {
             chunker: options.chunker,
             compression_level: options.compression_level,
             created: chrono::Utc::now(),
+            encryption: secret.map(|_| CIPHER.to_string()),
         };
-        let json = serde_json::to_vec_pretty(&config).expect("config serialises");
-        store
-            .put(CONFIG_KEY, codec::encode(&json, None).into())
+        let mut repo = Repository {
+            store,
+            config,
+            key: None,
+            slot: None,
+        };
+        if let Some(secret) = secret {
+            repo.key = Some(MasterKey::generate());
+            repo.slot = Some(repo.add_key(secret).await?);
+        }
+        // The config goes last: a repository without one is not a repository yet.
+        let json = serde_json::to_vec_pretty(&repo.config).expect("config serialises");
+        repo.store
+            .put(CONFIG_KEY, codec::encode(&json, None, None).into())
             .await?;
-        store.sync().await?;
-        Ok(Repository { store, config })
+        repo.store.sync().await?;
+        Ok(repo)
     }
 
-    /// Opens the repository in `store`.
+    /// Opens the repository in `store`. For an encrypted repository `secret` is called once to
+    /// get the passphrase or key file that opens one of its key slots.
     ///
     /// # Errors
     /// [`Error::NotARepository`] when there is no config, [`Error::UnsupportedFormat`] for a newer
-    /// format, [`Error::Corrupt`] when the config does not parse.
-    pub async fn open(store: Store) -> Result<Repository> {
+    /// format, [`Error::Corrupt`] when the config does not parse, [`Error::WrongKey`] when no key
+    /// slot opens with the secret, and whatever `secret` returns.
+    pub async fn open(store: Store, secret: impl FnOnce() -> Result<Secret>) -> Result<Repository> {
         let url = store.url().to_string();
         let raw = store
             .get_opt(CONFIG_KEY)
@@ -121,11 +153,12 @@ impl Repository {
                 url: url.clone(),
                 reason: "it has no `config` object",
             })?;
-        let json =
-            codec::decode(CONFIG_KEY, &raw, MAX_RECORD_LEN).map_err(|_| Error::NotARepository {
+        let json = codec::decode(CONFIG_KEY, &raw, MAX_RECORD_LEN, None).map_err(|_| {
+            Error::NotARepository {
                 url: url.clone(),
                 reason: "its `config` object is not a tresor config",
-            })?;
+            }
+        })?;
         #[derive(Deserialize)]
         struct Version {
             version: u32,
@@ -144,7 +177,139 @@ impl Repository {
         }
         let config: RepoConfig = serde_json::from_slice(&json).map_err(corrupt)?;
         config.chunker.validate()?;
-        Ok(Repository { store, config })
+        let mut repo = Repository {
+            store,
+            config,
+            key: None,
+            slot: None,
+        };
+        match repo.config.encryption.as_deref() {
+            None => {}
+            Some(CIPHER) => {
+                let secret = secret()?;
+                let (slot, key) = repo.unlock(&secret).await?;
+                repo.key = Some(key);
+                repo.slot = Some(slot);
+            }
+            Some(other) => {
+                return Err(Error::UnsupportedFormat {
+                    url,
+                    found: repo.config.version,
+                    supported: FORMAT_VERSION,
+                }
+                .context(format!("unknown cipher {other:?}")))
+            }
+        }
+        Ok(repo)
+    }
+
+    async fn unlock(&self, secret: &Secret) -> Result<(String, MasterKey)> {
+        for (id, slot) in self.list_keys().await? {
+            let object = format!("{KEYS_PREFIX}/{id}");
+            if let Some(key) = slot.unwrap(secret, &object)? {
+                return Ok((id, key));
+            }
+        }
+        Err(Error::WrongKey {
+            url: self.store.url().to_string(),
+        })
+    }
+
+    /// Whether chunks and records are encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// The id of the key slot that opened the repository, if encrypted.
+    pub fn key_slot(&self) -> Option<&str> {
+        self.slot.as_deref()
+    }
+
+    /// Adds a key slot opened by `secret` and returns its id.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the repository is not encrypted.
+    pub async fn add_key(&self, secret: &Secret) -> Result<String> {
+        let key = self.key.as_ref().ok_or_else(|| {
+            Error::Config("the repository is not encrypted; it has no keys".into())
+        })?;
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let slot = KeySlot::wrap(key, secret, &host)?;
+        let json = serde_json::to_vec_pretty(&slot).expect("slot serialises");
+        let id = blake3::hash(&json).to_hex().to_string();
+        self.store
+            .put(
+                &format!("{KEYS_PREFIX}/{id}"),
+                codec::encode(&json, None, None).into(),
+            )
+            .await?;
+        self.store.sync().await?;
+        Ok(id)
+    }
+
+    /// Every key slot, by id.
+    pub async fn list_keys(&self) -> Result<Vec<(String, KeySlot)>> {
+        let mut out = Vec::new();
+        for (key, _) in self.store.list(KEYS_PREFIX).await? {
+            let id = key.rsplit('/').next().unwrap_or_default().to_string();
+            let raw = self.store.get(&key).await?;
+            let json = codec::decode(&key, &raw, MAX_RECORD_LEN, None)?;
+            let slot: KeySlot = serde_json::from_slice(&json).map_err(|e| Error::Corrupt {
+                object: key.clone(),
+                reason: format!("key slot does not parse: {e}"),
+            })?;
+            out.push((id, slot));
+        }
+        out.sort_by(|a, b| (a.1.created, &a.0).cmp(&(b.1.created, &b.0)));
+        Ok(out)
+    }
+
+    /// Removes a key slot. The slot that opened the repository and the last slot cannot be
+    /// removed, so the repository never locks itself out.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for those two cases or an unknown id.
+    pub async fn remove_key(&self, id: &str) -> Result<()> {
+        let keys = self.list_keys().await?;
+        let matching: Vec<&String> = keys
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with(id))
+            .collect();
+        let [found] = matching.as_slice() else {
+            return Err(Error::Config(format!(
+                "{id:?} names {} key slots, not one",
+                matching.len()
+            )));
+        };
+        if Some(found.as_str()) == self.key_slot() {
+            return Err(Error::Config(format!(
+                "key slot {} opened this repository; open it with another key to remove this one",
+                &found[..8]
+            )));
+        }
+        if keys.len() == 1 {
+            return Err(Error::Config("refusing to remove the last key slot".into()));
+        }
+        self.store.delete(&format!("{KEYS_PREFIX}/{found}")).await
+    }
+
+    /// Replaces the key slot that opened the repository by a new one opened by `secret`
+    /// (`key passwd`). The new slot is stored before the old one is deleted.
+    /// Returns the new and the old slot ids.
+    pub async fn replace_key(&self, secret: &Secret) -> Result<(String, String)> {
+        let old = self
+            .key_slot()
+            .ok_or_else(|| Error::Config("the repository is not encrypted; it has no keys".into()))?
+            .to_string();
+        let new = self.add_key(secret).await?;
+        self.store.delete(&format!("{KEYS_PREFIX}/{old}")).await?;
+        Ok((new, old))
+    }
+
+    /// Seed of the chunker's gear table (0 in an unencrypted repository).
+    pub fn chunker_seed(&self) -> u64 {
+        self.key.as_ref().map_or(0, MasterKey::chunker_seed)
     }
 
     pub fn config(&self) -> &RepoConfig {
@@ -163,12 +328,17 @@ impl Repository {
 
     /// The id a chunk of `data` gets in this repository.
     pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
-        ChunkId::of(data)
+        match &self.key {
+            Some(k) => k.chunk_id(data),
+            None => ChunkId::of(data),
+        }
     }
 
-    /// Compresses and wraps a chunk for storage (CPU work; run it off the async runtime).
-    pub fn encode_chunk(&self, data: &[u8]) -> Bytes {
-        codec::encode(data, self.config.compression_level).into()
+    /// Compresses, seals and wraps a chunk for storage (CPU work; run it off the async runtime).
+    pub fn encode_chunk(&self, id: &ChunkId, data: &[u8]) -> Bytes {
+        let key = Self::chunk_key(id);
+        let seal = self.key.as_ref().map(|k| (k, key.as_str()));
+        codec::encode(data, self.config.compression_level, seal).into()
     }
 
     /// Stores an encoded chunk. Idempotent: the same id always carries the same bytes.
@@ -187,7 +357,12 @@ impl Repository {
     /// [`Error::Corrupt`] naming the chunk when it does not decode or its hash differs.
     pub fn decode_chunk(&self, id: &ChunkId, raw: &[u8]) -> Result<Bytes> {
         let key = Self::chunk_key(id);
-        let data = codec::decode(&key, raw, self.config.chunker.max_size as usize)?;
+        let data = codec::decode(
+            &key,
+            raw,
+            self.config.chunker.max_size as usize,
+            self.key.as_ref(),
+        )?;
         let actual = self.chunk_id(&data);
         if actual != *id {
             return Err(Error::Corrupt {
@@ -215,11 +390,11 @@ impl Repository {
     /// Writes a snapshot record (its serialised bytes) and returns its id. Callers must have
     /// stored and synced everything it references.
     pub async fn put_snapshot(&self, record: &[u8]) -> Result<String> {
-        let id = blake3::hash(record).to_hex().to_string();
+        let id = self.chunk_id(record).to_hex();
         let key = format!("{SNAPSHOTS_PREFIX}/{id}");
-        self.store
-            .put(&key, codec::encode(record, None).into())
-            .await?;
+        let seal = self.key.as_ref().map(|k| (k, key.as_str()));
+        let encoded = codec::encode(record, self.config.compression_level, seal);
+        self.store.put(&key, encoded.into()).await?;
         self.store.sync().await?;
         Ok(id)
     }
@@ -241,8 +416,8 @@ impl Repository {
     pub async fn get_snapshot(&self, id: &str) -> Result<Vec<u8>> {
         let key = format!("{SNAPSHOTS_PREFIX}/{id}");
         let raw = self.store.get(&key).await?;
-        let record = codec::decode(&key, &raw, MAX_RECORD_LEN)?;
-        if blake3::hash(&record).to_hex().as_str() != id {
+        let record = codec::decode(&key, &raw, MAX_RECORD_LEN, self.key.as_ref())?;
+        if self.chunk_id(&record).to_hex() != id {
             return Err(Error::Corrupt {
                 object: key,
                 reason: "record does not hash to its id".into(),
@@ -257,6 +432,50 @@ mod tests {
     use super::*;
     use crate::store::StoreOptions;
 
+    fn no_secret() -> Result<Secret> {
+        panic!("an unencrypted repository asked for a key")
+    }
+
+    fn key_file(s: &str) -> Secret {
+        Secret::KeyFile(zeroize::Zeroizing::new(s.as_bytes().to_vec()))
+    }
+
+    #[tokio::test]
+    async fn key_slots_open_remove_and_refuse() {
+        let store = memory();
+        let repo = Repository::init(
+            store.clone(),
+            InitOptions::default(),
+            Some(&key_file("one")),
+        )
+        .await
+        .unwrap();
+        let first = repo.key_slot().unwrap().to_string();
+        repo.add_key(&key_file("two")).await.unwrap();
+        let data = b"encrypted chunk".repeat(10);
+        let id = repo.chunk_id(&data);
+        assert_ne!(id, ChunkId::of(&data));
+        repo.put_chunk(&id, repo.encode_chunk(&id, &data))
+            .await
+            .unwrap();
+
+        let by_two = Repository::open(store.clone(), || Ok(key_file("two")))
+            .await
+            .unwrap();
+        let raw = by_two.get_chunk_raw(&id).await.unwrap();
+        assert_eq!(&by_two.decode_chunk(&id, &raw).unwrap()[..], &data[..]);
+        assert!(by_two.remove_key(by_two.key_slot().unwrap()).await.is_err());
+        by_two.remove_key(&first[..8]).await.unwrap();
+        assert!(matches!(
+            Repository::open(store.clone(), || Ok(key_file("one"))).await,
+            Err(Error::WrongKey { .. })
+        ));
+        let two = Repository::open(store, || Ok(key_file("two")))
+            .await
+            .unwrap();
+        assert!(two.remove_key(two.key_slot().unwrap()).await.is_err());
+    }
+
     fn memory() -> Store {
         Store::open("memory://", &StoreOptions::default(), true).unwrap()
     }
@@ -265,17 +484,17 @@ mod tests {
     async fn init_refuses_twice_and_open_needs_config() {
         let store = memory();
         assert!(matches!(
-            Repository::open(store.clone()).await,
+            Repository::open(store.clone(), no_secret).await,
             Err(Error::NotARepository { .. })
         ));
-        Repository::init(store.clone(), InitOptions::default())
+        Repository::init(store.clone(), InitOptions::default(), None)
             .await
             .unwrap();
         assert!(matches!(
-            Repository::init(store.clone(), InitOptions::default()).await,
+            Repository::init(store.clone(), InitOptions::default(), None).await,
             Err(Error::AlreadyInitialized { .. })
         ));
-        let repo = Repository::open(store).await.unwrap();
+        let repo = Repository::open(store, no_secret).await.unwrap();
         assert_eq!(repo.config().chunker, ChunkerParams::default());
     }
 
@@ -284,10 +503,10 @@ mod tests {
         let store = memory();
         let json = br#"{"version": 99}"#;
         store
-            .put("config", codec::encode(json, None).into())
+            .put("config", codec::encode(json, None, None).into())
             .await
             .unwrap();
-        let err = Repository::open(store).await.unwrap_err();
+        let err = Repository::open(store, no_secret).await.unwrap_err();
         assert!(
             matches!(err, Error::UnsupportedFormat { found: 99, .. }),
             "{err}"
@@ -296,12 +515,14 @@ mod tests {
 
     #[tokio::test]
     async fn chunk_reads_are_checked() {
-        let repo = Repository::init(memory(), InitOptions::default())
+        let repo = Repository::init(memory(), InitOptions::default(), None)
             .await
             .unwrap();
         let data = b"some chunk".repeat(100);
         let id = repo.chunk_id(&data);
-        repo.put_chunk(&id, repo.encode_chunk(&data)).await.unwrap();
+        repo.put_chunk(&id, repo.encode_chunk(&id, &data))
+            .await
+            .unwrap();
         let raw = repo.get_chunk_raw(&id).await.unwrap();
         assert_eq!(&repo.decode_chunk(&id, &raw).unwrap()[..], &data[..]);
 
@@ -313,7 +534,7 @@ mod tests {
 
     #[tokio::test]
     async fn snapshot_records_are_checked() {
-        let repo = Repository::init(memory(), InitOptions::default())
+        let repo = Repository::init(memory(), InitOptions::default(), None)
             .await
             .unwrap();
         let id = repo.put_snapshot(b"{}").await.unwrap();
@@ -321,7 +542,7 @@ mod tests {
         assert_eq!(repo.get_snapshot(&id).await.unwrap(), b"{}");
         let key = format!("snapshots/{id}");
         repo.store()
-            .put(&key, codec::encode(b"[]", None).into())
+            .put(&key, codec::encode(b"[]", None, None).into())
             .await
             .unwrap();
         assert!(repo

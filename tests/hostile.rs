@@ -11,9 +11,7 @@ use tresor::cache::KnownChunks;
 use tresor::catalog::{write_entry, Entry, EntryKind};
 use tresor::chunker::Mode;
 use tresor::pipeline::{ChunkWriter, StreamWriter};
-use tresor::repository::Repository;
 use tresor::snapshot::{Kind, RootFormat, Snapshot, Summary, RECORD_VERSION};
-use tresor::store::{Store, StoreOptions};
 
 fn entry(path: &[u8], kind: EntryKind) -> Entry {
     Entry {
@@ -39,8 +37,7 @@ fn entry(path: &[u8], kind: EntryKind) -> Entry {
 /// every file entry.
 fn craft(env: &Env, name: &str, entries: Vec<Entry>, payload: &[u8]) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = Store::open(&env.repo, &StoreOptions::default(), false).unwrap();
-    let repo = Arc::new(rt.block_on(Repository::open(store)).unwrap());
+    let repo = Arc::new(env.open_repo(&rt));
     let known = Arc::new(rt.block_on(KnownChunks::load(&repo, None)).unwrap());
     let writer = ChunkWriter::new(repo.clone(), known, rt.handle().clone(), 1 << 20);
     let mut content = StreamWriter::new(&writer, Mode::ContentDefined);

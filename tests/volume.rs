@@ -312,7 +312,12 @@ fn unreadable_files_make_a_partial_snapshot_unless_strict() {
         c.args(args).output().unwrap()
     };
     if nix::unistd::geteuid().is_root() {
-        for p in [env.dir.path().to_path_buf(), src.clone(), src.join("open")] {
+        for p in [
+            env.dir.path().to_path_buf(),
+            src.clone(),
+            src.join("open"),
+            env.key_file(),
+        ] {
             fs::set_permissions(&p, fs::Permissions::from_mode(0o777)).unwrap();
         }
         std::process::Command::new("chmod")

@@ -43,13 +43,34 @@ impl Env {
         self.dir.path().join(rel)
     }
 
-    /// The tresor command with this environment's repository and cache.
+    /// The tresor command with this environment's repository, key file and cache.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tresor"));
         c.env("TRESOR_REPO", &self.repo)
             .env("TRESOR_CACHE_DIR", self.path("cache"))
+            .env("TRESOR_KEY_FILE", self.key_file())
+            .env_remove("TRESOR_PASSWORD")
+            .env_remove("TRESOR_PASSWORD_FILE")
+            .env_remove("CREDENTIALS_DIRECTORY")
             .env_remove("RUST_LOG");
         c
+    }
+
+    /// The key file `init` creates for the encrypted repository.
+    pub fn key_file(&self) -> PathBuf {
+        self.path("repo.key")
+    }
+
+    /// Opens the repository in-process, for tests that craft or inspect objects.
+    pub fn open_repo(&self, rt: &tokio::runtime::Runtime) -> tresor::repository::Repository {
+        let store = tresor::store::Store::open(&self.repo, &Default::default(), false).unwrap();
+        let key = std::fs::read(self.key_file()).unwrap();
+        rt.block_on(tresor::repository::Repository::open(store, || {
+            Ok(tresor::crypto::Secret::KeyFile(zeroize::Zeroizing::new(
+                key,
+            )))
+        }))
+        .unwrap()
     }
 
     pub fn tresor(&self, args: &[&str]) -> Output {
