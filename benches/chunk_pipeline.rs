@@ -1,5 +1,6 @@
 //! Per-core throughput of each stage of the write path, and of the stages together:
-//! FastCDC chunking, BLAKE3 hashing, zstd-3 compression, and chunk+hash+compress.
+//! FastCDC chunking, BLAKE3 hashing, zstd-3 compression, XChaCha20-Poly1305 sealing, and
+//! chunk+hash+compress.
 //!
 //! Run: `cargo bench --bench chunk_pipeline`. Data is 64 MiB, half incompressible and half
 //! text-like, so compression sees both kinds.
@@ -74,6 +75,15 @@ fn bench(c: &mut Criterion) {
             pieces
                 .iter()
                 .map(|p| codec::encode(p, Some(3), None).len())
+                .sum::<usize>()
+        })
+    });
+    let key = tresor::crypto::MasterKey::generate();
+    g.bench_function("xchacha20poly1305_seal", |b| {
+        b.iter(|| {
+            pieces
+                .iter()
+                .map(|p| key.seal(b"chunks/aa/bb", p).len())
                 .sum::<usize>()
         })
     });

@@ -52,15 +52,22 @@ run() {
 
 echo "tree: $((BYTES / 1000000)) MB in $(find "$SRC" -type f | wc -l) files; $(nproc) cores"
 
-R="$BENCH_DIR/tresor-repo"
-rm -rf "$R" "$BENCH_DIR/tresor-cache" "$BENCH_DIR/restore"
-export TRESOR_REPO="file://$R" TRESOR_CACHE_DIR="$BENCH_DIR/tresor-cache"
-"$tresor" init >/dev/null
-run "tresor backup (first)" "$tresor" -q backup volume bench "$SRC"
-run "tresor backup (unchanged)" "$tresor" -q backup volume bench "$SRC"
-run "tresor restore" "$tresor" -q restore volume bench --to "$BENCH_DIR/restore"
-echo "tresor repository: $(du -sm "$R" | cut -f1) MiB"
-rm -rf "$BENCH_DIR/restore"
+# tresor_run LABEL INIT-ARGS...: the three steps on a fresh repository.
+tresor_run() {
+    local label=$1
+    shift
+    local R="$BENCH_DIR/tresor-repo"
+    rm -rf "$R" "$BENCH_DIR/tresor-cache" "$BENCH_DIR/restore" "$BENCH_DIR/tresor.key"
+    export TRESOR_REPO="file://$R" TRESOR_CACHE_DIR="$BENCH_DIR/tresor-cache" TRESOR_KEY_FILE="$BENCH_DIR/tresor.key"
+    "$tresor" init "$@" >/dev/null 2>&1
+    run "tresor $label backup (first)" "$tresor" -q backup volume bench "$SRC"
+    run "tresor $label backup (unchanged)" "$tresor" -q backup volume bench "$SRC"
+    run "tresor $label restore" "$tresor" -q restore volume bench --to "$BENCH_DIR/restore"
+    echo "tresor $label repository: $(du -sm "$R" | cut -f1) MiB"
+    rm -rf "$BENCH_DIR/restore" "$R"
+}
+tresor_run encrypted
+tresor_run plain --encryption none
 
 if command -v restic >/dev/null; then
     export RESTIC_REPOSITORY="$BENCH_DIR/restic-repo" RESTIC_PASSWORD="$PASS"

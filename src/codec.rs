@@ -63,7 +63,7 @@ pub fn encode(payload: &[u8], level: Option<i32>, seal: Option<(&MasterKey, &str
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + crypto::OVERHEAD);
     out.extend_from_slice(&header);
     match seal {
-        Some((key, object)) => out.extend_from_slice(&key.seal(&aad(&header, object), body)),
+        Some((key, object)) => key.seal_into(&aad(&header, object), body, &mut out),
         None => out.extend_from_slice(body),
     }
     out
@@ -117,15 +117,12 @@ pub fn decode(
         return Err(corrupt(format!("unknown envelope version {}", data[4])));
     }
     let (header, rest) = data.split_at(HEADER_LEN);
-    let opened;
-    let body = match (header[6], key) {
-        (0, None) => rest,
-        (ENCRYPTED, Some(key)) => {
-            opened = key.open(&aad(header, object), rest).ok_or_else(|| {
-                corrupt("authentication failed: the object was altered, truncated or moved".into())
-            })?;
-            &opened[..]
-        }
+    // An opened payload is already a fresh buffer: it is handed over rather than copied.
+    let opened: Option<Vec<u8>> = match (header[6], key) {
+        (0, None) => None,
+        (ENCRYPTED, Some(key)) => Some(key.open(&aad(header, object), rest).ok_or_else(|| {
+            corrupt("authentication failed: the object was altered, truncated or moved".into())
+        })?),
         (0, Some(_)) => {
             return Err(corrupt(
                 "object is not encrypted but the repository is; refusing it".into(),
@@ -136,12 +133,13 @@ pub fn decode(
         }
         (e, _) => return Err(corrupt(format!("unknown encryption scheme {e}"))),
     };
+    let body = opened.as_deref().unwrap_or(rest);
     match header[5] {
         0 if body.len() > max_len => Err(corrupt(format!(
             "payload of {} bytes exceeds the limit of {max_len}",
             body.len()
         ))),
-        0 => Ok(body.to_vec()),
+        0 => Ok(opened.unwrap_or_else(|| rest.to_vec())),
         1 => DECOMPRESSOR
             .with(|cell| {
                 let mut cell = cell.borrow_mut();

@@ -14,7 +14,7 @@
 //! in the slot) or from a key file (BLAKE3 key derivation). Any slot opens the repository;
 //! slots can be added and removed without re-encrypting data.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInOut, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -65,6 +65,20 @@ impl MasterKey {
     /// Seals `plaintext`: nonce followed by ciphertext and tag.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         seal_with(&self.enc, aad, plaintext)
+    }
+
+    /// Appends `plaintext` sealed (nonce, ciphertext, tag) to `out`, copying it once.
+    pub fn seal_into(&self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+        let cipher = XChaCha20Poly1305::new(&Key::from(*self.enc));
+        let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+        out.reserve(OVERHEAD + plaintext.len());
+        out.extend_from_slice(&nonce_bytes);
+        let start = out.len();
+        out.extend_from_slice(plaintext);
+        let tag = cipher
+            .encrypt_inout_detached(&XNonce::from(nonce_bytes), aad, (&mut out[start..]).into())
+            .expect("encryption of an in-memory buffer cannot fail");
+        out.extend_from_slice(&tag);
     }
 
     /// Opens what [`MasterKey::seal`] produced; `None` if it was altered or sealed differently.
