@@ -17,6 +17,7 @@ pub mod progress;
 pub mod repository;
 pub mod snapshot;
 pub mod store;
+pub mod verify;
 pub mod volume;
 
 pub use error::{Error, ErrorKind, Result};

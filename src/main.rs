@@ -58,8 +58,8 @@ struct Global {
     /// Keep no local cache (every run lists the store).
     #[arg(long, global = true)]
     no_cache: bool,
-    /// Print results as JSON on stdout.
-    #[arg(long, global = true)]
+    /// Set from the subcommand's own `--json`.
+    #[arg(skip)]
     json: bool,
     /// No progress bar.
     #[arg(long, short = 'q', global = true)]
@@ -84,18 +84,65 @@ enum Command {
     /// Manage the key slots of an encrypted repository.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Check that snapshots can be restored; exit 0 if all is well, 1 on problems, 2 if the
+    /// check could not run.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Read, decrypt and re-hash every referenced chunk (default: check that they exist).
+    #[arg(long)]
+    read_data: bool,
+    /// Read only a deterministic share: N/M (1/7 to 7/7 over a week read everything once) or P%.
+    #[arg(long, value_name = "SHARE", conflicts_with = "read_data")]
+    read_data_subset: Option<String>,
+    /// Only this snapshot (id or unique prefix; repeatable).
+    #[arg(long = "snapshot", value_name = "ID")]
+    snapshots: Vec<String>,
+    #[arg(long, value_enum)]
+    kind: Option<Kind>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    host: Option<String>,
+    /// Only snapshots taken since then: RFC 3339, YYYY-MM-DD, or an age like 7d or 12h.
+    #[arg(long)]
+    since: Option<String>,
+    /// Check only shard I of N of the chunk space, so N hosts can verify one store together.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// Write the JSON report to FILE (stdout when FILE is left out).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    json: Option<PathBuf>,
+    /// Write Prometheus metrics to FILE (for node_exporter's textfile collector).
+    #[arg(long, value_name = "FILE")]
+    metrics: Option<PathBuf>,
+    /// Show when each snapshot was last checked and last fully verified, instead of verifying.
+    #[arg(long)]
+    status: bool,
+}
+
+/// `--json` of commands that print a result.
+#[derive(Args)]
+struct JsonFlag {
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
 enum KeyCommand {
     /// List key slots.
-    List,
+    List(JsonFlag),
     /// Add a key slot (a passphrase or a key file) that opens the repository too.
     Add(NewKeyArgs),
     /// Remove a key slot (not the one used now, nor the last).
     Remove {
         /// Slot id or unique prefix, as `key list` shows it.
         id: String,
+        #[command(flatten)]
+        out: JsonFlag,
     },
     /// Replace the passphrase or key file used now by a new one.
     Passwd(NewKeyArgs),
@@ -103,6 +150,8 @@ enum KeyCommand {
 
 #[derive(Args)]
 struct NewKeyArgs {
+    #[command(flatten)]
+    out: JsonFlag,
     /// File whose first line is the new password [default: TRESOR_NEW_PASSWORD, or a prompt].
     #[arg(long, conflicts_with = "new_key_file")]
     new_password_file: Option<PathBuf>,
@@ -122,6 +171,8 @@ enum Encryption {
 
 #[derive(Args)]
 struct InitArgs {
+    #[command(flatten)]
+    out: JsonFlag,
     /// Minimum chunk size (bytes, or with KiB/MiB).
     #[arg(long, default_value = "256KiB", value_parser = parse_size)]
     chunk_min: u32,
@@ -148,6 +199,8 @@ enum BackupCommand {
 
 #[derive(Args)]
 struct BackupVolumeArgs {
+    #[command(flatten)]
+    out: JsonFlag,
     /// Volume name; snapshots of one name form its history.
     name: String,
     /// Directory, block device or image file.
@@ -171,6 +224,8 @@ struct BackupVolumeArgs {
 
 #[derive(Args)]
 struct SnapshotsArgs {
+    #[command(flatten)]
+    out: JsonFlag,
     #[arg(long, value_enum)]
     kind: Option<Kind>,
     #[arg(long)]
@@ -187,6 +242,8 @@ enum RestoreCommand {
 
 #[derive(Args)]
 struct RestoreVolumeArgs {
+    #[command(flatten)]
+    out: JsonFlag,
     /// Snapshot id, unique id prefix, or volume name (its newest snapshot).
     snapshot: String,
     /// Target directory, file or block device.
@@ -200,6 +257,11 @@ struct RestoreVolumeArgs {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    let failure = if matches!(cli.command, Command::Verify(_)) {
+        ExitCode::from(EXIT_VERIFY_FAILED)
+    } else {
+        ExitCode::FAILURE
+    };
     init_logging(cli.global.verbose);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -215,7 +277,7 @@ fn main() -> ExitCode {
             if let Some(hint) = e.downcast_ref::<tresor::Error>().and_then(|e| e.hint()) {
                 eprintln!("hint: {hint}");
             }
-            ExitCode::FAILURE
+            failure
         }
     }
 }
@@ -245,7 +307,16 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
+    cli.global.json = match &cli.command {
+        Command::Init(a) => a.out.json,
+        Command::Backup(BackupCommand::Volume(a)) => a.out.json,
+        Command::Snapshots(a) => a.out.json,
+        Command::Restore(RestoreCommand::Volume(a)) => a.out.json,
+        Command::Key(KeyCommand::List(out) | KeyCommand::Remove { out, .. }) => out.json,
+        Command::Key(KeyCommand::Add(a) | KeyCommand::Passwd(a)) => a.out.json,
+        Command::Verify(a) => a.json.is_some(),
+    };
     let g = &cli.global;
     match &cli.command {
         Command::Init(args) => init(g, args).await,
@@ -253,7 +324,190 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Snapshots(args) => snapshots(g, args).await,
         Command::Restore(RestoreCommand::Volume(args)) => restore_volume(g, args).await,
         Command::Key(cmd) => key(g, cmd).await,
+        Command::Verify(args) => verify(g, args).await,
     }
+}
+
+/// Exit code of `verify` when it found problems; 2 (could not run) is any error.
+const EXIT_VERIFY_PROBLEMS: u8 = 1;
+const EXIT_VERIFY_FAILED: u8 = 2;
+
+async fn verify(g: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    use tresor::verify::{self, Part, VerifyOptions};
+    let repo = open(g).await?;
+    if args.status {
+        let history = verify::status(&repo).await?;
+        if g.json {
+            write_json(args.json.as_deref(), &serde_json::to_value(&history)?)?;
+        } else {
+            println!(
+                "{:<10} {:<20} {:<20} {:<8} {:<20} name",
+                "id", "taken", "last checked", "result", "last full read"
+            );
+            let t = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map_or("never".to_string(), |t| {
+                    t.format("%Y-%m-%d %H:%M:%S").to_string()
+                })
+            };
+            for h in &history {
+                let result = match h.last_result_ok {
+                    Some(true) => "ok",
+                    Some(false) => "BROKEN",
+                    None => "-",
+                };
+                println!(
+                    "{:<10} {:<20} {:<20} {:<8} {:<20} {}",
+                    &h.id[..8],
+                    h.time.format("%Y-%m-%d %H:%M:%S"),
+                    t(h.last_checked),
+                    result,
+                    t(h.last_fully_verified),
+                    h.name
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let read_data = match (&args.read_data_subset, args.read_data) {
+        (Some(share), _) => Some(Some(Part::parse(share)?)),
+        (None, true) => Some(None),
+        (None, false) => None,
+    };
+    let shard = match &args.shard {
+        Some(s) => {
+            let p = Part::parse(s)?;
+            anyhow::ensure!(p.n > 0, "--shard takes I/N, not a percentage");
+            Some(p)
+        }
+        None => None,
+    };
+    let options = VerifyOptions {
+        read_data,
+        filter: Filter {
+            kind: args.kind,
+            name: args.name.clone(),
+            host: args.host.clone(),
+        },
+        snapshots: args.snapshots.clone(),
+        since: args.since.as_deref().map(parse_since).transpose()?,
+        shard,
+    };
+    let progress = Progress::new(!g.quiet && read_data.is_some(), "verify", None);
+    let rt = tokio::runtime::Handle::current();
+    let p = progress.clone();
+    let report =
+        tokio::task::spawn_blocking(move || verify::verify(&repo, &rt, &options, &p)).await??;
+    progress.finish();
+    if let Some(path) = &args.metrics {
+        write_atomically(path, verify::metrics(&report).as_bytes())?;
+    }
+    if let Some(path) = &args.json {
+        write_json(Some(path), &serde_json::to_value(&report)?)?;
+    }
+    if args.json.as_deref() != Some(std::path::Path::new("-")) {
+        print_verify_summary(&report);
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_VERIFY_PROBLEMS)
+    })
+}
+
+fn print_verify_summary(report: &tresor::verify::Report) {
+    let s = &report.stats;
+    let verdict = if report.ok {
+        "all restorable".to_string()
+    } else {
+        format!("{} BROKEN", s.snapshots_broken)
+    };
+    println!(
+        "verified {} snapshots (read data: {}{}): {} ok, {verdict}",
+        s.snapshots_checked,
+        report.read_data,
+        report
+            .shard
+            .as_ref()
+            .map(|s| format!(", shard {s}"))
+            .unwrap_or_default(),
+        s.snapshots_ok,
+    );
+    println!(
+        "chunks: {} referenced, {} missing, {} read ({}), {} corrupt; {} unreferenced ({}); {:.1}s",
+        s.chunks_referenced,
+        s.chunks_missing,
+        s.chunks_read,
+        human_bytes(s.bytes_read),
+        s.chunks_corrupt,
+        s.chunks_unreferenced,
+        human_bytes(s.bytes_unreferenced),
+        report.duration_ms as f64 / 1000.0
+    );
+    for p in &report.problems {
+        println!("PROBLEM {:?} {}: {}", p.kind, p.object, p.reason);
+        for a in &p.affects {
+            match &a.path {
+                Some(path) => println!(
+                    "    used by snapshot {} ({}) file {path}",
+                    &a.snapshot[..8],
+                    a.name
+                ),
+                None => println!("    used by snapshot {} ({})", &a.snapshot[..8], a.name),
+            }
+        }
+        if p.more_affected > 0 {
+            println!("    and {} more uses", p.more_affected);
+        }
+    }
+    for snap in report.snapshots.iter().filter(|s| !s.ok) {
+        println!(
+            "BROKEN snapshot {} {} {} from {} at {}",
+            &snap.id[..8],
+            snap.kind,
+            snap.name,
+            snap.host,
+            snap.time.to_rfc3339()
+        );
+    }
+}
+
+/// `-` is stdout; anything else a file written atomically.
+fn write_json(path: Option<&std::path::Path>, value: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    match path {
+        None => println!("{text}"),
+        Some(p) if p == std::path::Path::new("-") => println!("{text}"),
+        Some(p) => write_atomically(p, text.as_bytes())?,
+    }
+    Ok(())
+}
+
+fn write_atomically(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, data)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// `2026-11-01`, RFC 3339, or an age such as `7d`, `12h`, `30m`.
+fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
+    }
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = num
+        .parse()
+        .with_context(|| format!("--since {s:?}: use RFC 3339, YYYY-MM-DD or an age like 7d"))?;
+    let age = match unit {
+        "d" => chrono::Duration::days(n),
+        "h" => chrono::Duration::hours(n),
+        "m" => chrono::Duration::minutes(n),
+        _ => anyhow::bail!("--since {s:?}: the age unit must be d, h or m"),
+    };
+    Ok(chrono::Utc::now() - age)
 }
 
 fn store(g: &Global, create: bool) -> anyhow::Result<Store> {
@@ -393,7 +647,7 @@ async fn key(g: &Global, cmd: &KeyCommand) -> anyhow::Result<ExitCode> {
         repo.store().url()
     );
     match cmd {
-        KeyCommand::List => {
+        KeyCommand::List(_) => {
             let keys = repo.list_keys().await?;
             if g.json {
                 let all: Vec<_> = keys
@@ -435,7 +689,7 @@ async fn key(g: &Global, cmd: &KeyCommand) -> anyhow::Result<ExitCode> {
                 &format!("added key slot {}", &id[..8]),
             )?;
         }
-        KeyCommand::Remove { id } => {
+        KeyCommand::Remove { id, .. } => {
             repo.remove_key(id).await?;
             report(
                 g,

@@ -38,6 +38,8 @@ const CONFIG_KEY: &str = "config";
 pub const CHUNKS_PREFIX: &str = "chunks";
 /// Store prefix of key slots.
 pub const KEYS_PREFIX: &str = "keys";
+/// Store prefix of verification run records.
+pub const VERIFY_PREFIX: &str = "verify";
 /// Store prefix of snapshot records.
 pub const SNAPSHOTS_PREFIX: &str = "snapshots";
 const MAX_RECORD_LEN: usize = 64 << 20;
@@ -407,6 +409,45 @@ impl Repository {
             .filter_map(|(k, _)| k.rsplit('/').next().map(str::to_string))
             .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
             .collect())
+    }
+
+    /// Stores the record of a verification run (sealed like snapshot records) under a name that
+    /// sorts by time.
+    pub async fn put_verify_record(
+        &self,
+        time: chrono::DateTime<chrono::Utc>,
+        record: &[u8],
+    ) -> Result<()> {
+        let key = format!(
+            "{VERIFY_PREFIX}/{}-{}",
+            time.format("%Y%m%dT%H%M%S%.6fZ"),
+            hex::encode(rand::random::<[u8; 4]>())
+        );
+        let seal = self.key.as_ref().map(|k| (k, key.as_str()));
+        let encoded = codec::encode(record, self.config.compression_level, seal);
+        self.store.put(&key, encoded.into()).await
+    }
+
+    /// Every verification run record, oldest first. Unreadable records are skipped with a
+    /// warning: they only feed `verify --status`.
+    pub async fn verify_records(&self) -> Result<Vec<Vec<u8>>> {
+        let mut keys: Vec<String> = self
+            .store
+            .list(VERIFY_PREFIX)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort();
+        let mut out = Vec::new();
+        for key in keys {
+            let raw = self.store.get(&key).await?;
+            match codec::decode(&key, &raw, MAX_RECORD_LEN, self.key.as_ref()) {
+                Ok(record) => out.push(record),
+                Err(e) => tracing::warn!("skipping verification record: {e}"),
+            }
+        }
+        Ok(out)
     }
 
     /// Reads a snapshot record's bytes, checked against its id.

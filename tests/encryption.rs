@@ -150,7 +150,7 @@ fn tampered_snapshot_record_is_named_and_others_still_list() {
     bytes[20] ^= 0xff;
     fs::write(&record, bytes).unwrap();
 
-    let list = env.tresor(&["--json", "snapshots"]);
+    let list = env.tresor(&["snapshots", "--json"]);
     assert!(list.status.success());
     let listed: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
@@ -193,7 +193,7 @@ fn key_slots_passphrases_and_wrong_keys() {
     };
     let mut c = env.cmd();
     by_password(&mut c);
-    let out = c.args(["--json", "key", "list"]).output().unwrap();
+    let out = c.args(["key", "list", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(keys.as_array().unwrap().len(), 2);

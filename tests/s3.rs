@@ -103,7 +103,7 @@ fn s3_round_trip_and_corruption() {
 
     let src = env.path("src");
     build_tree(&src);
-    let backup = run(&["--json", "backup", "volume", "data", src.to_str().unwrap()]);
+    let backup = run(&["backup", "volume", "data", src.to_str().unwrap(), "--json"]);
     assert!(backup.status.success(), "{}", stderr(&backup));
     let snap: serde_json::Value = serde_json::from_slice(&backup.stdout).unwrap();
 
@@ -124,7 +124,7 @@ fn s3_round_trip_and_corruption() {
     assert_same_tree(&src, &out);
 
     // Second run over S3: nothing read, nothing new.
-    let second = run(&["--json", "backup", "volume", "data", src.to_str().unwrap()]);
+    let second = run(&["backup", "volume", "data", src.to_str().unwrap(), "--json"]);
     let second: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
     assert_eq!(second["summary"]["files_read"], 0);
     assert_eq!(second["new_bytes"], 0);

@@ -326,7 +326,7 @@ fn unreadable_files_make_a_partial_snapshot_unless_strict() {
             .status()
             .unwrap();
     }
-    let out = as_user(&["--json", "backup", "volume", "v", src.to_str().unwrap()]);
+    let out = as_user(&["backup", "volume", "v", src.to_str().unwrap(), "--json"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let snap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(snap["partial"], true);

@@ -21,6 +21,7 @@ pub use restore::{RestoreOptions, RestoreReport};
 use crate::cache::KnownChunks;
 use crate::catalog::{CatalogReader, PreviousCatalog};
 use crate::error::{Error, Result};
+use crate::id::ChunkRef;
 use crate::pipeline::{ChunkWriter, StreamReader, DEFAULT_IN_FLIGHT};
 use crate::progress::Progress;
 use crate::repository::Repository;
@@ -127,6 +128,38 @@ pub fn backup(
         tracing::warn!("could not save the chunk cache (the next run lists the store): {e}");
     }
     Ok(Listed { id, snapshot })
+}
+
+/// Calls `f` with every data chunk ref of a volume snapshot and the path that uses it (empty for
+/// a block image), reading its catalog or ref list (whose chunks are verified as they are read).
+/// Blocking, like [`backup`].
+///
+/// # Errors
+/// The first error reading the index (a missing or corrupt catalog chunk), or of `f`.
+pub fn walk_refs(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    snap: &Listed,
+    mut f: impl FnMut(&[u8], &ChunkRef) -> Result<()>,
+) -> Result<()> {
+    let mut stream = StreamReader::new(Arc::clone(repo), rt.clone(), snap.snapshot.root.clone(), 4);
+    match snap.snapshot.root_format {
+        RootFormat::Tree => {
+            let mut catalog = CatalogReader::new(stream, snap.id.clone());
+            while let Some(entry) = catalog.next_entry()? {
+                for r in &entry.content {
+                    f(&entry.path, r)?;
+                }
+            }
+        }
+        RootFormat::Block => {
+            let mut rec = [0u8; ChunkRef::ENCODED_LEN];
+            while restore::read_record(&mut stream, &mut rec)? {
+                f(b"", &ChunkRef::decode(&rec))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Restores a volume snapshot to `target`: a directory for trees, a file or block device for

@@ -504,7 +504,10 @@ pub fn restore_block(
 }
 
 /// Reads one ref record; `false` at a clean end of the list.
-fn read_record(list: &mut StreamReader, rec: &mut [u8; ChunkRef::ENCODED_LEN]) -> Result<bool> {
+pub(super) fn read_record(
+    list: &mut StreamReader,
+    rec: &mut [u8; ChunkRef::ENCODED_LEN],
+) -> Result<bool> {
     if list.at_end()? {
         return Ok(false);
     }

@@ -79,8 +79,8 @@ impl Env {
 
     /// Runs tresor with `--json`, asserts success and parses stdout.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
+        let mut all = args.to_vec();
+        all.push("--json");
         let out = self.tresor(&all);
         assert!(
             out.status.success(),

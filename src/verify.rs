@@ -1,0 +1,653 @@
+//! Verification: prove that snapshots can be restored, and name the ones that cannot.
+//!
+//! A run has three passes.
+//! 1. **Structure**: every snapshot record is read and parsed, and every selected snapshot's
+//!    index (catalog or block ref list) is read, which checks its chunks on the way. This gives
+//!    the set of referenced data chunks.
+//! 2. **Existence and data**: one listing of `chunks/` (not one request per chunk) tells which
+//!    referenced chunks are missing and which stored chunks nothing references. With
+//!    `read_data`, each selected chunk is downloaded, decompressed, decrypted and re-hashed
+//!    once, however many snapshots use it, on all cores; nothing is written out.
+//! 3. **Attribution**, only when something is broken: the indexes are walked again to name
+//!    every snapshot and file that uses a bad chunk.
+//!
+//! Subsets and shards split the chunk id space deterministically: `--read-data-subset n/m`
+//! reads the chunks whose first 8 id bytes are `n-1` modulo `m`, so `1/7` to `7/7` over a week
+//! read every chunk exactly once; `--shard i/n` uses the next 8 bytes, so `n` hosts can share
+//! one store's existence checks and reads. Chunk ids are (keyed) hashes, so both are uniform.
+//!
+//! Each run leaves a record in `verify/` so [`status`] can say when each snapshot was last
+//! checked, and last fully read.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, ChunkRef};
+use crate::pipeline;
+use crate::progress::Progress;
+use crate::repository::Repository;
+use crate::snapshot::{self, Filter, Listed, Snapshot};
+use crate::volume;
+
+/// Chunks read concurrently.
+const READ_CONCURRENCY: usize = 16;
+/// Users of a bad chunk named in a report, per chunk.
+const MAX_AFFECTED: usize = 100;
+
+/// A deterministic share of the chunk id space: `n` of `m` (1-based).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub n: u32,
+    pub m: u32,
+}
+
+impl Part {
+    /// Parses `N/M` (1 <= N <= M) or, for subsets, `P%` (as `P`/100 in hundredths).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the bad value.
+    pub fn parse(s: &str) -> Result<Part> {
+        let bad = || {
+            Error::Config(format!(
+                "{s:?} is not a share: use N/M (like 3/7) or P% (like 5%)"
+            ))
+        };
+        if let Some(p) = s.strip_suffix('%') {
+            let pct: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(0.0 < pct && pct <= 100.0) {
+                return Err(bad());
+            }
+            return Ok(Part {
+                n: 0,
+                m: (pct * 100.0).round() as u32,
+            });
+        }
+        let (n, m) = s.split_once('/').ok_or_else(bad)?;
+        let (n, m): (u32, u32) = (
+            n.trim().parse().map_err(|_| bad())?,
+            m.trim().parse().map_err(|_| bad())?,
+        );
+        if n == 0 || m == 0 || n > m {
+            return Err(bad());
+        }
+        Ok(Part { n, m })
+    }
+
+    /// Whether a 64-bit slice of a chunk id falls in this share. `n == 0` means a percentage
+    /// (`m` in hundredths of a percent).
+    fn contains(&self, x: u64) -> bool {
+        if self.n == 0 {
+            (x as u128 * 10_000) >> 64 < self.m as u128
+        } else {
+            x % self.m as u64 == (self.n - 1) as u64
+        }
+    }
+
+    fn describe(&self) -> String {
+        if self.n == 0 {
+            format!("{}%", self.m as f64 / 100.0)
+        } else {
+            format!("{}/{}", self.n, self.m)
+        }
+    }
+}
+
+fn subset_key(id: &ChunkId) -> u64 {
+    u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
+}
+
+fn shard_key(id: &ChunkId) -> u64 {
+    u64::from_le_bytes(id.0[8..16].try_into().expect("8 bytes"))
+}
+
+/// What to verify.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// Read data: `None` checks existence only; `Some(None)` reads every chunk; `Some(Some(p))`
+    /// reads the share `p`.
+    pub read_data: Option<Option<Part>>,
+    pub filter: Filter,
+    /// Only these snapshots (ids or unique prefixes); empty means all that match `filter`.
+    pub snapshots: Vec<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub shard: Option<Part>,
+}
+
+/// The class of a problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// A snapshot record cannot be read or parsed.
+    UnreadableRecord,
+    /// A snapshot's catalog or ref list cannot be read.
+    UnreadableIndex,
+    /// A referenced chunk is not in the store.
+    MissingChunk,
+    /// A referenced chunk does not decode or does not hash to its id.
+    CorruptChunk,
+}
+
+/// A snapshot and file that a problem affects.
+#[derive(Clone, Debug, Serialize)]
+pub struct Affected {
+    pub snapshot: String,
+    pub name: String,
+    /// The file, for tree snapshots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// One problem found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    /// The store object at fault.
+    pub object: String,
+    pub reason: String,
+    pub affects: Vec<Affected>,
+    /// Uses beyond those listed in `affects`.
+    pub more_affected: u64,
+}
+
+/// Result for one snapshot.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotStatus {
+    pub id: String,
+    pub kind: String,
+    pub name: String,
+    pub host: String,
+    pub time: DateTime<Utc>,
+    pub ok: bool,
+}
+
+/// Counters of a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    pub snapshots_checked: u64,
+    pub snapshots_ok: u64,
+    pub snapshots_broken: u64,
+    pub records_unreadable: u64,
+    /// Referenced data and index chunks (in this shard).
+    pub chunks_referenced: u64,
+    pub chunks_missing: u64,
+    pub chunks_read: u64,
+    pub chunks_corrupt: u64,
+    /// Stored (compressed, sealed) bytes read.
+    pub bytes_read: u64,
+    /// Stored chunks no snapshot references (only counted when every snapshot was selected).
+    pub chunks_unreferenced: u64,
+    pub bytes_unreferenced: u64,
+}
+
+/// The report of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub time: DateTime<Utc>,
+    pub duration_ms: u64,
+    pub repository: String,
+    pub host: String,
+    /// `none`, `all`, or the share read.
+    pub read_data: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
+    pub ok: bool,
+    pub stats: Stats,
+    pub snapshots: Vec<SnapshotStatus>,
+    pub problems: Vec<Problem>,
+}
+
+/// The record kept in the store for `verify --status`.
+#[derive(Debug, Serialize, Deserialize)]
+struct RunRecord {
+    time: DateTime<Utc>,
+    host: String,
+    read_data: String,
+    shard: Option<String>,
+    ok: Vec<String>,
+    broken: Vec<String>,
+}
+
+/// Runs a verification. Blocking: call it from a thread that may block.
+///
+/// # Errors
+/// Only when the run cannot happen (the store cannot be listed); problems in the data are in
+/// the report.
+pub fn verify(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    options: &VerifyOptions,
+    progress: &Progress,
+) -> Result<Report> {
+    let started = Instant::now();
+    let time = Utc::now();
+    let mut problems = Vec::new();
+    let mut stats = Stats::default();
+
+    // Pass 1: records and indexes.
+    let ids = rt.block_on(repo.list_snapshot_ids())?;
+    let loaded: Vec<(String, Result<Snapshot>)> = rt.block_on(
+        futures::stream::iter(ids)
+            .map(|id| {
+                let repo = Arc::clone(repo);
+                async move {
+                    let s = Snapshot::load(&repo, &id).await;
+                    (id, s)
+                }
+            })
+            .buffer_unordered(16)
+            .collect(),
+    );
+    let mut snaps = Vec::new();
+    for (id, s) in loaded {
+        match s {
+            Ok(snapshot) => snaps.push(Listed { id, snapshot }),
+            Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => {
+                stats.records_unreadable += 1;
+                problems.push(Problem {
+                    kind: ProblemKind::UnreadableRecord,
+                    object: format!("snapshots/{id}"),
+                    reason: e.to_string(),
+                    affects: vec![Affected {
+                        snapshot: id,
+                        name: "(unknown: the record is unreadable)".into(),
+                        path: None,
+                    }],
+                    more_affected: 0,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let all_selected = options.snapshots.is_empty()
+        && options.since.is_none()
+        && options.filter.kind.is_none()
+        && options.filter.name.is_none()
+        && options.filter.host.is_none();
+    let selected = select(snaps, options)?;
+    let in_shard = |id: &ChunkId| options.shard.is_none_or(|s| s.contains(shard_key(id)));
+
+    let mut referenced: HashMap<ChunkId, u32> = HashMap::new();
+    let mut broken: HashSet<String> = HashSet::new();
+    for snap in &selected {
+        for r in &snap.snapshot.root {
+            if !r.is_zero() && in_shard(&r.id) {
+                referenced.insert(r.id, r.len);
+            }
+        }
+        let walked = volume::walk_refs(repo, rt, snap, |_, r| {
+            if !r.is_zero() && in_shard(&r.id) {
+                referenced.insert(r.id, r.len);
+            }
+            Ok(())
+        });
+        if let Err(e) = walked {
+            broken.insert(snap.id.clone());
+            problems.push(Problem {
+                kind: ProblemKind::UnreadableIndex,
+                object: format!("index of snapshot {}", snap.id),
+                reason: e.to_string(),
+                affects: vec![affected(snap, None)],
+                more_affected: 0,
+            });
+        }
+    }
+    stats.chunks_referenced = referenced.len() as u64;
+
+    // Pass 2: existence from one listing, then data.
+    let stored: HashMap<ChunkId, u64> = rt
+        .block_on(repo.store().list(crate::repository::CHUNKS_PREFIX))?
+        .into_iter()
+        .filter_map(|(k, size)| Some((ChunkId::from_hex(k.rsplit('/').next()?)?, size)))
+        .collect();
+    let mut bad: BTreeMap<ChunkId, (ProblemKind, String)> = BTreeMap::new();
+    for id in referenced.keys() {
+        if !stored.contains_key(id) {
+            bad.insert(
+                *id,
+                (ProblemKind::MissingChunk, "missing from the store".into()),
+            );
+        }
+    }
+    stats.chunks_missing = bad.len() as u64;
+    if all_selected {
+        for (id, size) in &stored {
+            if in_shard(id) && !referenced.contains_key(id) {
+                stats.chunks_unreferenced += 1;
+                stats.bytes_unreferenced += size;
+            }
+        }
+    }
+    let read_desc = match options.read_data {
+        None => "none".to_string(),
+        Some(None) => "all".to_string(),
+        Some(Some(p)) => p.describe(),
+    };
+    if let Some(part) = options.read_data {
+        let to_read: Vec<ChunkRef> = referenced
+            .iter()
+            .filter(|(id, _)| {
+                stored.contains_key(id) && part.is_none_or(|p| p.contains(subset_key(id)))
+            })
+            .map(|(id, len)| ChunkRef { id: *id, len: *len })
+            .collect();
+        let read = AtomicU64::new(0);
+        let bytes = AtomicU64::new(0);
+        let corrupt = Mutex::new(Vec::new());
+        rt.block_on(
+            futures::stream::iter(to_read)
+                .map(|r| {
+                    let handle = pipeline::fetch(repo, rt, r);
+                    let size = stored[&r.id];
+                    async move { (r, size, handle.await.expect("fetch task panicked")) }
+                })
+                .buffer_unordered(READ_CONCURRENCY)
+                .for_each(|(r, size, result)| {
+                    read.fetch_add(1, Ordering::Relaxed);
+                    bytes.fetch_add(size, Ordering::Relaxed);
+                    progress.inc(size);
+                    if let Err(e) = result {
+                        corrupt.lock().expect("lock").push((r.id, e));
+                    }
+                    async {}
+                }),
+        );
+        stats.chunks_read = read.into_inner();
+        stats.bytes_read = bytes.into_inner();
+        for (id, e) in corrupt.into_inner().expect("lock") {
+            let kind = match e {
+                Error::Missing { .. } => ProblemKind::MissingChunk,
+                _ => ProblemKind::CorruptChunk,
+            };
+            if kind == ProblemKind::CorruptChunk {
+                stats.chunks_corrupt += 1;
+            } else {
+                stats.chunks_missing += 1;
+            }
+            bad.insert(id, (kind, e.to_string()));
+        }
+    }
+
+    // Pass 3: who uses the bad chunks.
+    if !bad.is_empty() {
+        let mut users: BTreeMap<ChunkId, (Vec<Affected>, u64)> = BTreeMap::new();
+        for snap in &selected {
+            let roots: Vec<ChunkId> = snap.snapshot.root.iter().map(|r| r.id).collect();
+            for id in roots.iter().filter(|id| bad.contains_key(id)) {
+                broken.insert(snap.id.clone());
+                push_user(
+                    users.entry(*id).or_default(),
+                    affected(snap, Some("(index)".into())),
+                );
+            }
+            let _ = volume::walk_refs(repo, rt, snap, |path, r| {
+                if bad.contains_key(&r.id) {
+                    broken.insert(snap.id.clone());
+                    let path = (!path.is_empty()
+                        || snap.snapshot.root_format == snapshot::RootFormat::Tree)
+                        .then(|| String::from_utf8_lossy(path).into_owned());
+                    push_user(users.entry(r.id).or_default(), affected(snap, path));
+                }
+                Ok(())
+            });
+        }
+        for (id, (kind, reason)) in bad {
+            let (affects, more_affected) = users.remove(&id).unwrap_or_default();
+            problems.push(Problem {
+                kind,
+                object: Repository::chunk_key(&id),
+                reason,
+                affects,
+                more_affected,
+            });
+        }
+    }
+
+    let snapshots: Vec<SnapshotStatus> = selected
+        .iter()
+        .map(|s| SnapshotStatus {
+            id: s.id.clone(),
+            kind: format!("{:?}", s.snapshot.kind).to_lowercase(),
+            name: s.snapshot.name.clone(),
+            host: s.snapshot.host.clone(),
+            time: s.snapshot.time,
+            ok: !broken.contains(&s.id),
+        })
+        .collect();
+    stats.snapshots_checked = snapshots.len() as u64;
+    stats.snapshots_broken = snapshots.iter().filter(|s| !s.ok).count() as u64;
+    stats.snapshots_ok = stats.snapshots_checked - stats.snapshots_broken;
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let report = Report {
+        time,
+        duration_ms: started.elapsed().as_millis() as u64,
+        repository: repo.store().url().to_string(),
+        host: host.clone(),
+        read_data: read_desc.clone(),
+        shard: options.shard.map(|s| s.describe()),
+        ok: problems.is_empty(),
+        stats,
+        snapshots,
+        problems,
+    };
+    let record = RunRecord {
+        time,
+        host,
+        read_data: read_desc,
+        shard: report.shard.clone(),
+        ok: report
+            .snapshots
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| s.id.clone())
+            .collect(),
+        broken: report
+            .snapshots
+            .iter()
+            .filter(|s| !s.ok)
+            .map(|s| s.id.clone())
+            .collect(),
+    };
+    let json = serde_json::to_vec(&record).expect("record serialises");
+    if let Err(e) = rt.block_on(repo.put_verify_record(time, &json)) {
+        tracing::warn!("could not store the record of this verification run: {e}");
+    }
+    Ok(report)
+}
+
+fn affected(snap: &Listed, path: Option<String>) -> Affected {
+    Affected {
+        snapshot: snap.id.clone(),
+        name: snap.snapshot.name.clone(),
+        path,
+    }
+}
+
+fn push_user(slot: &mut (Vec<Affected>, u64), a: Affected) {
+    if slot.0.len() < MAX_AFFECTED {
+        slot.0.push(a);
+    } else {
+        slot.1 += 1;
+    }
+}
+
+fn select(snaps: Vec<Listed>, options: &VerifyOptions) -> Result<Vec<Listed>> {
+    for wanted in &options.snapshots {
+        let n = snaps
+            .iter()
+            .filter(|s| s.id.starts_with(wanted.as_str()))
+            .count();
+        if n == 0 {
+            return Err(Error::SnapshotNotFound(wanted.clone()));
+        }
+        if n > 1 {
+            return Err(Error::AmbiguousSnapshot {
+                reference: wanted.clone(),
+                matches: format!("{n} snapshots"),
+            });
+        }
+    }
+    let mut out: Vec<Listed> = snaps
+        .into_iter()
+        .filter(|s| options.filter.matches(&s.snapshot))
+        .filter(|s| options.since.is_none_or(|t| s.snapshot.time >= t))
+        .filter(|s| {
+            options.snapshots.is_empty()
+                || options
+                    .snapshots
+                    .iter()
+                    .any(|w| s.id.starts_with(w.as_str()))
+        })
+        .collect();
+    out.sort_by(|a, b| (a.snapshot.time, &a.id).cmp(&(b.snapshot.time, &b.id)));
+    Ok(out)
+}
+
+/// When each current snapshot was last verified.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotHistory {
+    pub id: String,
+    pub name: String,
+    pub time: DateTime<Utc>,
+    /// Last run that checked it (any depth), and whether it was fine then.
+    pub last_checked: Option<DateTime<Utc>>,
+    pub last_result_ok: Option<bool>,
+    /// Last run that read all its data in one go, unsharded, and found it fine.
+    pub last_fully_verified: Option<DateTime<Utc>>,
+}
+
+/// Reads the run records and tells, for every snapshot, when it was last checked.
+pub async fn status(repo: &Arc<Repository>) -> Result<Vec<SnapshotHistory>> {
+    let records: Vec<RunRecord> = repo
+        .verify_records()
+        .await?
+        .iter()
+        .filter_map(|r| serde_json::from_slice(r).ok())
+        .collect();
+    let snaps = snapshot::list(repo, &Filter::default()).await?;
+    Ok(snaps
+        .into_iter()
+        .map(|s| {
+            let mut h = SnapshotHistory {
+                id: s.id.clone(),
+                name: s.snapshot.name.clone(),
+                time: s.snapshot.time,
+                last_checked: None,
+                last_result_ok: None,
+                last_fully_verified: None,
+            };
+            for r in &records {
+                let ok = r.ok.contains(&s.id);
+                if ok || r.broken.contains(&s.id) {
+                    h.last_checked = Some(r.time);
+                    h.last_result_ok = Some(ok);
+                    if ok && r.read_data == "all" && r.shard.is_none() {
+                        h.last_fully_verified = Some(r.time);
+                    }
+                }
+            }
+            h
+        })
+        .collect())
+}
+
+/// The report in Prometheus text format, for node_exporter's textfile collector.
+pub fn metrics(report: &Report) -> String {
+    let repo = report.repository.replace('\\', "\\\\").replace('"', "\\\"");
+    let l = format!("repository=\"{repo}\"");
+    let s = &report.stats;
+    let mut out = String::new();
+    let mut metric = |name: &str, help: &str, lines: Vec<(String, f64)>| {
+        out.push_str(&format!(
+            "# HELP tresor_verify_{name} {help}\n# TYPE tresor_verify_{name} gauge\n"
+        ));
+        for (labels, v) in lines {
+            out.push_str(&format!("tresor_verify_{name}{{{labels}}} {v}\n"));
+        }
+    };
+    metric(
+        "last_run_timestamp_seconds",
+        "When the last verification run started.",
+        vec![(l.clone(), report.time.timestamp() as f64)],
+    );
+    metric(
+        "duration_seconds",
+        "How long the last run took.",
+        vec![(l.clone(), report.duration_ms as f64 / 1000.0)],
+    );
+    metric(
+        "success",
+        "1 if the last run found no problem.",
+        vec![(l.clone(), report.ok as u8 as f64)],
+    );
+    metric(
+        "snapshots",
+        "Snapshots checked by the last run, by result.",
+        vec![
+            (format!("{l},status=\"ok\""), s.snapshots_ok as f64),
+            (format!("{l},status=\"broken\""), s.snapshots_broken as f64),
+        ],
+    );
+    metric(
+        "problems",
+        "Problems found by the last run.",
+        vec![(l.clone(), report.problems.len() as f64)],
+    );
+    metric(
+        "chunks_referenced",
+        "Chunks referenced by the checked snapshots.",
+        vec![(l.clone(), s.chunks_referenced as f64)],
+    );
+    metric(
+        "chunks_read",
+        "Chunks read and re-hashed.",
+        vec![(l.clone(), s.chunks_read as f64)],
+    );
+    metric(
+        "bytes_read",
+        "Stored bytes read.",
+        vec![(l.clone(), s.bytes_read as f64)],
+    );
+    metric(
+        "chunks_missing",
+        "Referenced chunks missing from the store.",
+        vec![(l.clone(), s.chunks_missing as f64)],
+    );
+    metric(
+        "chunks_corrupt",
+        "Chunks that failed their hash or authentication.",
+        vec![(l, s.chunks_corrupt as f64)],
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_partition_the_id_space() {
+        assert_eq!(Part::parse("3/7").unwrap(), Part { n: 3, m: 7 });
+        assert!(
+            Part::parse("0/7").is_err() && Part::parse("8/7").is_err() && Part::parse("x").is_err()
+        );
+        let parts: Vec<Part> = (1..=7).map(|n| Part { n, m: 7 }).collect();
+        for i in 0..10_000u64 {
+            let x = i.wrapping_mul(0x9e3779b97f4a7c15);
+            assert_eq!(parts.iter().filter(|p| p.contains(x)).count(), 1);
+        }
+        let five = Part::parse("5%").unwrap();
+        let hits = (0..100_000u64)
+            .filter(|i| five.contains(i.wrapping_mul(0x9e3779b97f4a7c15)))
+            .count();
+        assert!((4_000..6_000).contains(&hits), "{hits}");
+        assert!(Part::parse("100%").unwrap().contains(u64::MAX));
+    }
+}

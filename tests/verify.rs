@@ -1,0 +1,278 @@
+//! `tresor verify`: clean repositories pass, every kind of damage is found and attributed, and
+//! subsets and reports behave as documented.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+
+use common::*;
+
+/// Two volumes sharing one file, and a block image.
+fn repo_with_snapshots() -> (Env, serde_json::Value, serde_json::Value) {
+    let env = Env::new();
+    let shared = random_bytes(3 * MIB, 77);
+    for (name, extra) in [("web", "index.html"), ("db", "pg.conf")] {
+        let src = env.path(name);
+        fs::create_dir_all(src.join("sub")).unwrap();
+        fs::write(src.join("sub/shared.bin"), &shared).unwrap();
+        fs::write(src.join(extra), random_bytes(2 * MIB, name.len() as u64)).unwrap();
+    }
+    let web = env.backup("web", &env.path("web"), &[]);
+    let db = env.backup("db", &env.path("db"), &[]);
+    let img = env.path("disk.img");
+    fs::write(&img, random_bytes(5 * MIB, 5)).unwrap();
+    env.backup("disk", &img, &[]);
+    (env, web, db)
+}
+
+fn verify(env: &Env, args: &[&str]) -> (i32, serde_json::Value, String) {
+    let report = env.path("report.json");
+    let _ = fs::remove_file(&report);
+    let mut all = vec!["verify", "-q", "--json", report.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = env.tresor(&all);
+    let code = out.status.code().unwrap();
+    let json = fs::read(&report)
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap_or(serde_json::Value::Null);
+    (
+        code,
+        json,
+        String::from_utf8_lossy(&out.stdout).into_owned() + &stderr(&out),
+    )
+}
+
+/// The chunk file holding `shared.bin` (the only 3 MiB chunk set shared by two snapshots).
+fn chunk_of(env: &Env, snapshot: &str, path: &str) -> PathBuf {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let repo = std::sync::Arc::new(env.open_repo(&rt));
+    let snap = rt
+        .block_on(tresor::snapshot::resolve(
+            &repo,
+            snapshot,
+            tresor::snapshot::Kind::Volume,
+        ))
+        .unwrap();
+    let mut found = None;
+    let handle = rt.handle().clone();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tresor::volume::walk_refs(&repo, &handle, &snap, |p, r| {
+                if p == path.as_bytes() && found.is_none() {
+                    found = Some(r.id);
+                }
+                Ok(())
+            })
+            .unwrap()
+        });
+    });
+    let id = found.expect("file has a chunk").to_hex();
+    env.path(&format!("repo/chunks/{}/{id}", &id[..2]))
+}
+
+#[test]
+fn clean_repository_passes_with_and_without_reading() {
+    let (env, _, _) = repo_with_snapshots();
+    let (code, report, out) = verify(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["stats"]["snapshots_ok"], 3);
+    assert_eq!(report["stats"]["chunks_read"], 0);
+
+    let (code, report, out) = verify(&env, &["--read-data"]);
+    assert_eq!(code, 0, "{out}");
+    let referenced = report["stats"]["chunks_referenced"].as_u64().unwrap();
+    assert_eq!(report["stats"]["chunks_read"].as_u64().unwrap(), referenced);
+    assert_eq!(report["stats"]["chunks_unreferenced"], 0);
+
+    // Metrics parse with a real Prometheus parser and agree with the report.
+    let metrics = env.path("verify.prom");
+    let out = env.tresor(&["verify", "-q", "--metrics", metrics.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = fs::read_to_string(&metrics).unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+    let value = |name: &str, status: Option<&str>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == name && status.is_none_or(|st| s.labels.get("status") == Some(st))
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) => v,
+                _ => panic!("{name} is not a gauge"),
+            })
+            .unwrap_or_else(|| panic!("{name} missing from {text}"))
+    };
+    assert_eq!(value("tresor_verify_snapshots", Some("ok")), 3.0);
+    assert_eq!(value("tresor_verify_snapshots", Some("broken")), 0.0);
+    assert_eq!(value("tresor_verify_success", None), 1.0);
+    assert!(value("tresor_verify_last_run_timestamp_seconds", None) > 1.7e9);
+
+    // --status remembers the full read.
+    let status = env.json(&["verify", "--status"]);
+    for s in status.as_array().unwrap() {
+        assert!(s["last_fully_verified"].is_string(), "{s}");
+    }
+}
+
+#[test]
+fn deleted_chunk_names_every_snapshot_and_file_using_it() {
+    let (env, web, db) = repo_with_snapshots();
+    let chunk = chunk_of(&env, "web", "sub/shared.bin");
+    fs::remove_file(&chunk).unwrap();
+    let (code, report, out) = verify(&env, &[]);
+    assert_eq!(code, 1, "{out}");
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let p = &problems[0];
+    assert_eq!(p["kind"], "missing_chunk");
+    assert!(p["object"]
+        .as_str()
+        .unwrap()
+        .ends_with(chunk.file_name().unwrap().to_str().unwrap()));
+    let users: Vec<(String, String)> = p["affects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["snapshot"].as_str().unwrap().to_string(),
+                a["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        users.contains(&(web["id"].as_str().unwrap().into(), "sub/shared.bin".into())),
+        "{users:?}"
+    );
+    assert!(
+        users.contains(&(db["id"].as_str().unwrap().into(), "sub/shared.bin".into())),
+        "{users:?}"
+    );
+    assert_eq!(report["stats"]["snapshots_broken"], 2);
+    assert_eq!(report["stats"]["snapshots_ok"], 1);
+    assert!(out.contains("BROKEN"), "{out}");
+}
+
+#[test]
+fn flipped_byte_is_caught_only_by_reading() {
+    let (env, web, _) = repo_with_snapshots();
+    let chunk = chunk_of(&env, "web", "index.html");
+    let mut bytes = fs::read(&chunk).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&chunk, bytes).unwrap();
+
+    let (code, _, out) = verify(&env, &[]);
+    assert_eq!(code, 0, "existence checks cannot see a flipped byte: {out}");
+    let (code, report, out) = verify(&env, &["--read-data"]);
+    assert_eq!(code, 1, "{out}");
+    let p = &report["problems"][0];
+    assert_eq!(p["kind"], "corrupt_chunk");
+    assert_eq!(p["affects"][0]["snapshot"], web["id"]);
+    assert_eq!(p["affects"][0]["path"], "index.html");
+    assert_eq!(report["stats"]["chunks_corrupt"], 1);
+}
+
+#[test]
+fn garbled_record_and_truncated_index_are_named_and_the_rest_verified() {
+    let (env, web, db) = repo_with_snapshots();
+    let record = env.path(&format!("repo/snapshots/{}", web["id"].as_str().unwrap()));
+    fs::write(&record, b"garbage").unwrap();
+    // db's catalog is its root chunk; truncate it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let repo = std::sync::Arc::new(env.open_repo(&rt));
+    let snap = rt
+        .block_on(tresor::snapshot::Snapshot::load(
+            &repo,
+            db["id"].as_str().unwrap(),
+        ))
+        .unwrap();
+    let id = snap.root[0].id.to_hex();
+    let catalog = env.path(&format!("repo/chunks/{}/{id}", &id[..2]));
+    let bytes = fs::read(&catalog).unwrap();
+    fs::write(&catalog, &bytes[..bytes.len() / 3]).unwrap();
+
+    let (code, report, out) = verify(&env, &["--read-data"]);
+    assert_eq!(code, 1, "{out}");
+    let kinds: Vec<&str> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"unreadable_record"), "{kinds:?}");
+    assert!(kinds.contains(&"unreadable_index"), "{kinds:?}");
+    let record_problem = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["kind"] == "unreadable_record")
+        .unwrap();
+    assert!(record_problem["object"]
+        .as_str()
+        .unwrap()
+        .contains(web["id"].as_str().unwrap()));
+    // The block snapshot is still verified and fine.
+    let disk = report["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "disk")
+        .unwrap();
+    assert_eq!(disk["ok"], true);
+    let dbs = report["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "db")
+        .unwrap();
+    assert_eq!(dbs["ok"], false);
+}
+
+#[test]
+fn seven_subsets_read_every_chunk_once() {
+    let (env, _, _) = repo_with_snapshots();
+    let (_, full, _) = verify(&env, &["--read-data"]);
+    let total = full["stats"]["chunks_read"].as_u64().unwrap();
+    assert!(total > 10);
+    let mut sum = 0;
+    for n in 1..=7 {
+        let share = format!("{n}/7");
+        let (code, report, out) = verify(&env, &["--read-data-subset", &share]);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(report["read_data"], share);
+        let read = report["stats"]["chunks_read"].as_u64().unwrap();
+        assert!(read < total);
+        sum += read;
+    }
+    assert_eq!(sum, total);
+    // Shards split existence checks the same way.
+    let shards: u64 = (1..=3)
+        .map(|i| {
+            verify(&env, &["--shard", &format!("{i}/3")]).1["stats"]["chunks_referenced"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(shards, full["stats"]["chunks_referenced"].as_u64().unwrap());
+}
+
+#[test]
+fn selection_and_could_not_run() {
+    let (env, web, _) = repo_with_snapshots();
+    let (code, report, _) = verify(&env, &["--name", "web"]);
+    assert_eq!(code, 0);
+    assert_eq!(report["snapshots"].as_array().unwrap().len(), 1);
+    let (_, report, _) = verify(&env, &["--snapshot", &web["id"].as_str().unwrap()[..8]]);
+    assert_eq!(report["snapshots"][0]["id"], web["id"]);
+    let (_, report, _) = verify(&env, &["--since", "2999-01-01"]);
+    assert_eq!(report["snapshots"].as_array().unwrap().len(), 0);
+
+    let missing = Env::empty();
+    let out = missing.tresor(&["verify"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
