@@ -63,6 +63,7 @@ tresor_run() {
     run "tresor $label backup (first)" "$tresor" -q backup volume bench "$SRC"
     run "tresor $label backup (unchanged)" "$tresor" -q backup volume bench "$SRC"
     run "tresor $label restore" "$tresor" -q restore volume bench --to "$BENCH_DIR/restore"
+    run "tresor $label verify --read-data" "$tresor" verify -q --read-data
     echo "tresor $label repository: $(du -sm "$R" | cut -f1) MiB"
     rm -rf "$BENCH_DIR/restore" "$R"
 }
