@@ -75,6 +75,22 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    #[error("registry: {op} {reference} failed: {message}")]
+    Registry {
+        op: &'static str,
+        reference: String,
+        message: String,
+        /// A server error, throttling or a broken connection: trying again may help.
+        transient: bool,
+    },
+
+    #[error("registry served wrong bytes for {repository}@{digest}: {reason}; nothing was recorded for this image")]
+    DigestMismatch {
+        repository: String,
+        digest: String,
+        reason: String,
+    },
+
     #[error("no snapshot matches {0:?}")]
     SnapshotNotFound(String),
 
@@ -117,7 +133,8 @@ impl Error {
             Error::NotARepository { .. }
             | Error::AlreadyInitialized { .. }
             | Error::UnsupportedFormat { .. } => ErrorKind::Repository,
-            Error::Store { .. } => ErrorKind::Store,
+            Error::Store { .. } | Error::Registry { .. } => ErrorKind::Store,
+            Error::DigestMismatch { .. } => ErrorKind::Integrity,
             Error::Missing { .. } | Error::Corrupt { .. } => ErrorKind::Integrity,
             Error::Io { .. } => ErrorKind::Io,
             Error::UnsafePath { .. } => ErrorKind::Unsafe,
@@ -128,7 +145,10 @@ impl Error {
 
     /// Whether running the same operation again may succeed (transient store or I/O trouble).
     pub fn is_retryable(&self) -> bool {
-        matches!(self.kind(), ErrorKind::Store | ErrorKind::Io)
+        match self.root() {
+            Error::Registry { transient, .. } => *transient,
+            _ => matches!(self.kind(), ErrorKind::Store | ErrorKind::Io),
+        }
     }
 
     /// A next step for the user, where there is an obvious one.

@@ -12,6 +12,7 @@ pub mod codec;
 pub mod crypto;
 pub mod error;
 pub mod id;
+pub mod oci;
 pub mod pipeline;
 pub mod progress;
 pub mod repository;

@@ -73,7 +73,7 @@ struct Global {
 enum Command {
     /// Create a new repository.
     Init(InitArgs),
-    /// Back up a volume (or, later, an image).
+    /// Back up a volume or OCI images.
     #[command(subcommand)]
     Backup(BackupCommand),
     /// List snapshots, oldest first.
@@ -84,6 +84,8 @@ enum Command {
     /// Manage the key slots of an encrypted repository.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// List the manifests and blobs of an image snapshot.
+    Ls(LsArgs),
     /// Check that snapshots can be restored; exit 0 if all is well, 1 on problems, 2 if the
     /// check could not run.
     Verify(VerifyArgs),
@@ -195,6 +197,64 @@ struct InitArgs {
 enum BackupCommand {
     /// Back up a directory tree, or a block device / image file.
     Volume(BackupVolumeArgs),
+    /// Back up OCI images (all platforms, signatures, SBOMs) from a registry.
+    Image(BackupImageArgs),
+}
+
+#[derive(Args)]
+struct RegistryArgs {
+    /// Speak plain HTTP to the registries named in this command (loopback, trusted networks).
+    #[arg(long)]
+    insecure: bool,
+    /// USER:PASSWORD for the registries [default: docker config.json / containers auth.json].
+    #[arg(long, env = "TRESOR_REGISTRY_CREDS", hide_env_values = true)]
+    creds: Option<String>,
+    /// Registry auth file (docker config.json or containers auth.json format).
+    #[arg(long)]
+    authfile: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for registries.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    fn registry(&self, hosts: &[&str]) -> anyhow::Result<tresor::oci::registry::Registry> {
+        let options = tresor::oci::registry::RegistryOptions {
+            insecure: if self.insecure {
+                hosts.iter().map(|h| h.to_string()).collect()
+            } else {
+                Vec::new()
+            },
+            creds: self.creds.clone(),
+            auth_file: self.authfile.clone(),
+            ca_file: self.ca_file.clone(),
+            attempts: 5,
+        };
+        Ok(tresor::oci::registry::Registry::new(&options)?)
+    }
+}
+
+#[derive(Args)]
+struct BackupImageArgs {
+    #[command(flatten)]
+    out: JsonFlag,
+    /// docker://HOST/REPO:TAG, docker://HOST/REPO@sha256:..., or docker://HOST/REPO for every tag.
+    #[arg(required = true)]
+    images: Vec<String>,
+    /// With a whole repository: only tags matching this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    tags: Option<String>,
+    /// Keep only these platforms of an index (os/arch[/variant], repeatable) [default: all].
+    #[arg(long)]
+    platform: Vec<String>,
+    /// Tag for the snapshots (repeatable).
+    #[arg(long = "tag")]
+    snapshot_tags: Vec<String>,
+    /// Host name recorded in the snapshots [default: this host's name].
+    #[arg(long)]
+    host: Option<String>,
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 #[derive(Args)]
@@ -238,6 +298,29 @@ struct SnapshotsArgs {
 enum RestoreCommand {
     /// Restore a volume snapshot into a directory (trees) or a file or device (block images).
     Volume(RestoreVolumeArgs),
+    /// Restore an image snapshot into a registry or an OCI layout, with the same digests.
+    Image(RestoreImageArgs),
+}
+
+#[derive(Args)]
+struct RestoreImageArgs {
+    #[command(flatten)]
+    out: JsonFlag,
+    /// Snapshot id, unique id prefix, or the source reference (its newest snapshot).
+    snapshot: String,
+    /// docker://HOST/REPO[:TAG] or oci:DIR[:TAG] [tag default: the source tag].
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Args)]
+struct LsArgs {
+    #[command(flatten)]
+    out: JsonFlag,
+    /// Image snapshot id, unique prefix, or source reference.
+    snapshot: String,
 }
 
 #[derive(Args)]
@@ -311,6 +394,9 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
     cli.global.json = match &cli.command {
         Command::Init(a) => a.out.json,
         Command::Backup(BackupCommand::Volume(a)) => a.out.json,
+        Command::Backup(BackupCommand::Image(a)) => a.out.json,
+        Command::Restore(RestoreCommand::Image(a)) => a.out.json,
+        Command::Ls(a) => a.out.json,
         Command::Snapshots(a) => a.out.json,
         Command::Restore(RestoreCommand::Volume(a)) => a.out.json,
         Command::Key(KeyCommand::List(out) | KeyCommand::Remove { out, .. }) => out.json,
@@ -325,7 +411,183 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(RestoreCommand::Volume(args)) => restore_volume(g, args).await,
         Command::Key(cmd) => key(g, cmd).await,
         Command::Verify(args) => verify(g, args).await,
+        Command::Backup(BackupCommand::Image(args)) => backup_image(g, args).await,
+        Command::Restore(RestoreCommand::Image(args)) => restore_image(g, args).await,
+        Command::Ls(args) => ls(g, args).await,
     }
+}
+
+async fn backup_image(g: &Global, args: &BackupImageArgs) -> anyhow::Result<ExitCode> {
+    use tresor::oci::{ImageBackupOptions, ImageSource};
+    let repo = open(g).await?;
+    let known = Arc::new(KnownChunks::load(&repo, cache_dir(g).as_deref()).await?);
+    let tag_filter = args
+        .tags
+        .as_deref()
+        .map(regex::Regex::new)
+        .transpose()
+        .context("--tags is not a valid regular expression")?;
+    let mut all = Vec::new();
+    let mut failed = 0;
+    for image in &args.images {
+        let source = ImageSource::parse(image)?;
+        let ImageSource::Registry { reference, .. } = &source;
+        let registry = args.registry.registry(&[reference.registry()])?;
+        let options = ImageBackupOptions {
+            source,
+            tag_filter: tag_filter.clone(),
+            platforms: args.platform.clone(),
+            host: args.host.clone().unwrap_or_else(host_name),
+            tags: args.snapshot_tags.clone(),
+        };
+        let progress = Progress::new(!g.quiet, &format!("backup {image}"), None);
+        let rt = tokio::runtime::Handle::current();
+        let (repo, known, p) = (Arc::clone(&repo), Arc::clone(&known), progress.clone());
+        let results = tokio::task::spawn_blocking(move || {
+            tresor::oci::backup(&repo, &known, &rt, &registry, &options, &p)
+        })
+        .await??;
+        progress.finish();
+        if results.is_empty() {
+            eprintln!("warning: {image}: no tag matched");
+        }
+        for (reference, result) in results {
+            match result {
+                Ok(listed) => {
+                    let s = &listed.snapshot;
+                    if !g.json {
+                        let info = s.image.as_ref().expect("image snapshot");
+                        println!(
+                            "snapshot {} of image {} {}: {} manifests, {} blobs ({} fetched, {} new), {} referrers, platforms [{}]",
+                            &listed.id[..8],
+                            s.name,
+                            info.digest,
+                            info.manifests,
+                            info.blobs,
+                            human_bytes(s.summary.bytes_read),
+                            human_bytes(s.summary.chunks.bytes_new),
+                            info.referrers,
+                            info.platforms.join(", ")
+                        );
+                    }
+                    all.push(snapshot_json(&listed));
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("error: image {reference}: {e}");
+                    all.push(json!({ "reference": reference, "error": e.to_string() }));
+                }
+            }
+        }
+    }
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    }
+    Ok(if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn restore_image(g: &Global, args: &RestoreImageArgs) -> anyhow::Result<ExitCode> {
+    use tresor::oci::ImageTarget;
+    let repo = open(g).await?;
+    let snap = snapshot::resolve(&repo, &args.snapshot, Kind::Image).await?;
+    let target = ImageTarget::parse(&args.to)?;
+    let host = match &target {
+        ImageTarget::Registry { reference, .. } => reference.registry().to_string(),
+        ImageTarget::Layout { .. } => String::new(),
+    };
+    let registry = args.registry.registry(&[host.as_str()])?;
+    let progress = Progress::new(
+        !g.quiet,
+        &format!("restore {}", &snap.id[..8]),
+        Some(snap.snapshot.summary.logical_bytes),
+    );
+    let rt = tokio::runtime::Handle::current();
+    let p = progress.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        tresor::oci::restore(&repo, &rt, &registry, &snap, &target, &p)
+    })
+    .await??;
+    progress.finish();
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "restored snapshot {} to {}: {} blobs pushed ({}), {} already there, {} manifests in {:.1}s",
+            &report.snapshot[..8],
+            report.target,
+            report.blobs_pushed,
+            human_bytes(report.bytes_pushed),
+            report.blobs_skipped,
+            report.manifests.len(),
+            report.duration_ms as f64 / 1000.0
+        );
+        for m in &report.manifests {
+            println!(
+                "  {} {:<8} {} {}",
+                if m.matched { "ok      " } else { "MISMATCH" },
+                format!("{:?}", m.role).to_lowercase(),
+                m.digest,
+                m.tags.join(",")
+            );
+        }
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn ls(g: &Global, args: &LsArgs) -> anyhow::Result<ExitCode> {
+    let repo = open(g).await?;
+    let snap = snapshot::resolve(&repo, &args.snapshot, Kind::Image).await?;
+    let rt = tokio::runtime::Handle::current();
+    let record =
+        tokio::task::spawn_blocking(move || tresor::oci::load_record(&repo, &rt, &snap)).await??;
+    if g.json {
+        let manifests: Vec<_> = record
+            .manifests
+            .iter()
+            .map(|m| json!({"digest": m.digest, "media_type": m.media_type, "size": m.raw.len(), "role": m.role, "tags": m.tags}))
+            .collect();
+        let blobs: Vec<_> = record
+            .blobs
+            .iter()
+            .map(|b| json!({"digest": b.digest, "size": b.size, "chunks": b.refs.len()}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "repository": record.repository, "tag": record.tag, "digest": record.digest,
+                "platforms": record.platforms, "manifests": manifests, "blobs": blobs,
+            }))?
+        );
+    } else {
+        println!(
+            "{}:{} {}",
+            record.repository,
+            record.tag.as_deref().unwrap_or("-"),
+            record.digest
+        );
+        for m in &record.manifests {
+            println!(
+                "manifest {:<8} {} {:>10} {} {}",
+                format!("{:?}", m.role).to_lowercase(),
+                m.digest,
+                m.raw.len(),
+                m.media_type,
+                m.tags.join(",")
+            );
+        }
+        for b in &record.blobs {
+            println!("blob              {} {:>10}", b.digest, b.size);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Exit code of `verify` when it found problems; 2 (could not run) is any error.
@@ -915,6 +1177,7 @@ fn snapshot_json(l: &Listed) -> serde_json::Value {
         "new_bytes": s.summary.chunks.bytes_new,
         "stored_bytes": s.summary.chunks.bytes_uploaded,
         "summary": s.summary,
+        "image": s.image,
         "errors": s.errors,
     })
 }

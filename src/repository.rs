@@ -8,6 +8,8 @@
 //!                         passphrase or key file, see [`crate::crypto`]
 //! chunks/<2 hex>/<64 hex> one chunk: envelope around the (zstd-compressed, sealed) plaintext;
 //!                         the key is the (keyed) BLAKE3-256 of the plaintext
+//! blobs/<64 hex>          an OCI blob's chunk refs (sealed JSON); the key is the (keyed) BLAKE3
+//!                         of the blob's digest
 //! snapshots/<64 hex>      one snapshot record (JSON in an envelope, sealed); the key is the
 //!                         (keyed) BLAKE3 of the record
 //! ```
@@ -38,6 +40,8 @@ const CONFIG_KEY: &str = "config";
 pub const CHUNKS_PREFIX: &str = "chunks";
 /// Store prefix of key slots.
 pub const KEYS_PREFIX: &str = "keys";
+/// Store prefix of blob index objects (OCI blob digest -> chunk refs).
+pub const BLOBS_PREFIX: &str = "blobs";
 /// Store prefix of verification run records.
 pub const VERIFY_PREFIX: &str = "verify";
 /// Store prefix of snapshot records.
@@ -409,6 +413,38 @@ impl Repository {
             .filter_map(|(k, _)| k.rsplit('/').next().map(str::to_string))
             .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
             .collect())
+    }
+
+    fn blob_index_key(&self, digest: &str) -> String {
+        format!(
+            "{BLOBS_PREFIX}/{}",
+            self.chunk_id(digest.as_bytes()).to_hex()
+        )
+    }
+
+    /// Stores the index object of an OCI blob (its chunk refs), sealed. Callers must have stored
+    /// and synced its chunks.
+    pub async fn put_blob_index(&self, digest: &str, record: &[u8]) -> Result<()> {
+        let key = self.blob_index_key(digest);
+        let seal = self.key.as_ref().map(|k| (k, key.as_str()));
+        let encoded = codec::encode(record, self.config.compression_level, seal);
+        self.store.put(&key, encoded.into()).await
+    }
+
+    /// The index object of an OCI blob, if one is stored and readable. A damaged one reads as
+    /// absent (the blob is then fetched again), with a warning.
+    pub async fn get_blob_index(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+        let key = self.blob_index_key(digest);
+        let Some(raw) = self.store.get_opt(&key).await? else {
+            return Ok(None);
+        };
+        match codec::decode(&key, &raw, MAX_RECORD_LEN, self.key.as_ref()) {
+            Ok(record) => Ok(Some(record)),
+            Err(e) => {
+                tracing::warn!("ignoring blob index of {digest}: {e}");
+                Ok(None)
+            }
+        }
     }
 
     /// Stores the record of a verification run (sealed like snapshot records) under a name that

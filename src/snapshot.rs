@@ -38,6 +38,21 @@ pub enum RootFormat {
     Tree,
     /// A binary list of data chunk refs making up one byte stream.
     Block,
+    /// An OCI image record ([`crate::oci::ImageRecord`]).
+    Image,
+}
+
+/// What an image snapshot shows in listings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Digest of the image manifest or index.
+    pub digest: String,
+    /// `os/arch[/variant]` of each platform kept.
+    pub platforms: Vec<String>,
+    pub manifests: u64,
+    pub blobs: u64,
+    /// Referrers kept (signatures, attestations, SBOMs).
+    pub referrers: u64,
 }
 
 /// Sizes and counts of a backup run.
@@ -77,6 +92,9 @@ pub struct Snapshot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
     pub summary: Summary,
+    /// Image details, for image snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageInfo>,
     /// The first problems met (unreadable files), for the report.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
@@ -184,9 +202,10 @@ pub async fn resolve(repo: &Arc<Repository>, reference: &str, kind: Kind) -> Res
             }
         }
     }
+    let name = reference.strip_prefix("docker://").unwrap_or(reference);
     let filter = Filter {
         kind: Some(kind),
-        name: Some(reference.to_string()),
+        name: Some(name.to_string()),
         host: None,
     };
     list(repo, &filter)

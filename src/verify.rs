@@ -282,7 +282,7 @@ pub fn verify(
                 referenced.insert(r.id, r.len);
             }
         }
-        let walked = volume::walk_refs(repo, rt, snap, |_, r| {
+        let walked = walk_refs(repo, rt, snap, |_, r| {
             if !r.is_zero() && in_shard(&r.id) {
                 referenced.insert(r.id, r.len);
             }
@@ -387,7 +387,7 @@ pub fn verify(
                     affected(snap, Some("(index)".into())),
                 );
             }
-            let _ = volume::walk_refs(repo, rt, snap, |path, r| {
+            let _ = walk_refs(repo, rt, snap, |path, r| {
                 if bad.contains_key(&r.id) {
                     broken.insert(snap.id.clone());
                     let path = (!path.is_empty()
@@ -460,6 +460,19 @@ pub fn verify(
         tracing::warn!("could not store the record of this verification run: {e}");
     }
     Ok(report)
+}
+
+/// Every data chunk ref of a snapshot with the file (or blob digest) that uses it.
+fn walk_refs(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    snap: &Listed,
+    f: impl FnMut(&[u8], &ChunkRef) -> Result<()>,
+) -> Result<()> {
+    match snap.snapshot.root_format {
+        snapshot::RootFormat::Image => crate::oci::walk_refs(repo, rt, snap, f),
+        _ => volume::walk_refs(repo, rt, snap, f),
+    }
 }
 
 fn affected(snap: &Listed, path: Option<String>) -> Affected {

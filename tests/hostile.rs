@@ -66,6 +66,7 @@ fn craft(env: &Env, name: &str, entries: Vec<Entry>, payload: &[u8]) {
         root,
         parent: None,
         summary: Summary::default(),
+        image: None,
         errors: vec![],
     };
     rt.block_on(snap.save(&repo)).unwrap();

@@ -121,6 +121,7 @@ pub fn backup(
         root,
         parent,
         summary,
+        image: None,
         errors,
     };
     let id = rt.block_on(snapshot.save(repo))?;
@@ -128,6 +129,13 @@ pub fn backup(
         tracing::warn!("could not save the chunk cache (the next run lists the store): {e}");
     }
     Ok(Listed { id, snapshot })
+}
+
+fn not_a_volume(snap: &Listed) -> Error {
+    Error::Config(format!(
+        "snapshot {} is an image snapshot; use `restore image`",
+        &snap.id[..8]
+    ))
 }
 
 /// Calls `f` with every data chunk ref of a volume snapshot and the path that uses it (empty for
@@ -158,6 +166,7 @@ pub fn walk_refs(
                 f(b"", &ChunkRef::decode(&rec))?;
             }
         }
+        RootFormat::Image => return Err(not_a_volume(snap)),
     }
     Ok(())
 }
@@ -187,5 +196,6 @@ pub fn restore(
         RootFormat::Block => {
             restore::restore_block(Arc::clone(repo), rt.clone(), snap, target, progress)
         }
+        RootFormat::Image => Err(not_a_volume(snap)),
     }
 }

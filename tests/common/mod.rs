@@ -310,3 +310,5 @@ pub fn build_tree(root: &Path) {
     set_mtime(&root.join("dir"), 1_600_000_001, 0);
     set_mtime(root, 1_600_000_002, 0);
 }
+
+pub mod oci;

@@ -1,0 +1,486 @@
+//! Backing up images from a registry.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use oci_client::Reference;
+use regex::Regex;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::runtime::Handle;
+
+use super::registry::Registry;
+use super::{
+    check_digest, is_index, media_type_of, BlobIndex, ImageRecord, ImageSource, Role, StoredBlob,
+    StoredManifest,
+};
+use crate::cache::KnownChunks;
+use crate::chunker::Mode;
+use crate::error::{Error, Result};
+use crate::pipeline::{ChunkWriter, StreamWriter, DEFAULT_IN_FLIGHT};
+use crate::progress::Progress;
+use crate::repository::Repository;
+use crate::snapshot::{ImageInfo, Kind, Listed, RootFormat, Snapshot, Summary, RECORD_VERSION};
+
+/// Attempts at fetching one blob when its stream breaks.
+const BLOB_ATTEMPTS: u32 = 4;
+
+/// What to back up.
+#[derive(Clone, Debug)]
+pub struct ImageBackupOptions {
+    pub source: ImageSource,
+    /// For a whole repository: the tags to take (default: all).
+    pub tag_filter: Option<Regex>,
+    /// Platforms (`os/arch[/variant]`) to keep from an index; empty keeps all.
+    pub platforms: Vec<String>,
+    pub host: String,
+    /// Tags of the snapshots.
+    pub tags: Vec<String>,
+}
+
+/// Backs up every image the source names: one snapshot per image reference. Each result says
+/// which reference it is for; one failing image does not stop the others. Blocking.
+///
+/// # Errors
+/// Only when the source cannot be enumerated (tags cannot be listed).
+pub fn backup(
+    repo: &Arc<Repository>,
+    known: &Arc<KnownChunks>,
+    rt: &Handle,
+    registry: &Registry,
+    options: &ImageBackupOptions,
+    progress: &Progress,
+) -> Result<Vec<(String, Result<Listed>)>> {
+    let ImageSource::Registry {
+        reference,
+        whole_repository,
+    } = &options.source;
+    let refs: Vec<Reference> = if *whole_repository {
+        let tags = rt.block_on(registry.tags(reference))?;
+        tags.into_iter()
+            .filter(|t| !t.starts_with("sha256-"))
+            .filter(|t| options.tag_filter.as_ref().is_none_or(|re| re.is_match(t)))
+            .map(|t| {
+                Reference::with_tag(
+                    reference.registry().into(),
+                    reference.repository().into(),
+                    t,
+                )
+            })
+            .collect()
+    } else {
+        vec![reference.clone()]
+    };
+    let mut out = Vec::new();
+    for r in refs {
+        let name = r.whole();
+        let result = backup_one(repo, known, rt, registry, &r, options, progress);
+        if let Err(e) = &result {
+            tracing::warn!("image {name}: {e}");
+        }
+        out.push((name, result));
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+impl Platform {
+    fn name(&self) -> String {
+        match &self.variant {
+            Some(v) => format!("{}/{}/{v}", self.os, self.architecture),
+            None => format!("{}/{}", self.os, self.architecture),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ManifestJson {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    blobs: Vec<Descriptor>,
+}
+
+struct Run<'a> {
+    repo: &'a Arc<Repository>,
+    rt: &'a Handle,
+    registry: &'a Registry,
+    writer: ChunkWriter,
+    platforms: &'a [String],
+    progress: &'a Progress,
+    manifests: Vec<StoredManifest>,
+    blobs: Vec<StoredBlob>,
+    seen_blobs: HashSet<String>,
+    new_indexes: Vec<BlobIndex>,
+    kept_platforms: Vec<String>,
+    summary: Summary,
+}
+
+fn backup_one(
+    repo: &Arc<Repository>,
+    known: &Arc<KnownChunks>,
+    rt: &Handle,
+    registry: &Registry,
+    r: &Reference,
+    options: &ImageBackupOptions,
+    progress: &Progress,
+) -> Result<Listed> {
+    let started = Instant::now();
+    let mut run = Run {
+        repo,
+        rt,
+        registry,
+        writer: ChunkWriter::new(
+            Arc::clone(repo),
+            Arc::clone(known),
+            rt.clone(),
+            DEFAULT_IN_FLIGHT,
+        ),
+        platforms: &options.platforms,
+        progress,
+        manifests: Vec::new(),
+        blobs: Vec::new(),
+        seen_blobs: HashSet::new(),
+        new_indexes: Vec::new(),
+        kept_platforms: Vec::new(),
+        summary: Summary::default(),
+    };
+    let (raw, digest) = rt.block_on(registry.manifest(r))?;
+    let tags: Vec<String> = r
+        .tag()
+        .filter(|_| r.digest().is_none())
+        .map(str::to_string)
+        .into_iter()
+        .collect();
+    run.visit(r, raw.to_vec(), digest.clone(), Role::Image, tags)?;
+    run.referrers(r)?;
+
+    // Chunks, then blob indexes, then the record's own chunks, then the snapshot.
+    run.writer.flush()?;
+    rt.block_on(repo.sync())?;
+    for index in &run.new_indexes {
+        let json = serde_json::to_vec(index).expect("blob index serialises");
+        rt.block_on(repo.put_blob_index(&index.digest, &json))?;
+    }
+    let record = ImageRecord {
+        repository: format!("{}/{}", r.registry(), r.repository()),
+        tag: r.tag().map(str::to_string),
+        digest: digest.clone(),
+        platforms: run.kept_platforms.clone(),
+        manifests: std::mem::take(&mut run.manifests),
+        blobs: std::mem::take(&mut run.blobs),
+    };
+    let mut stream = StreamWriter::new(&run.writer, Mode::ContentDefined);
+    ciborium::into_writer(&record, &mut stream).map_err(|e| match e {
+        ciborium::ser::Error::Io(io) => crate::pipeline::from_io(io),
+        other => Error::Config(format!("cannot encode image record: {other}")),
+    })?;
+    let (root, _) = stream.finish()?;
+    run.writer.flush()?;
+    rt.block_on(repo.sync())?;
+
+    let mut summary = run.summary;
+    summary.logical_bytes = record.blobs.iter().map(|b| b.size).sum::<u64>()
+        + record
+            .manifests
+            .iter()
+            .map(|m| m.raw.len() as u64)
+            .sum::<u64>();
+    summary.files = record.blobs.len() as u64;
+    summary.chunks = run.writer.stats().summary();
+    summary.duration_ms = started.elapsed().as_millis() as u64;
+    let name = match r.digest() {
+        Some(d) if r.tag().is_none() => format!("{}/{}@{d}", r.registry(), r.repository()),
+        _ => format!(
+            "{}/{}:{}",
+            r.registry(),
+            r.repository(),
+            r.tag().unwrap_or("latest")
+        ),
+    };
+    let snapshot = Snapshot {
+        version: RECORD_VERSION,
+        kind: Kind::Image,
+        name,
+        source: format!("docker://{}", r.whole()),
+        host: options.host.clone(),
+        time: chrono::Utc::now(),
+        tags: options.tags.clone(),
+        partial: false,
+        root_format: RootFormat::Image,
+        root,
+        parent: None,
+        summary,
+        image: Some(ImageInfo {
+            digest: record.digest.clone(),
+            platforms: record.platforms.clone(),
+            manifests: record.manifests.len() as u64,
+            blobs: record.blobs.len() as u64,
+            referrers: record
+                .manifests
+                .iter()
+                .filter(|m| m.role == Role::Referrer)
+                .count() as u64,
+        }),
+        errors: Vec::new(),
+    };
+    let id = rt.block_on(snapshot.save(repo))?;
+    if let Err(e) = known.save() {
+        tracing::warn!("could not save the chunk cache: {e}");
+    }
+    Ok(Listed { id, snapshot })
+}
+
+impl Run<'_> {
+    /// Stores a manifest and everything below it; children and blobs first.
+    fn visit(
+        &mut self,
+        r: &Reference,
+        raw: Vec<u8>,
+        digest: String,
+        role: Role,
+        tags: Vec<String>,
+    ) -> Result<()> {
+        if let Some(m) = self.manifests.iter_mut().find(|m| m.digest == digest) {
+            m.tags.extend(tags);
+            return Ok(());
+        }
+        let media_type = media_type_of(&raw);
+        let parsed: ManifestJson =
+            serde_json::from_slice(&raw).map_err(|e| Error::DigestMismatch {
+                repository: format!("{}/{}", r.registry(), r.repository()),
+                digest: digest.clone(),
+                reason: format!("the manifest is not valid JSON: {e}"),
+            })?;
+        if is_index(&media_type) {
+            for child in &parsed.manifests {
+                let platform = child.platform.as_ref().map(Platform::name);
+                if role == Role::Image && !self.platforms.is_empty() {
+                    if let Some(p) = &platform {
+                        if !self
+                            .platforms
+                            .iter()
+                            .any(|want| p == want || p.starts_with(&format!("{want}/")))
+                        {
+                            continue;
+                        }
+                    }
+                }
+                check_digest(&child.digest)?;
+                let child_ref = Reference::with_digest(
+                    r.registry().into(),
+                    r.repository().into(),
+                    child.digest.clone(),
+                );
+                let (child_raw, child_digest) =
+                    self.rt.block_on(self.registry.manifest(&child_ref))?;
+                if role == Role::Image {
+                    if let Some(p) = platform {
+                        self.kept_platforms.push(p);
+                    }
+                }
+                let child_role = if role == Role::Image {
+                    Role::Child
+                } else {
+                    role
+                };
+                self.visit(r, child_raw.to_vec(), child_digest, child_role, Vec::new())?;
+            }
+        } else {
+            let descriptors = parsed
+                .config
+                .iter()
+                .chain(&parsed.layers)
+                .chain(&parsed.blobs);
+            for d in descriptors {
+                self.blob(r, &d.digest, d.size)?;
+            }
+        }
+        self.manifests.push(StoredManifest {
+            digest,
+            media_type,
+            raw,
+            role,
+            tags,
+        });
+        Ok(())
+    }
+
+    /// Signatures, attestations and SBOMs of every manifest kept so far: cosign-style
+    /// `sha256-<hex>[.sig|.att|.sbom]` tags (which also covers the referrers tag schema) and the
+    /// OCI 1.1 referrers API.
+    fn referrers(&mut self, r: &Reference) -> Result<()> {
+        let subjects: Vec<String> = self
+            .manifests
+            .iter()
+            .filter(|m| m.role != Role::Referrer)
+            .map(|m| m.digest.clone())
+            .collect();
+        let tags = match self.rt.block_on(self.registry.tags(r)) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot list tags of {} to find signatures: {e}",
+                    r.repository()
+                );
+                Vec::new()
+            }
+        };
+        let mut done: HashSet<String> = HashSet::new();
+        for subject in &subjects {
+            let prefix = subject.replacen(':', "-", 1);
+            for tag in tags.iter().filter(|t| t.starts_with(&prefix)) {
+                let tagged =
+                    Reference::with_tag(r.registry().into(), r.repository().into(), tag.clone());
+                let (raw, digest) = self.rt.block_on(self.registry.manifest(&tagged))?;
+                done.insert(digest.clone());
+                self.visit(r, raw.to_vec(), digest, Role::Referrer, vec![tag.clone()])?;
+            }
+            let subject_ref =
+                Reference::with_digest(r.registry().into(), r.repository().into(), subject.clone());
+            let index = match self.rt.block_on(self.registry.referrers(&subject_ref)) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::debug!("no referrers of {subject}: {e}");
+                    continue;
+                }
+            };
+            for d in index.manifests {
+                if done.contains(&d.digest) || self.manifests.iter().any(|m| m.digest == d.digest) {
+                    continue;
+                }
+                check_digest(&d.digest)?;
+                let by_digest = Reference::with_digest(
+                    r.registry().into(),
+                    r.repository().into(),
+                    d.digest.clone(),
+                );
+                let (raw, digest) = self.rt.block_on(self.registry.manifest(&by_digest))?;
+                self.visit(r, raw.to_vec(), digest, Role::Referrer, Vec::new())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores one blob, unless this run or an earlier one already has it.
+    fn blob(&mut self, r: &Reference, digest: &str, size: u64) -> Result<()> {
+        check_digest(digest)?;
+        if !self.seen_blobs.insert(digest.to_string()) {
+            return Ok(());
+        }
+        if let Some(json) = self.rt.block_on(self.repo.get_blob_index(digest))? {
+            if let Ok(index) = serde_json::from_slice::<BlobIndex>(&json) {
+                if index.digest == digest && index.size == size {
+                    self.blobs.push(StoredBlob {
+                        digest: index.digest,
+                        size,
+                        refs: index.refs,
+                    });
+                    return Ok(());
+                }
+            }
+        }
+        let repository = format!("{}/{}", r.registry(), r.repository());
+        let mut attempt = 0;
+        let (refs, len) = loop {
+            attempt += 1;
+            match self.fetch_blob(r, digest, size, &repository) {
+                Ok(done) => break done,
+                Err(e) if e.is_retryable() && attempt < BLOB_ATTEMPTS => {
+                    tracing::warn!(
+                        "{repository}@{digest}: {e}; fetching it again (attempt {attempt})"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(200 << attempt));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.summary.files_read += 1;
+        self.summary.bytes_read += len;
+        self.new_indexes.push(BlobIndex {
+            digest: digest.to_string(),
+            size,
+            refs: refs.clone(),
+        });
+        self.blobs.push(StoredBlob {
+            digest: digest.to_string(),
+            size,
+            refs,
+        });
+        Ok(())
+    }
+
+    /// Streams a blob into the pipeline, checking its size and sha256 as it goes.
+    fn fetch_blob(
+        &mut self,
+        r: &Reference,
+        digest: &str,
+        size: u64,
+        repository: &str,
+    ) -> Result<(Vec<crate::id::ChunkRef>, u64)> {
+        let mismatch = |reason: String| Error::DigestMismatch {
+            repository: repository.to_string(),
+            digest: digest.to_string(),
+            reason,
+        };
+        let mut stream = self.rt.block_on(self.registry.blob(r, digest))?;
+        let mut sha = Sha256::new();
+        let mut sw = StreamWriter::new(&self.writer, Mode::ContentDefined);
+        let mut n: u64 = 0;
+        while let Some(piece) = self.rt.block_on(stream.next()) {
+            let piece = piece.map_err(|e| {
+                let verification = e.to_string().to_ascii_lowercase().contains("digest");
+                if verification {
+                    mismatch(format!("the bytes do not hash to the digest ({e})"))
+                } else {
+                    Error::Registry {
+                        op: "pull blob",
+                        reference: format!("{repository}@{digest}"),
+                        message: e.to_string(),
+                        transient: true,
+                    }
+                }
+            })?;
+            n += piece.len() as u64;
+            if n > size {
+                return Err(mismatch(format!(
+                    "more than the {size} bytes its descriptor says"
+                )));
+            }
+            sha.update(&piece);
+            sw.write_all(&piece)?;
+            self.progress.inc(piece.len() as u64);
+        }
+        if n != size {
+            return Err(mismatch(format!("{n} bytes, its descriptor says {size}")));
+        }
+        let actual = format!("sha256:{}", hex::encode(sha.finalize()));
+        if actual != digest {
+            return Err(mismatch(format!("the bytes hash to {actual}")));
+        }
+        let (refs, len) = sw.finish()?;
+        Ok((refs, len))
+    }
+}

@@ -1,0 +1,239 @@
+//! OCI images against a real registry (Debian's docker-registry on loopback), with images built
+//! as OCI layouts and pushed by skopeo: back up, restore elsewhere, compare digests.
+
+mod common;
+
+use common::oci::*;
+use common::*;
+
+struct Fixture {
+    env: Env,
+    registry: TestRegistry,
+    app: Desc,
+    sig: Desc,
+    sbom: Desc,
+    multi: Desc,
+}
+
+fn fixture() -> Fixture {
+    let env = Env::new();
+    let registry = TestRegistry::start(&env.path("registry"));
+    let mut layout = Layout::new(&env.path("layout"));
+    let base = layout.layer(&[("base.bin", random_bytes(3 * MIB, 1))]);
+    let app_layer = layout.layer(&[
+        ("app.txt", b"hello".to_vec()),
+        ("data.bin", random_bytes(300_000, 2)),
+    ]);
+    let config_layer = layout.layer(&[("etc.conf", b"key=value\n".to_vec())]);
+    let app = layout.image("amd64", &[base.clone(), app_layer, config_layer]);
+    let sig = layout.signature(&app);
+    let sbom = layout.sbom(&app);
+    let refs_index = layout.referrers_index(std::slice::from_ref(&sbom));
+    let arm_layer = layout.layer(&[("arm.bin", random_bytes(500_000, 3))]);
+    let amd = layout.image("amd64", std::slice::from_ref(&base));
+    let arm = layout.image("arm64", &[base, arm_layer]);
+    let multi = layout.index(&[("amd64", amd), ("arm64", arm)]);
+    let hex = &app.digest[7..];
+    layout.tag("v1", &app);
+    layout.tag(&format!("sha256-{hex}.sig"), &sig);
+    layout.tag(&format!("sha256-{hex}"), &refs_index);
+    layout.tag("multi", &multi);
+    for tag in ["v1", &format!("sha256-{hex}.sig"), &format!("sha256-{hex}")] {
+        push(&layout, tag, &registry.host, "team/app");
+    }
+    push(&layout, "multi", &registry.host, "team/multi");
+    Fixture {
+        env,
+        registry,
+        app,
+        sig,
+        sbom,
+        multi,
+    }
+}
+
+#[test]
+fn images_round_trip_with_identical_digests() {
+    let f = fixture();
+    let (env, host) = (&f.env, f.registry.host.as_str());
+    // The registry serves our bytes unchanged (so digests below compare with the source).
+    assert_eq!(digest(&raw_manifest(host, "team/app", "v1")), f.app.digest);
+
+    let app = env.json(&[
+        "backup",
+        "image",
+        &format!("docker://{host}/team/app:v1"),
+        "--insecure",
+    ]);
+    let app = &app[0];
+    assert_eq!(app["kind"], "image");
+    assert_eq!(app["image"]["digest"], f.app.digest);
+    assert_eq!(app["image"]["referrers"], 3, "{app}");
+    let multi = env.json(&[
+        "backup",
+        "image",
+        &format!("docker://{host}/team/multi:multi"),
+        "--insecure",
+    ]);
+    assert_eq!(
+        multi[0]["image"]["platforms"],
+        serde_json::json!(["linux/amd64", "linux/arm64"])
+    );
+
+    // Restore into another repository of the registry: every manifest has its digest.
+    let report = env.json(&[
+        "restore",
+        "image",
+        app["id"].as_str().unwrap(),
+        "--to",
+        &format!("docker://{host}/dr/app"),
+        "--insecure",
+    ]);
+    assert_eq!(report["ok"], true, "{report}");
+    for m in report["manifests"].as_array().unwrap() {
+        let d = m["digest"].as_str().unwrap();
+        assert_eq!(digest(&raw_manifest(host, "dr/app", d)), d);
+    }
+    assert_eq!(digest(&raw_manifest(host, "dr/app", "v1")), f.app.digest);
+    let hex = &f.app.digest[7..];
+    assert_eq!(
+        digest(&raw_manifest(host, "dr/app", &format!("sha256-{hex}.sig"))),
+        f.sig.digest
+    );
+    // skopeo may rewrite the tag-schema index it pushed; what counts is what the source serves.
+    let source_index = digest(&raw_manifest(host, "team/app", &format!("sha256-{hex}")));
+    assert_eq!(
+        digest(&raw_manifest(host, "dr/app", &format!("sha256-{hex}"))),
+        source_index
+    );
+    assert_eq!(
+        digest(&raw_manifest(host, "dr/app", &f.sbom.digest)),
+        f.sbom.digest
+    );
+
+    let report = env.json(&[
+        "restore",
+        "image",
+        &format!("docker://{host}/team/multi:multi"),
+        "--to",
+        &format!("docker://{host}/dr/multi:latest"),
+        "--insecure",
+    ]);
+    assert_eq!(report["ok"], true);
+    assert_eq!(
+        digest(&raw_manifest(host, "dr/multi", "latest")),
+        f.multi.digest
+    );
+    let copied = env.path("copied");
+    skopeo(&[
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        "--quiet",
+        &format!("docker://{host}/dr/multi:latest"),
+        &format!("oci:{}:x", copied.display()),
+    ]);
+
+    // Restore into an OCI layout that skopeo accepts, with the same digest.
+    let out = env.path("restored-layout");
+    let report = env.json(&[
+        "restore",
+        "image",
+        app["id"].as_str().unwrap(),
+        "--to",
+        &format!("oci:{}:v1", out.display()),
+    ]);
+    assert_eq!(report["ok"], true);
+    assert_eq!(
+        digest(&skopeo(&[
+            "inspect",
+            "--raw",
+            &format!("oci:{}:v1", out.display())
+        ])),
+        f.app.digest
+    );
+    skopeo(&[
+        "copy",
+        "--all",
+        "--dest-tls-verify=false",
+        "--quiet",
+        &format!("oci:{}:v1", out.display()),
+        &format!("docker://{host}/from-layout/app:v1"),
+    ]);
+    assert_eq!(
+        digest(&raw_manifest(host, "from-layout/app", "v1")),
+        f.app.digest
+    );
+
+    // A second backup of the unchanged image fetches no blob bytes.
+    let again = env.json(&[
+        "backup",
+        "image",
+        &format!("docker://{host}/team/app:v1"),
+        "--insecure",
+    ]);
+    assert_eq!(again[0]["summary"]["bytes_read"], 0, "{}", again[0]);
+    assert_eq!(again[0]["summary"]["files_read"], 0);
+    assert_eq!(again[0]["new_bytes"], 0);
+
+    // A restore into a registry that has every blob pushes none.
+    let report = env.json(&[
+        "restore",
+        "image",
+        app["id"].as_str().unwrap(),
+        "--to",
+        &format!("docker://{host}/dr/app:v1"),
+        "--insecure",
+    ]);
+    assert_eq!(report["blobs_pushed"], 0);
+
+    // Verify covers image snapshots; the listing shows their blobs.
+    let out = env.tresor(&["verify", "--read-data"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let ls = env.json(&["ls", app["id"].as_str().unwrap()]);
+    assert!(ls["blobs"].as_array().unwrap().len() >= 6);
+}
+
+#[test]
+fn whole_repository_with_tag_filter() {
+    let f = fixture();
+    let host = f.registry.host.as_str();
+    let mut layout = Layout::new(&f.env.path("layout2"));
+    for (tag, seed) in [("v1.1", 10), ("v1.2", 11), ("dev", 12)] {
+        let layer = layout.layer(&[("f", random_bytes(10_000, seed))]);
+        let image = layout.image("amd64", &[layer]);
+        layout.tag(tag, &image);
+        push(&layout, tag, host, "team/tags");
+    }
+    let snaps = f.env.json(&[
+        "backup",
+        "image",
+        &format!("docker://{host}/team/tags"),
+        "--tags",
+        r"^v1\.",
+        "--insecure",
+    ]);
+    let mut names: Vec<&str> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            format!("{host}/team/tags:v1.1"),
+            format!("{host}/team/tags:v1.2")
+        ]
+    );
+
+    let bad = f.env.tresor(&[
+        "backup",
+        "image",
+        &format!("docker://{host}/team/nosuch:v1"),
+        "--insecure",
+    ]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("team/nosuch"), "{}", stderr(&bad));
+}
