@@ -237,3 +237,36 @@ fn whole_repository_with_tag_filter() {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("team/nosuch"), "{}", stderr(&bad));
 }
+
+#[test]
+fn lying_throttling_and_flaky_registries() {
+    use common::proxy::FaultProxy;
+    use std::sync::atomic::Ordering;
+    let f = fixture();
+    let proxy = FaultProxy::start(&f.registry.host);
+    let source = format!("docker://{}/team/app:v1", proxy.host);
+
+    // Wrong bytes: a named error, and nothing recorded.
+    proxy.faults.corrupt.store(true, Ordering::SeqCst);
+    let out = f.env.tresor(&["backup", "image", &source, "--insecure"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("team/app") && err.contains("wrong bytes"),
+        "{err}"
+    );
+    assert_eq!(f.env.json(&["snapshots"]).as_array().unwrap().len(), 0);
+    proxy.faults.corrupt.store(false, Ordering::SeqCst);
+
+    // 429 with Retry-After twice, then a connection dropped in the middle of a blob: survived.
+    proxy.faults.too_many.store(2, Ordering::SeqCst);
+    proxy.faults.drop_mid_blob.store(1, Ordering::SeqCst);
+    let before = proxy.faults.blob_gets.load(Ordering::SeqCst);
+    let snap = f.env.json(&["backup", "image", &source, "--insecure"]);
+    assert_eq!(snap[0]["image"]["digest"], f.app.digest);
+    assert_eq!(proxy.faults.too_many.load(Ordering::SeqCst), 0);
+    assert_eq!(proxy.faults.drop_mid_blob.load(Ordering::SeqCst), 0);
+    assert!(proxy.faults.blob_gets.load(Ordering::SeqCst) - before >= 3);
+    let out = f.env.tresor(&["verify", "--read-data"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

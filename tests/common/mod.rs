@@ -312,3 +312,4 @@ pub fn build_tree(root: &Path) {
 }
 
 pub mod oci;
+pub mod proxy;
