@@ -276,3 +276,82 @@ fn selection_and_could_not_run() {
     let out = missing.tresor(&["verify"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+#[test]
+fn image_blob_that_reassembles_wrong_is_named_on_full_read() {
+    use std::sync::Arc;
+    use tresor::chunker::Mode;
+    use tresor::oci::{ImageRecord, Role, StoredBlob, StoredManifest};
+    use tresor::pipeline::{ChunkWriter, StreamWriter};
+    use tresor::snapshot::{ImageInfo, Kind, RootFormat, Snapshot, Summary, RECORD_VERSION};
+
+    // Every chunk is sound, but the blob's refs do not make up its digest.
+    let env = Env::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let repo = Arc::new(env.open_repo(&rt));
+    let known = Arc::new(
+        rt.block_on(tresor::cache::KnownChunks::load(&repo, None))
+            .unwrap(),
+    );
+    let writer = ChunkWriter::new(repo.clone(), known, rt.handle().clone(), 1 << 20);
+    let mut data = StreamWriter::new(&writer, Mode::ContentDefined);
+    data.write_all(b"not the layer you are looking for")
+        .unwrap();
+    let (refs, len) = data.finish().unwrap();
+    let manifest = br#"{"schemaVersion":2}"#.to_vec();
+    let layer_digest = format!("sha256:{}", "ab".repeat(32));
+    let record = ImageRecord {
+        repository: "registry.example/app".into(),
+        tag: Some("v1".into()),
+        digest: common::oci::digest(&manifest),
+        platforms: vec![],
+        manifests: vec![StoredManifest {
+            digest: common::oci::digest(&manifest),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            raw: manifest,
+            role: Role::Image,
+            tags: vec!["v1".into()],
+        }],
+        blobs: vec![StoredBlob {
+            digest: layer_digest.clone(),
+            size: len,
+            refs,
+        }],
+    };
+    let mut stream = StreamWriter::new(&writer, Mode::ContentDefined);
+    ciborium::into_writer(&record, &mut stream).unwrap();
+    let (root, _) = stream.finish().unwrap();
+    writer.flush().unwrap();
+    let snap = Snapshot {
+        version: RECORD_VERSION,
+        kind: Kind::Image,
+        name: "registry.example/app:v1".into(),
+        source: "docker://registry.example/app:v1".into(),
+        host: "h".into(),
+        time: chrono::Utc::now(),
+        tags: vec![],
+        partial: false,
+        root_format: RootFormat::Image,
+        root,
+        parent: None,
+        summary: Summary::default(),
+        image: Some(ImageInfo {
+            digest: record.digest.clone(),
+            platforms: vec![],
+            manifests: 1,
+            blobs: 1,
+            referrers: 0,
+        }),
+        errors: vec![],
+    };
+    rt.block_on(snap.save(&repo)).unwrap();
+
+    let (code, _, out) = verify(&env, &[]);
+    assert_eq!(code, 0, "chunks exist: {out}");
+    let (code, report, out) = verify(&env, &["--read-data"]);
+    assert_eq!(code, 1, "{out}");
+    let p = &report["problems"][0];
+    assert_eq!(p["kind"], "wrong_digest");
+    assert!(p["object"].as_str().unwrap().contains(&layer_digest), "{p}");
+    assert_eq!(report["stats"]["blobs_checked"], 1);
+}

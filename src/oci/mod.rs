@@ -122,6 +122,23 @@ pub fn walk_refs(
     Ok(())
 }
 
+/// The sha256 digest of a stored blob, reassembled from its (verified) chunks. Blocking.
+pub fn blob_digest(repo: &Arc<Repository>, rt: &Handle, blob: &StoredBlob) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut reader = StreamReader::new(Arc::clone(repo), rt.clone(), blob.refs.clone(), 8);
+    let mut sha = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).map_err(crate::pipeline::from_io)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{}", hex::encode(sha.finalize())))
+}
+
 /// Media type of a manifest from its JSON: `mediaType`, or guessed from its shape.
 pub(crate) fn media_type_of(raw: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(raw).unwrap_or_default();
