@@ -143,6 +143,51 @@ pub enum Secret {
 }
 
 impl Secret {
+    /// Reads a key file; with `create`, a missing one is created (mode 600) with a new key.
+    ///
+    /// # Errors
+    /// I/O errors naming the file; [`Error::Config`] for an empty file.
+    pub fn from_key_file(path: &std::path::Path, create: bool) -> Result<Secret> {
+        if create && !path.exists() {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let contents = Secret::new_key_file_contents();
+            let mut f = std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| Error::io(path, e))?;
+            f.write_all(contents.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| Error::io(path, e))?;
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if bytes.trim_ascii().is_empty() {
+            return Err(Error::Config(format!(
+                "key file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Secret::KeyFile(Zeroizing::new(bytes)))
+    }
+
+    /// Reads the first line of a password file.
+    ///
+    /// # Errors
+    /// I/O errors naming the file; [`Error::Config`] for an empty password.
+    pub fn from_password_file(path: &std::path::Path) -> Result<Secret> {
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?);
+        let line = text.lines().next().unwrap_or("");
+        if line.is_empty() {
+            return Err(Error::Config(format!(
+                "password file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Secret::Passphrase(Zeroizing::new(line.to_string())))
+    }
+
     /// Generates the contents of a new key file: 32 random bytes, hex, one line.
     pub fn new_key_file_contents() -> Zeroizing<String> {
         Zeroizing::new(format!("{}\n", hex::encode(rand::random::<[u8; 32]>())))

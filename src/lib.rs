@@ -5,6 +5,7 @@
 //! [`store`], and recorded last as a [`snapshot`]. Restore is the same path backwards, with every
 //! chunk re-hashed on the way. `ARCHITECTURE.md` describes the modules and the on-store format.
 
+pub mod agent;
 pub mod cache;
 pub mod catalog;
 pub mod chunker;

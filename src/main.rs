@@ -86,6 +86,8 @@ enum Command {
     Key(KeyCommand),
     /// List the manifests and blobs of an image snapshot.
     Ls(LsArgs),
+    /// Run the jobs of an agent.toml on their schedules (the systemd service).
+    Agent(AgentArgs),
     /// Check that snapshots can be restored; exit 0 if all is well, 1 on problems, 2 if the
     /// check could not run.
     Verify(VerifyArgs),
@@ -316,6 +318,28 @@ struct RestoreImageArgs {
 }
 
 #[derive(Args)]
+struct AgentArgs {
+    /// The agent's configuration.
+    #[arg(long, default_value = "/etc/tresor/agent.toml")]
+    config: PathBuf,
+    /// Run every job once and exit: 0 if all succeeded, 1 if one failed.
+    #[arg(long)]
+    once: bool,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Log lines for the journal (human) or for collectors (json).
+    #[arg(long, value_enum, default_value = "human")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Args)]
 struct LsArgs {
     #[command(flatten)]
     out: JsonFlag,
@@ -340,12 +364,16 @@ struct RestoreVolumeArgs {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    let (agent, json_logs) = match &cli.command {
+        Command::Agent(a) => (true, a.log_format == LogFormat::Json),
+        _ => (false, false),
+    };
     let failure = if matches!(cli.command, Command::Verify(_)) {
         ExitCode::from(EXIT_VERIFY_FAILED)
     } else {
         ExitCode::FAILURE
     };
-    init_logging(cli.global.verbose);
+    init_logging(cli.global.verbose, agent, json_logs);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -376,18 +404,24 @@ fn tune_allocator() {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "tresor=debug,info",
+/// Logs go to stderr (the journal, for the agent): warnings by default, info for the agent.
+fn init_logging(verbose: u8, agent: bool, json: bool) {
+    let default = match (verbose, agent) {
+        (0, false) => "warn",
+        (0, true) => "tresor=info,warn",
+        (1, _) => "tresor=debug,info",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
 
 async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
@@ -397,6 +431,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(BackupCommand::Image(a)) => a.out.json,
         Command::Restore(RestoreCommand::Image(a)) => a.out.json,
         Command::Ls(a) => a.out.json,
+        Command::Agent(_) => false,
         Command::Snapshots(a) => a.out.json,
         Command::Restore(RestoreCommand::Volume(a)) => a.out.json,
         Command::Key(KeyCommand::List(out) | KeyCommand::Remove { out, .. }) => out.json,
@@ -414,7 +449,30 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(BackupCommand::Image(args)) => backup_image(g, args).await,
         Command::Restore(RestoreCommand::Image(args)) => restore_image(g, args).await,
         Command::Ls(args) => ls(g, args).await,
+        Command::Agent(args) => agent(args).await,
     }
+}
+
+async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
+    if args.check_config {
+        let config = tresor::agent::check_config(&args.config)?;
+        println!(
+            "{}: valid, {} jobs",
+            args.config.display(),
+            config.jobs.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.once {
+        let failed = tresor::agent::run_once(&args.config).await?;
+        if failed > 0 {
+            eprintln!("{failed} job(s) failed");
+            return Ok(ExitCode::FAILURE);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    tresor::agent::run_service(&args.config).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn backup_image(g: &Global, args: &BackupImageArgs) -> anyhow::Result<ExitCode> {
@@ -825,45 +883,19 @@ fn secret(g: &Global, url: &str, create: bool) -> tresor::Result<Secret> {
 }
 
 fn key_file(path: &std::path::Path, create: bool) -> tresor::Result<Secret> {
-    if create && !path.exists() {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let contents = Secret::new_key_file_contents();
-        let mut f = std::fs::File::options()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| tresor::Error::io(path, e))?;
-        f.write_all(contents.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| tresor::Error::io(path, e))?;
+    let existed = path.exists();
+    let secret = Secret::from_key_file(path, create)?;
+    if !existed {
         eprintln!(
             "created key file {}: keep a copy somewhere safe, without it the data is lost",
             path.display()
         );
     }
-    let bytes = std::fs::read(path).map_err(|e| tresor::Error::io(path, e))?;
-    if bytes.trim_ascii().is_empty() {
-        return Err(tresor::Error::Config(format!(
-            "key file {} is empty",
-            path.display()
-        )));
-    }
-    Ok(Secret::KeyFile(Zeroizing::new(bytes)))
+    Ok(secret)
 }
 
 fn password_file(path: &std::path::Path) -> tresor::Result<Secret> {
-    let text =
-        Zeroizing::new(std::fs::read_to_string(path).map_err(|e| tresor::Error::io(path, e))?);
-    let line = text.lines().next().unwrap_or("");
-    if line.is_empty() {
-        return Err(tresor::Error::Config(format!(
-            "password file {} is empty",
-            path.display()
-        )));
-    }
-    Ok(Secret::Passphrase(Zeroizing::new(line.to_string())))
+    Secret::from_password_file(path)
 }
 
 /// Asks for a password on the terminal; `None` when stdin is not one.

@@ -1,0 +1,302 @@
+//! `agent.toml`: the repository, registries, jobs and their schedules, metrics.
+//!
+//! Unknown keys, wrong types and bad schedules are errors that name the file, the line and the
+//! key (`toml`'s spans). Secrets are never inline: the config names files, and systemd
+//! credentials (`$CREDENTIALS_DIRECTORY/tresor-key-file`, `tresor-password`) are used when it
+//! names none.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::schedule::Schedule;
+use crate::error::{Error, Result};
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub repository: RepositoryConfig,
+    #[serde(default)]
+    pub registries: BTreeMap<String, RegistryConfig>,
+    #[serde(default, rename = "job")]
+    pub jobs: Vec<JobConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The chunk cache (default: systemd's `$CACHE_DIRECTORY`, else /var/cache/tresor). Losing
+    /// it costs one listing of the store.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// `file:///PATH` or `s3://BUCKET/PREFIX`.
+    pub url: String,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub s3_endpoint: Option<String>,
+    #[serde(default)]
+    pub s3_region: Option<String>,
+    #[serde(default)]
+    pub s3_allow_http: bool,
+}
+
+/// Settings of one registry host (`host[:port]`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub auth_file: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// What a job does.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum JobKind {
+    /// A directory tree or block device, with optional hooks.
+    Volume {
+        path: PathBuf,
+        #[serde(default)]
+        block: bool,
+        #[serde(default)]
+        strict: bool,
+        /// Shell command run before (e.g. make an LVM/btrfs/ZFS snapshot); failing skips the job.
+        #[serde(default)]
+        pre: Option<String>,
+        /// Shell command run after, whatever happened (e.g. remove the snapshot).
+        #[serde(default)]
+        post: Option<String>,
+    },
+    /// Image references or whole repositories.
+    Image {
+        images: Vec<String>,
+        #[serde(default)]
+        tags_regex: Option<String>,
+        #[serde(default)]
+        platforms: Vec<String>,
+    },
+    /// Other jobs taken together, so a whole service can be restored as one.
+    Workload { jobs: Vec<String> },
+    /// A verification run.
+    Verify {
+        #[serde(default)]
+        read_data: bool,
+        #[serde(default)]
+        read_data_subset: Option<String>,
+        #[serde(default)]
+        metrics_file: Option<PathBuf>,
+    },
+}
+
+/// One `[[job]]`. Unknown keys are caught by the job type's own list (serde cannot deny them
+/// on a struct with a flattened part).
+#[derive(Clone, Debug, Deserialize)]
+pub struct JobConfig {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: JobKind,
+    /// `hourly`, `daily`, `weekly`, `monthly`, `*-*-* HH:MM[:SS]`, `every 30m`; none: only with `--once`
+    /// or as part of a workload.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// Random delay added to each start, like systemd's RandomizedDelaySec (`5m`, `30s`).
+    #[serde(default)]
+    pub randomized_delay: Option<String>,
+    /// Snapshot tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Attempts after a failure, with doubling delays from `retry_delay` (default 30s).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default)]
+    pub retry_delay: Option<String>,
+}
+
+fn default_retries() -> u32 {
+    2
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus textfile written after every job (node_exporter's textfile collector).
+    #[serde(default)]
+    pub textfile: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    /// Reads and checks a config file.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the file, line and key of the first problem.
+    pub fn load(path: &Path) -> Result<AgentConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        AgentConfig::parse(&text, path)
+    }
+
+    /// Parses and checks config text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<AgentConfig> {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| format!(" line {}", text[..s.start].matches('\n').count() + 1))
+                .unwrap_or_default();
+            Error::Config(format!("{}{line}: {}", path.display(), e.message().trim()))
+        })?;
+        config.check(text, path)?;
+        Ok(config)
+    }
+
+    fn check(&self, text: &str, path: &Path) -> Result<()> {
+        let at = |name: &str, key: &str, msg: String| {
+            let needle = format!("\"{name}\"");
+            let line = text
+                .lines()
+                .position(|l| l.contains(&needle))
+                .map(|n| format!(" line {}", n + 1))
+                .unwrap_or_default();
+            Error::Config(format!(
+                "{}{line}: job {name:?}, key `{key}`: {msg}",
+                path.display()
+            ))
+        };
+        let mut names = std::collections::HashSet::new();
+        for job in &self.jobs {
+            if !names.insert(job.name.as_str()) {
+                return Err(at(&job.name, "name", "another job has this name".into()));
+            }
+            if let Some(s) = &job.schedule {
+                Schedule::parse(s).map_err(|e| at(&job.name, "schedule", e))?;
+            }
+            for (key, value) in [
+                ("randomized_delay", &job.randomized_delay),
+                ("retry_delay", &job.retry_delay),
+            ] {
+                if let Some(v) = value {
+                    parse_duration(v).map_err(|e| at(&job.name, key, e))?;
+                }
+            }
+            match &job.kind {
+                JobKind::Workload { jobs } => {
+                    for member in jobs {
+                        match self.jobs.iter().find(|j| &j.name == member) {
+                            None => {
+                                return Err(at(
+                                    &job.name,
+                                    "jobs",
+                                    format!("no job is named {member:?}"),
+                                ))
+                            }
+                            Some(j) if matches!(j.kind, JobKind::Workload { .. }) => {
+                                return Err(at(
+                                    &job.name,
+                                    "jobs",
+                                    format!("{member:?} is a workload itself"),
+                                ))
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                }
+                JobKind::Image {
+                    tags_regex: Some(re),
+                    ..
+                } => {
+                    regex::Regex::new(re)
+                        .map_err(|e| at(&job.name, "tags_regex", e.to_string()))?;
+                }
+                JobKind::Verify {
+                    read_data_subset: Some(s),
+                    ..
+                } => {
+                    crate::verify::Part::parse(s)
+                        .map_err(|e| at(&job.name, "read_data_subset", e.to_string()))?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The job of that name.
+    pub fn job(&self, name: &str) -> Option<&JobConfig> {
+        self.jobs.iter().find(|j| j.name == name)
+    }
+}
+
+/// `30s`, `5m`, `2h`, `1d`.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 2h"))?;
+    let secs = match unit.trim() {
+        "s" | "sec" => n,
+        "m" | "min" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use s, m, h or d)"
+            ))
+        }
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig> {
+        AgentConfig::parse(text, Path::new("/etc/tresor/agent.toml"))
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let err = parse("[repository]\nurl = \"file:///r\"\nsurprise = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("agent.toml line 3") && err.contains("surprise"),
+            "{err}"
+        );
+        let err = parse("[repository]\nurl = \"file:///r\"\n[[job]]\nname = \"a\"\ntype = \"volume\"\npath = \"/x\"\nschedule = \"fortnightly\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 4") && err.contains("schedule") && err.contains("fortnightly"),
+            "{err}"
+        );
+        let err = parse("[repository]\nurl = 5\n").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        let err = parse("[repository]\nurl = \"x\"\n[[job]]\nname = \"w\"\ntype = \"workload\"\njobs = [\"nope\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
+        let err = parse("[repository]\nurl = \"x\"\n[[job]]\nname = \"v\"\ntype = \"volume\"\npath = \"/x\"\npaht = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("paht"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}

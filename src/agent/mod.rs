@@ -1,0 +1,564 @@
+//! The agent: runs the jobs of `agent.toml` on their schedules, as a systemd service.
+//!
+//! One job runs at a time, so a job is never started twice. A failed job is retried with
+//! doubling delays and reported; it never stops the others. The agent tells systemd when it is
+//! ready, what it is doing (`STATUS=`) and that it is alive (watchdog). SIGHUP reloads the
+//! config, keeping the old one if the new one is invalid. SIGTERM stops it: a running job gets
+//! [`STOP_GRACE`] to finish, then the process exits anyway, which is safe at any point because
+//! a snapshot record is only written once everything it references is stored.
+
+pub mod config;
+mod notify;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Local};
+use tokio::runtime::Handle;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cache::KnownChunks;
+use crate::crypto::Secret;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::repository::Repository;
+use crate::store::{Store, StoreOptions};
+use config::{AgentConfig, JobConfig, JobKind};
+use notify::notify;
+use schedule::Schedule;
+
+/// How long a running job may go on after SIGTERM.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What one job run did.
+#[derive(Clone, Debug, Default)]
+struct Outcome {
+    snapshots: Vec<String>,
+    bytes_read: u64,
+    bytes_new: u64,
+}
+
+/// Per-job figures for the metrics file.
+#[derive(Clone, Debug, Default)]
+struct JobMetrics {
+    last_success: Option<i64>,
+    last_duration: f64,
+    last_ok: bool,
+    failures: u64,
+    bytes_read: u64,
+    bytes_new: u64,
+}
+
+/// Everything a job needs.
+struct Context {
+    config: AgentConfig,
+    repo: Arc<Repository>,
+    cache_dir: PathBuf,
+    metrics: Mutex<BTreeMap<String, JobMetrics>>,
+}
+
+fn env_dir(var: &str, fallback: &str) -> PathBuf {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(fallback))
+}
+
+impl Context {
+    async fn new(config: AgentConfig) -> Result<Context> {
+        let r = &config.repository;
+        let store = Store::open(
+            &r.url,
+            &StoreOptions {
+                endpoint: r.s3_endpoint.clone(),
+                region: r.s3_region.clone(),
+                allow_http: r.s3_allow_http,
+            },
+            false,
+        )?;
+        let (key_file, password_file) = (r.key_file.clone(), r.password_file.clone());
+        let repo = Repository::open(store, move || {
+            secret(key_file.as_deref(), password_file.as_deref())
+        })
+        .await?;
+        let cache_dir = config
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| env_dir("CACHE_DIRECTORY", "/var/cache/tresor"));
+        Ok(Context {
+            config,
+            repo: Arc::new(repo),
+            cache_dir,
+            metrics: Mutex::new(BTreeMap::new()),
+        })
+    }
+}
+
+/// The secret from the config's files, else from systemd credentials.
+fn secret(key_file: Option<&Path>, password_file: Option<&Path>) -> Result<Secret> {
+    if let Some(k) = key_file {
+        return Secret::from_key_file(k, false);
+    }
+    if let Some(p) = password_file {
+        return Secret::from_password_file(p);
+    }
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from) {
+        if dir.join("tresor-key-file").is_file() {
+            return Secret::from_key_file(&dir.join("tresor-key-file"), false);
+        }
+        if dir.join("tresor-password").is_file() {
+            return Secret::from_password_file(&dir.join("tresor-password"));
+        }
+    }
+    Err(Error::Config(
+        "the repository is encrypted: set repository.key_file or password_file, or pass the \
+         systemd credential tresor-key-file / tresor-password"
+            .into(),
+    ))
+}
+
+/// Checks a config file, for `--check-config`.
+pub fn check_config(path: &Path) -> Result<AgentConfig> {
+    AgentConfig::load(path)
+}
+
+/// Runs every job once (workload members as part of their workload) and returns how many
+/// failed. SIGTERM stops it like the service.
+pub async fn run_once(path: &Path) -> Result<usize> {
+    let ctx = Arc::new(Context::new(AgentConfig::load(path)?).await?);
+    let members: Vec<String> = ctx
+        .config
+        .jobs
+        .iter()
+        .filter_map(|j| match &j.kind {
+            JobKind::Workload { jobs } => Some(jobs.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::io("signal", e))?;
+    let mut failed = 0;
+    for job in ctx
+        .config
+        .jobs
+        .iter()
+        .filter(|j| !members.contains(&j.name))
+    {
+        let (c, name) = (Arc::clone(&ctx), job.name.clone());
+        let rt = Handle::current();
+        let mut handle = tokio::task::spawn_blocking(move || run_with_retries(&c, &rt, &name));
+        tokio::select! {
+            ok = &mut handle => if !ok.expect("job thread panicked") { failed += 1 },
+            _ = sigterm.recv() => {
+                tracing::warn!("SIGTERM: stopping within {STOP_GRACE:?}");
+                let _ = tokio::time::timeout(STOP_GRACE, handle).await;
+                return Err(Error::Config("stopped by SIGTERM".into()));
+            }
+        }
+    }
+    Ok(failed)
+}
+
+/// Runs the agent as a service until SIGTERM.
+pub async fn run_service(path: &Path) -> Result<()> {
+    let mut ctx = Arc::new(Context::new(AgentConfig::load(path)?).await?);
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::io("signal", e))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| Error::io("signal", e))?;
+    if let Some(every) = notify::watchdog_interval() {
+        tokio::spawn(async move {
+            loop {
+                notify("WATCHDOG=1");
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+    let mut next = plan(&ctx.config, Local::now(), &BTreeMap::new());
+    notify("READY=1\nSTATUS=idle");
+    tracing::info!("agent ready with {} jobs", ctx.config.jobs.len());
+    loop {
+        let due = next
+            .iter()
+            .min_by_key(|(_, t)| **t)
+            .map(|(n, t)| (n.clone(), *t));
+        let wait = due
+            .as_ref()
+            .map(|(_, t)| (*t - Local::now()).to_std().unwrap_or_default())
+            .unwrap_or(Duration::from_secs(3600));
+        if let Some((name, at)) = &due {
+            notify(&format!(
+                "STATUS=idle; next: {name} at {}",
+                at.format("%Y-%m-%d %H:%M:%S")
+            ));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait), if due.is_some() => {
+                let (name, _) = due.expect("guarded");
+                notify(&format!("STATUS=running {name}"));
+                let started = Local::now();
+                let (c, n) = (Arc::clone(&ctx), name.clone());
+                let rt = Handle::current();
+                let mut handle = tokio::task::spawn_blocking(move || run_with_retries(&c, &rt, &n));
+                tokio::select! {
+                    _ = &mut handle => {}
+                    _ = sigterm.recv() => {
+                        notify(&format!("STOPPING=1\nSTATUS=stopping; {name} gets {STOP_GRACE:?}"));
+                        tracing::info!("SIGTERM while {name} runs: stopping within {STOP_GRACE:?}");
+                        let _ = tokio::time::timeout(STOP_GRACE, handle).await;
+                        return Ok(());
+                    }
+                }
+                let mut last = BTreeMap::new();
+                last.insert(name.clone(), started);
+                let again = plan(&ctx.config, Local::now(), &last);
+                if let Some(t) = again.get(&name) {
+                    next.insert(name, *t);
+                }
+            }
+            _ = sigterm.recv() => {
+                notify("STOPPING=1");
+                tracing::info!("SIGTERM: stopping");
+                return Ok(());
+            }
+            _ = sighup.recv() => {
+                notify("RELOADING=1");
+                match AgentConfig::load(path) {
+                    Ok(config) => match Context::new(config).await {
+                        Ok(new) => {
+                            ctx = Arc::new(new);
+                            next = plan(&ctx.config, Local::now(), &BTreeMap::new());
+                            tracing::info!("configuration reloaded: {} jobs", ctx.config.jobs.len());
+                        }
+                        Err(e) => tracing::error!("reload failed, keeping the previous configuration: {e}"),
+                    },
+                    Err(e) => tracing::error!("reload failed, keeping the previous configuration: {e}"),
+                }
+                notify("READY=1");
+            }
+        }
+    }
+}
+
+/// Next start of every scheduled job: after its last start if known, else after `now`, plus
+/// its randomised delay.
+fn plan(
+    config: &AgentConfig,
+    now: DateTime<Local>,
+    last: &BTreeMap<String, DateTime<Local>>,
+) -> BTreeMap<String, DateTime<Local>> {
+    let mut out = BTreeMap::new();
+    for job in &config.jobs {
+        let Some(s) = job
+            .schedule
+            .as_deref()
+            .and_then(|s| Schedule::parse(s).ok())
+        else {
+            continue;
+        };
+        let base = last.get(&job.name).copied().unwrap_or(now);
+        let mut at = s.next(base);
+        while at <= now {
+            at = s.next(at);
+        }
+        if let Some(delay) = job
+            .randomized_delay
+            .as_deref()
+            .and_then(|d| config::parse_duration(d).ok())
+        {
+            let secs = delay.as_secs();
+            if secs > 0 {
+                at += chrono::Duration::seconds((rand::random::<u64>() % secs) as i64);
+            }
+        }
+        out.insert(job.name.clone(), at);
+    }
+    out
+}
+
+/// Runs a job, retrying failures; records metrics. Returns whether it finally succeeded.
+fn run_with_retries(ctx: &Context, rt: &Handle, name: &str) -> bool {
+    let job = ctx.config.job(name).expect("planned jobs exist").clone();
+    let mut delay = job
+        .retry_delay
+        .as_deref()
+        .and_then(|d| config::parse_duration(d).ok())
+        .unwrap_or(Duration::from_secs(30));
+    let started = Instant::now();
+    let mut attempt = 0;
+    let result = loop {
+        attempt += 1;
+        tracing::info!(job = name, attempt, "job starting");
+        match run_job(ctx, rt, &job, &job.tags) {
+            Ok(outcome) => break Ok(outcome),
+            Err(e) if attempt <= job.retries => {
+                tracing::warn!(job = name, "job failed: {e}; retrying in {delay:?}");
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    let mut metrics = ctx.metrics.lock().expect("metrics lock");
+    let m = metrics.entry(name.to_string()).or_default();
+    m.last_duration = started.elapsed().as_secs_f64();
+    let ok = match result {
+        Ok(outcome) => {
+            tracing::info!(job = name, snapshots = ?outcome.snapshots, "job succeeded");
+            m.last_ok = true;
+            m.last_success = Some(chrono::Utc::now().timestamp());
+            m.bytes_read = outcome.bytes_read;
+            m.bytes_new = outcome.bytes_new;
+            true
+        }
+        Err(e) => {
+            tracing::error!(job = name, "job failed: {e}");
+            m.last_ok = false;
+            m.failures += 1;
+            false
+        }
+    };
+    if let Some(path) = &ctx.config.metrics.textfile {
+        if let Err(e) = write_metrics(path, &metrics) {
+            tracing::warn!("cannot write metrics to {}: {e}", path.display());
+        }
+    }
+    ok
+}
+
+/// One attempt at a job.
+fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Result<Outcome> {
+    let repo = &ctx.repo;
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let mut outcome = Outcome::default();
+    match &job.kind {
+        JobKind::Volume {
+            path,
+            block,
+            strict,
+            pre,
+            post,
+        } => {
+            // The post hook runs whatever happened, so a snapshot made by the pre hook is
+            // always removed.
+            let pre_result = pre
+                .as_ref()
+                .map(|cmd| hook(&job.name, "pre", cmd))
+                .unwrap_or(Ok(()));
+            let result = pre_result
+                .map_err(|e| e.context(format!("job {}: pre hook failed; job skipped", job.name)))
+                .and_then(|()| {
+                    let known =
+                        Arc::new(rt.block_on(KnownChunks::load(repo, Some(&ctx.cache_dir)))?);
+                    let options = crate::volume::BackupOptions {
+                        name: job.name.clone(),
+                        path: path.clone(),
+                        host: host.clone(),
+                        tags: tags.to_vec(),
+                        block: *block,
+                        strict: *strict,
+                        use_parent: true,
+                    };
+                    crate::volume::backup(repo, &known, rt, &options, &Progress::hidden())
+                });
+            let post_result = post.as_ref().map(|cmd| hook(&job.name, "post", cmd));
+            let listed = result?;
+            if let Some(Err(e)) = post_result {
+                return Err(e.context(format!("job {}: post hook failed", job.name)));
+            }
+            outcome.bytes_read = listed.snapshot.summary.bytes_read;
+            outcome.bytes_new = listed.snapshot.summary.chunks.bytes_new;
+            outcome.snapshots.push(listed.id);
+        }
+        JobKind::Image {
+            images,
+            tags_regex,
+            platforms,
+        } => {
+            let known = Arc::new(rt.block_on(KnownChunks::load(repo, Some(&ctx.cache_dir)))?);
+            let filter = tags_regex
+                .as_deref()
+                .map(regex::Regex::new)
+                .transpose()
+                .map_err(|e| Error::Config(e.to_string()))?;
+            let mut failures = Vec::new();
+            for image in images {
+                let source = crate::oci::ImageSource::parse(image)?;
+                let crate::oci::ImageSource::Registry { reference, .. } = &source;
+                let host_cfg = ctx
+                    .config
+                    .registries
+                    .get(reference.registry())
+                    .cloned()
+                    .unwrap_or_default();
+                let registry =
+                    crate::oci::registry::Registry::new(&crate::oci::registry::RegistryOptions {
+                        insecure: if host_cfg.insecure {
+                            vec![reference.registry().to_string()]
+                        } else {
+                            Vec::new()
+                        },
+                        creds: None,
+                        auth_file: host_cfg.auth_file.clone(),
+                        ca_file: host_cfg.ca_file.clone(),
+                        attempts: 5,
+                    })?;
+                let options = crate::oci::ImageBackupOptions {
+                    source,
+                    tag_filter: filter.clone(),
+                    platforms: platforms.clone(),
+                    host: host.clone(),
+                    tags: tags.to_vec(),
+                };
+                for (reference, result) in
+                    crate::oci::backup(repo, &known, rt, &registry, &options, &Progress::hidden())?
+                {
+                    match result {
+                        Ok(listed) => {
+                            outcome.bytes_read += listed.snapshot.summary.bytes_read;
+                            outcome.bytes_new += listed.snapshot.summary.chunks.bytes_new;
+                            outcome.snapshots.push(listed.id);
+                        }
+                        Err(e) => failures.push(format!("{reference}: {e}")),
+                    }
+                }
+            }
+            if !failures.is_empty() {
+                return Err(Error::Config(format!(
+                    "job {}: {}",
+                    job.name,
+                    failures.join("; ")
+                )));
+            }
+        }
+        JobKind::Workload { jobs } => {
+            let mut member_tags = tags.to_vec();
+            member_tags.push(format!("workload:{}", job.name));
+            for member in jobs {
+                let m = ctx.config.job(member).expect("checked at load");
+                let mut all = m.tags.clone();
+                all.extend(member_tags.iter().cloned());
+                let o = run_job(ctx, rt, m, &all)
+                    .map_err(|e| e.context(format!("workload {}", job.name)))?;
+                outcome.snapshots.extend(o.snapshots);
+                outcome.bytes_read += o.bytes_read;
+                outcome.bytes_new += o.bytes_new;
+            }
+        }
+        JobKind::Verify {
+            read_data,
+            read_data_subset,
+            metrics_file,
+        } => {
+            let read = match (read_data_subset, read_data) {
+                (Some(s), _) => Some(Some(crate::verify::Part::parse(s)?)),
+                (None, true) => Some(None),
+                (None, false) => None,
+            };
+            let options = crate::verify::VerifyOptions {
+                read_data: read,
+                ..Default::default()
+            };
+            let report = crate::verify::verify(repo, rt, &options, &Progress::hidden())?;
+            if let Some(path) = metrics_file {
+                write_atomically(path, crate::verify::metrics(&report).as_bytes())?;
+            }
+            outcome.bytes_read = report.stats.bytes_read;
+            if !report.ok {
+                let broken: Vec<&str> = report
+                    .snapshots
+                    .iter()
+                    .filter(|s| !s.ok)
+                    .map(|s| s.id.as_str())
+                    .collect();
+                return Err(Error::Config(format!(
+                    "verification found {} problems; broken snapshots: {}",
+                    report.problems.len(),
+                    broken.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Runs a hook with `sh -c`, logging its output. Non-zero exit is an error.
+fn hook(job: &str, which: &str, cmd: &str) -> Result<()> {
+    tracing::info!(job, hook = which, "running {which} hook");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("TRESOR_JOB", job)
+        .output()
+        .map_err(|e| Error::io("sh", e))?;
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+    {
+        tracing::info!(job, hook = which, "{line}");
+    }
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{which} hook exited with {}",
+            out.status
+        )))
+    }
+}
+
+fn write_metrics(path: &Path, metrics: &BTreeMap<String, JobMetrics>) -> Result<()> {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, value: &dyn Fn(&JobMetrics) -> Option<f64>| {
+        out.push_str(&format!(
+            "# HELP tresor_job_{name} {help}\n# TYPE tresor_job_{name} gauge\n"
+        ));
+        for (job, m) in metrics {
+            if let Some(v) = value(m) {
+                let job = job.replace('\\', "\\\\").replace('"', "\\\"");
+                out.push_str(&format!("tresor_job_{name}{{job=\"{job}\"}} {v}\n"));
+            }
+        }
+    };
+    gauge(
+        "last_success_timestamp_seconds",
+        "When the job last succeeded.",
+        &|m| m.last_success.map(|t| t as f64),
+    );
+    gauge(
+        "last_duration_seconds",
+        "How long the last run took, retries included.",
+        &|m| Some(m.last_duration),
+    );
+    gauge("last_run_ok", "1 if the last run succeeded.", &|m| {
+        Some(m.last_ok as u8 as f64)
+    });
+    gauge("failures", "Failed runs since the agent started.", &|m| {
+        Some(m.failures as f64)
+    });
+    gauge(
+        "bytes_read",
+        "Bytes read by the last successful run.",
+        &|m| Some(m.bytes_read as f64),
+    );
+    gauge(
+        "bytes_new",
+        "New bytes stored by the last successful run.",
+        &|m| Some(m.bytes_new as f64),
+    );
+    gauge(
+        "dedup_ratio",
+        "Share of the bytes read that were already stored.",
+        &|m| (m.bytes_read > 0).then(|| 1.0 - m.bytes_new as f64 / m.bytes_read as f64),
+    );
+    write_atomically(path, out.as_bytes())
+}
+
+fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, data)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| Error::io(path, e))
+}
