@@ -240,7 +240,8 @@ impl RegistryArgs {
 struct BackupImageArgs {
     #[command(flatten)]
     out: JsonFlag,
-    /// docker://HOST/REPO:TAG, docker://HOST/REPO@sha256:..., or docker://HOST/REPO for every tag.
+    /// docker://HOST/REPO:TAG, docker://HOST/REPO@sha256:..., docker://HOST/REPO (every tag),
+    /// or an OCI image layout: oci:DIR:TAG, or oci:DIR (every named image).
     #[arg(required = true)]
     images: Vec<String>,
     /// With a whole repository: only tags matching this regular expression.
@@ -489,8 +490,9 @@ async fn backup_image(g: &Global, args: &BackupImageArgs) -> anyhow::Result<Exit
     let mut failed = 0;
     for image in &args.images {
         let source = ImageSource::parse(image)?;
-        let ImageSource::Registry { reference, .. } = &source;
-        let registry = args.registry.registry(&[reference.registry()])?;
+        let registry = args
+            .registry
+            .registry(&[source.registry_host().unwrap_or_default()])?;
         let options = ImageBackupOptions {
             source,
             tag_filter: tag_filter.clone(),

@@ -270,3 +270,59 @@ fn lying_throttling_and_flaky_registries() {
     let out = f.env.tresor(&["verify", "--read-data"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+#[test]
+fn oci_layout_as_a_source() {
+    let f = fixture();
+    let host = f.registry.host.as_str();
+    let layout = f.env.path("layout");
+    let snap = f
+        .env
+        .json(&["backup", "image", &format!("oci:{}:v1", layout.display())]);
+    assert_eq!(snap[0]["image"]["digest"], f.app.digest);
+    assert_eq!(snap[0]["image"]["referrers"], 3, "{}", snap[0]);
+    let report = f.env.json(&[
+        "restore",
+        "image",
+        snap[0]["id"].as_str().unwrap(),
+        "--to",
+        &format!("docker://{host}/from-oci/app:v1"),
+        "--insecure",
+    ]);
+    assert_eq!(report["ok"], true);
+    assert_eq!(
+        digest(&raw_manifest(host, "from-oci/app", "v1")),
+        f.app.digest
+    );
+
+    let all = f
+        .env
+        .json(&["backup", "image", &format!("oci:{}", layout.display())]);
+    let mut names: Vec<String> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            format!("oci:{}:multi", layout.display()),
+            format!("oci:{}:v1", layout.display())
+        ]
+    );
+    let multi = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"].as_str().unwrap().ends_with(":multi"))
+        .unwrap();
+    assert_eq!(multi["image"]["digest"], f.multi.digest);
+    let bad = f.env.tresor(&[
+        "backup",
+        "image",
+        &format!("oci:{}:nosuchtag", layout.display()),
+    ]);
+    assert!(stderr(&bad).contains("nosuchtag"), "{}", stderr(&bad));
+}

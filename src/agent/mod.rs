@@ -386,17 +386,17 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             let mut failures = Vec::new();
             for image in images {
                 let source = crate::oci::ImageSource::parse(image)?;
-                let crate::oci::ImageSource::Registry { reference, .. } = &source;
+                let host = source.registry_host().unwrap_or_default().to_string();
                 let host_cfg = ctx
                     .config
                     .registries
-                    .get(reference.registry())
+                    .get(&host)
                     .cloned()
                     .unwrap_or_default();
                 let registry =
                     crate::oci::registry::Registry::new(&crate::oci::registry::RegistryOptions {
                         insecure: if host_cfg.insecure {
-                            vec![reference.registry().to_string()]
+                            vec![host.clone()]
                         } else {
                             Vec::new()
                         },

@@ -1,17 +1,18 @@
-//! Backing up images from a registry.
+//! Backing up images from a registry or an OCI image layout.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::StreamExt;
-use oci_client::Reference;
+use std::io::Read;
+
 use regex::Regex;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 
 use super::registry::Registry;
+use super::source::{By, Source};
 use super::{
     check_digest, is_index, media_type_of, BlobIndex, ImageRecord, ImageSource, Role, StoredBlob,
     StoredManifest,
@@ -53,34 +54,57 @@ pub fn backup(
     options: &ImageBackupOptions,
     progress: &Progress,
 ) -> Result<Vec<(String, Result<Listed>)>> {
-    let ImageSource::Registry {
-        reference,
-        whole_repository,
-    } = &options.source;
-    let refs: Vec<Reference> = if *whole_repository {
-        let tags = rt.block_on(registry.tags(reference))?;
-        tags.into_iter()
+    let (source, selector): (Source, Option<(By, String)>) = match &options.source {
+        ImageSource::Registry {
+            reference,
+            whole_repository,
+        } => {
+            let source = Source::Registry {
+                registry,
+                base: reference.clone(),
+            };
+            let one = (!whole_repository).then(|| match (reference.digest(), reference.tag()) {
+                (Some(d), _) => (By::Digest(d), reference.whole()),
+                (None, t) => (By::Tag(t.unwrap_or("latest")), reference.whole()),
+            });
+            (source, one)
+        }
+        ImageSource::Layout { dir, tag } => {
+            let source = Source::Layout { dir: dir.clone() };
+            let one = tag
+                .as_deref()
+                .map(|t| (By::Tag(t), format!("oci:{}:{t}", dir.display())));
+            (source, one)
+        }
+    };
+    let names: Vec<(String, String)> = match selector {
+        Some((By::Digest(d), shown)) => vec![(format!("@{d}"), shown)],
+        Some((By::Tag(t), shown)) => vec![(t.to_string(), shown)],
+        None => source
+            .tags(rt)?
+            .into_iter()
             .filter(|t| !t.starts_with("sha256-"))
             .filter(|t| options.tag_filter.as_ref().is_none_or(|re| re.is_match(t)))
             .map(|t| {
-                Reference::with_tag(
-                    reference.registry().into(),
-                    reference.repository().into(),
-                    t,
-                )
+                let shown = match &source {
+                    Source::Registry { .. } => format!("{}:{t}", source.repository()),
+                    Source::Layout { .. } => format!("{}:{t}", source.repository()),
+                };
+                (t, shown)
             })
-            .collect()
-    } else {
-        vec![reference.clone()]
+            .collect(),
     };
     let mut out = Vec::new();
-    for r in refs {
-        let name = r.whole();
-        let result = backup_one(repo, known, rt, registry, &r, options, progress);
+    for (name, shown) in names {
+        let by = match name.strip_prefix('@') {
+            Some(d) => By::Digest(d),
+            None => By::Tag(&name),
+        };
+        let result = backup_one(repo, known, rt, &source, by, &shown, options, progress);
         if let Err(e) = &result {
-            tracing::warn!("image {name}: {e}");
+            tracing::warn!("image {shown}: {e}");
         }
-        out.push((name, result));
+        out.push((shown, result));
     }
     Ok(out)
 }
@@ -126,7 +150,7 @@ struct ManifestJson {
 struct Run<'a> {
     repo: &'a Arc<Repository>,
     rt: &'a Handle,
-    registry: &'a Registry,
+    source: &'a Source<'a>,
     writer: ChunkWriter,
     platforms: &'a [String],
     progress: &'a Progress,
@@ -138,12 +162,14 @@ struct Run<'a> {
     summary: Summary,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn backup_one(
     repo: &Arc<Repository>,
     known: &Arc<KnownChunks>,
     rt: &Handle,
-    registry: &Registry,
-    r: &Reference,
+    source: &Source,
+    by: By,
+    shown: &str,
     options: &ImageBackupOptions,
     progress: &Progress,
 ) -> Result<Listed> {
@@ -151,7 +177,7 @@ fn backup_one(
     let mut run = Run {
         repo,
         rt,
-        registry,
+        source,
         writer: ChunkWriter::new(
             Arc::clone(repo),
             Arc::clone(known),
@@ -167,15 +193,18 @@ fn backup_one(
         kept_platforms: Vec::new(),
         summary: Summary::default(),
     };
-    let (raw, digest) = rt.block_on(registry.manifest(r))?;
-    let tags: Vec<String> = r
-        .tag()
-        .filter(|_| r.digest().is_none())
-        .map(str::to_string)
-        .into_iter()
-        .collect();
-    run.visit(r, raw.to_vec(), digest.clone(), Role::Image, tags)?;
-    run.referrers(r)?;
+    let tag = match by {
+        By::Tag(t) => Some(t.to_string()),
+        By::Digest(_) => None,
+    };
+    let (raw, digest) = source.manifest(rt, by)?;
+    run.visit(
+        raw,
+        digest.clone(),
+        Role::Image,
+        tag.iter().cloned().collect(),
+    )?;
+    run.referrers()?;
 
     // Chunks, then blob indexes, then the record's own chunks, then the snapshot.
     run.writer.flush()?;
@@ -185,8 +214,8 @@ fn backup_one(
         rt.block_on(repo.put_blob_index(&index.digest, &json))?;
     }
     let record = ImageRecord {
-        repository: format!("{}/{}", r.registry(), r.repository()),
-        tag: r.tag().map(str::to_string),
+        repository: source.repository(),
+        tag: tag.clone(),
         digest: digest.clone(),
         platforms: run.kept_platforms.clone(),
         manifests: std::mem::take(&mut run.manifests),
@@ -211,20 +240,14 @@ fn backup_one(
     summary.files = record.blobs.len() as u64;
     summary.chunks = run.writer.stats().summary();
     summary.duration_ms = started.elapsed().as_millis() as u64;
-    let name = match r.digest() {
-        Some(d) if r.tag().is_none() => format!("{}/{}@{d}", r.registry(), r.repository()),
-        _ => format!(
-            "{}/{}:{}",
-            r.registry(),
-            r.repository(),
-            r.tag().unwrap_or("latest")
-        ),
-    };
     let snapshot = Snapshot {
         version: RECORD_VERSION,
         kind: Kind::Image,
-        name,
-        source: format!("docker://{}", r.whole()),
+        name: shown.to_string(),
+        source: match source {
+            Source::Registry { .. } => format!("docker://{shown}"),
+            Source::Layout { .. } => shown.to_string(),
+        },
         host: options.host.clone(),
         time: chrono::Utc::now(),
         tags: options.tags.clone(),
@@ -254,48 +277,40 @@ fn backup_one(
 }
 
 impl Run<'_> {
+    fn mismatch(&self, digest: &str, reason: String) -> Error {
+        Error::DigestMismatch {
+            repository: self.source.repository(),
+            digest: digest.to_string(),
+            reason,
+        }
+    }
+
     /// Stores a manifest and everything below it; children and blobs first.
-    fn visit(
-        &mut self,
-        r: &Reference,
-        raw: Vec<u8>,
-        digest: String,
-        role: Role,
-        tags: Vec<String>,
-    ) -> Result<()> {
+    fn visit(&mut self, raw: Vec<u8>, digest: String, role: Role, tags: Vec<String>) -> Result<()> {
         if let Some(m) = self.manifests.iter_mut().find(|m| m.digest == digest) {
             m.tags.extend(tags);
             return Ok(());
         }
         let media_type = media_type_of(&raw);
-        let parsed: ManifestJson =
-            serde_json::from_slice(&raw).map_err(|e| Error::DigestMismatch {
-                repository: format!("{}/{}", r.registry(), r.repository()),
-                digest: digest.clone(),
-                reason: format!("the manifest is not valid JSON: {e}"),
-            })?;
+        let parsed: ManifestJson = serde_json::from_slice(&raw)
+            .map_err(|e| self.mismatch(&digest, format!("the manifest is not valid JSON: {e}")))?;
         if is_index(&media_type) {
             for child in &parsed.manifests {
                 let platform = child.platform.as_ref().map(Platform::name);
                 if role == Role::Image && !self.platforms.is_empty() {
                     if let Some(p) = &platform {
-                        if !self
+                        let wanted = self
                             .platforms
                             .iter()
-                            .any(|want| p == want || p.starts_with(&format!("{want}/")))
-                        {
+                            .any(|w| p == w || p.starts_with(&format!("{w}/")));
+                        if !wanted {
                             continue;
                         }
                     }
                 }
                 check_digest(&child.digest)?;
-                let child_ref = Reference::with_digest(
-                    r.registry().into(),
-                    r.repository().into(),
-                    child.digest.clone(),
-                );
                 let (child_raw, child_digest) =
-                    self.rt.block_on(self.registry.manifest(&child_ref))?;
+                    self.source.manifest(self.rt, By::Digest(&child.digest))?;
                 if role == Role::Image {
                     if let Some(p) = platform {
                         self.kept_platforms.push(p);
@@ -306,7 +321,7 @@ impl Run<'_> {
                 } else {
                     role
                 };
-                self.visit(r, child_raw.to_vec(), child_digest, child_role, Vec::new())?;
+                self.visit(child_raw, child_digest, child_role, Vec::new())?;
             }
         } else {
             let descriptors = parsed
@@ -315,7 +330,7 @@ impl Run<'_> {
                 .chain(&parsed.layers)
                 .chain(&parsed.blobs);
             for d in descriptors {
-                self.blob(r, &d.digest, d.size)?;
+                self.blob(&d.digest, d.size)?;
             }
         }
         self.manifests.push(StoredManifest {
@@ -331,61 +346,43 @@ impl Run<'_> {
     /// Signatures, attestations and SBOMs of every manifest kept so far: cosign-style
     /// `sha256-<hex>[.sig|.att|.sbom]` tags (which also covers the referrers tag schema) and the
     /// OCI 1.1 referrers API.
-    fn referrers(&mut self, r: &Reference) -> Result<()> {
+    fn referrers(&mut self) -> Result<()> {
         let subjects: Vec<String> = self
             .manifests
             .iter()
             .filter(|m| m.role != Role::Referrer)
             .map(|m| m.digest.clone())
             .collect();
-        let tags = match self.rt.block_on(self.registry.tags(r)) {
+        let tags = match self.source.tags(self.rt) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(
-                    "cannot list tags of {} to find signatures: {e}",
-                    r.repository()
+                    "cannot list the tags of {} to find signatures: {e}",
+                    self.source.repository()
                 );
                 Vec::new()
             }
         };
-        let mut done: HashSet<String> = HashSet::new();
         for subject in &subjects {
             let prefix = subject.replacen(':', "-", 1);
             for tag in tags.iter().filter(|t| t.starts_with(&prefix)) {
-                let tagged =
-                    Reference::with_tag(r.registry().into(), r.repository().into(), tag.clone());
-                let (raw, digest) = self.rt.block_on(self.registry.manifest(&tagged))?;
-                done.insert(digest.clone());
-                self.visit(r, raw.to_vec(), digest, Role::Referrer, vec![tag.clone()])?;
+                let (raw, digest) = self.source.manifest(self.rt, By::Tag(tag))?;
+                self.visit(raw, digest, Role::Referrer, vec![tag.clone()])?;
             }
-            let subject_ref =
-                Reference::with_digest(r.registry().into(), r.repository().into(), subject.clone());
-            let index = match self.rt.block_on(self.registry.referrers(&subject_ref)) {
-                Ok(i) => i,
-                Err(e) => {
-                    tracing::debug!("no referrers of {subject}: {e}");
+            for digest in self.source.referrers(self.rt, subject) {
+                if self.manifests.iter().any(|m| m.digest == digest) {
                     continue;
                 }
-            };
-            for d in index.manifests {
-                if done.contains(&d.digest) || self.manifests.iter().any(|m| m.digest == d.digest) {
-                    continue;
-                }
-                check_digest(&d.digest)?;
-                let by_digest = Reference::with_digest(
-                    r.registry().into(),
-                    r.repository().into(),
-                    d.digest.clone(),
-                );
-                let (raw, digest) = self.rt.block_on(self.registry.manifest(&by_digest))?;
-                self.visit(r, raw.to_vec(), digest, Role::Referrer, Vec::new())?;
+                check_digest(&digest)?;
+                let (raw, digest) = self.source.manifest(self.rt, By::Digest(&digest))?;
+                self.visit(raw, digest, Role::Referrer, Vec::new())?;
             }
         }
         Ok(())
     }
 
     /// Stores one blob, unless this run or an earlier one already has it.
-    fn blob(&mut self, r: &Reference, digest: &str, size: u64) -> Result<()> {
+    fn blob(&mut self, digest: &str, size: u64) -> Result<()> {
         check_digest(digest)?;
         if !self.seen_blobs.insert(digest.to_string()) {
             return Ok(());
@@ -402,15 +399,15 @@ impl Run<'_> {
                 }
             }
         }
-        let repository = format!("{}/{}", r.registry(), r.repository());
         let mut attempt = 0;
         let (refs, len) = loop {
             attempt += 1;
-            match self.fetch_blob(r, digest, size, &repository) {
+            match self.fetch_blob(digest, size) {
                 Ok(done) => break done,
                 Err(e) if e.is_retryable() && attempt < BLOB_ATTEMPTS => {
                     tracing::warn!(
-                        "{repository}@{digest}: {e}; fetching it again (attempt {attempt})"
+                        "{}@{digest}: {e}; fetching it again (attempt {attempt})",
+                        self.source.repository()
                     );
                     std::thread::sleep(std::time::Duration::from_millis(200 << attempt));
                 }
@@ -433,54 +430,37 @@ impl Run<'_> {
     }
 
     /// Streams a blob into the pipeline, checking its size and sha256 as it goes.
-    fn fetch_blob(
-        &mut self,
-        r: &Reference,
-        digest: &str,
-        size: u64,
-        repository: &str,
-    ) -> Result<(Vec<crate::id::ChunkRef>, u64)> {
-        let mismatch = |reason: String| Error::DigestMismatch {
-            repository: repository.to_string(),
-            digest: digest.to_string(),
-            reason,
-        };
-        let mut stream = self.rt.block_on(self.registry.blob(r, digest))?;
+    fn fetch_blob(&mut self, digest: &str, size: u64) -> Result<(Vec<crate::id::ChunkRef>, u64)> {
+        let mut reader = self.source.blob(self.rt, digest)?;
         let mut sha = Sha256::new();
         let mut sw = StreamWriter::new(&self.writer, Mode::ContentDefined);
+        let mut buf = vec![0u8; 1 << 20];
         let mut n: u64 = 0;
-        while let Some(piece) = self.rt.block_on(stream.next()) {
-            let piece = piece.map_err(|e| {
-                let verification = e.to_string().to_ascii_lowercase().contains("digest");
-                if verification {
-                    mismatch(format!("the bytes do not hash to the digest ({e})"))
-                } else {
-                    Error::Registry {
-                        op: "pull blob",
-                        reference: format!("{repository}@{digest}"),
-                        message: e.to_string(),
-                        transient: true,
-                    }
-                }
-            })?;
-            n += piece.len() as u64;
+        loop {
+            let got = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(got) => got,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(crate::pipeline::from_io(e)),
+            };
+            n += got as u64;
             if n > size {
-                return Err(mismatch(format!(
-                    "more than the {size} bytes its descriptor says"
-                )));
+                return Err(self.mismatch(
+                    digest,
+                    format!("more than the {size} bytes its descriptor says"),
+                ));
             }
-            sha.update(&piece);
-            sw.write_all(&piece)?;
-            self.progress.inc(piece.len() as u64);
+            sha.update(&buf[..got]);
+            sw.write_all(&buf[..got])?;
+            self.progress.inc(got as u64);
         }
         if n != size {
-            return Err(mismatch(format!("{n} bytes, its descriptor says {size}")));
+            return Err(self.mismatch(digest, format!("{n} bytes, its descriptor says {size}")));
         }
         let actual = format!("sha256:{}", hex::encode(sha.finalize()));
         if actual != digest {
-            return Err(mismatch(format!("the bytes hash to {actual}")));
+            return Err(self.mismatch(digest, format!("the bytes hash to {actual}")));
         }
-        let (refs, len) = sw.finish()?;
-        Ok((refs, len))
+        sw.finish()
     }
 }

@@ -19,6 +19,7 @@ mod backup;
 pub mod reference;
 pub mod registry;
 mod restore;
+mod source;
 
 use std::sync::Arc;
 

@@ -15,6 +15,8 @@ pub enum ImageSource {
         reference: Reference,
         whole_repository: bool,
     },
+    /// An OCI image layout directory: one image by name, or every named image.
+    Layout { dir: PathBuf, tag: Option<String> },
 }
 
 /// Where images are restored to.
@@ -50,11 +52,25 @@ fn parse_docker(s: &str, what: &str) -> Result<(Reference, bool)> {
 }
 
 impl ImageSource {
+    /// The registry host (`host[:port]`), for registry sources.
+    pub fn registry_host(&self) -> Option<&str> {
+        match self {
+            ImageSource::Registry { reference, .. } => Some(reference.registry()),
+            ImageSource::Layout { .. } => None,
+        }
+    }
+
     /// Parses a source reference.
     ///
     /// # Errors
     /// [`Error::Config`] naming the reference.
     pub fn parse(s: &str) -> Result<ImageSource> {
+        if s.starts_with("oci:") {
+            let ImageTarget::Layout { dir, tag } = ImageTarget::parse(s)? else {
+                unreachable!("oci: parses as a layout")
+            };
+            return Ok(ImageSource::Layout { dir, tag });
+        }
         let (reference, whole_repository) = parse_docker(s, "image")?;
         Ok(ImageSource::Registry {
             reference,
@@ -102,14 +118,20 @@ mod tests {
         let ImageSource::Registry {
             reference,
             whole_repository,
-        } = ImageSource::parse("docker://127.0.0.1:5000/team/app:v1").unwrap();
+        } = ImageSource::parse("docker://127.0.0.1:5000/team/app:v1").unwrap()
+        else {
+            panic!()
+        };
         assert!(!whole_repository);
         assert_eq!(reference.registry(), "127.0.0.1:5000");
         assert_eq!(reference.repository(), "team/app");
         assert_eq!(reference.tag(), Some("v1"));
         let ImageSource::Registry {
             whole_repository, ..
-        } = ImageSource::parse("docker://localhost:5000/app").unwrap();
+        } = ImageSource::parse("docker://localhost:5000/app").unwrap()
+        else {
+            panic!()
+        };
         assert!(whole_repository);
         assert!(ImageSource::parse("docker://app:v1").is_err());
         assert!(ImageSource::parse("app:v1").is_err());
