@@ -73,6 +73,19 @@ pub enum Mode {
 }
 
 /// Push-based chunker; see the module docs.
+///
+/// ```
+/// use tresor::chunker::{Chunker, ChunkerParams, Mode};
+/// let params = ChunkerParams { min_size: 1024, avg_size: 4096, max_size: 16384 };
+/// let mut chunker = Chunker::new(params, Mode::ContentDefined, 0);
+/// let data: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+/// let mut chunks = Vec::new();
+/// let mut emit = |c: bytes::Bytes| -> Result<(), ()> { chunks.push(c); Ok(()) };
+/// chunker.push(&data, &mut emit).unwrap();
+/// chunker.finish(&mut emit).unwrap();
+/// assert_eq!(chunks.concat(), data);
+/// assert!(chunks.iter().all(|c| c.len() <= 16384));
+/// ```
 pub struct Chunker {
     params: ChunkerParams,
     mode: Mode,

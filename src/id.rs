@@ -17,7 +17,14 @@ impl ChunkId {
     /// The reserved id of an all-zero chunk, which is never stored.
     pub const ZERO: ChunkId = ChunkId([0; 32]);
 
-    /// Hashes `data`.
+    /// Hashes `data` (the id of a chunk in an unencrypted repository).
+    ///
+    /// ```
+    /// use tresor::id::ChunkId;
+    /// let id = ChunkId::of(b"hello");
+    /// assert_eq!(ChunkId::from_hex(&id.to_hex()), Some(id));
+    /// assert_ne!(id, ChunkId::ZERO);
+    /// ```
     pub fn of(data: &[u8]) -> ChunkId {
         ChunkId(*blake3::hash(data).as_bytes())
     }

@@ -54,6 +54,13 @@ pub struct Part {
 impl Part {
     /// Parses `N/M` (1 <= N <= M) or, for subsets, `P%` (as `P`/100 in hundredths).
     ///
+    /// ```
+    /// use tresor::verify::Part;
+    /// assert_eq!(Part::parse("3/7").unwrap(), Part { n: 3, m: 7 });
+    /// assert!(Part::parse("8/7").is_err());
+    /// assert!(Part::parse("5%").is_ok());
+    /// ```
+    ///
     /// # Errors
     /// [`Error::Config`] naming the bad value.
     pub fn parse(s: &str) -> Result<Part> {
