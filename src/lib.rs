@@ -17,6 +17,7 @@ pub mod oci;
 pub mod pipeline;
 pub mod progress;
 pub mod repository;
+pub mod retention;
 pub mod snapshot;
 pub mod store;
 pub mod verify;

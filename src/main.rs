@@ -88,6 +88,10 @@ enum Command {
     Ls(LsArgs),
     /// Run the jobs of an agent.toml on their schedules (the systemd service).
     Agent(AgentArgs),
+    /// Remove snapshots that a retention policy does not keep, per source (host, kind, name).
+    Forget(ForgetArgs),
+    /// Protect a snapshot from `forget` (or lift the protection with --remove).
+    Protect(ProtectArgs),
     /// Check that snapshots can be restored; exit 0 if all is well, 1 on problems, 2 if the
     /// check could not run.
     Verify(VerifyArgs),
@@ -341,6 +345,47 @@ enum LogFormat {
 }
 
 #[derive(Args)]
+struct ForgetArgs {
+    #[command(flatten)]
+    out: JsonFlag,
+    /// Keep the newest N snapshots.
+    #[arg(long, default_value_t = 0)]
+    keep_last: usize,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, default_value_t = 0)]
+    keep_hourly: usize,
+    #[arg(long, default_value_t = 0)]
+    keep_daily: usize,
+    #[arg(long, default_value_t = 0)]
+    keep_weekly: usize,
+    #[arg(long, default_value_t = 0)]
+    keep_monthly: usize,
+    #[arg(long, default_value_t = 0)]
+    keep_yearly: usize,
+    /// Keep everything taken within this long of the newest snapshot (30d, 12h).
+    #[arg(long)]
+    keep_within: Option<String>,
+    #[arg(long, value_enum)]
+    kind: Option<Kind>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    host: Option<String>,
+    /// Show what would go, remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
+struct ProtectArgs {
+    /// Snapshot id or unique prefix.
+    snapshot: String,
+    /// Lift the protection.
+    #[arg(long)]
+    remove: bool,
+}
+
+#[derive(Args)]
 struct LsArgs {
     #[command(flatten)]
     out: JsonFlag,
@@ -432,7 +477,8 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(BackupCommand::Image(a)) => a.out.json,
         Command::Restore(RestoreCommand::Image(a)) => a.out.json,
         Command::Ls(a) => a.out.json,
-        Command::Agent(_) => false,
+        Command::Agent(_) | Command::Protect(_) => false,
+        Command::Forget(a) => a.out.json,
         Command::Snapshots(a) => a.out.json,
         Command::Restore(RestoreCommand::Volume(a)) => a.out.json,
         Command::Key(KeyCommand::List(out) | KeyCommand::Remove { out, .. }) => out.json,
@@ -451,7 +497,109 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(RestoreCommand::Image(args)) => restore_image(g, args).await,
         Command::Ls(args) => ls(g, args).await,
         Command::Agent(args) => agent(args).await,
+        Command::Forget(args) => forget(g, args).await,
+        Command::Protect(args) => protect(g, args).await,
     }
+}
+
+async fn forget(g: &Global, args: &ForgetArgs) -> anyhow::Result<ExitCode> {
+    use tresor::retention::{apply, Policy};
+    let within = match &args.keep_within {
+        Some(w) => {
+            let d = tresor::agent::config::parse_duration(w)
+                .map_err(|e| anyhow::anyhow!("--keep-within: {e}"))?;
+            Some(chrono::Duration::from_std(d)?)
+        }
+        None => None,
+    };
+    let policy = Policy {
+        last: args.keep_last,
+        hourly: args.keep_hourly,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+        yearly: args.keep_yearly,
+        within,
+    };
+    anyhow::ensure!(
+        !policy.is_empty(),
+        "give at least one --keep-* rule; forget never removes every snapshot of a source"
+    );
+    let repo = open(g).await?;
+    let filter = Filter {
+        kind: args.kind,
+        name: args.name.clone(),
+        host: args.host.clone(),
+    };
+    let listed = snapshot::list(&repo, &filter).await?;
+    let protected = repo.protected_ids().await?;
+    let groups = apply(&policy, &listed, &protected);
+    let mut removed = 0;
+    for group in &groups {
+        for d in group.snapshots.iter().filter(|d| !d.keep) {
+            if !args.dry_run {
+                repo.delete_snapshot(&d.id).await?;
+            }
+            removed += 1;
+        }
+    }
+    if g.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({ "dry_run": args.dry_run, "removed": removed, "groups": groups })
+            )?
+        );
+    } else {
+        for group in &groups {
+            println!("{} {:?} {}:", group.host, group.kind, group.name);
+            for d in &group.snapshots {
+                let what = if d.keep {
+                    format!("keep   ({})", d.reasons.join(", "))
+                } else if args.dry_run {
+                    "would remove".to_string()
+                } else {
+                    "removed".to_string()
+                };
+                println!(
+                    "  {} {}  {what}",
+                    &d.id[..8],
+                    d.time.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
+        }
+        let verb = if args.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        println!("{verb} {removed} snapshots; their data stays in the store until garbage collection (not yet available)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn protect(g: &Global, args: &ProtectArgs) -> anyhow::Result<ExitCode> {
+    let repo = open(g).await?;
+    let ids = repo.list_snapshot_ids().await?;
+    let matching: Vec<&String> = ids
+        .iter()
+        .filter(|id| id.starts_with(args.snapshot.as_str()))
+        .collect();
+    let [id] = matching.as_slice() else {
+        anyhow::bail!(
+            "{:?} matches {} snapshots, not one",
+            args.snapshot,
+            matching.len()
+        );
+    };
+    repo.set_protected(id, !args.remove).await?;
+    let state = if args.remove {
+        "no longer protected"
+    } else {
+        "protected from forget"
+    };
+    println!("snapshot {} is {state}", &id[..8]);
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {

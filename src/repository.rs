@@ -10,6 +10,7 @@
 //!                         the key is the (keyed) BLAKE3-256 of the plaintext
 //! blobs/<64 hex>          an OCI blob's chunk refs (sealed JSON); the key is the (keyed) BLAKE3
 //!                         of the blob's digest
+//! protected/<64 hex>      empty: the snapshot of that id is protected from `forget`
 //! snapshots/<64 hex>      one snapshot record (JSON in an envelope, sealed); the key is the
 //!                         (keyed) BLAKE3 of the record
 //! ```
@@ -42,6 +43,8 @@ pub const CHUNKS_PREFIX: &str = "chunks";
 pub const KEYS_PREFIX: &str = "keys";
 /// Store prefix of blob index objects (OCI blob digest -> chunk refs).
 pub const BLOBS_PREFIX: &str = "blobs";
+/// Store prefix of protection markers (`protected/<snapshot id>`, empty objects).
+pub const PROTECTED_PREFIX: &str = "protected";
 /// Store prefix of verification run records.
 pub const VERIFY_PREFIX: &str = "verify";
 /// Store prefix of snapshot records.
@@ -403,6 +406,32 @@ impl Repository {
         self.store.put(&key, encoded.into()).await?;
         self.store.sync().await?;
         Ok(id)
+    }
+
+    /// Deletes a snapshot record (the data it used stays until garbage collection).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.store.delete(&format!("{SNAPSHOTS_PREFIX}/{id}")).await
+    }
+
+    /// Marks a snapshot as protected from `forget`, or removes the mark.
+    pub async fn set_protected(&self, id: &str, protected: bool) -> Result<()> {
+        let key = format!("{PROTECTED_PREFIX}/{id}");
+        if protected {
+            self.store.put(&key, Bytes::new()).await
+        } else {
+            self.store.delete(&key).await
+        }
+    }
+
+    /// Ids of protected snapshots.
+    pub async fn protected_ids(&self) -> Result<std::collections::HashSet<String>> {
+        Ok(self
+            .store
+            .list(PROTECTED_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|(k, _)| k.rsplit('/').next().map(str::to_string))
+            .collect())
     }
 
     /// Lists the ids of every snapshot record.

@@ -337,3 +337,45 @@ fn unreadable_files_make_a_partial_snapshot_unless_strict() {
     assert_eq!(strict.status.code(), Some(1));
     assert!(stderr(&strict).contains("secret"), "{}", stderr(&strict));
 }
+
+#[test]
+fn forget_keeps_what_the_policy_and_protection_name() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        fs::write(src.join("f"), format!("version {i}")).unwrap();
+        ids.push(
+            env.backup("v", &src, &[])["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let out = env.tresor(&["forget"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--keep"), "{}", stderr(&out));
+
+    assert!(env.tresor(&["protect", &ids[0][..8]]).status.success());
+    let dry = env.json(&["forget", "--keep-last", "1", "--dry-run"]);
+    assert_eq!(dry["removed"], 1);
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 3);
+    let done = env.json(&["forget", "--keep-last", "1"]);
+    assert_eq!(done["removed"], 1);
+    let left: Vec<String> = env
+        .json(&["snapshots"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left, vec![ids[0].clone(), ids[2].clone()]);
+    let out = env.path("out");
+    env.restore("v", &out, &[]);
+    assert_eq!(fs::read_to_string(out.join("f")).unwrap(), "version 2");
+    assert_eq!(
+        env.tresor(&["verify", "--read-data"]).status.code(),
+        Some(0)
+    );
+}
