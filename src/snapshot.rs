@@ -144,11 +144,11 @@ impl Filter {
     }
 }
 
-/// Every snapshot matching `filter`, oldest first. Records that cannot be read are reported by
-/// a warning and left out, so one damaged record does not hide the others.
-pub async fn list(repo: &Arc<Repository>, filter: &Filter) -> Result<Vec<Listed>> {
+/// Every snapshot record with its id, each loaded (16 at a time) or with the error that
+/// stopped it, in no particular order.
+pub async fn load_all(repo: &Arc<Repository>) -> Result<Vec<(String, Result<Snapshot>)>> {
     let ids = repo.list_snapshot_ids().await?;
-    let loaded: Vec<(String, Result<Snapshot>)> = futures::stream::iter(ids)
+    Ok(futures::stream::iter(ids)
         .map(|id| {
             let repo = Arc::clone(repo);
             async move {
@@ -158,7 +158,13 @@ pub async fn list(repo: &Arc<Repository>, filter: &Filter) -> Result<Vec<Listed>
         })
         .buffer_unordered(16)
         .collect()
-        .await;
+        .await)
+}
+
+/// Every snapshot matching `filter`, oldest first. Records that cannot be read are reported by
+/// a warning and left out, so one damaged record does not hide the others.
+pub async fn list(repo: &Arc<Repository>, filter: &Filter) -> Result<Vec<Listed>> {
+    let loaded = load_all(repo).await?;
     let mut out = Vec::new();
     for (id, s) in loaded {
         match s {

@@ -36,7 +36,7 @@ use crate::id::{ChunkId, ChunkRef};
 use crate::pipeline;
 use crate::progress::Progress;
 use crate::repository::Repository;
-use crate::snapshot::{self, Filter, Listed, Snapshot};
+use crate::snapshot::{self, Filter, Listed};
 use crate::volume;
 
 /// Chunks read concurrently.
@@ -245,19 +245,7 @@ pub fn verify(
     let mut stats = Stats::default();
 
     // Pass 1: records and indexes.
-    let ids = rt.block_on(repo.list_snapshot_ids())?;
-    let loaded: Vec<(String, Result<Snapshot>)> = rt.block_on(
-        futures::stream::iter(ids)
-            .map(|id| {
-                let repo = Arc::clone(repo);
-                async move {
-                    let s = Snapshot::load(&repo, &id).await;
-                    (id, s)
-                }
-            })
-            .buffer_unordered(16)
-            .collect(),
-    );
+    let loaded = rt.block_on(snapshot::load_all(repo))?;
     let mut snaps = Vec::new();
     for (id, s) in loaded {
         match s {
