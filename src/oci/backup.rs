@@ -86,10 +86,7 @@ pub fn backup(
             .filter(|t| !t.starts_with("sha256-"))
             .filter(|t| options.tag_filter.as_ref().is_none_or(|re| re.is_match(t)))
             .map(|t| {
-                let shown = match &source {
-                    Source::Registry { .. } => format!("{}:{t}", source.repository()),
-                    Source::Layout { .. } => format!("{}:{t}", source.repository()),
-                };
+                let shown = format!("{}:{t}", source.repository());
                 (t, shown)
             })
             .collect(),
