@@ -13,6 +13,7 @@ pub mod codec;
 pub mod crypto;
 pub mod error;
 pub mod id;
+pub mod localfile;
 pub mod oci;
 pub mod pipeline;
 pub mod progress;

@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 use tresor::cache::KnownChunks;
 use tresor::chunker::ChunkerParams;
 use tresor::crypto::Secret;
+use tresor::localfile::write_atomically;
 use tresor::progress::Progress;
 use tresor::repository::{InitOptions, Repository};
 use tresor::snapshot::{self, Filter, Kind, Listed};
@@ -950,13 +951,6 @@ fn write_json(path: Option<&std::path::Path>, value: &serde_json::Value) -> anyh
         Some(p) => write_atomically(p, text.as_bytes())?,
     }
     Ok(())
-}
-
-fn write_atomically(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, data)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// `2026-11-01`, RFC 3339, or an age such as `7d`, `12h`, `30m`.

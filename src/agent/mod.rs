@@ -24,6 +24,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::cache::KnownChunks;
 use crate::crypto::Secret;
 use crate::error::{Error, Result};
+use crate::localfile::write_atomically;
 use crate::progress::Progress;
 use crate::repository::Repository;
 use crate::store::{Store, StoreOptions};
@@ -554,11 +555,4 @@ fn write_metrics(path: &Path, metrics: &BTreeMap<String, JobMetrics>) -> Result<
         &|m| (m.bytes_read > 0).then(|| 1.0 - m.bytes_new as f64 / m.bytes_read as f64),
     );
     write_atomically(path, out.as_bytes())
-}
-
-fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, data)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| Error::io(path, e))
 }

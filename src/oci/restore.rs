@@ -22,6 +22,7 @@ use tokio::runtime::Handle;
 use super::registry::{sha256_digest, Registry};
 use super::{check_digest, load_record, ImageRecord, ImageTarget, Role, StoredBlob};
 use crate::error::{Error, Result};
+use crate::localfile::write_atomically;
 use crate::pipeline::{self, StreamReader};
 use crate::progress::Progress;
 use crate::repository::Repository;
@@ -333,11 +334,4 @@ fn write_blob(repo: &Arc<Repository>, rt: &Handle, blob: &StoredBlob, path: &Pat
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tresor-tmp");
-    std::fs::write(&tmp, data)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| Error::io(path, e))
 }

@@ -162,6 +162,10 @@ impl Layout {
                 j
             })
             .collect();
+        self.index_of(entries)
+    }
+
+    fn index_of(&self, entries: Vec<serde_json::Value>) -> Desc {
         let index = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -235,15 +239,7 @@ impl Layout {
                 j
             })
             .collect();
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": entries,
-        });
-        self.blob(
-            "application/vnd.oci.image.index.v1+json",
-            index.to_string().as_bytes(),
-        )
+        self.index_of(entries)
     }
 
     /// Names `d` as `tag` in index.json.
