@@ -125,6 +125,24 @@ pub fn walk_refs(
 
 /// The sha256 digest of a stored blob, reassembled from its (verified) chunks. Blocking.
 pub fn blob_digest(repo: &Arc<Repository>, rt: &Handle, blob: &StoredBlob) -> Result<String> {
+    copy_blob(
+        repo,
+        rt,
+        blob,
+        &mut std::io::sink(),
+        std::path::Path::new("/dev/null"),
+    )
+}
+
+/// Writes a stored blob to `out` from its (verified) chunks and returns its sha256 digest.
+/// `out_path` names `out` in errors. Blocking.
+pub(crate) fn copy_blob(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    blob: &StoredBlob,
+    out: &mut impl std::io::Write,
+    out_path: &std::path::Path,
+) -> Result<String> {
     use sha2::Digest;
     use std::io::Read;
     let mut reader = StreamReader::new(Arc::clone(repo), rt.clone(), blob.refs.clone(), 8);
@@ -136,6 +154,8 @@ pub fn blob_digest(repo: &Arc<Repository>, rt: &Handle, blob: &StoredBlob) -> Re
             break;
         }
         sha.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(|e| Error::io(out_path, e))?;
     }
     Ok(format!("sha256:{}", hex::encode(sha.finalize())))
 }

@@ -6,7 +6,6 @@
 //! its digest before it is pushed, and pulled back afterwards to prove the target serves the
 //! same bytes.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,14 +15,13 @@ use futures::StreamExt;
 use oci_client::errors::OciDistributionError;
 use oci_client::Reference;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 
 use super::registry::{sha256_digest, Registry};
 use super::{check_digest, load_record, ImageRecord, ImageTarget, Role, StoredBlob};
 use crate::error::{Error, Result};
 use crate::localfile::write_atomically;
-use crate::pipeline::{self, StreamReader};
+use crate::pipeline;
 use crate::progress::Progress;
 use crate::repository::Repository;
 use crate::snapshot::Listed;
@@ -309,18 +307,7 @@ fn write_blob(repo: &Arc<Repository>, rt: &Handle, blob: &StoredBlob, path: &Pat
     let tmp = path.with_extension("tresor-tmp");
     let result = (|| {
         let mut out = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut reader = StreamReader::new(Arc::clone(repo), rt.clone(), blob.refs.clone(), 8);
-        let mut sha = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buf).map_err(pipeline::from_io)?;
-            if n == 0 {
-                break;
-            }
-            sha.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(|e| Error::io(&tmp, e))?;
-        }
-        let actual = format!("sha256:{}", hex::encode(sha.finalize()));
+        let actual = super::copy_blob(repo, rt, blob, &mut out, &tmp)?;
         if actual != blob.digest {
             return Err(Error::Corrupt {
                 object: format!("blob {}", blob.digest),
