@@ -10,6 +10,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tresor::chunker::{Chunker, ChunkerParams, Mode};
 use tresor::codec;
+use tresor::crypto::{Cipher, MasterKey};
 use tresor::id::ChunkId;
 
 fn data() -> Vec<u8> {
@@ -78,15 +79,21 @@ fn bench(c: &mut Criterion) {
                 .sum::<usize>()
         })
     });
-    let key = tresor::crypto::MasterKey::generate();
-    g.bench_function("xchacha20poly1305_seal", |b| {
-        b.iter(|| {
-            pieces
-                .iter()
-                .map(|p| key.seal(b"chunks/aa/bb", p).len())
-                .sum::<usize>()
-        })
-    });
+    for cipher in [Cipher::XChaCha20Poly1305, Cipher::Aes256Gcm] {
+        let key = MasterKey::generate(cipher);
+        g.bench_function(format!("seal_{}", cipher.name()), |b| {
+            b.iter(|| {
+                pieces
+                    .iter()
+                    .map(|p| {
+                        let mut out = Vec::new();
+                        key.seal_into(b"chunks/aa/bb", p, &mut out);
+                        out.len()
+                    })
+                    .sum::<usize>()
+            })
+        });
+    }
     g.bench_function("chunk_hash_compress", |b| {
         b.iter(|| {
             chunks(&data)

@@ -4,7 +4,8 @@
 //! offset 0  4 bytes  magic "TRSR"
 //! offset 4  1 byte   envelope version (1)
 //! offset 5  1 byte   compression: 0 = none, 1 = zstd
-//! offset 6  1 byte   encryption: 0 = none, 1 = XChaCha20-Poly1305 (nonce, then ciphertext+tag)
+//! offset 6  1 byte   encryption: 0 = none, 1 = XChaCha20-Poly1305, 2 = AES-256-GCM with a
+//!                    nonce-derived key (both: 24-byte nonce, then ciphertext and 16-byte tag)
 //! offset 7  1 byte   reserved, 0
 //! offset 8  ...      payload
 //! ```
@@ -18,13 +19,11 @@
 
 use std::cell::RefCell;
 
-use crate::crypto::{self, MasterKey};
+use crate::crypto::{self, Cipher, MasterKey};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"TRSR";
 const VERSION: u8 = 1;
-/// Encryption byte of objects sealed with XChaCha20-Poly1305 ([`crate::crypto`]).
-const ENCRYPTED: u8 = 1;
 /// Length of the envelope header.
 pub const HEADER_LEN: usize = 8;
 
@@ -49,7 +48,7 @@ pub fn encode(payload: &[u8], level: Option<i32>, seal: Option<(&MasterKey, &str
         Some(c) => (Compression::Zstd, c.as_slice()),
         None => (Compression::None, payload),
     };
-    let encryption = if seal.is_some() { ENCRYPTED } else { 0 };
+    let encryption = seal.map_or(0, |(key, _)| key.cipher().scheme());
     let header = [
         MAGIC[0],
         MAGIC[1],
@@ -118,20 +117,31 @@ pub fn decode(
     }
     let (header, rest) = data.split_at(HEADER_LEN);
     // An opened payload is already a fresh buffer: it is handed over rather than copied.
-    let opened: Option<Vec<u8>> = match (header[6], key) {
-        (0, None) => None,
-        (ENCRYPTED, Some(key)) => Some(key.open(&aad(header, object), rest).ok_or_else(|| {
-            corrupt("authentication failed: the object was altered, truncated or moved".into())
-        })?),
-        (0, Some(_)) => {
+    let cipher = match header[6] {
+        0 => None,
+        e => Some(
+            Cipher::from_scheme(e)
+                .ok_or_else(|| corrupt(format!("unknown encryption scheme {e}")))?,
+        ),
+    };
+    let opened: Option<Vec<u8>> = match (cipher, key) {
+        (None, None) => None,
+        (Some(cipher), Some(key)) => Some(
+            key.open(cipher, &aad(header, object), rest)
+                .ok_or_else(|| {
+                    corrupt(
+                        "authentication failed: the object was altered, truncated or moved".into(),
+                    )
+                })?,
+        ),
+        (None, Some(_)) => {
             return Err(corrupt(
                 "object is not encrypted but the repository is; refusing it".into(),
             ))
         }
-        (ENCRYPTED, None) => {
+        (Some(_), None) => {
             return Err(corrupt("object is encrypted and no key was given".into()));
         }
-        (e, _) => return Err(corrupt(format!("unknown encryption scheme {e}"))),
     };
     let body = opened.as_deref().unwrap_or(rest);
     match header[5] {
@@ -174,7 +184,12 @@ mod tests {
 
     #[test]
     fn sealed_objects_are_bound_to_their_key_and_repository() {
-        let key = MasterKey::generate();
+        for cipher in [Cipher::XChaCha20Poly1305, Cipher::Aes256Gcm] {
+            sealed_objects_are_bound(MasterKey::generate(cipher));
+        }
+    }
+
+    fn sealed_objects_are_bound(key: MasterKey) {
         let text = b"marker ".repeat(100);
         let enc = encode(&text, Some(3), Some((&key, "chunks/aa/1")));
         assert_eq!(
@@ -187,6 +202,9 @@ mod tests {
         let mut header_flip = enc.clone();
         header_flip[5] = 0;
         assert!(decode("chunks/aa/1", &header_flip, 1 << 20, Some(&key)).is_err());
+        let mut cipher_flip = enc.clone();
+        cipher_flip[6] = 3 - cipher_flip[6];
+        assert!(decode("chunks/aa/1", &cipher_flip, 1 << 20, Some(&key)).is_err());
         let plain = encode(&text, Some(3), None);
         assert!(decode("chunks/aa/1", &plain, 1 << 20, Some(&key)).is_err());
         assert!(decode("chunks/aa/1", &enc, 1 << 20, None).is_err());

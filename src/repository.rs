@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunker::ChunkerParams;
 use crate::codec;
-use crate::crypto::{KeySlot, MasterKey, Secret, CIPHER};
+use crate::crypto::{Cipher, KeySlot, MasterKey, Secret};
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
 use crate::store::Store;
@@ -61,7 +61,7 @@ pub struct RepoConfig {
     /// zstd level; `None` stores chunks uncompressed.
     pub compression_level: Option<i32>,
     pub created: chrono::DateTime<chrono::Utc>,
-    /// The cipher of an encrypted repository ([`CIPHER`]); absent when unencrypted.
+    /// The cipher of an encrypted repository ([`Cipher::name`]); absent when unencrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<String>,
 }
@@ -125,7 +125,7 @@ impl Repository {
             chunker: options.chunker,
             compression_level: options.compression_level,
             created: chrono::Utc::now(),
-            encryption: secret.map(|_| CIPHER.to_string()),
+            encryption: secret.map(|_| Cipher::preferred().name().to_string()),
         };
         let mut repo = Repository {
             store,
@@ -134,7 +134,7 @@ impl Repository {
             slot: None,
         };
         if let Some(secret) = secret {
-            repo.key = Some(MasterKey::generate());
+            repo.key = Some(MasterKey::generate(Cipher::preferred()));
             repo.slot = Some(repo.add_key(secret).await?);
         }
         // The config goes last: a repository without one is not a repository yet.
@@ -192,15 +192,20 @@ impl Repository {
             key: None,
             slot: None,
         };
-        match repo.config.encryption.as_deref() {
+        match repo
+            .config
+            .encryption
+            .as_deref()
+            .map(|c| (c, Cipher::from_name(c)))
+        {
             None => {}
-            Some(CIPHER) => {
+            Some((_, Some(cipher))) => {
                 let secret = secret()?;
                 let (slot, key) = repo.unlock(&secret).await?;
-                repo.key = Some(key);
+                repo.key = Some(key.with_cipher(cipher));
                 repo.slot = Some(slot);
             }
-            Some(other) => {
+            Some((other, None)) => {
                 return Err(Error::UnsupportedFormat {
                     url,
                     found: repo.config.version,
@@ -580,6 +585,39 @@ mod tests {
             .await
             .unwrap();
         assert!(two.remove_key(two.key_slot().unwrap()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn repositories_of_either_cipher_open_and_read_both() {
+        let store = memory();
+        let repo = Repository::init(store.clone(), InitOptions::default(), Some(&key_file("k")))
+            .await
+            .unwrap();
+        let first = b"sealed with the preferred cipher".to_vec();
+        let first_id = repo.chunk_id(&first);
+        repo.put_chunk(&first_id, repo.encode_chunk(&first_id, &first))
+            .await
+            .unwrap();
+        // The same repository as an older build (or a CPU without AES) writes it.
+        let mut config = repo.config().clone();
+        config.encryption = Some(Cipher::XChaCha20Poly1305.name().into());
+        let json = serde_json::to_vec(&config).unwrap();
+        store
+            .put(CONFIG_KEY, codec::encode(&json, None, None).into())
+            .await
+            .unwrap();
+        let chacha = Repository::open(store.clone(), || Ok(key_file("k")))
+            .await
+            .unwrap();
+        let second = b"sealed with xchacha20".to_vec();
+        let second_id = chacha.chunk_id(&second);
+        let raw = chacha.encode_chunk(&second_id, &second);
+        assert_eq!(raw[6], Cipher::XChaCha20Poly1305.scheme());
+        chacha.put_chunk(&second_id, raw).await.unwrap();
+        for (id, data) in [(first_id, &first), (second_id, &second)] {
+            let raw = chacha.get_chunk_raw(&id).await.unwrap();
+            assert_eq!(&chacha.decode_chunk(&id, &raw).unwrap()[..], &data[..]);
+        }
     }
 
     fn memory() -> Store {
