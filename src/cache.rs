@@ -8,6 +8,10 @@
 //! The cache is saved only after a backup's chunks are all stored, so it never claims a chunk
 //! whose upload failed. Ids are added to the in-memory set when their upload starts, so a chunk
 //! seen twice in one run is uploaded once.
+//!
+//! `gc` deletes chunks, so the cache is saved with a fingerprint of the sweeps the repository had
+//! finished when the backup began (`known-chunks.gc`); when the repository's fingerprint differs
+//! the cache is rebuilt from a listing (see [`crate::gc`]).
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -19,29 +23,37 @@ use crate::id::ChunkId;
 use crate::repository::Repository;
 
 const FILE_NAME: &str = "known-chunks";
+const GC_FILE_NAME: &str = "known-chunks.gc";
 
 /// Ids of chunks stored in a repository; see the module docs.
 #[derive(Debug)]
 pub struct KnownChunks {
     set: Mutex<HashSet<ChunkId>>,
     file: Option<PathBuf>,
+    /// The gc fingerprint the set is valid for.
+    gc: String,
 }
 
 impl KnownChunks {
-    /// Loads the cache of `repo` from `cache_dir`, or lists the store when there is none.
-    /// With `cache_dir` unset nothing is read or saved on disk.
-    pub async fn load(repo: &Repository, cache_dir: Option<&Path>) -> Result<KnownChunks> {
+    /// Loads the cache of `repo` from `cache_dir` if it was saved under the gc fingerprint `gc`,
+    /// or lists the store. With `cache_dir` unset nothing is read or saved on disk.
+    pub async fn load(
+        repo: &Repository,
+        cache_dir: Option<&Path>,
+        gc: &str,
+    ) -> Result<KnownChunks> {
         let file = cache_dir.map(|d| d.join(&repo.config().id).join(FILE_NAME));
-        if let Some(set) = file.as_deref().and_then(read_cache_file) {
-            return Ok(KnownChunks {
-                set: Mutex::new(set),
-                file,
-            });
-        }
-        let set = repo.list_chunks().await?.into_iter().collect();
+        let cached = file.as_deref().filter(|f| {
+            std::fs::read_to_string(f.with_file_name(GC_FILE_NAME)).is_ok_and(|saved| saved == gc)
+        });
+        let set = match cached.and_then(read_cache_file) {
+            Some(set) => set,
+            None => repo.list_chunks().await?.into_iter().collect(),
+        };
         Ok(KnownChunks {
             set: Mutex::new(set),
             file,
+            gc: gc.to_string(),
         })
     }
 
@@ -50,7 +62,12 @@ impl KnownChunks {
         self.set.lock().expect("cache lock").insert(id)
     }
 
-    /// Forgets `id` (its upload failed).
+    /// Whether `id` is known.
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.set.lock().expect("cache lock").contains(id)
+    }
+
+    /// Forgets `id` (its upload failed, or `gc` condemned it).
     pub fn remove(&self, id: &ChunkId) {
         self.set.lock().expect("cache lock").remove(id);
     }
@@ -84,7 +101,9 @@ impl KnownChunks {
         write().map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             Error::io(file, e)
-        })
+        })?;
+        let gc_file = file.with_file_name(GC_FILE_NAME);
+        crate::localfile::write_atomically(&gc_file, self.gc.as_bytes())
     }
 }
 

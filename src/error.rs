@@ -55,6 +55,14 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    #[error(
+        "the store refused to delete {key}: this credential may create and read but not delete"
+    )]
+    DeleteRefused { key: String },
+
+    #[error("backup session {session} could not reach the store for {silent_secs} s, so `gc` may treat it as dead; its snapshot was not written")]
+    LeaseLost { session: String, silent_secs: u64 },
+
     #[error("object {key} is missing from the store")]
     Missing { key: String },
 
@@ -133,7 +141,10 @@ impl Error {
             Error::NotARepository { .. }
             | Error::AlreadyInitialized { .. }
             | Error::UnsupportedFormat { .. } => ErrorKind::Repository,
-            Error::Store { .. } | Error::Registry { .. } => ErrorKind::Store,
+            Error::Store { .. }
+            | Error::Registry { .. }
+            | Error::DeleteRefused { .. }
+            | Error::LeaseLost { .. } => ErrorKind::Store,
             Error::DigestMismatch { .. } => ErrorKind::Integrity,
             Error::Missing { .. } | Error::Corrupt { .. } => ErrorKind::Integrity,
             Error::Io { .. } => ErrorKind::Io,
@@ -147,6 +158,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self.root() {
             Error::Registry { transient, .. } => *transient,
+            Error::DeleteRefused { .. } => false,
             _ => matches!(self.kind(), ErrorKind::Store | ErrorKind::Io),
         }
     }
@@ -165,6 +177,10 @@ impl Error {
                 "the repository is damaged; run `tresor verify --read-data` to see which snapshots are affected",
             ),
             Error::Store { .. } => Some("check the store's endpoint, credentials and permissions"),
+            Error::DeleteRefused { .. } => Some(
+                "agents may hold append-only credentials; run `forget` and `gc` from an admin host with a credential that may delete",
+            ),
+            Error::LeaseLost { .. } => Some("check the connection to the store, then run the backup again"),
             Error::AmbiguousSnapshot { .. } => Some("give more characters of the snapshot id"),
             Error::SnapshotNotFound(_) => Some("list snapshots with `tresor snapshots`"),
             _ => None,

@@ -12,6 +12,7 @@ pub mod chunker;
 pub mod codec;
 pub mod crypto;
 pub mod error;
+pub mod gc;
 pub mod id;
 pub mod localfile;
 pub mod oci;

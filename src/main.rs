@@ -9,9 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use tresor::cache::KnownChunks;
 use tresor::chunker::ChunkerParams;
 use tresor::crypto::Secret;
+use tresor::gc::Session;
 use tresor::localfile::write_atomically;
 use tresor::progress::Progress;
 use tresor::repository::{InitOptions, Repository};
@@ -93,6 +93,9 @@ enum Command {
     Forget(ForgetArgs),
     /// Protect a snapshot from `forget` (or lift the protection with --remove).
     Protect(ProtectArgs),
+    /// Delete chunks and blob indexes no snapshot uses, safely while other hosts back up:
+    /// condemn now, delete on a run at least --grace later.
+    Gc(GcArgs),
     /// Check that snapshots can be restored; exit 0 if all is well, 1 on problems, 2 if the
     /// check could not run.
     Verify(VerifyArgs),
@@ -346,6 +349,22 @@ enum LogFormat {
 }
 
 #[derive(Args)]
+struct GcArgs {
+    #[command(flatten)]
+    out: JsonFlag,
+    /// Data younger than this is never condemned, and what a run condemns is deleted by the
+    /// first run at least this much later (0s: in the same run, once no older backup runs).
+    #[arg(long, default_value = "1h")]
+    grace: String,
+    /// Report what would be condemned and deleted; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// How long a sweep waits for running backups to declare chunks they reuse.
+    #[arg(long, default_value = "30s", hide = true)]
+    declare_window: String,
+}
+
+#[derive(Args)]
 struct ForgetArgs {
     #[command(flatten)]
     out: JsonFlag,
@@ -480,6 +499,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ls(a) => a.out.json,
         Command::Agent(_) | Command::Protect(_) => false,
         Command::Forget(a) => a.out.json,
+        Command::Gc(a) => a.out.json,
         Command::Snapshots(a) => a.out.json,
         Command::Restore(RestoreCommand::Volume(a)) => a.out.json,
         Command::Key(KeyCommand::List(out) | KeyCommand::Remove { out, .. }) => out.json,
@@ -500,7 +520,70 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(args) => agent(args).await,
         Command::Forget(args) => forget(g, args).await,
         Command::Protect(args) => protect(g, args).await,
+        Command::Gc(args) => gc(g, args).await,
     }
+}
+
+async fn gc(g: &Global, args: &GcArgs) -> anyhow::Result<ExitCode> {
+    let duration = |flag: &str, v: &str| {
+        tresor::agent::config::parse_duration(v).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+    };
+    let options = tresor::gc::GcOptions {
+        grace: duration("--grace", &args.grace)?,
+        dry_run: args.dry_run,
+        declare_window: duration("--declare-window", &args.declare_window)?,
+    };
+    let repo = open(g).await?;
+    let rt = tokio::runtime::Handle::current();
+    let report =
+        tokio::task::spawn_blocking(move || tresor::gc::run(&repo, &rt, &options)).await??;
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let would = if report.dry_run { "would " } else { "" };
+    println!(
+        "{} snapshots use {} of {} stored chunks ({})",
+        report.snapshots,
+        report.chunks_referenced,
+        report.chunks_stored,
+        human_bytes(report.bytes_stored)
+    );
+    match &report.condemned {
+        Some(p) => println!(
+            "{}condemned {} chunks ({}) and {} blob indexes in plan {}",
+            if report.dry_run { "would have " } else { "" },
+            p.chunks,
+            human_bytes(p.bytes),
+            p.blob_indexes,
+            p.id
+        ),
+        None => println!("nothing new to condemn"),
+    }
+    for s in &report.swept {
+        println!(
+            "plan {}: {would}deleted {} chunks ({}) and {} blob indexes; kept {} that running backups reuse and {} that newer snapshots use",
+            s.plan,
+            s.chunks_deleted,
+            human_bytes(s.bytes_freed),
+            s.blob_indexes_deleted,
+            s.kept_rescued,
+            s.kept_referenced
+        );
+    }
+    for w in &report.waiting {
+        println!("plan {} waits: {}", w.plan, w.reason);
+        for s in &w.sessions {
+            println!("  {s}");
+        }
+    }
+    if report.sessions_removed > 0 {
+        println!(
+            "removed {} ended backup session records",
+            report.sessions_removed
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn forget(g: &Global, args: &ForgetArgs) -> anyhow::Result<ExitCode> {
@@ -574,7 +657,7 @@ async fn forget(g: &Global, args: &ForgetArgs) -> anyhow::Result<ExitCode> {
         } else {
             "removed"
         };
-        println!("{verb} {removed} snapshots; their data stays in the store until garbage collection (not yet available)");
+        println!("{verb} {removed} snapshots; `tresor gc` frees the data only they used");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -626,9 +709,28 @@ async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn backup_image(g: &Global, args: &BackupImageArgs) -> anyhow::Result<ExitCode> {
-    use tresor::oci::{ImageBackupOptions, ImageSource};
     let repo = open(g).await?;
-    let known = Arc::new(KnownChunks::load(&repo, cache_dir(g).as_deref()).await?);
+    let session = Arc::new(
+        Session::start(
+            Arc::clone(&repo),
+            cache_dir(g).as_deref(),
+            &format!("backup image {}", args.images.join(" ")),
+        )
+        .await?,
+    );
+    let result = backup_images(g, args, &session).await;
+    session
+        .finish(matches!(result, Ok(ExitCode::SUCCESS)))
+        .await;
+    result
+}
+
+async fn backup_images(
+    g: &Global,
+    args: &BackupImageArgs,
+    session: &Arc<Session>,
+) -> anyhow::Result<ExitCode> {
+    use tresor::oci::{ImageBackupOptions, ImageSource};
     let tag_filter = args
         .tags
         .as_deref()
@@ -651,9 +753,9 @@ async fn backup_image(g: &Global, args: &BackupImageArgs) -> anyhow::Result<Exit
         };
         let progress = Progress::new(!g.quiet, &format!("backup {image}"), None);
         let rt = tokio::runtime::Handle::current();
-        let (repo, known, p) = (Arc::clone(&repo), Arc::clone(&known), progress.clone());
+        let (session, p) = (Arc::clone(session), progress.clone());
         let results = tokio::task::spawn_blocking(move || {
-            tresor::oci::backup(&repo, &known, &rt, &registry, &options, &p)
+            tresor::oci::backup(&session, &rt, &registry, &options, &p)
         })
         .await??;
         progress.finish();
@@ -1214,7 +1316,14 @@ async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode> {
 
 async fn backup_volume(g: &Global, args: &BackupVolumeArgs) -> anyhow::Result<ExitCode> {
     let repo = open(g).await?;
-    let known = Arc::new(KnownChunks::load(&repo, cache_dir(g).as_deref()).await?);
+    let session = Arc::new(
+        Session::start(
+            Arc::clone(&repo),
+            cache_dir(g).as_deref(),
+            &format!("backup volume {}", args.name),
+        )
+        .await?,
+    );
     let options = BackupOptions {
         name: args.name.clone(),
         path: args.path.clone(),
@@ -1227,9 +1336,11 @@ async fn backup_volume(g: &Global, args: &BackupVolumeArgs) -> anyhow::Result<Ex
     let progress = Progress::new(!g.quiet, &format!("backup {}", args.name), None);
     let rt = tokio::runtime::Handle::current();
     let p = progress.clone();
-    let listed =
-        tokio::task::spawn_blocking(move || volume::backup(&repo, &known, &rt, &options, &p))
-            .await??;
+    let s2 = Arc::clone(&session);
+    let result =
+        tokio::task::spawn_blocking(move || volume::backup(&s2, &rt, &options, &p)).await?;
+    session.finish(result.is_ok()).await;
+    let listed = result?;
     progress.finish();
     let s = &listed.snapshot;
     if g.json {

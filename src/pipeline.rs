@@ -23,9 +23,9 @@ use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::cache::KnownChunks;
 use crate::chunker::{Chunker, Mode};
 use crate::error::{Error, Result};
+use crate::gc::{Claim, Session};
 use crate::id::{is_all_zero, ChunkRef};
 use crate::repository::Repository;
 
@@ -104,7 +104,7 @@ impl Budget {
 
 struct Shared {
     repo: Arc<Repository>,
-    known: Arc<KnownChunks>,
+    session: Arc<Session>,
     budget: Budget,
     requests: Arc<Semaphore>,
     failure: Mutex<Option<Error>>,
@@ -119,16 +119,12 @@ pub struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    pub fn new(
-        repo: Arc<Repository>,
-        known: Arc<KnownChunks>,
-        rt: Handle,
-        in_flight: usize,
-    ) -> Self {
+    /// A writer storing the chunks of backup `session`.
+    pub fn new(session: Arc<Session>, rt: Handle, in_flight: usize) -> Self {
         ChunkWriter {
             shared: Arc::new(Shared {
-                repo,
-                known,
+                repo: Arc::clone(session.repo()),
+                session,
                 budget: Budget {
                     limit: in_flight,
                     used: Mutex::new(0),
@@ -144,6 +140,11 @@ impl ChunkWriter {
 
     pub fn repo(&self) -> &Arc<Repository> {
         &self.shared.repo
+    }
+
+    /// The backup session this writer stores for.
+    pub fn session(&self) -> &Arc<Session> {
+        &self.shared.session
     }
 
     pub fn stats(&self) -> &WriteStats {
@@ -168,7 +169,8 @@ impl ChunkWriter {
             return Ok(ChunkRef::zero(len32));
         }
         let id = shared.repo.chunk_id(&data);
-        if !shared.known.insert(id) {
+        let claim = shared.session.claim(id);
+        if claim == Claim::Known {
             shared.stats.chunks_dedup.fetch_add(1, Ordering::Relaxed);
             shared
                 .stats
@@ -185,7 +187,13 @@ impl ChunkWriter {
             rt.spawn(async move {
                 let uploaded = encoded.len() as u64;
                 let permit = shared.requests.clone().acquire_owned().await;
-                let result = shared.repo.put_chunk(&id, encoded).await;
+                let result = match claim {
+                    Claim::Condemned => match shared.session.rescue(&id).await {
+                        Ok(()) => shared.repo.put_chunk(&id, encoded).await,
+                        Err(e) => Err(e),
+                    },
+                    _ => shared.repo.put_chunk(&id, encoded).await,
+                };
                 drop(permit);
                 match result {
                     Ok(()) => {
@@ -195,7 +203,7 @@ impl ChunkWriter {
                         s.bytes_uploaded.fetch_add(uploaded, Ordering::Relaxed);
                     }
                     Err(e) => {
-                        shared.known.remove(&id);
+                        shared.session.unclaim(&id);
                         shared
                             .failure
                             .lock()
@@ -392,8 +400,11 @@ mod tests {
             rt.block_on(Repository::init(store, InitOptions::default(), None))
                 .unwrap(),
         );
-        let known = Arc::new(rt.block_on(KnownChunks::load(&repo, None)).unwrap());
-        let writer = ChunkWriter::new(repo.clone(), known, rt.handle().clone(), 8 << 20);
+        let session = Arc::new(
+            rt.block_on(Session::start(repo.clone(), None, "test"))
+                .unwrap(),
+        );
+        let writer = ChunkWriter::new(session, rt.handle().clone(), 8 << 20);
 
         let mut data: Vec<u8> = (0..6_000_000u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)

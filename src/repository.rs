@@ -13,6 +13,11 @@
 //! protected/<64 hex>      empty: the snapshot of that id is protected from `forget`
 //! snapshots/<64 hex>      one snapshot record (JSON in an envelope, sealed); the key is the
 //!                         (keyed) BLAKE3 of the record
+//! verify/<time>-<rand>    the record of one verification run (sealed JSON)
+//! sessions/<time>-<rand>  a running or ended backup session (sealed JSON), see [`crate::session`]
+//! gc/plans/<id>           chunks and blob indexes condemned by a `gc` run (sealed CBOR)
+//! gc/sweeping/<id>        empty: a `gc` run is deleting what plan <id> condemned
+//! gc/done/<id>            empty: plan <id> is swept; see [`crate::gc`]
 //! ```
 //! Everything a snapshot references (file contents, its catalog or block ref list) is made of
 //! chunks, so a repository has exactly two kinds of data object.
@@ -49,7 +54,20 @@ pub const PROTECTED_PREFIX: &str = "protected";
 pub const VERIFY_PREFIX: &str = "verify";
 /// Store prefix of snapshot records.
 pub const SNAPSHOTS_PREFIX: &str = "snapshots";
+/// Store prefix of backup session records.
+pub const SESSIONS_PREFIX: &str = "sessions";
+/// Store prefix of garbage collection plans and their markers.
+pub const GC_PREFIX: &str = "gc";
 const MAX_RECORD_LEN: usize = 64 << 20;
+
+/// A unique object name that sorts by `time`.
+pub fn time_name(time: chrono::DateTime<chrono::Utc>) -> String {
+    format!(
+        "{}-{}",
+        time.format("%Y%m%dT%H%M%S%.6fZ"),
+        hex::encode(rand::random::<[u8; 4]>())
+    )
+}
 
 /// The repository's `config` object.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -449,7 +467,26 @@ impl Repository {
             .collect())
     }
 
-    fn blob_index_key(&self, digest: &str) -> String {
+    /// Writes a small record object (a session, a gc plan), sealed in an encrypted repository.
+    pub async fn put_record(&self, key: &str, record: &[u8]) -> Result<()> {
+        let seal = self.key.as_ref().map(|k| (k, key));
+        let encoded = codec::encode(record, self.config.compression_level, seal);
+        self.store.put(key, encoded.into()).await
+    }
+
+    /// Reads a record written by [`Repository::put_record`]; `None` if it does not exist.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] naming the object when it does not open or decode.
+    pub async fn get_record(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match self.store.get_opt(key).await? {
+            Some(raw) => codec::decode(key, &raw, MAX_RECORD_LEN, self.key.as_ref()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The store key of an OCI blob's index object.
+    pub fn blob_index_key(&self, digest: &str) -> String {
         format!(
             "{BLOBS_PREFIX}/{}",
             self.chunk_id(digest.as_bytes()).to_hex()
@@ -459,10 +496,7 @@ impl Repository {
     /// Stores the index object of an OCI blob (its chunk refs), sealed. Callers must have stored
     /// and synced its chunks.
     pub async fn put_blob_index(&self, digest: &str, record: &[u8]) -> Result<()> {
-        let key = self.blob_index_key(digest);
-        let seal = self.key.as_ref().map(|k| (k, key.as_str()));
-        let encoded = codec::encode(record, self.config.compression_level, seal);
-        self.store.put(&key, encoded.into()).await
+        self.put_record(&self.blob_index_key(digest), record).await
     }
 
     /// The index object of an OCI blob, if one is stored and readable. A damaged one reads as
@@ -488,14 +522,8 @@ impl Repository {
         time: chrono::DateTime<chrono::Utc>,
         record: &[u8],
     ) -> Result<()> {
-        let key = format!(
-            "{VERIFY_PREFIX}/{}-{}",
-            time.format("%Y%m%dT%H%M%S%.6fZ"),
-            hex::encode(rand::random::<[u8; 4]>())
-        );
-        let seal = self.key.as_ref().map(|k| (k, key.as_str()));
-        let encoded = codec::encode(record, self.config.compression_level, seal);
-        self.store.put(&key, encoded.into()).await
+        let key = format!("{VERIFY_PREFIX}/{}", time_name(time));
+        self.put_record(&key, record).await
     }
 
     /// Every verification run record, oldest first. Unreadable records are skipped with a

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -36,6 +36,14 @@ pub struct StoreOptions {
     pub region: Option<String>,
     /// Allow plain HTTP (only sensible on loopback or a trusted network).
     pub allow_http: bool,
+}
+
+/// One object of a listing.
+#[derive(Clone, Debug)]
+pub struct Listing {
+    pub key: String,
+    pub size: u64,
+    pub modified: chrono::DateTime<chrono::Utc>,
 }
 
 /// A repository's object store.
@@ -135,6 +143,19 @@ impl Store {
         })
     }
 
+    /// This store with its backend wrapped by `wrap`: how tests put a fault-injecting layer
+    /// (an append-only credential, failing requests) in front of a real store.
+    pub fn wrapped(
+        &self,
+        wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>,
+    ) -> Store {
+        Store {
+            inner: wrap(Arc::clone(&self.inner)),
+            url: self.url.clone(),
+            local_root: self.local_root.clone(),
+        }
+    }
+
     /// The normalised URL, for messages.
     pub fn url(&self) -> &str {
         &self.url
@@ -169,11 +190,66 @@ impl Store {
     }
 
     /// Deletes an object; deleting a missing object is not an error.
+    ///
+    /// # Errors
+    /// [`Error::DeleteRefused`] when the credential may not delete (an append-only agent),
+    /// [`Error::Store`] otherwise.
     pub async fn delete(&self, key: &str) -> Result<()> {
         match self.inner.delete(&StorePath::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_err("delete", key, e)),
+            Err(e) => Err(delete_err(key, e)),
         }
+    }
+
+    /// Deletes many objects (S3 `DeleteObjects`, up to 1000 keys a request), calling `done` with
+    /// the number deleted so far; missing objects count as deleted.
+    ///
+    /// # Errors
+    /// As [`Store::delete`], for the first key that fails; keys before it may be deleted.
+    pub async fn delete_many(&self, keys: Vec<String>, mut done: impl FnMut(u64)) -> Result<u64> {
+        let paths = futures::stream::iter(keys.into_iter().map(|k| Ok(StorePath::from(k))));
+        let mut results = self.inner.delete_stream(Box::pin(paths));
+        let mut n = 0;
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    let key = match &e {
+                        object_store::Error::PermissionDenied { path, .. } => path.clone(),
+                        _ => "(one of many)".to_string(),
+                    };
+                    return Err(delete_err(&key, e));
+                }
+            }
+            n += 1;
+            done(n);
+        }
+        Ok(n)
+    }
+
+    /// The store's clock: the modification time of `key`, or `None` if it does not exist.
+    pub async fn modified(&self, key: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        match self.inner.head(&StorePath::from(key)).await {
+            Ok(meta) => Ok(Some(meta.last_modified)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err("head", key, e)),
+        }
+    }
+
+    /// Like [`Store::list`], with each object's modification time (the store's clock).
+    pub async fn list_modified(&self, prefix: &str) -> Result<Vec<Listing>> {
+        let path = StorePath::from(prefix);
+        self.inner
+            .list(Some(&path))
+            .map_ok(|meta| Listing {
+                key: meta.location.to_string(),
+                size: meta.size,
+                modified: meta.last_modified,
+            })
+            .try_collect()
+            .await
+            .map_err(|e| store_err("list", prefix, e))
     }
 
     /// Lists every key under `prefix` (recursively) with its size, in no particular order.
@@ -199,6 +275,16 @@ impl Store {
         })
         .await
         .expect("syncfs task panicked")
+    }
+}
+
+fn delete_err(key: &str, e: object_store::Error) -> Error {
+    match e {
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => Error::DeleteRefused {
+            key: key.to_string(),
+        },
+        e => store_err("delete", key, e),
     }
 }
 

@@ -7,9 +7,9 @@ use std::fs;
 use std::sync::Arc;
 
 use common::*;
-use tresor::cache::KnownChunks;
 use tresor::catalog::{write_entry, Entry, EntryKind};
 use tresor::chunker::Mode;
+use tresor::gc::Session;
 use tresor::pipeline::{ChunkWriter, StreamWriter};
 use tresor::snapshot::{Kind, RootFormat, Snapshot, Summary, RECORD_VERSION};
 
@@ -38,8 +38,11 @@ fn entry(path: &[u8], kind: EntryKind) -> Entry {
 fn craft(env: &Env, name: &str, entries: Vec<Entry>, payload: &[u8]) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let repo = Arc::new(env.open_repo(&rt));
-    let known = Arc::new(rt.block_on(KnownChunks::load(&repo, None)).unwrap());
-    let writer = ChunkWriter::new(repo.clone(), known, rt.handle().clone(), 1 << 20);
+    let session = Arc::new(
+        rt.block_on(Session::start(repo.clone(), None, "test"))
+            .unwrap(),
+    );
+    let writer = ChunkWriter::new(session, rt.handle().clone(), 1 << 20);
     let mut content = StreamWriter::new(&writer, Mode::ContentDefined);
     content.write_all(payload).unwrap();
     let (refs, len) = content.finish().unwrap();

@@ -289,11 +289,11 @@ fn image_blob_that_reassembles_wrong_is_named_on_full_read() {
     let env = Env::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let repo = Arc::new(env.open_repo(&rt));
-    let known = Arc::new(
-        rt.block_on(tresor::cache::KnownChunks::load(&repo, None))
+    let session = Arc::new(
+        rt.block_on(tresor::gc::Session::start(repo.clone(), None, "test"))
             .unwrap(),
     );
-    let writer = ChunkWriter::new(repo.clone(), known, rt.handle().clone(), 1 << 20);
+    let writer = ChunkWriter::new(session, rt.handle().clone(), 1 << 20);
     let mut data = StreamWriter::new(&writer, Mode::ContentDefined);
     data.write_all(b"not the layer you are looking for")
         .unwrap();

@@ -21,9 +21,9 @@ use chrono::{DateTime, Local};
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cache::KnownChunks;
 use crate::crypto::Secret;
 use crate::error::{Error, Result};
+use crate::gc::Session;
 use crate::localfile::write_atomically;
 use crate::progress::Progress;
 use crate::repository::Repository;
@@ -330,6 +330,71 @@ fn run_with_retries(ctx: &Context, rt: &Handle, name: &str) -> bool {
 }
 
 /// One attempt at a job.
+/// What an image job backs up.
+struct ImageJob<'a> {
+    images: &'a [String],
+    tags_regex: Option<&'a str>,
+    platforms: &'a [String],
+    /// This agent's host name, recorded in the snapshots.
+    host: &'a str,
+    tags: &'a [String],
+}
+
+/// Backs up every image of an image job within `session`: the snapshots made, and the images
+/// that failed.
+fn image_job(
+    ctx: &Context,
+    rt: &Handle,
+    session: &Arc<Session>,
+    job: &ImageJob,
+) -> Result<(Vec<crate::snapshot::Listed>, Vec<String>)> {
+    let filter = job
+        .tags_regex
+        .map(regex::Regex::new)
+        .transpose()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let mut listed = Vec::new();
+    let mut failures = Vec::new();
+    for image in job.images {
+        let source = crate::oci::ImageSource::parse(image)?;
+        let registry_host = source.registry_host().unwrap_or_default().to_string();
+        let host_cfg = ctx
+            .config
+            .registries
+            .get(&registry_host)
+            .cloned()
+            .unwrap_or_default();
+        let registry =
+            crate::oci::registry::Registry::new(&crate::oci::registry::RegistryOptions {
+                insecure: if host_cfg.insecure {
+                    vec![registry_host.clone()]
+                } else {
+                    Vec::new()
+                },
+                creds: None,
+                auth_file: host_cfg.auth_file.clone(),
+                ca_file: host_cfg.ca_file.clone(),
+                attempts: 5,
+            })?;
+        let options = crate::oci::ImageBackupOptions {
+            source,
+            tag_filter: filter.clone(),
+            platforms: job.platforms.to_vec(),
+            host: job.host.to_string(),
+            tags: job.tags.to_vec(),
+        };
+        for (reference, result) in
+            crate::oci::backup(session, rt, &registry, &options, &Progress::hidden())?
+        {
+            match result {
+                Ok(l) => listed.push(l),
+                Err(e) => failures.push(format!("{reference}: {e}")),
+            }
+        }
+    }
+    Ok((listed, failures))
+}
+
 fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Result<Outcome> {
     let repo = &ctx.repo;
     let host = gethostname::gethostname().to_string_lossy().into_owned();
@@ -351,8 +416,11 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             let result = pre_result
                 .map_err(|e| e.context(format!("job {}: pre hook failed; job skipped", job.name)))
                 .and_then(|()| {
-                    let known =
-                        Arc::new(rt.block_on(KnownChunks::load(repo, Some(&ctx.cache_dir)))?);
+                    let session = Arc::new(rt.block_on(Session::start(
+                        Arc::clone(repo),
+                        Some(&ctx.cache_dir),
+                        &format!("agent job {}", job.name),
+                    ))?);
                     let options = crate::volume::BackupOptions {
                         name: job.name.clone(),
                         path: path.clone(),
@@ -362,7 +430,9 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
                         strict: *strict,
                         use_parent: true,
                     };
-                    crate::volume::backup(repo, &known, rt, &options, &Progress::hidden())
+                    let result = crate::volume::backup(&session, rt, &options, &Progress::hidden());
+                    rt.block_on(session.finish(result.is_ok()));
+                    result
                 });
             let post_result = post.as_ref().map(|cmd| hook(&job.name, "post", cmd));
             let listed = result?;
@@ -378,53 +448,25 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             tags_regex,
             platforms,
         } => {
-            let known = Arc::new(rt.block_on(KnownChunks::load(repo, Some(&ctx.cache_dir)))?);
-            let filter = tags_regex
-                .as_deref()
-                .map(regex::Regex::new)
-                .transpose()
-                .map_err(|e| Error::Config(e.to_string()))?;
-            let mut failures = Vec::new();
-            for image in images {
-                let source = crate::oci::ImageSource::parse(image)?;
-                let host = source.registry_host().unwrap_or_default().to_string();
-                let host_cfg = ctx
-                    .config
-                    .registries
-                    .get(&host)
-                    .cloned()
-                    .unwrap_or_default();
-                let registry =
-                    crate::oci::registry::Registry::new(&crate::oci::registry::RegistryOptions {
-                        insecure: if host_cfg.insecure {
-                            vec![host.clone()]
-                        } else {
-                            Vec::new()
-                        },
-                        creds: None,
-                        auth_file: host_cfg.auth_file.clone(),
-                        ca_file: host_cfg.ca_file.clone(),
-                        attempts: 5,
-                    })?;
-                let options = crate::oci::ImageBackupOptions {
-                    source,
-                    tag_filter: filter.clone(),
-                    platforms: platforms.clone(),
-                    host: host.clone(),
-                    tags: tags.to_vec(),
-                };
-                for (reference, result) in
-                    crate::oci::backup(repo, &known, rt, &registry, &options, &Progress::hidden())?
-                {
-                    match result {
-                        Ok(listed) => {
-                            outcome.bytes_read += listed.snapshot.summary.bytes_read;
-                            outcome.bytes_new += listed.snapshot.summary.chunks.bytes_new;
-                            outcome.snapshots.push(listed.id);
-                        }
-                        Err(e) => failures.push(format!("{reference}: {e}")),
-                    }
-                }
+            let session = Arc::new(rt.block_on(Session::start(
+                Arc::clone(repo),
+                Some(&ctx.cache_dir),
+                &format!("agent job {}", job.name),
+            ))?);
+            let what = ImageJob {
+                images,
+                tags_regex: tags_regex.as_deref(),
+                platforms,
+                host: &host,
+                tags,
+            };
+            let result = image_job(ctx, rt, &session, &what);
+            rt.block_on(session.finish(result.as_ref().is_ok_and(|(_, f)| f.is_empty())));
+            let (listed, failures) = result?;
+            for l in listed {
+                outcome.bytes_read += l.snapshot.summary.bytes_read;
+                outcome.bytes_new += l.snapshot.summary.chunks.bytes_new;
+                outcome.snapshots.push(l.id);
             }
             if !failures.is_empty() {
                 return Err(Error::Config(format!(

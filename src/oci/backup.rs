@@ -17,9 +17,9 @@ use super::{
     check_digest, is_index, media_type_of, BlobIndex, ImageRecord, ImageSource, Role, StoredBlob,
     StoredManifest,
 };
-use crate::cache::KnownChunks;
 use crate::chunker::Mode;
 use crate::error::{Error, Result};
+use crate::gc::Session;
 use crate::pipeline::{ChunkWriter, StreamWriter, DEFAULT_IN_FLIGHT};
 use crate::progress::Progress;
 use crate::repository::Repository;
@@ -41,14 +41,14 @@ pub struct ImageBackupOptions {
     pub tags: Vec<String>,
 }
 
-/// Backs up every image the source names: one snapshot per image reference. Each result says
-/// which reference it is for; one failing image does not stop the others. Blocking.
+/// Backs up every image the source names within backup `session`: one snapshot per image
+/// reference. Each result says which reference it is for; one failing image does not stop the
+/// others. Blocking. The caller ends the session ([`Session::finish`]).
 ///
 /// # Errors
 /// Only when the source cannot be enumerated (tags cannot be listed).
 pub fn backup(
-    repo: &Arc<Repository>,
-    known: &Arc<KnownChunks>,
+    session: &Arc<Session>,
     rt: &Handle,
     registry: &Registry,
     options: &ImageBackupOptions,
@@ -97,7 +97,7 @@ pub fn backup(
             Some(d) => By::Digest(d),
             None => By::Tag(&name),
         };
-        let result = backup_one(repo, known, rt, &source, by, &shown, options, progress);
+        let result = backup_one(session, rt, &source, by, &shown, options, progress);
         if let Err(e) = &result {
             tracing::warn!("image {shown}: {e}");
         }
@@ -161,8 +161,7 @@ struct Run<'a> {
 
 #[allow(clippy::too_many_arguments)]
 fn backup_one(
-    repo: &Arc<Repository>,
-    known: &Arc<KnownChunks>,
+    session: &Arc<Session>,
     rt: &Handle,
     source: &Source,
     by: By,
@@ -171,16 +170,12 @@ fn backup_one(
     progress: &Progress,
 ) -> Result<Listed> {
     let started = Instant::now();
+    let repo = session.repo();
     let mut run = Run {
         repo,
         rt,
         source,
-        writer: ChunkWriter::new(
-            Arc::clone(repo),
-            Arc::clone(known),
-            rt.clone(),
-            DEFAULT_IN_FLIGHT,
-        ),
+        writer: ChunkWriter::new(Arc::clone(session), rt.clone(), DEFAULT_IN_FLIGHT),
         platforms: &options.platforms,
         progress,
         manifests: Vec::new(),
@@ -266,10 +261,8 @@ fn backup_one(
         }),
         errors: Vec::new(),
     };
+    session.check_lease()?;
     let id = rt.block_on(snapshot.save(repo))?;
-    if let Err(e) = known.save() {
-        tracing::warn!("could not save the chunk cache: {e}");
-    }
     Ok(Listed { id, snapshot })
 }
 
@@ -386,7 +379,11 @@ impl Run<'_> {
         }
         if let Some(json) = self.rt.block_on(self.repo.get_blob_index(digest))? {
             if let Ok(index) = serde_json::from_slice::<BlobIndex>(&json) {
-                if index.digest == digest && index.size == size {
+                let key = self.repo.blob_index_key(digest);
+                if index.digest == digest
+                    && index.size == size
+                    && self.writer.session().index_usable(&key, &index.refs)
+                {
                     self.blobs.push(StoredBlob {
                         digest: index.digest,
                         size,

@@ -150,6 +150,7 @@ impl Walker<'_> {
                     && p.mtime_ns == entry.mtime_ns
                     && p.ctime_ns == entry.ctime_ns
                     && p.ino == entry.ino
+                    && self.writer.session().refs_usable(&p.content)
             }),
             None => None,
         };

@@ -18,9 +18,9 @@ use tokio::runtime::Handle;
 
 pub use restore::{RestoreOptions, RestoreReport};
 
-use crate::cache::KnownChunks;
 use crate::catalog::{CatalogReader, PreviousCatalog};
 use crate::error::{Error, Result};
+use crate::gc::Session;
 use crate::id::ChunkRef;
 use crate::pipeline::{ChunkWriter, StreamReader, DEFAULT_IN_FLIGHT};
 use crate::progress::Progress;
@@ -42,28 +42,24 @@ pub struct BackupOptions {
     pub use_parent: bool,
 }
 
-/// Backs up a volume and writes its snapshot record, after every chunk it references is stored.
-/// Blocking: call it from a thread that may block, with a handle to the runtime.
+/// Backs up a volume within backup `session` and writes its snapshot record, after every chunk
+/// it references is stored. Blocking: call it from a thread that may block, with a handle to
+/// the runtime. The caller ends the session ([`Session::finish`]).
 ///
 /// # Errors
 /// [`Error::Io`] when the source path cannot be read at all; store errors; with `strict`, the
-/// first unreadable entry.
+/// first unreadable entry; [`Error::LeaseLost`] when the session lost touch with the store.
 pub fn backup(
-    repo: &Arc<Repository>,
-    known: &Arc<KnownChunks>,
+    session: &Arc<Session>,
     rt: &Handle,
     options: &BackupOptions,
     progress: &Progress,
 ) -> Result<Listed> {
     let started = Instant::now();
+    let repo = session.repo();
     let source = std::fs::canonicalize(&options.path).map_err(|e| Error::io(&options.path, e))?;
     let md = std::fs::metadata(&source).map_err(|e| Error::io(&source, e))?;
-    let writer = ChunkWriter::new(
-        Arc::clone(repo),
-        Arc::clone(known),
-        rt.clone(),
-        DEFAULT_IN_FLIGHT,
-    );
+    let writer = ChunkWriter::new(Arc::clone(session), rt.clone(), DEFAULT_IN_FLIGHT);
     let (root_format, root, mut summary, errors, parent) = if md.is_dir() && !options.block {
         let parent = if options.use_parent {
             rt.block_on(snapshot::latest(
@@ -124,10 +120,8 @@ pub fn backup(
         image: None,
         errors,
     };
+    session.check_lease()?;
     let id = rt.block_on(snapshot.save(repo))?;
-    if let Err(e) = known.save() {
-        tracing::warn!("could not save the chunk cache (the next run lists the store): {e}");
-    }
     Ok(Listed { id, snapshot })
 }
 
