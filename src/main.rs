@@ -1085,6 +1085,7 @@ fn store(g: &Global, create: bool) -> anyhow::Result<Store> {
         endpoint: g.s3_endpoint.clone(),
         region: g.s3_region.clone(),
         allow_http: g.s3_allow_http,
+        credentials: None,
     };
     Ok(Store::open(url, &options, create)?)
 }

@@ -36,6 +36,9 @@ pub struct StoreOptions {
     pub region: Option<String>,
     /// Allow plain HTTP (only sensible on loopback or a trusted network).
     pub allow_http: bool,
+    /// Access key id and secret; the CLI leaves them to `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`, library users (and tests) may set them here.
+    pub credentials: Option<(String, String)>,
 }
 
 /// One object of a listing.
@@ -126,6 +129,11 @@ impl Store {
         }
         if options.allow_http {
             builder = builder.with_allow_http(true);
+        }
+        if let Some((id, secret)) = &options.credentials {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret);
         }
         let s3 = builder
             .build()

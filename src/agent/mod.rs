@@ -78,6 +78,7 @@ impl Context {
                 endpoint: r.s3_endpoint.clone(),
                 region: r.s3_region.clone(),
                 allow_http: r.s3_allow_http,
+                credentials: None,
             },
             false,
         )?;

@@ -140,7 +140,7 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
         };
         report.chunks_stored += 1;
         report.bytes_stored += obj.size;
-        if obj.modified < cutoff
+        if obj.modified <= cutoff
             && !referenced.chunks.contains(&id)
             && !condemned_before.contains(&id)
         {
@@ -150,7 +150,7 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
         }
     }
     for obj in rt.block_on(repo.store().list_modified(BLOBS_PREFIX))? {
-        if obj.modified < cutoff
+        if obj.modified <= cutoff
             && !referenced.indexes.contains(&obj.key)
             && !indexes_before.contains(obj.key.as_str())
         {
@@ -202,16 +202,18 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
 }
 
 /// The store's clock, read from a probe object that is then deleted: this also proves, before
-/// anything is condemned, that the credential may delete.
+/// anything is condemned, that the credential may delete. The time comes from a listing, like
+/// the chunk times it is compared with (a HEAD's `Last-Modified` has whole seconds only).
 async fn store_clock(repo: &Repository) -> Result<DateTime<Utc>> {
-    let key = format!(
-        "{GC_PREFIX}/probe-{}",
-        hex::encode(rand::random::<[u8; 8]>())
-    );
+    let dir = format!("{GC_PREFIX}/probe");
+    let key = format!("{dir}/{}", hex::encode(rand::random::<[u8; 8]>()));
     repo.store().put(&key, Bytes::new()).await?;
-    let now = repo.store().modified(&key).await?;
+    let listed = repo.store().list_modified(&dir).await?;
     repo.store().delete(&key).await?;
-    Ok(now.unwrap_or_else(Utc::now))
+    Ok(listed
+        .into_iter()
+        .find(|o| o.key == key)
+        .map_or_else(Utc::now, |o| o.modified))
 }
 
 /// Snapshot records, all of them or those not in `except`. Any unreadable one is an error.

@@ -18,6 +18,8 @@ pub const MIB: usize = 1 << 20;
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub repo: String,
+    /// The S3 server the repository lives on, if not on the local filesystem.
+    pub s3: Option<std::sync::Arc<s3::S3Server>>,
 }
 
 impl Env {
@@ -36,7 +38,33 @@ impl Env {
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .unwrap();
         let repo = format!("file://{}/repo", dir.path().display());
-        Env { dir, repo }
+        Env {
+            dir,
+            repo,
+            s3: None,
+        }
+    }
+
+    /// A fresh environment with an initialised repository on `backend`: the local filesystem
+    /// (`None`) or a new S3 server of that kind. `None` when S3 is skipped on purpose.
+    pub fn on(backend: Option<s3::Kind>) -> Option<Env> {
+        let mut env = Env::empty();
+        if let Some(kind) = backend {
+            let server = s3::S3Server::start(kind, env.dir.path())?;
+            env.repo = format!("s3://{}/repo", s3::BUCKET);
+            env.s3 = Some(std::sync::Arc::new(server));
+        }
+        let out = env.tresor(&["init"]);
+        assert!(out.status.success(), "init failed: {}", stderr(&out));
+        Some(env)
+    }
+
+    /// The repository's store, opened in-process.
+    pub fn store(&self) -> tresor::store::Store {
+        match &self.s3 {
+            Some(server) => server.store("repo"),
+            None => tresor::store::Store::open(&self.repo, &Default::default(), false).unwrap(),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -53,6 +81,9 @@ impl Env {
             .env_remove("TRESOR_PASSWORD_FILE")
             .env_remove("CREDENTIALS_DIRECTORY")
             .env_remove("RUST_LOG");
+        if let Some(server) = &self.s3 {
+            server.env(&mut c);
+        }
         c
     }
 
@@ -63,7 +94,7 @@ impl Env {
 
     /// Opens the repository in-process, for tests that craft or inspect objects.
     pub fn open_repo(&self, rt: &tokio::runtime::Runtime) -> tresor::repository::Repository {
-        let store = tresor::store::Store::open(&self.repo, &Default::default(), false).unwrap();
+        let store = self.store();
         let key = std::fs::read(self.key_file()).unwrap();
         rt.block_on(tresor::repository::Repository::open(store, || {
             Ok(tresor::crypto::Secret::KeyFile(zeroize::Zeroizing::new(
@@ -130,7 +161,8 @@ pub fn stderr(out: &Output) -> String {
 
 /// Deterministic pseudo-random bytes (xorshift), incompressible.
 pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
+    // Spread the seed first: xorshift from `seed | 1` would give seeds 2 and 3 one stream.
+    let mut x = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(n + 8);
     while out.len() < n {
         x ^= x << 13;
@@ -311,5 +343,7 @@ pub fn build_tree(root: &Path) {
     set_mtime(root, 1_600_000_002, 0);
 }
 
+pub mod faults;
 pub mod oci;
 pub mod proxy;
+pub mod s3;
