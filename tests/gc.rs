@@ -333,3 +333,112 @@ fn append_only_credentials_back_up_and_verify_but_cannot_delete() {
     assert_eq!(chunk_count(&env, &rt), before);
     assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 2);
 }
+
+/// A small deterministic generator for the randomized tests (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// `writers` agents back up into one encrypted repository on Garage at once, each forgetting
+/// its older snapshots, while gc runs in a loop. Contents come from a shared pool, so chunks
+/// are deduplicated across hosts, condemned when no snapshot uses them, and needed again later:
+/// the case gc must never get wrong. Set `TRESOR_TEST_SEED` to replay a run.
+fn many_writers_with_gc(writers: u64, rounds: u64) {
+    let seed = std::env::var("TRESOR_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("many writers: TRESOR_TEST_SEED={seed}");
+    let Some(env) = Env::on(Some(Kind::Garage)) else {
+        return;
+    };
+    let pool: Vec<Vec<u8>> = (0..8)
+        .map(|i| random_bytes((1 << 20) * (1 + i as usize % 3), seed ^ (i + 1) * 7919))
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let gc_runs = std::thread::scope(|s| {
+        let gc = s.spawn(|| {
+            let mut runs = 0;
+            let mut swept = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // A short window makes sweeps overlap running backups as often as possible.
+                let report = env.json(&["gc", "--grace", "0s", "--declare-window", "100ms"]);
+                swept += report["swept"].as_array().unwrap().len();
+                runs += 1;
+            }
+            (runs, swept)
+        });
+        let workers: Vec<_> = (0..writers)
+            .map(|w| {
+                let (env, pool) = (&env, &pool);
+                s.spawn(move || {
+                    let mut rng = Rng(seed.wrapping_add(w + 1) | 1);
+                    let dir = env.path(&format!("host{w}"));
+                    for round in 0..rounds {
+                        for (i, blob) in pool.iter().enumerate() {
+                            let path = dir.join(format!("pool{i}"));
+                            if rng.next() % 2 == 0 {
+                                if !path.exists() {
+                                    write_file(&path, blob);
+                                }
+                            } else if path.exists() {
+                                std::fs::remove_file(&path).unwrap();
+                            }
+                        }
+                        // Read after the pool files (paths are read in order), so a backup
+                        // still runs for a while after naming pool chunks.
+                        let own = random_bytes(8 << 20, rng.next());
+                        write_file(&dir.join(format!("zz-own{round}")), &own);
+                        let name = format!("host{w}");
+                        env.backup(&name, &dir, &[]);
+                        env.json(&["forget", "--name", &name, "--keep-last", "1"]);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("a writer failed");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        gc.join().expect("gc failed")
+    });
+    eprintln!("many writers: {gc_runs:?} (gc runs, plans swept) during the backups");
+    assert!(gc_runs.0 >= 2, "gc ran {} times only", gc_runs.0);
+
+    // No backup runs now: one more gc condemns and sweeps every leftover at once.
+    let last = gc_cli(&env);
+    assert!(last["waiting"].as_array().unwrap().is_empty(), "{last}");
+    let verify = env.json(&["verify", "--read-data"]);
+    assert_eq!(verify["ok"], true, "seed {seed}: {verify}");
+    assert_eq!(
+        verify["stats"]["chunks_unreferenced"], 0,
+        "seed {seed}: {verify}"
+    );
+    for w in 0..writers {
+        let out = env.path(&format!("restored{w}"));
+        env.restore(&format!("host{w}"), &out, &[]);
+        assert_same_tree(&env.path(&format!("host{w}")), &out);
+    }
+}
+
+#[test]
+fn two_writers_and_gc_on_garage() {
+    many_writers_with_gc(2, 10);
+}
+
+#[test]
+fn four_writers_and_gc_on_garage() {
+    many_writers_with_gc(4, 6);
+}

@@ -235,7 +235,7 @@ impl AgentConfig {
     }
 }
 
-/// `30s`, `5m`, `2h`, `1d`.
+/// `30s`, `5m`, `2h`, `1d` (and `500ms`).
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -244,6 +244,7 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 2h"))?;
     let secs = match unit.trim() {
+        "ms" => return Ok(Duration::from_millis(n)),
         "s" | "sec" => n,
         "m" | "min" => n * 60,
         "h" => n * 3600,
