@@ -365,7 +365,7 @@ fn many_writers_with_gc(writers: u64, rounds: u64) {
         return;
     };
     let pool: Vec<Vec<u8>> = (0..8)
-        .map(|i| random_bytes((1 << 20) * (1 + i as usize % 3), seed ^ (i + 1) * 7919))
+        .map(|i| random_bytes((1 << 20) * (1 + i as usize % 3), seed ^ ((i + 1) * 7919)))
         .collect();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let gc_runs = std::thread::scope(|s| {
