@@ -3,7 +3,9 @@
 //! The data path reads top to bottom: a source ([`volume`]) is cut by the [`chunker`], hashed,
 //! deduplicated and compressed by the [`pipeline`], stored through the [`repository`] on a
 //! [`store`], and recorded last as a [`snapshot`]. Restore is the same path backwards, with every
-//! chunk re-hashed on the way. `ARCHITECTURE.md` describes the modules and the on-store format.
+//! chunk re-hashed on the way. Only [`gc`] deletes data, by a protocol that lets any number of
+//! hosts keep backing up meanwhile; every backup runs inside a [`gc::Session`] for it.
+//! `ARCHITECTURE.md` describes the modules and the on-store format.
 
 pub mod agent;
 pub mod cache;
