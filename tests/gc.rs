@@ -38,6 +38,14 @@ fn chunk_count(env: &Env, rt: &tokio::runtime::Runtime) -> usize {
     rt.block_on(env.store().list("chunks")).unwrap().len()
 }
 
+fn chunk_bytes(env: &Env, rt: &tokio::runtime::Runtime) -> u64 {
+    rt.block_on(env.store().list("chunks"))
+        .unwrap()
+        .iter()
+        .map(|(_, size)| size)
+        .sum()
+}
+
 fn forget_gc_and_reuse(backend: Option<Kind>) {
     let Some(env) = Env::on(backend) else {
         return;
@@ -59,6 +67,7 @@ fn forget_gc_and_reuse(backend: Option<Kind>) {
     let report = gc_cli(&env);
     assert!(report["condemned"].is_null(), "{report}");
     let before = chunk_count(&env, &rt);
+    let bytes_before = chunk_bytes(&env, &rt);
 
     let forgot = env.json(&["forget", "--name", "a", "--keep-last", "1"]);
     assert_eq!(forgot["removed"], 1);
@@ -76,6 +85,15 @@ fn forget_gc_and_reuse(backend: Option<Kind>) {
     // `old` (2 MiB, at least two chunks) and the old catalog; `shared` stays for b and a.
     assert!(deleted >= 3, "{report}");
     assert_eq!(chunk_count(&env, &rt) as u64, before as u64 - deleted);
+    // The bytes freed are those of the forgotten file (incompressible, so stored at about its
+    // size) and of the old catalog, no more: the shared file's chunks stay.
+    let freed = swept["bytes_freed"].as_u64().unwrap();
+    assert_eq!(chunk_bytes(&env, &rt), bytes_before - freed);
+    assert!(
+        (only_old.len() as u64..only_old.len() as u64 + (64 << 10)).contains(&freed),
+        "freed {freed} bytes for a {} byte file: {report}",
+        only_old.len()
+    );
     let verify = env.json(&["verify", "--read-data"]);
     assert_eq!(verify["ok"], true, "{verify}");
     assert_eq!(verify["stats"]["chunks_unreferenced"], 0, "{verify}");
@@ -415,6 +433,10 @@ fn many_writers_with_gc(writers: u64, rounds: u64) {
         gc.join().expect("gc failed")
     });
     eprintln!("many writers: {gc_runs:?} (gc runs, plans swept) during the backups");
+    assert_eq!(
+        env.json(&["snapshots"]).as_array().unwrap().len() as u64,
+        writers
+    );
     assert!(gc_runs.0 >= 2, "gc ran {} times only", gc_runs.0);
 
     // No backup runs now: one more gc condemns and sweeps every leftover at once.

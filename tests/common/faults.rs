@@ -73,3 +73,110 @@ impl ObjectStore for AppendOnly {
         self.0.copy_opts(from, to, options).await
     }
 }
+
+/// A store that fails or slows down a share of its requests, like a congested or flaky link:
+/// `error_rate` of reads and writes fail (half as a reset connection, half as a timeout after
+/// a pause), `slow_rate` take up to 200 ms longer. Seeded, so a run can be replayed.
+#[derive(Debug)]
+pub struct Flaky {
+    inner: Arc<dyn ObjectStore>,
+    error_rate: f64,
+    slow_rate: f64,
+    state: std::sync::Mutex<u64>,
+    pub injected: std::sync::atomic::AtomicU64,
+}
+
+impl Flaky {
+    pub fn new(inner: Arc<dyn ObjectStore>, error_rate: f64, slow_rate: f64, seed: u64) -> Flaky {
+        Flaky {
+            inner,
+            error_rate,
+            slow_rate,
+            state: std::sync::Mutex::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
+            injected: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn roll(&self) -> f64 {
+        let mut x = self.state.lock().unwrap();
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        (*x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    async fn fault(&self, op: &str, path: &Path) -> Result<()> {
+        let r = self.roll();
+        if r < self.error_rate {
+            self.injected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let what = if r < self.error_rate / 2.0 {
+                "connection reset by peer"
+            } else {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                "operation timed out"
+            };
+            return Err(object_store::Error::Generic {
+                store: "flaky",
+                source: format!("injected fault on {op} {path}: {what}").into(),
+            });
+        }
+        if r < self.error_rate + self.slow_rate {
+            let ms = (r * 1e6) as u64 % 200;
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Flaky {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Flaky({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Flaky {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        self.fault("put", location).await?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.fault("put", location).await?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.fault("get", location).await?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
