@@ -13,7 +13,8 @@ rm -rf "$BENCH_DIR" && mkdir -p "$BENCH_DIR"
 cargo build --release --quiet
 tresor="$PWD/target/release/tresor"
 
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+source benches/lib.sh
+PORT=$(free_port)
 REG="127.0.0.1:$PORT"
 cat >"$BENCH_DIR/registry.yml" <<YML
 version: 0.1
@@ -63,19 +64,6 @@ PY
 }
 
 # run NAME BYTES CMD...
-run() {
-    local name=$1 bytes=$2
-    shift 2
-    sync
-    local start end rss
-    start=$(date +%s.%N)
-    /usr/bin/time -v -o "$BENCH_DIR/time.log" "$@" >/dev/null
-    end=$(date +%s.%N)
-    rss=$(awk -F': ' '/Maximum resident set size/ {printf "%.0f", $2/1024}' "$BENCH_DIR/time.log")
-    awk -v n="$name" -v b="$bytes" -v s="$start" -v e="$end" -v r="$rss" \
-        'BEGIN { printf "%-44s %6.1f s %7.0f MB/s  peak RSS %5d MiB\n", n, e-s, b/(e-s)/1e6, r }'
-}
-
 layout "$BENCH_DIR/set1" v1 256 256 256 256
 layout "$BENCH_DIR/set2" big 2048
 skopeo copy --quiet --dest-tls-verify=false "oci:$BENCH_DIR/set1:v1" "docker://$REG/bench/set1:v1"

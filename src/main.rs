@@ -786,6 +786,9 @@ async fn backup_images(
                 Err(e) => {
                     failed += 1;
                     eprintln!("error: image {reference}: {e}");
+                    if let Some(hint) = e.hint() {
+                        eprintln!("hint: {hint}");
+                    }
                     all.push(json!({ "reference": reference, "error": e.to_string() }));
                 }
             }

@@ -326,3 +326,93 @@ fn oci_layout_as_a_source() {
     ]);
     assert!(stderr(&bad).contains("nosuchtag"), "{}", stderr(&bad));
 }
+
+#[test]
+fn registry_with_basic_auth_and_a_private_ca() {
+    let env = Env::new();
+    let secured = Secured::new(&env.path("tls"));
+    let registry = TestRegistry::start_with(&env.path("registry"), Some(&secured));
+    let host = registry.host.as_str();
+    let creds = format!("{}:{}", secured.user, secured.password);
+    let mut layout = Layout::new(&env.path("layout"));
+    let layer = layout.layer(&[("app.bin", random_bytes(2 * MIB, 21))]);
+    let image = layout.image("amd64", &[layer]);
+    layout.tag("v1", &image);
+    push_as(&layout, "v1", host, "private/app", Some(&creds));
+    let source = format!("docker://{host}/private/app:v1");
+    let ca = secured.ca.to_str().unwrap();
+
+    // No credentials: refused, and the error says by whom and how.
+    let out = env.tresor(&["backup", "image", &source, "--ca-file", ca]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("private/app") && err.to_lowercase().contains("not authorized"),
+        "{err}"
+    );
+    assert!(err.contains("--authfile"), "no hint: {err}");
+    // The private CA not trusted: a certificate error naming the registry.
+    let out = env.tresor(&["backup", "image", &source, "--creds", &creds]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(host) && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+
+    // Credentials from --creds, then from a docker config.json.
+    let snap = env.json(&[
+        "backup",
+        "image",
+        &source,
+        "--ca-file",
+        ca,
+        "--creds",
+        &creds,
+    ]);
+    assert_eq!(snap[0]["image"]["digest"], image.digest.as_str());
+    let auth = env.path("config.json");
+    let token = base64::engine::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        creds.as_bytes(),
+    );
+    std::fs::write(
+        &auth,
+        serde_json::json!({ "auths": { host: { "auth": token } } }).to_string(),
+    )
+    .unwrap();
+    let again = env.json(&[
+        "backup",
+        "image",
+        &source,
+        "--ca-file",
+        ca,
+        "--authfile",
+        auth.to_str().unwrap(),
+    ]);
+    assert_eq!(again[0]["summary"]["bytes_read"], 0, "{again}");
+
+    // Restore into another repository of the secured registry, byte-identical.
+    let target = format!("docker://{host}/restored/app:v1");
+    let report = env.json(&[
+        "restore",
+        "image",
+        snap[0]["id"].as_str().unwrap(),
+        "--to",
+        &target,
+        "--ca-file",
+        ca,
+        "--authfile",
+        auth.to_str().unwrap(),
+    ]);
+    assert_eq!(report["ok"], true, "{report}");
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &format!("docker://{host}/restored/app:v1"),
+    ]);
+    assert_eq!(digest(&raw), image.digest);
+}

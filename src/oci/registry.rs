@@ -248,23 +248,44 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 fn registry_error(op: &'static str, r: &Reference, e: OciDistributionError) -> Error {
-    let transient = match &e {
-        OciDistributionError::ServerError { code, .. } => *code == 429 || *code >= 500,
-        OciDistributionError::RequestError(re) => {
-            re.is_timeout() || re.is_connect() || re.is_request() || re.is_body() || re.is_decode()
+    // reqwest's message stops at "error sending request"; the cause (a refused certificate, a
+    // reset connection) is further down the chain, and is what the user needs.
+    let mut message = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
         }
-        OciDistributionError::IoError(_) => true,
-        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|x| {
-            format!("{:?}", x.code)
-                .to_ascii_uppercase()
-                .contains("TOOMANYREQUESTS")
-        }),
-        _ => false,
-    };
+        cause = c.source();
+    }
+    // A certificate that does not verify will not verify on the next try either.
+    let tls = message.to_ascii_lowercase().contains("certificate");
+    let transient = !tls
+        && match &e {
+            OciDistributionError::ServerError { code, .. } => *code == 429 || *code >= 500,
+            OciDistributionError::RequestError(re) => {
+                re.is_timeout()
+                    || re.is_connect()
+                    || re.is_request()
+                    || re.is_body()
+                    || re.is_decode()
+            }
+            OciDistributionError::IoError(_) => true,
+            OciDistributionError::RegistryError { envelope, .. } => {
+                envelope.errors.iter().any(|x| {
+                    format!("{:?}", x.code)
+                        .to_ascii_uppercase()
+                        .contains("TOOMANYREQUESTS")
+                })
+            }
+            _ => false,
+        };
     Error::Registry {
         op,
         reference: r.whole(),
-        message: e.to_string(),
+        message,
         transient,
     }
 }

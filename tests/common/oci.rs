@@ -29,9 +29,114 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// What a secured [`TestRegistry`] demands: TLS with a certificate of a private CA, and HTTP
+/// basic auth from an htpasswd file.
+pub struct Secured {
+    /// The CA to trust, PEM.
+    pub ca: PathBuf,
+    /// The server's certificate and key, PEM.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub user: &'static str,
+    pub password: &'static str,
+}
+
+impl Secured {
+    /// A private CA (`ca.pem`), a server certificate for 127.0.0.1 that it signed (made with
+    /// `openssl`), and the user `alice`.
+    pub fn new(dir: &Path) -> Secured {
+        std::fs::create_dir_all(dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("run openssl (apt-get install openssl, or run .ci/run)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tresor test CA",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            dir.join("server.ext"),
+            "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "cert.pem",
+        ]);
+        Secured {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            user: "alice",
+            password: "s3cret-pw",
+        }
+    }
+
+    fn config(&self, dir: &Path) -> String {
+        let htpasswd = dir.join("htpasswd");
+        let hash = bcrypt::hash(self.password, 4).unwrap();
+        std::fs::write(&htpasswd, format!("{}:{hash}\n", self.user)).unwrap();
+        format!(
+            "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: tresor-test\n    path: {}\n",
+            self.cert.display(),
+            self.key.display(),
+            htpasswd.display()
+        )
+    }
+}
+
 impl TestRegistry {
     /// Starts `docker-registry` on a free port of 127.0.0.1 with storage under `dir`.
     pub fn start(dir: &Path) -> TestRegistry {
+        Self::start_with(dir, None)
+    }
+
+    /// Like [`TestRegistry::start`], speaking HTTPS and demanding basic auth when `secured`.
+    pub fn start_with(dir: &Path, secured: Option<&Secured>) -> TestRegistry {
         let bin =
             std::env::var("TRESOR_DOCKER_REGISTRY").unwrap_or_else(|_| "docker-registry".into());
         std::fs::create_dir_all(dir).unwrap();
@@ -40,8 +145,9 @@ impl TestRegistry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("data").display()
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{}",
+                dir.join("data").display(),
+                secured.map(|s| s.config(dir)).unwrap_or_default()
             ),
         )
         .unwrap();
@@ -270,16 +376,19 @@ pub fn skopeo(args: &[&str]) -> Vec<u8> {
 
 /// Pushes `oci:DIR:TAG` to `docker://HOST/REPO:TAG` byte for byte (all platforms).
 pub fn push(layout: &Layout, tag: &str, registry: &str, repo: &str) {
+    push_as(layout, tag, registry, repo, None);
+}
+
+/// [`push`] with `USER:PASSWORD` credentials.
+pub fn push_as(layout: &Layout, tag: &str, registry: &str, repo: &str, creds: Option<&str>) {
     let src = format!("oci:{}:{tag}", layout.dir.display());
     let dst = format!("docker://{registry}/{repo}:{tag}");
-    skopeo(&[
-        "copy",
-        "--all",
-        "--dest-tls-verify=false",
-        "--quiet",
-        &src,
-        &dst,
-    ]);
+    let mut args = vec!["copy", "--all", "--dest-tls-verify=false", "--quiet"];
+    if let Some(c) = creds {
+        args.extend(["--dest-creds", c]);
+    }
+    args.extend([src.as_str(), dst.as_str()]);
+    skopeo(&args);
 }
 
 /// `skopeo inspect --raw` of a manifest: the exact bytes the registry serves.

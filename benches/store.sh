@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The same ~2 GiB tree backed up to and restored from the local filesystem store and Garage on
+# loopback (single node, as in the tests), in encrypted repositories: MB/s and peak RSS per
+# step, then objects per GiB and, for Garage, S3 requests per GiB of each step (read from
+# Garage's own metrics).
+#
+#   benches/store.sh          # needs garage on PATH (.ci/run installs it under ~/.cache/tresor-ci/bin)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BENCH_DIR="${BENCH_DIR:-/tmp/tresor-bench}"
+SRC="$BENCH_DIR/src"
+export PATH="${TRESOR_CI_TOOLS:-$HOME/.cache/tresor-ci}/bin:$PATH"
+source benches/lib.sh
+make_tree "$SRC"
+BYTES=$(du -sb --apparent-size "$SRC" | cut -f1)
+GIB=$(awk -v b="$BYTES" 'BEGIN { print b / 1073741824 }')
+cargo build --release --quiet
+tresor="$PWD/target/release/tresor"
+
+G="$BENCH_DIR/garage"
+rm -rf "$G" && mkdir -p "$G"
+S3_PORT=$(free_port) RPC_PORT=$(free_port) ADMIN_PORT=$(free_port)
+cat >"$G/garage.toml" <<TOML
+metadata_dir = "$G/meta"
+data_dir = "$G/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$RPC_PORT"
+rpc_public_addr = "127.0.0.1:$RPC_PORT"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$S3_PORT"
+[admin]
+api_bind_addr = "127.0.0.1:$ADMIN_PORT"
+TOML
+chmod 600 "$G/garage.toml"
+garage() { command garage -c "$G/garage.toml" "$@"; }
+garage server >"$G/server.log" 2>&1 &
+GARAGE_PID=$!
+trap 'kill $GARAGE_PID 2>/dev/null' EXIT
+until garage status >/dev/null 2>&1; do sleep 0.2; done
+garage layout assign -z dc1 -c 100G "$(garage node id -q 2>/dev/null | cut -d@ -f1)" >/dev/null
+garage layout apply --version 1 >/dev/null
+KEY_ID=GK0123456789abcdef01234567 KEY_SECRET=$(printf 'ab%.0s' $(seq 32))
+garage key import --yes -n bench "$KEY_ID" "$KEY_SECRET" >/dev/null
+garage bucket create bench >/dev/null
+garage bucket allow --read --write --owner bench --key bench >/dev/null
+
+requests() {
+    curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" |
+        awk '/^api_s3_request_counter/ { split($1, a, "\""); n[a[2]] += $2 } END { for (k in n) printf "%s=%d ", k, n[k] }'
+}
+per_gib() { awk -v g="$GIB" '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); printf "%s %.0f/GiB  ", kv[1], kv[2] / g } print "" }'; }
+delta() {
+    # delta BEFORE AFTER: per-endpoint difference of two `requests` outputs.
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        n = split(a, x, " "); for (i = 1; i <= n; i++) { split(x[i], kv, "="); before[kv[1]] = kv[2] }
+        n = split(b, y, " "); for (i = 1; i <= n; i++) { split(y[i], kv, "="); d = kv[2] - before[kv[1]]; if (d) printf "%s=%d ", kv[1], d }
+    }'
+}
+
+echo "tree: $((BYTES / 1000000)) MB in $(find "$SRC" -type f | wc -l) files; $(nproc) cores"
+for target in local garage; do
+    rm -rf "$BENCH_DIR/store-repo" "$BENCH_DIR/store-cache" "$BENCH_DIR/restore" "$BENCH_DIR/store.key"
+    export TRESOR_CACHE_DIR="$BENCH_DIR/store-cache" TRESOR_KEY_FILE="$BENCH_DIR/store.key"
+    if [ $target = local ]; then
+        export TRESOR_REPO="file://$BENCH_DIR/store-repo"
+    else
+        export TRESOR_REPO="s3://bench/repo" TRESOR_S3_ENDPOINT="http://127.0.0.1:$S3_PORT"
+        export TRESOR_S3_ALLOW_HTTP=true TRESOR_S3_REGION=garage
+        export AWS_ACCESS_KEY_ID=$KEY_ID AWS_SECRET_ACCESS_KEY=$KEY_SECRET
+    fi
+    "$tresor" init >/dev/null 2>&1
+    for step in "backup (first)" "backup (unchanged)" restore; do
+        before=$(requests)
+        case $step in
+        restore) run "$target: $step" "$BYTES" "$tresor" -q restore volume bench --to "$BENCH_DIR/restore" ;;
+        *) run "$target: $step" "$BYTES" "$tresor" -q backup volume bench "$SRC" ;;
+        esac
+        [ $target = garage ] && echo "    S3 requests: $(delta "$before" "$(requests)" | per_gib)"
+    done
+    objects=$("$tresor" verify --json | python3 -c 'import json,sys; s=json.load(sys.stdin)["stats"]; print(s["chunks_referenced"])')
+    echo "$target: $objects chunk objects, $(awk -v o="$objects" -v g="$GIB" 'BEGIN { printf "%.0f", o / g }') per GiB"
+    rm -rf "$BENCH_DIR/restore"
+done
