@@ -5,6 +5,10 @@
 # Garage's own metrics).
 #
 #   benches/store.sh          # needs garage on PATH (.ci/run installs it under ~/.cache/tresor-ci/bin)
+#   TARGETS=garage GARAGE_COMPRESSION=1 benches/store.sh
+#
+# Garage's own block compression defaults to none here: tresor's objects are already
+# compressed and sealed, so Garage's zstd would only spend CPU (GARAGE_COMPRESSION=1 shows it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +30,7 @@ metadata_dir = "$G/meta"
 data_dir = "$G/data"
 db_engine = "sqlite"
 replication_factor = 1
+compression_level = "${GARAGE_COMPRESSION:-none}"
 rpc_bind_addr = "127.0.0.1:$RPC_PORT"
 rpc_public_addr = "127.0.0.1:$RPC_PORT"
 rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
@@ -62,7 +67,7 @@ delta() {
 }
 
 echo "tree: $((BYTES / 1000000)) MB in $(find "$SRC" -type f | wc -l) files; $(nproc) cores"
-for target in local garage; do
+for target in ${TARGETS:-local garage}; do
     rm -rf "$BENCH_DIR/store-repo" "$BENCH_DIR/store-cache" "$BENCH_DIR/restore" "$BENCH_DIR/store.key"
     export TRESOR_CACHE_DIR="$BENCH_DIR/store-cache" TRESOR_KEY_FILE="$BENCH_DIR/store.key"
     if [ $target = local ]; then
