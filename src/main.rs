@@ -587,7 +587,7 @@ async fn gc(g: &Global, args: &GcArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn forget(g: &Global, args: &ForgetArgs) -> anyhow::Result<ExitCode> {
-    use tresor::retention::{apply, Policy};
+    use tresor::retention::Policy;
     let within = match &args.keep_within {
         Some(w) => {
             let d = tresor::agent::config::parse_duration(w)
@@ -615,18 +615,8 @@ async fn forget(g: &Global, args: &ForgetArgs) -> anyhow::Result<ExitCode> {
         name: args.name.clone(),
         host: args.host.clone(),
     };
-    let listed = snapshot::list(&repo, &filter).await?;
-    let protected = repo.protected_ids().await?;
-    let groups = apply(&policy, &listed, &protected);
-    let mut removed = 0;
-    for group in &groups {
-        for d in group.snapshots.iter().filter(|d| !d.keep) {
-            if !args.dry_run {
-                repo.delete_snapshot(&d.id).await?;
-            }
-            removed += 1;
-        }
-    }
+    let (groups, removed) =
+        tresor::retention::forget(&repo, &policy, &filter, args.dry_run).await?;
     if g.json {
         println!(
             "{}",

@@ -1,18 +1,22 @@
-//! Retention: which snapshots a `forget` policy keeps.
+//! Retention: which snapshots a `forget` policy keeps, and removing the others.
 //!
 //! Snapshots are grouped by source (host, kind, name). In each group, a snapshot is kept if
 //! any rule keeps it: the newest `last` ones; the newest snapshot of each of the newest
 //! `hourly` hours, `daily` days, `weekly` ISO weeks, `monthly` months and `yearly` years that
 //! have one; every snapshot taken within `within` of the group's newest one; and every
-//! protected snapshot. The rest may be forgotten. Buckets use UTC. This is a pure function of
-//! the snapshot list, so it is tested on dates alone.
+//! protected snapshot. The rest may be forgotten. Buckets use UTC. [`apply`] is a pure
+//! function of the snapshot list, so it is tested on dates alone; [`forget`] carries it out.
 
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Datelike, Utc};
 use serde::Serialize;
 
-use crate::snapshot::{Kind, Listed};
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::repository::Repository;
+use crate::snapshot::{Filter, Kind, Listed};
 
 /// A retention policy. All zero / `None` keeps nothing (callers refuse such a policy).
 #[derive(Clone, Debug, Default)]
@@ -52,6 +56,32 @@ pub struct Group {
     pub name: String,
     /// Newest first.
     pub snapshots: Vec<Decision>,
+}
+
+/// Applies `policy` to the snapshots `filter` selects and, unless `dry_run`, removes the
+/// snapshot records it does not keep (their data stays until `gc`). Returns the decisions and
+/// how many were (or would be) removed.
+///
+/// # Errors
+/// Store errors; [`crate::Error::DeleteRefused`] with an append-only credential, before
+/// anything is removed.
+pub async fn forget(
+    repo: &Arc<Repository>,
+    policy: &Policy,
+    filter: &Filter,
+    dry_run: bool,
+) -> Result<(Vec<Group>, usize)> {
+    let listed = crate::snapshot::list(repo, filter).await?;
+    let protected = repo.protected_ids().await?;
+    let groups = apply(policy, &listed, &protected);
+    let mut removed = 0;
+    for d in groups.iter().flat_map(|g| &g.snapshots).filter(|d| !d.keep) {
+        if !dry_run {
+            repo.delete_snapshot(&d.id).await?;
+        }
+        removed += 1;
+    }
+    Ok((groups, removed))
 }
 
 /// Maps a time to its hour, day, week, month or year.

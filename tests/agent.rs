@@ -72,7 +72,7 @@ fn example_config_parses_and_errors_are_named() {
     let env = Env::empty();
     let out = agent(&env, &example, &["--check-config"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("5 jobs"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("7 jobs"));
 
     let bad = env.path("bad.toml");
     fs::write(&bad, "[repository]\nurl = \"file:///x\"\n\n[[job]]\nname = \"v\"\ntype = \"volume\"\npath = \"/x\"\nschedule = \"every fortnight\"\n").unwrap();
@@ -309,4 +309,39 @@ fn secrets_never_reach_the_logs() {
             "the password appears in the {format} log"
         );
     }
+}
+
+#[test]
+fn forget_and_gc_jobs_free_what_retention_drops() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let jobs = format!(
+        "[[job]]\nname = \"data\"\ntype = \"volume\"\npath = \"{src}\"\n\n\
+         [[job]]\nname = \"retention\"\ntype = \"forget\"\nkeep_last = 1\n\n\
+         [[job]]\nname = \"gc\"\ntype = \"gc\"\ngrace = \"0s\"\ndeclare_window = \"1s\"\n",
+        src = src.display()
+    );
+    let config = write_config(&env, &jobs);
+    let old = random_bytes(600_000, 11);
+    fs::write(src.join("data"), &old).unwrap();
+    let out = agent(&env, &config, &["--once"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    fs::write(src.join("data"), random_bytes(300_000, 12)).unwrap();
+    let out = agent(&env, &config, &["--once"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The second run's forget job dropped the first snapshot and its gc job freed its data.
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 1);
+    let verify = env.json(&["verify", "--read-data"]);
+    assert_eq!(verify["ok"], true, "{verify}");
+    assert_eq!(verify["stats"]["chunks_unreferenced"], 0, "{verify}");
+
+    let bad = write_config(
+        &env,
+        "[[job]]\nname = \"retention\"\ntype = \"forget\"\nkeep_within = \"soon\"\n",
+    );
+    let out = agent(&env, &bad, &["--check-config"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("keep_within"), "{}", stderr(&out));
 }

@@ -464,3 +464,53 @@ fn two_writers_and_gc_on_garage() {
 fn four_writers_and_gc_on_garage() {
     many_writers_with_gc(4, 6);
 }
+
+#[test]
+fn an_interrupted_sweep_is_finished_by_the_next_run() {
+    let env = Env::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = env.path("v");
+    write_file(&dir.join("f"), &random_bytes(700 << 10, 31));
+    env.backup("v", &dir, &[]);
+    write_file(&dir.join("f"), b"small");
+    env.backup("v", &dir, &[]);
+    env.json(&["forget", "--name", "v", "--keep-last", "1"]);
+    let before = chunk_count(&env, &rt);
+
+    // Killed while its sweep waits for declarations: the plan and the marker stay, nothing
+    // is deleted, and backups keep working.
+    let mut gc = env
+        .cmd()
+        .args(["gc", "--grace", "0s", "--declare-window", "30s"])
+        .spawn()
+        .unwrap();
+    let marker = env.path("repo/gc/sweeping");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !marker.exists() || std::fs::read_dir(&marker).unwrap().next().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep never began"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    gc.kill().unwrap();
+    gc.wait().unwrap();
+    assert_eq!(chunk_count(&env, &rt), before);
+    write_file(&dir.join("g"), &random_bytes(100 << 10, 32));
+    env.backup("v", &dir, &[]);
+
+    let report = gc_cli(&env);
+    let swept = report["swept"].as_array().unwrap();
+    assert_eq!(swept.len(), 1, "{report}");
+    assert!(
+        swept[0]["chunks_deleted"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert!(
+        std::fs::read_dir(&marker).unwrap().next().is_none(),
+        "marker left behind"
+    );
+    let verify = env.json(&["verify", "--read-data"]);
+    assert_eq!(verify["ok"], true, "{verify}");
+    assert_eq!(verify["stats"]["chunks_unreferenced"], 0, "{verify}");
+}

@@ -88,6 +88,31 @@ pub enum JobKind {
     },
     /// Other jobs taken together, so a whole service can be restored as one.
     Workload { jobs: Vec<String> },
+    /// Retention of this host's snapshots, by the rules of `tresor forget` (at least one).
+    Forget {
+        #[serde(default)]
+        keep_last: usize,
+        #[serde(default)]
+        keep_hourly: usize,
+        #[serde(default)]
+        keep_daily: usize,
+        #[serde(default)]
+        keep_weekly: usize,
+        #[serde(default)]
+        keep_monthly: usize,
+        #[serde(default)]
+        keep_yearly: usize,
+        #[serde(default)]
+        keep_within: Option<String>,
+    },
+    /// Garbage collection (`tresor gc`), on the admin host whose credential may delete.
+    Gc {
+        #[serde(default)]
+        grace: Option<String>,
+        /// How long a sweep waits for running backups to declare chunks they store again.
+        #[serde(default)]
+        declare_window: Option<String>,
+    },
     /// A verification run.
     Verify {
         #[serde(default)]
@@ -97,6 +122,52 @@ pub enum JobKind {
         #[serde(default)]
         metrics_file: Option<PathBuf>,
     },
+}
+
+impl JobKind {
+    /// The retention policy of a `forget` job.
+    ///
+    /// # Errors
+    /// The offending key and why: a bad `keep_within`, or no rule at all.
+    pub fn policy(&self) -> std::result::Result<crate::retention::Policy, (&'static str, String)> {
+        let JobKind::Forget {
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            keep_within,
+        } = self
+        else {
+            return Err(("type", "not a forget job".into()));
+        };
+        let within = keep_within
+            .as_deref()
+            .map(|w| {
+                parse_duration(w)
+                    .and_then(|d| chrono::Duration::from_std(d).map_err(|e| e.to_string()))
+            })
+            .transpose()
+            .map_err(|e| ("keep_within", e))?;
+        let policy = crate::retention::Policy {
+            last: *keep_last,
+            hourly: *keep_hourly,
+            daily: *keep_daily,
+            weekly: *keep_weekly,
+            monthly: *keep_monthly,
+            yearly: *keep_yearly,
+            within,
+        };
+        if policy.is_empty() {
+            return Err((
+                "keep_last",
+                "a forget job needs at least one keep_* rule; it never removes every snapshot"
+                    .into(),
+            ));
+        }
+        Ok(policy)
+    }
 }
 
 /// One `[[job]]`. Unknown keys are caught by the job type's own list (serde cannot deny them
@@ -222,6 +293,21 @@ impl AgentConfig {
                 } => {
                     crate::verify::Part::parse(s)
                         .map_err(|e| at(&job.name, "read_data_subset", e.to_string()))?;
+                }
+                JobKind::Forget { .. } => {
+                    job.kind
+                        .policy()
+                        .map_err(|(field, e)| at(&job.name, field, e))?;
+                }
+                JobKind::Gc {
+                    grace,
+                    declare_window,
+                } => {
+                    for (field, value) in [("grace", grace), ("declare_window", declare_window)] {
+                        if let Some(v) = value {
+                            parse_duration(v).map_err(|e| at(&job.name, field, e))?;
+                        }
+                    }
                 }
                 _ => {}
             }

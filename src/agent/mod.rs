@@ -491,6 +491,46 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
                 outcome.bytes_new += o.bytes_new;
             }
         }
+        JobKind::Forget { .. } => {
+            let policy = job
+                .kind
+                .policy()
+                .map_err(|(field, e)| Error::Config(format!("job {}: {field}: {e}", job.name)))?;
+            let filter = crate::snapshot::Filter {
+                host: Some(host.clone()),
+                ..Default::default()
+            };
+            let (_, removed) =
+                rt.block_on(crate::retention::forget(repo, &policy, &filter, false))?;
+            tracing::info!(job = %job.name, "forgot {removed} snapshots of host {host}");
+        }
+        JobKind::Gc {
+            grace,
+            declare_window,
+        } => {
+            let duration = |field: &str, v: &Option<String>, default| match v {
+                Some(v) => config::parse_duration(v)
+                    .map_err(|e| Error::Config(format!("job {}: {field}: {e}", job.name))),
+                None => Ok(default),
+            };
+            let options = crate::gc::GcOptions {
+                grace: duration("grace", grace, std::time::Duration::from_secs(3600))?,
+                dry_run: false,
+                declare_window: duration(
+                    "declare_window",
+                    declare_window,
+                    crate::gc::DECLARE_WINDOW,
+                )?,
+            };
+            let report = crate::gc::run(repo, rt, &options)?;
+            let freed: u64 = report.swept.iter().map(|s| s.bytes_freed).sum();
+            tracing::info!(
+                job = %job.name,
+                "gc: {} plans swept, {freed} bytes freed, {} plans waiting",
+                report.swept.len(),
+                report.waiting.len()
+            );
+        }
         JobKind::Verify {
             read_data,
             read_data_subset,
