@@ -820,11 +820,12 @@ async fn restore_image(g: &Global, args: &RestoreImageArgs) -> anyhow::Result<Ex
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "restored snapshot {} to {}: {} blobs pushed ({}), {} already there, {} manifests in {:.1}s",
+            "restored snapshot {} to {}: {} blobs pushed ({}), {} mounted, {} already there, {} manifests in {:.1}s",
             &report.snapshot[..8],
             report.target,
             report.blobs_pushed,
             human_bytes(report.bytes_pushed),
+            report.blobs_mounted,
             report.blobs_skipped,
             report.manifests.len(),
             report.duration_ms as f64 / 1000.0

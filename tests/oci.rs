@@ -90,6 +90,9 @@ fn images_round_trip_with_identical_digests() {
         "--insecure",
     ]);
     assert_eq!(report["ok"], true, "{report}");
+    // Same registry: every blob is mounted from the source repository, none uploaded.
+    assert_eq!(report["bytes_pushed"], 0, "{report}");
+    assert!(report["blobs_mounted"].as_u64().unwrap() >= 4, "{report}");
     for m in report["manifests"].as_array().unwrap() {
         let d = m["digest"].as_str().unwrap();
         assert_eq!(digest(&raw_manifest(host, "dr/app", d)), d);
@@ -175,6 +178,27 @@ fn images_round_trip_with_identical_digests() {
     assert_eq!(again[0]["summary"]["bytes_read"], 0, "{}", again[0]);
     assert_eq!(again[0]["summary"]["files_read"], 0);
     assert_eq!(again[0]["new_bytes"], 0);
+
+    // Rehydration elsewhere: another registry, where every blob is uploaded (streamed).
+    let other = TestRegistry::start(&env.path("registry2"));
+    let report = env.json(&[
+        "restore",
+        "image",
+        app["id"].as_str().unwrap(),
+        "--to",
+        &format!("docker://{}/dr/app:v1", other.host),
+        "--insecure",
+    ]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["blobs_mounted"], 0, "{report}");
+    assert!(
+        report["bytes_pushed"].as_u64().unwrap() > 3 * MIB as u64,
+        "{report}"
+    );
+    assert_eq!(
+        digest(&raw_manifest(&other.host, "dr/app", "v1")),
+        f.app.digest
+    );
 
     // A restore into a registry that has every blob pushes none.
     let report = env.json(&[

@@ -202,6 +202,27 @@ impl Registry {
         Ok(())
     }
 
+    /// Asks the registry to link blob `digest` from repository `from` of the same registry into
+    /// the repository of `r` (a cross-repository mount), so no byte is uploaded. `Ok(false)`
+    /// when the registry declines (it lacks the blob there, or does not mount); the caller
+    /// then uploads.
+    ///
+    /// # Errors
+    /// Authentication failures only.
+    pub async fn mount_blob(&self, r: &Reference, from: &Reference, digest: &str) -> Result<bool> {
+        self.login_push(r).await?;
+        match self.client.mount_blob(r, from, digest).await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::debug!(
+                    "registry declined to mount {digest} from {}: {e}",
+                    from.repository()
+                );
+                Ok(false)
+            }
+        }
+    }
+
     /// Uploads a blob from a stream made by `make` (called again for each attempt).
     pub async fn push_blob<S, F>(
         &self,

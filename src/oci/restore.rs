@@ -44,6 +44,8 @@ pub struct RestoreReport {
     pub blobs_pushed: u64,
     /// Blobs the target already had.
     pub blobs_skipped: u64,
+    /// Blobs linked from the source repository on the same registry (no upload).
+    pub blobs_mounted: u64,
     pub bytes_pushed: u64,
     pub manifests: Vec<ManifestCheck>,
     /// Whether every manifest matched.
@@ -151,12 +153,30 @@ fn to_registry(
             digest.into(),
         )
     };
+    // On the registry the image came from, a blob its source repository still holds is
+    // mounted rather than uploaded.
+    let mount_from = record
+        .repository
+        .split_once('/')
+        .filter(|(host, repository)| {
+            *host == target.registry() && *repository != target.repository()
+        })
+        .map(|(host, repository)| (host.to_string(), repository.to_string()));
     for blob in &record.blobs {
         let r = at(&blob.digest);
         if rt.block_on(registry.has_blob(&r, &blob.digest))? {
             report.blobs_skipped += 1;
             progress.inc(blob.size);
             continue;
+        }
+        if let Some((host, repository)) = &mount_from {
+            let from =
+                Reference::with_digest(host.clone(), repository.clone(), blob.digest.clone());
+            if rt.block_on(registry.mount_blob(&r, &from, &blob.digest))? {
+                report.blobs_mounted += 1;
+                progress.inc(blob.size);
+                continue;
+            }
         }
         let (repo2, rt2, refs) = (Arc::clone(repo), rt.clone(), blob.refs.clone());
         let make = move || chunk_stream(Arc::clone(&repo2), rt2.clone(), refs.clone());
