@@ -293,6 +293,15 @@ fn lying_throttling_and_flaky_registries() {
     assert!(proxy.faults.blob_gets.load(Ordering::SeqCst) - before >= 3);
     let out = f.env.tresor(&["verify", "--read-data"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // A slow registry: blobs are fetched several at a time, never more than four.
+    let fresh = Env::new();
+    proxy.faults.delay_ms.store(400, Ordering::SeqCst);
+    proxy.faults.max_active.store(0, Ordering::SeqCst);
+    let snap = fresh.json(&["backup", "image", &source, "--insecure"]);
+    assert_eq!(snap[0]["image"]["digest"], f.app.digest);
+    let most = proxy.faults.max_active.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&most), "{most} blob GETs at once");
 }
 
 #[test]

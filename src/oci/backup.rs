@@ -20,6 +20,7 @@ use super::{
 use crate::chunker::Mode;
 use crate::error::{Error, Result};
 use crate::gc::Session;
+use crate::id::ChunkRef;
 use crate::pipeline::{ChunkWriter, StreamWriter, DEFAULT_IN_FLIGHT};
 use crate::progress::Progress;
 use crate::repository::Repository;
@@ -27,6 +28,8 @@ use crate::snapshot::{ImageInfo, Kind, Listed, RootFormat, Snapshot, Summary, RE
 
 /// Attempts at fetching one blob when its stream breaks.
 const BLOB_ATTEMPTS: u32 = 4;
+/// Blobs fetched at once from one registry.
+const BLOB_CONCURRENCY: usize = 4;
 
 /// What to back up.
 #[derive(Clone, Debug)]
@@ -319,9 +322,13 @@ impl Run<'_> {
                 .iter()
                 .chain(&parsed.layers)
                 .chain(&parsed.blobs);
+            let mut missing = Vec::new();
             for d in descriptors {
-                self.blob(&d.digest, d.size)?;
+                if !self.reuse_blob(&d.digest, d.size)? {
+                    missing.push((d.digest.clone(), d.size));
+                }
             }
+            self.fetch_blobs(&missing)?;
         }
         self.manifests.push(StoredManifest {
             digest,
@@ -371,11 +378,12 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Stores one blob, unless this run or an earlier one already has it.
-    fn blob(&mut self, digest: &str, size: u64) -> Result<()> {
+    /// Takes a blob from this run or an earlier backup (its blob index) when possible;
+    /// `false` means it must be fetched.
+    fn reuse_blob(&mut self, digest: &str, size: u64) -> Result<bool> {
         check_digest(digest)?;
         if !self.seen_blobs.insert(digest.to_string()) {
-            return Ok(());
+            return Ok(true);
         }
         if let Some(json) = self.rt.block_on(self.repo.get_blob_index(digest))? {
             if let Ok(index) = serde_json::from_slice::<BlobIndex>(&json) {
@@ -389,72 +397,127 @@ impl Run<'_> {
                         size,
                         refs: index.refs,
                     });
-                    return Ok(());
+                    return Ok(true);
                 }
             }
         }
-        let mut attempt = 0;
-        let (refs, len) = loop {
-            attempt += 1;
-            match self.fetch_blob(digest, size) {
-                Ok(done) => break done,
-                Err(e) if e.is_retryable() && attempt < BLOB_ATTEMPTS => {
-                    tracing::warn!(
-                        "{}@{digest}: {e}; fetching it again (attempt {attempt})",
-                        self.source.repository()
-                    );
-                    std::thread::sleep(std::time::Duration::from_millis(200 << attempt));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        self.summary.files_read += 1;
-        self.summary.bytes_read += len;
-        self.new_indexes.push(BlobIndex {
-            digest: digest.to_string(),
-            size,
-            refs: refs.clone(),
-        });
-        self.blobs.push(StoredBlob {
-            digest: digest.to_string(),
-            size,
-            refs,
-        });
-        Ok(())
+        Ok(false)
     }
 
-    /// Streams a blob into the pipeline, checking its size and sha256 as it goes.
-    fn fetch_blob(&mut self, digest: &str, size: u64) -> Result<(Vec<crate::id::ChunkRef>, u64)> {
-        let mut reader = self.source.blob(self.rt, digest)?;
-        let mut sha = Sha256::new();
-        let mut sw = StreamWriter::new(&self.writer, Mode::ContentDefined);
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n: u64 = 0;
-        loop {
-            let got = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(got) => got,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(crate::pipeline::from_io(e)),
-            };
-            n += got as u64;
-            if n > size {
-                return Err(self.mismatch(
-                    digest,
-                    format!("more than the {size} bytes its descriptor says"),
-                ));
+    /// Fetches and stores `blobs`, up to [`BLOB_CONCURRENCY`] at a time (one registry per
+    /// run, so this bounds the load on it), each retried on transient errors. The first failure
+    /// stops the image: no new blob is started after it.
+    fn fetch_blobs(&mut self, blobs: &[(String, u64)]) -> Result<()> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let next = AtomicUsize::new(0);
+        let (source, rt, writer, progress) = (self.source, self.rt, &self.writer, self.progress);
+        let fetch = |digest: &str, size: u64| {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match fetch_blob(source, rt, writer, progress, digest, size) {
+                    Err(e) if e.is_retryable() && attempt < BLOB_ATTEMPTS => {
+                        tracing::warn!(
+                            "{}@{digest}: {e}; fetching it again (attempt {attempt})",
+                            source.repository()
+                        );
+                        std::thread::sleep(std::time::Duration::from_millis(200 << attempt));
+                    }
+                    done => return done,
+                }
             }
-            sha.update(&buf[..got]);
-            sw.write_all(&buf[..got])?;
-            self.progress.inc(got as u64);
+        };
+        let mut results: Vec<(usize, Result<Fetched>)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..BLOB_CONCURRENCY.min(blobs.len()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut out = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some((digest, size)) = blobs.get(i) else {
+                                return out;
+                            };
+                            let result = fetch(digest, *size);
+                            if result.is_err() {
+                                next.store(blobs.len(), Ordering::Relaxed);
+                            }
+                            out.push((i, result));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("blob fetch thread panicked"))
+                .collect()
+        });
+        results.sort_by_key(|(i, _)| *i);
+        for (i, result) in results {
+            let (refs, len) = result?;
+            let (digest, size) = &blobs[i];
+            self.summary.files_read += 1;
+            self.summary.bytes_read += len;
+            self.new_indexes.push(BlobIndex {
+                digest: digest.clone(),
+                size: *size,
+                refs: refs.clone(),
+            });
+            self.blobs.push(StoredBlob {
+                digest: digest.clone(),
+                size: *size,
+                refs,
+            });
         }
-        if n != size {
-            return Err(self.mismatch(digest, format!("{n} bytes, its descriptor says {size}")));
-        }
-        let actual = format!("sha256:{}", hex::encode(sha.finalize()));
-        if actual != digest {
-            return Err(self.mismatch(digest, format!("the bytes hash to {actual}")));
-        }
-        sw.finish()
+        Ok(())
     }
+}
+
+/// A fetched blob: its chunk refs and its length.
+type Fetched = (Vec<ChunkRef>, u64);
+
+/// Streams one blob from `source` through the chunk pipeline while checking its size and
+/// sha256 against its descriptor.
+fn fetch_blob(
+    source: &Source,
+    rt: &Handle,
+    writer: &ChunkWriter,
+    progress: &Progress,
+    digest: &str,
+    size: u64,
+) -> Result<Fetched> {
+    let mismatch = |reason: String| Error::DigestMismatch {
+        repository: source.repository(),
+        digest: digest.to_string(),
+        reason,
+    };
+    let mut reader = source.blob(rt, digest)?;
+    let mut sha = Sha256::new();
+    let mut sw = StreamWriter::new(writer, Mode::ContentDefined);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n: u64 = 0;
+    loop {
+        let got = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(got) => got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(crate::pipeline::from_io(e)),
+        };
+        n += got as u64;
+        if n > size {
+            return Err(mismatch(format!(
+                "more than the {size} bytes its descriptor says"
+            )));
+        }
+        sha.update(&buf[..got]);
+        sw.write_all(&buf[..got])?;
+        progress.inc(got as u64);
+    }
+    if n != size {
+        return Err(mismatch(format!("{n} bytes, its descriptor says {size}")));
+    }
+    let actual = format!("sha256:{}", hex::encode(sha.finalize()));
+    if actual != digest {
+        return Err(mismatch(format!("the bytes hash to {actual}")));
+    }
+    sw.finish()
 }

@@ -18,6 +18,28 @@ pub struct Faults {
     pub drop_mid_blob: AtomicU32,
     /// Blob GETs seen.
     pub blob_gets: AtomicU32,
+    /// Hold every blob GET this long before answering, so concurrent ones overlap.
+    pub delay_ms: AtomicU32,
+    /// Blob GETs in progress now, and the most seen at once.
+    pub active: AtomicU32,
+    pub max_active: AtomicU32,
+}
+
+/// Counts a blob GET as active while it lives.
+struct Active<'a>(&'a Faults);
+
+impl<'a> Active<'a> {
+    fn new(f: &'a Faults) -> Active<'a> {
+        let now = f.active.fetch_add(1, Ordering::SeqCst) + 1;
+        f.max_active.fetch_max(now, Ordering::SeqCst);
+        Active(f)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct FaultProxy {
@@ -89,8 +111,11 @@ fn handle(mut client: TcpStream, upstream: &str, faults: &Faults) -> std::io::Re
         .unwrap_or("")
         .to_string();
     let blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
+    let _active = blob_get.then(|| Active::new(faults));
     if blob_get {
         faults.blob_gets.fetch_add(1, Ordering::SeqCst);
+        let delay = faults.delay_ms.load(Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(delay.into()));
         let left = faults.too_many.load(Ordering::SeqCst);
         if left > 0 {
             faults.too_many.store(left - 1, Ordering::SeqCst);
