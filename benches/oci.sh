@@ -14,9 +14,11 @@ cargo build --release --quiet
 tresor="$PWD/target/release/tresor"
 
 source benches/lib.sh
-PORT=$(free_port)
-REG="127.0.0.1:$PORT"
-cat >"$BENCH_DIR/registry.yml" <<YML
+# start_registry NAME: a docker-registry on a free port; prints its host:port.
+start_registry() {
+    local host
+    host="127.0.0.1:$(free_port)"
+    cat >"$BENCH_DIR/$1.yml" <<YML
 version: 0.1
 log:
   level: error
@@ -24,13 +26,18 @@ log:
     disabled: true
 storage:
   filesystem:
-    rootdirectory: $BENCH_DIR/registry
+    rootdirectory: $BENCH_DIR/$1
 http:
-  addr: $REG
+  addr: $host
 YML
-docker-registry serve "$BENCH_DIR/registry.yml" >/dev/null 2>&1 &
-REGISTRY_PID=$!
-trap 'kill $REGISTRY_PID' EXIT
+    docker-registry serve "$BENCH_DIR/$1.yml" >/dev/null 2>&1 &
+    echo "$host $!"
+}
+# The source registry, and a second one to restore into (rehydration elsewhere: every blob is
+# uploaded; on the source registry tresor would mount blobs instead).
+read -r REG REGISTRY_PID < <(start_registry registry)
+read -r REG2 REGISTRY2_PID < <(start_registry registry2)
+trap 'kill $REGISTRY_PID $REGISTRY2_PID' EXIT
 sleep 1
 
 # layout DIR TAG SIZE_MIB...: an OCI layout whose image has one random layer per size.
@@ -69,18 +76,18 @@ layout "$BENCH_DIR/set2" big 2048
 skopeo copy --quiet --dest-tls-verify=false "oci:$BENCH_DIR/set1:v1" "docker://$REG/bench/set1:v1"
 skopeo copy --quiet --dest-tls-verify=false "oci:$BENCH_DIR/set2:big" "docker://$REG/bench/set2:big"
 ONE=$((1024 * 1024 * 1024)); TWO=$((2 * ONE))
-echo "$(nproc) cores; registry on $REG"
+echo "$(nproc) cores; source registry on $REG, target registry on $REG2"
 
 export TRESOR_REPO="file://$BENCH_DIR/repo" TRESOR_CACHE_DIR="$BENCH_DIR/cache" TRESOR_KEY_FILE="$BENCH_DIR/key"
 "$tresor" init >/dev/null 2>&1
 run "tresor backup image (1 GiB, 4 layers)" $ONE "$tresor" -q backup image "docker://$REG/bench/set1:v1" --insecure
 run "tresor backup image again (unchanged)" $ONE "$tresor" -q backup image "docker://$REG/bench/set1:v1" --insecure
-run "tresor restore image -> registry" $ONE "$tresor" -q restore image "docker://$REG/bench/set1:v1" --to "docker://$REG/restored/set1:v1" --insecure
+run "tresor restore image -> registry" $ONE "$tresor" -q restore image "docker://$REG/bench/set1:v1" --to "docker://$REG2/restored/set1:v1" --insecure
 run "tresor restore image -> oci layout" $ONE "$tresor" -q restore image "docker://$REG/bench/set1:v1" --to "oci:$BENCH_DIR/out1:v1"
 # skopeo remembers where blobs are and would mount them instead of uploading: start it cold.
 rm -f /var/lib/containers/cache/blob-info-cache-v1.boltdb "$HOME/.local/share/containers/cache/blob-info-cache-v1.boltdb"
 run "skopeo copy registry -> oci layout" $ONE skopeo copy --quiet --src-tls-verify=false "docker://$REG/bench/set1:v1" "oci:$BENCH_DIR/sk1:v1"
 rm -f /var/lib/containers/cache/blob-info-cache-v1.boltdb "$HOME/.local/share/containers/cache/blob-info-cache-v1.boltdb"
-run "skopeo copy oci layout -> registry" $ONE skopeo copy --quiet --dest-tls-verify=false "oci:$BENCH_DIR/sk1:v1" "docker://$REG/skopeo/set1:v1"
+run "skopeo copy oci layout -> registry" $ONE skopeo copy --quiet --dest-tls-verify=false "oci:$BENCH_DIR/sk1:v1" "docker://$REG2/skopeo/set1:v1"
 run "tresor backup image (one 2 GiB layer)" $TWO "$tresor" -q backup image "docker://$REG/bench/set2:big" --insecure
-run "tresor restore image 2 GiB -> registry" $TWO "$tresor" -q restore image "docker://$REG/bench/set2:big" --to "docker://$REG/restored/set2:big" --insecure
+run "tresor restore image 2 GiB -> registry" $TWO "$tresor" -q restore image "docker://$REG/bench/set2:big" --to "docker://$REG2/restored/set2:big" --insecure
