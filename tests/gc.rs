@@ -82,8 +82,9 @@ fn forget_gc_and_reuse(backend: Option<Kind>) {
     let report = gc_cli(&env);
     let swept = &report["swept"][0];
     let deleted = swept["chunks_deleted"].as_u64().unwrap();
-    // `old` (2 MiB, at least two chunks) and the old catalog; `shared` stays for b and a.
-    assert!(deleted >= 3, "{report}");
+    // `old` (2 MiB: one chunk or more, as the keyed cut points fall) and the old catalog;
+    // `shared` stays for b and a.
+    assert!(deleted >= 2, "{report}");
     assert_eq!(chunk_count(&env, &rt) as u64, before as u64 - deleted);
     // The bytes freed are those of the forgotten file (incompressible, so stored at about its
     // size) and of the old catalog, no more: the shared file's chunks stay.

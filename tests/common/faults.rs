@@ -75,23 +75,31 @@ impl ObjectStore for AppendOnly {
 }
 
 /// A store that fails or slows down a share of its requests, like a congested or flaky link:
-/// `error_rate` of reads and writes fail (half as a reset connection, half as a timeout after
-/// a pause), `slow_rate` take up to 200 ms longer. Seeded, so a run can be replayed.
+/// after the first `spared` reads and writes, `error_rate` of them fail (half as a reset
+/// connection, half as a timeout after a pause) and `slow_rate` take up to 200 ms longer.
 #[derive(Debug)]
 pub struct Flaky {
     inner: Arc<dyn ObjectStore>,
     error_rate: f64,
     slow_rate: f64,
+    spared: std::sync::atomic::AtomicU64,
     state: std::sync::Mutex<u64>,
     pub injected: std::sync::atomic::AtomicU64,
 }
 
 impl Flaky {
-    pub fn new(inner: Arc<dyn ObjectStore>, error_rate: f64, slow_rate: f64, seed: u64) -> Flaky {
+    pub fn new(
+        inner: Arc<dyn ObjectStore>,
+        spared: u64,
+        error_rate: f64,
+        slow_rate: f64,
+        seed: u64,
+    ) -> Flaky {
         Flaky {
             inner,
             error_rate,
             slow_rate,
+            spared: std::sync::atomic::AtomicU64::new(spared),
             state: std::sync::Mutex::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
             injected: std::sync::atomic::AtomicU64::new(0),
         }
@@ -106,6 +114,17 @@ impl Flaky {
     }
 
     async fn fault(&self, op: &str, path: &Path) -> Result<()> {
+        let spare = self
+            .spared
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if spare {
+            return Ok(());
+        }
         let r = self.roll();
         if r < self.error_rate {
             self.injected
