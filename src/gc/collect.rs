@@ -427,8 +427,18 @@ fn sweep(
     }
     let rescued = rescued(&sessions);
     let known: HashSet<&str> = plan.snapshots.iter().map(String::as_str).collect();
-    let newer = load_snapshots(repo, rt, Some(&known))?;
-    let referenced = referenced(repo, rt, &newer)?;
+    let referenced = match load_snapshots(repo, rt, Some(&known))
+        .and_then(|newer| referenced(repo, rt, &newer))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            // Nothing is deleted yet: take the marker down so backups need not wait for it.
+            if let Some(m) = marker {
+                m.remove()?;
+            }
+            return Err(e);
+        }
+    };
 
     let mut summary = SweepSummary {
         plan: plan.id.clone(),

@@ -49,6 +49,38 @@ impl Inner {
     }
 }
 
+/// Condemned chunks and blob indexes of every live plan, with the plan that condemned them.
+type Condemned = (HashMap<ChunkId, Arc<Plan>>, HashMap<String, Arc<Plan>>);
+
+/// Reads the live plans (recording their ids in `record`) and the chunk cache without their
+/// condemned chunks.
+async fn read_plans(
+    repo: &Arc<Repository>,
+    cache_dir: Option<&Path>,
+    record: &mut SessionRecord,
+) -> Result<(Condemned, KnownChunks)> {
+    let state = GcState::load(repo).await?;
+    let (mut condemned, mut condemned_indexes): Condemned = Default::default();
+    for id in state.live.keys() {
+        let Some(plan) = Plan::load(repo, id).await? else {
+            continue;
+        };
+        let plan = Arc::new(plan);
+        condemned.extend(plan.chunk_ids().map(|c| (c, Arc::clone(&plan))));
+        condemned_indexes.extend(
+            plan.blob_indexes
+                .iter()
+                .map(|k| (k.clone(), Arc::clone(&plan))),
+        );
+        record.plans_seen.push(id.clone());
+    }
+    let known = KnownChunks::load(repo, cache_dir, &state.done_fingerprint()).await?;
+    for id in condemned.keys() {
+        known.remove(id);
+    }
+    Ok(((condemned, condemned_indexes), known))
+}
+
 /// A registered backup session: the chunk cache of one backup run, the plans it must respect,
 /// and the heartbeat that keeps `gc` from deleting what it relies on.
 pub struct Session {
@@ -106,30 +138,20 @@ impl Session {
         // Registering comes before reading the plans: a plan written after this read is then
         // swept only once this session has ended.
         inner.write(&record).await?;
-        let state = GcState::load(&repo).await?;
-        let mut condemned = HashMap::new();
-        let mut condemned_indexes = HashMap::new();
-        for id in state.live.keys() {
-            let Some(plan) = Plan::load(&repo, id).await? else {
-                continue;
+        let ((condemned, condemned_indexes), known) =
+            match read_plans(&repo, cache_dir, &mut record).await {
+                Ok(read) => read,
+                Err(e) => {
+                    // Ended, so that gc need not wait for a session that never ran.
+                    record.ended = true;
+                    let _ = inner.write(&record).await;
+                    return Err(e);
+                }
             };
-            let plan = Arc::new(plan);
-            condemned.extend(plan.chunk_ids().map(|c| (c, Arc::clone(&plan))));
-            condemned_indexes.extend(
-                plan.blob_indexes
-                    .iter()
-                    .map(|k| (k.clone(), Arc::clone(&plan))),
-            );
-            record.plans_seen.push(id.clone());
-        }
         if !record.plans_seen.is_empty() {
             let mut stored = inner.record.lock().await;
             *stored = record;
             inner.write(&stored).await?;
-        }
-        let known = KnownChunks::load(&repo, cache_dir, &state.done_fingerprint()).await?;
-        for id in condemned.keys() {
-            known.remove(id);
         }
         let beat = Arc::clone(&inner);
         let heartbeat = tokio::spawn(async move {
