@@ -541,7 +541,11 @@ async fn gc(g: &Global, args: &GcArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let would = if report.dry_run { "would " } else { "" };
+    let deleted = if report.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
     println!(
         "{} snapshots use {} of {} stored chunks ({})",
         report.snapshots,
@@ -562,7 +566,7 @@ async fn gc(g: &Global, args: &GcArgs) -> anyhow::Result<ExitCode> {
     }
     for s in &report.swept {
         println!(
-            "plan {}: {would}deleted {} chunks ({}) and {} blob indexes; kept {} that running backups reuse and {} that newer snapshots use",
+            "plan {}: {deleted} {} chunks ({}) and {} blob indexes; kept {} that running backups reuse and {} that newer snapshots use",
             s.plan,
             s.chunks_deleted,
             human_bytes(s.bytes_freed),
