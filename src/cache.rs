@@ -62,11 +62,6 @@ impl KnownChunks {
         self.set.lock().expect("cache lock").insert(id)
     }
 
-    /// Whether `id` is known.
-    pub fn contains(&self, id: &ChunkId) -> bool {
-        self.set.lock().expect("cache lock").contains(id)
-    }
-
     /// Forgets `id` (its upload failed, or `gc` condemned it).
     pub fn remove(&self, id: &ChunkId) {
         self.set.lock().expect("cache lock").remove(id);

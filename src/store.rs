@@ -209,12 +209,12 @@ impl Store {
         }
     }
 
-    /// Deletes many objects (S3 `DeleteObjects`, up to 1000 keys a request), calling `done` with
-    /// the number deleted so far; missing objects count as deleted.
+    /// Deletes many objects (S3 `DeleteObjects`, up to 1000 keys a request) and returns how
+    /// many; missing objects count as deleted.
     ///
     /// # Errors
     /// As [`Store::delete`], for the first key that fails; keys before it may be deleted.
-    pub async fn delete_many(&self, keys: Vec<String>, mut done: impl FnMut(u64)) -> Result<u64> {
+    pub async fn delete_many(&self, keys: Vec<String>) -> Result<u64> {
         let paths = futures::stream::iter(keys.into_iter().map(|k| Ok(StorePath::from(k))));
         let mut results = self.inner.delete_stream(Box::pin(paths));
         let mut n = 0;
@@ -231,7 +231,6 @@ impl Store {
                 }
             }
             n += 1;
-            done(n);
         }
         Ok(n)
     }

@@ -1,7 +1,7 @@
 //! `tresor gc`: mark what no snapshot references, sweep what earlier marks condemned.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,8 +10,8 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 
 use super::{
-    done_key, load_sessions, plan_key, rescued, sweeping_key, GcState, Plan, SessionView,
-    HEARTBEAT, LEASE,
+    done_key, load_sessions, plan_key, rescued, sweeping_key, GcState, Lease, Plan, SessionView,
+    HEARTBEAT,
 };
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
@@ -131,7 +131,6 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
         snapshots: snaps.iter().map(|s| s.id.clone()).collect(),
         chunks: Vec::new(),
         chunk_sizes: Vec::new(),
-        chunk_bytes: 0,
         blob_indexes: Vec::new(),
     };
     for obj in rt.block_on(repo.store().list_modified(CHUNKS_PREFIX))? {
@@ -146,7 +145,6 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
         {
             plan.chunks.extend_from_slice(&id.0);
             plan.chunk_sizes.push(obj.size as u32);
-            plan.chunk_bytes += obj.size;
         }
     }
     for obj in rt.block_on(repo.store().list_modified(BLOBS_PREFIX))? {
@@ -161,7 +159,7 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
         report.condemned = Some(PlanSummary {
             id: plan.id.clone(),
             chunks: plan.chunk_sizes.len() as u64,
-            bytes: plan.chunk_bytes,
+            bytes: plan.chunk_bytes(),
             blob_indexes: plan.blob_indexes.len() as u64,
         });
         if !options.dry_run {
@@ -173,7 +171,7 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
                 "gc: plan {} condemns {} chunks ({} bytes) and {} blob indexes",
                 plan.id,
                 plan.chunk_sizes.len(),
-                plan.chunk_bytes,
+                plan.chunk_bytes(),
                 plan.blob_indexes.len()
             );
             plans.push((plan, written));
@@ -322,7 +320,7 @@ struct Marker<'a> {
     repo: &'a Repository,
     rt: &'a Handle,
     key: String,
-    last_write: Arc<Mutex<Instant>>,
+    last_write: Arc<Lease>,
     refresh: tokio::task::AbortHandle,
 }
 
@@ -331,7 +329,7 @@ impl<'a> Marker<'a> {
         let key = sweeping_key(plan);
         let began = Instant::now();
         rt.block_on(repo.store().put(&key, Bytes::new()))?;
-        let last_write = Arc::new(Mutex::new(began));
+        let last_write = Arc::new(Lease::new(began));
         let (r, k, l) = (Arc::clone(repo), key.clone(), Arc::clone(&last_write));
         let refresh = rt
             .spawn(async move {
@@ -339,7 +337,7 @@ impl<'a> Marker<'a> {
                     tokio::time::sleep(HEARTBEAT).await;
                     let began = Instant::now();
                     match r.store().put(&k, Bytes::new()).await {
-                        Ok(()) => *l.lock().expect("lease lock") = began,
+                        Ok(()) => l.renewed(began),
                         Err(e) => tracing::warn!("could not refresh sweep marker {k}: {e}"),
                     }
                 }
@@ -357,14 +355,7 @@ impl<'a> Marker<'a> {
     /// Errors once the marker could not be refreshed for [`LEASE`]: writers may then take
     /// the sweep for dead and upload chunks it is about to delete.
     fn check_lease(&self) -> Result<()> {
-        let silent = self.last_write.lock().expect("lease lock").elapsed();
-        if silent > LEASE {
-            return Err(Error::LeaseLost {
-                session: format!("sweep {}", self.key),
-                silent_secs: silent.as_secs(),
-            });
-        }
-        Ok(())
+        self.last_write.check(&format!("sweep {}", self.key))
     }
 
     fn remove(self) -> Result<()> {
@@ -469,11 +460,11 @@ fn sweep(
     };
     // Indexes first: an index must never name chunks that are gone.
     marker.check_lease()?;
-    rt.block_on(repo.store().delete_many(indexes, |_| {}))?;
+    rt.block_on(repo.store().delete_many(indexes))?;
     let total = chunks.len();
     for (n, batch) in chunks.chunks(DELETE_BATCH).enumerate() {
         marker.check_lease()?;
-        rt.block_on(repo.store().delete_many(batch.to_vec(), |_| {}))?;
+        rt.block_on(repo.store().delete_many(batch.to_vec()))?;
         tracing::info!(
             "gc: plan {}: deleted {} of {total} chunks",
             plan.id,

@@ -89,6 +89,37 @@ fn done_key(id: &str) -> String {
     format!("{GC_PREFIX}/done/{id}")
 }
 
+/// When an object that others judge our liveness by (a session, a sweep marker) was last
+/// rewritten successfully, on our own monotonic clock.
+#[derive(Debug)]
+struct Lease(std::sync::Mutex<std::time::Instant>);
+
+impl Lease {
+    /// A lease whose first write began at `began`.
+    fn new(began: std::time::Instant) -> Lease {
+        Lease(std::sync::Mutex::new(began))
+    }
+
+    /// Records a successful write that began at `began`.
+    fn renewed(&self, began: std::time::Instant) {
+        let mut last = self.0.lock().expect("lease lock");
+        *last = (*last).max(began);
+    }
+
+    /// [`Error::LeaseLost`] for `holder` once no write succeeded for [`LEASE`]: others may then
+    /// take it for dead.
+    fn check(&self, holder: &str) -> Result<()> {
+        let silent = self.0.lock().expect("lease lock").elapsed();
+        if silent > LEASE {
+            return Err(Error::LeaseLost {
+                session: holder.to_string(),
+                silent_secs: silent.as_secs(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// What one `gc` mark condemned (the object `gc/plans/<id>`, sealed CBOR).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Plan {
@@ -104,8 +135,6 @@ pub struct Plan {
     pub chunks: Vec<u8>,
     /// Stored size of each condemned chunk, in the order of `chunks`.
     pub chunk_sizes: Vec<u32>,
-    /// Stored bytes of the condemned chunks.
-    pub chunk_bytes: u64,
     /// Store keys of condemned blob index objects.
     pub blob_indexes: Vec<String>,
 }
@@ -116,6 +145,11 @@ impl Plan {
         self.chunks
             .chunks_exact(32)
             .map(|c| ChunkId(c.try_into().expect("32 bytes")))
+    }
+
+    /// Stored bytes of the condemned chunks.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunk_sizes.iter().map(|&s| u64::from(s)).sum()
     }
 
     fn declare_window(&self) -> Duration {

@@ -2,15 +2,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::task::AbortHandle;
 
-use super::{done_key, sweeping_key, GcState, Plan, SessionRecord, HEARTBEAT, LEASE, STALE_AFTER};
+use super::{done_key, sweeping_key, GcState, Lease, Plan, SessionRecord, HEARTBEAT, STALE_AFTER};
 use crate::cache::KnownChunks;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::id::{ChunkId, ChunkRef};
 use crate::repository::{time_name, Repository, SESSIONS_PREFIX};
 
@@ -34,8 +34,7 @@ struct Inner {
     /// Serialises writes of the session object, so a heartbeat never overwrites a newer
     /// declaration with an older state.
     record: tokio::sync::Mutex<SessionRecord>,
-    /// When the last successful write of the session object began.
-    last_write: Mutex<Instant>,
+    last_write: Lease,
 }
 
 impl Inner {
@@ -43,8 +42,7 @@ impl Inner {
         let began = Instant::now();
         let json = serde_json::to_vec(record).expect("session record serialises");
         self.repo.put_record(&self.key, &json).await?;
-        let mut last = self.last_write.lock().expect("lease lock");
-        *last = (*last).max(began);
+        self.last_write.renewed(began);
         Ok(())
     }
 }
@@ -111,7 +109,7 @@ impl Session {
     /// Starts the heartbeat on the current runtime.
     ///
     /// # Errors
-    /// Store errors writing the session object or reading plans, and [`Error::Corrupt`] for a
+    /// Store errors writing the session object or reading plans, and [`crate::Error::Corrupt`] for a
     /// plan that does not open (a backup must not guess what is condemned).
     pub async fn start(
         repo: Arc<Repository>,
@@ -133,7 +131,7 @@ impl Session {
             repo: Arc::clone(&repo),
             key: format!("{SESSIONS_PREFIX}/{id}"),
             record: tokio::sync::Mutex::new(record.clone()),
-            last_write: Mutex::new(Instant::now()),
+            last_write: Lease::new(Instant::now()),
         });
         // Registering comes before reading the plans: a plan written after this read is then
         // swept only once this session has ended.
@@ -270,17 +268,10 @@ impl Session {
     /// snapshot.
     ///
     /// # Errors
-    /// [`Error::LeaseLost`] when the session object could not be rewritten for [`LEASE`]:
+    /// [`crate::Error::LeaseLost`] when the session object could not be rewritten for [`super::LEASE`]:
     /// `gc` may already treat the session as dead and delete what it relies on.
     pub fn check_lease(&self) -> Result<()> {
-        let silent = self.inner.last_write.lock().expect("lease lock").elapsed();
-        if silent > LEASE {
-            return Err(Error::LeaseLost {
-                session: self.id.clone(),
-                silent_secs: silent.as_secs(),
-            });
-        }
-        Ok(())
+        self.inner.last_write.check(&self.id)
     }
 
     /// Ends the session: saves the chunk cache when `succeeded`, and marks the session object

@@ -1,12 +1,13 @@
 //! A real OCI registry (Debian's `docker-registry`, CNCF distribution) on loopback, and OCI
 //! image layouts built by hand and pushed with `skopeo`.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+use super::free_port;
 
 /// A registry process with its own config and storage; killed on drop.
 pub struct TestRegistry {
@@ -19,14 +20,6 @@ impl Drop for TestRegistry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// What a secured [`TestRegistry`] demands: TLS with a certificate of a private CA, and HTTP
