@@ -380,7 +380,7 @@ fn registry_with_basic_auth_and_a_private_ca() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("private/app") && err.to_lowercase().contains("not authorized"),
+        err.contains("private/app") && err.contains("401 Unauthorized"),
         "{err}"
     );
     assert!(err.contains("--authfile"), "no hint: {err}");

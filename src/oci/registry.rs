@@ -1,22 +1,38 @@
-//! Registry access around `oci-client`: credentials (flags, docker `config.json`, containers
-//! `auth.json`), plain HTTP only for registries named insecure, a custom CA, and retries with
-//! exponential backoff and jitter for everything that can be retried safely. Uploads are
-//! retried by restarting them, never by resuming.
+//! The OCI distribution protocol as tresor speaks it.
+//!
+//! `oci-client` negotiates access (the `/v2/` challenge, basic credentials, bearer tokens from
+//! the registry's token service); every request after that is sent here, on one HTTP client,
+//! because a retry policy needs what oci-client does not expose: status codes and headers.
+//!
+//! - **Credentials** come from `--creds`, else a docker `config.json` / containers `auth.json`.
+//!   They are sent only to the registry they belong to (never across a redirect to another host).
+//! - **Retries**: connection errors, 429 and 5xx are retried with exponential backoff and
+//!   jitter, never sooner than the registry's `Retry-After` (seconds or an HTTP date; a wait
+//!   longer than [`MAX_RETRY_AFTER`] fails at once and says so). A 401 fetches a new token once
+//!   (tokens expire during long runs). Certificate errors are never retried.
+//! - **Blob downloads resume**: a connection that breaks mid-blob is reopened with a `Range`
+//!   request from the byte it stopped at, so a flaky link costs the missing bytes, not the blob.
+//! - **Uploads** are restarted, never resumed: a POST opens an upload session (mounting the blob
+//!   from another repository when asked), one streaming PUT closes it.
+//!
+//! Plain HTTP is used only for registries named insecure; extra CA certificates are trusted on
+//! top of the system's.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
-use futures::Stream;
-use oci_client::client::{
-    Certificate, CertificateEncoding, ClientConfig, ClientProtocol, SizedStream,
-};
+use futures::{Stream, StreamExt};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
-use oci_client::manifest::OciImageIndex;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -28,6 +44,12 @@ pub const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ];
+
+/// The longest `Retry-After` tresor waits for; a registry asking for more fails the request.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Manifests are small JSON documents; anything larger is refused rather than buffered.
+const MAX_MANIFEST: usize = 16 << 20;
 
 /// How to reach registries.
 #[derive(Clone, Debug, Default)]
@@ -46,30 +68,70 @@ pub struct RegistryOptions {
     pub attempts: u32,
 }
 
+/// Which token a request needs: pulls, or pushes (which also cover pulls).
+type Access = RegistryOperation;
+
 /// A registry client with credentials and retries.
 pub struct Registry {
-    client: Client,
+    /// Negotiates access only.
+    negotiator: Client,
+    http: reqwest::Client,
+    insecure: Vec<String>,
     auths: HashMap<String, RegistryAuth>,
     creds: Option<RegistryAuth>,
     attempts: u32,
+    /// `Authorization` values by (registry, repository, push); `None` for anonymous access.
+    tokens: Mutex<HashMap<(String, String, bool), Option<HeaderValue>>>,
 }
+
+/// Why one request failed, as the retry loop sees it.
+enum Failure {
+    /// Trying again will not help.
+    Fatal(Error),
+    /// 401: the token may have expired; a new one may help, once.
+    Unauthorized(Error),
+    /// Throttled, a server error or a broken connection; wait at least `after` if given.
+    Again {
+        error: Error,
+        after: Option<Duration>,
+    },
+}
+
+type Try<T> = std::result::Result<T, Failure>;
 
 impl Registry {
     /// # Errors
     /// [`Error::Config`] for unreadable credentials or CA files.
     pub fn new(options: &RegistryOptions) -> Result<Registry> {
+        let ca = match &options.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| Error::io(path, e))?),
+            None => None,
+        };
+        let bad_ca = |e: &dyn std::fmt::Display| {
+            let path = options
+                .ca_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""));
+            Error::Config(format!("CA file {}: {e}", path.display()))
+        };
         let mut config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(options.insecure.clone()),
-            // One streaming PUT per blob instead of a PATCH per 4 MiB: fewer round trips, and
-            // every registry of the distribution spec accepts it.
-            use_monolithic_push: true,
             ..ClientConfig::default()
         };
-        if let Some(ca) = &options.ca_file {
-            let data = std::fs::read(ca).map_err(|e| Error::io(ca, e))?;
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("tresor/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(30))
+            // A registry that stops sending mid-blob is a broken connection, resumed below.
+            .read_timeout(Duration::from_secs(60));
+        if let Some(pem) = ca {
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad_ca(&e))?;
+            if certs.is_empty() {
+                return Err(bad_ca(&"no PEM certificate in it"));
+            }
+            builder = builder.tls_certs_merge(certs);
             config.extra_root_certificates.push(Certificate {
                 encoding: CertificateEncoding::Pem,
-                data,
+                data: pem,
             });
         }
         let creds = match &options.creds {
@@ -82,50 +144,184 @@ impl Registry {
             None => None,
         };
         Ok(Registry {
-            client: Client::new(config),
+            negotiator: Client::try_from(config).map_err(|e| bad_ca(&e))?,
+            http: builder
+                .build()
+                .map_err(|e| Error::Config(format!("registry HTTP client: {e}")))?,
+            insecure: options.insecure.clone(),
             auths: load_auth_file(options.auth_file.clone())?,
             creds,
             attempts: options.attempts.max(1),
+            tokens: Mutex::new(HashMap::new()),
         })
     }
 
-    fn auth(&self, r: &Reference) -> RegistryAuth {
+    fn credentials(&self, r: &Reference) -> RegistryAuth {
         if let Some(c) = &self.creds {
             return c.clone();
         }
-        let host = r.resolve_registry();
         self.auths
-            .get(host)
+            .get(r.resolve_registry())
             .or_else(|| self.auths.get(r.registry()))
             .cloned()
             .unwrap_or(RegistryAuth::Anonymous)
     }
 
-    async fn login(&self, r: &Reference) {
-        self.client
-            .store_auth_if_needed(r.resolve_registry(), &self.auth(r))
-            .await;
+    /// `https://HOST/v2/REPOSITORY` (plain HTTP for insecure registries).
+    fn base(&self, r: &Reference) -> String {
+        let host = r.resolve_registry();
+        let insecure = self.insecure.iter().any(|h| h == host || h == r.registry());
+        let scheme = if insecure { "http" } else { "https" };
+        format!("{scheme}://{host}/v2/{}", r.repository())
     }
 
-    /// Retries `f` while it fails transiently, with exponential backoff and jitter.
-    async fn retry<T, F, Fut>(&self, op: &'static str, r: &Reference, mut f: F) -> Result<T>
+    fn token_key(r: &Reference, access: Access) -> (String, String, bool) {
+        (
+            r.resolve_registry().to_string(),
+            r.repository().to_string(),
+            matches!(access, RegistryOperation::Push),
+        )
+    }
+
+    /// The `Authorization` value for `access` to the repository of `r`, negotiated once and
+    /// kept until a 401 says it expired.
+    async fn authorization(&self, r: &Reference, access: Access) -> Try<Option<HeaderValue>> {
+        let key = Self::token_key(r, access);
+        if let Some(v) = self.tokens.lock().expect("token lock").get(&key) {
+            return Ok(v.clone());
+        }
+        let creds = self.credentials(r);
+        let token = self.negotiator.auth(r, &creds, access).await.map_err(|e| {
+            let err = negotiation_error(r, e);
+            if err.is_retryable() {
+                Failure::Again {
+                    error: err,
+                    after: None,
+                }
+            } else {
+                Failure::Fatal(err)
+            }
+        })?;
+        let value = match (token, &creds) {
+            (Some(token), _) => Some(format!("Bearer {token}")),
+            (None, RegistryAuth::Basic(user, pass)) => Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+            )),
+            _ => None,
+        };
+        let value = value
+            .map(|v| HeaderValue::from_str(&v))
+            .transpose()
+            .map_err(|_| {
+                Failure::Fatal(Error::Config(format!(
+                    "credentials for {} are not a valid HTTP header",
+                    r.resolve_registry()
+                )))
+            })?;
+        self.tokens
+            .lock()
+            .expect("token lock")
+            .insert(key, value.clone());
+        Ok(value)
+    }
+
+    /// Sends one request with the repository's credentials (only if it goes to the registry
+    /// itself). 401, 429, 5xx and transport errors come back as [`Failure`]s; every other
+    /// status is the caller's to judge.
+    async fn send(
+        &self,
+        op: &'static str,
+        r: &Reference,
+        access: Access,
+        build: impl FnOnce(&reqwest::Client) -> RequestBuilder,
+    ) -> Try<Response> {
+        let fail = |message: String, transient: bool| Error::Registry {
+            op,
+            reference: r.whole(),
+            message,
+            transient,
+        };
+        let mut request = build(&self.http)
+            .build()
+            .map_err(|e| Failure::Fatal(fail(describe(&e), false)))?;
+        let url = request.url();
+        let to_registry = url
+            .host_str()
+            .zip(url.port_or_known_default())
+            .is_some_and(|(h, p)| {
+                let registry = r.resolve_registry();
+                registry == h || registry == format!("{h}:{p}")
+            });
+        if to_registry {
+            if let Some(value) = self.authorization(r, access).await? {
+                request.headers_mut().insert(header::AUTHORIZATION, value);
+            }
+        }
+        let response = match self.http.execute(request).await {
+            Ok(response) => response,
+            Err(e) => {
+                let error = fail(describe(&e), true);
+                // A certificate that does not verify will not verify on the next try either.
+                if describe(&e).to_ascii_lowercase().contains("certificate") {
+                    return Err(Failure::Fatal(fail(describe(&e), false)));
+                }
+                return Err(Failure::Again { error, after: None });
+            }
+        };
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED {
+            let message = error_message(response).await;
+            return Err(Failure::Unauthorized(fail(message, false)));
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            let after = retry_after(response.headers());
+            let message = error_message(response).await;
+            return Err(Failure::Again {
+                error: fail(message, true),
+                after,
+            });
+        }
+        Ok(response)
+    }
+
+    /// Runs `f` until it succeeds, fails for good, or runs out of attempts: backoff with jitter,
+    /// at least the registry's `Retry-After`, and one new token after a 401.
+    async fn retry<T, F, Fut>(&self, r: &Reference, access: Access, mut f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, OciDistributionError>>,
+        Fut: Future<Output = Try<T>>,
     {
         let mut attempt = 0;
+        let mut renewed = false;
         loop {
             attempt += 1;
             match f().await {
                 Ok(v) => return Ok(v),
-                Err(e) => {
-                    let err = registry_error(op, r, e);
-                    if !err.is_retryable() || attempt >= self.attempts {
-                        return Err(err);
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Unauthorized(e)) => {
+                    if renewed {
+                        return Err(e);
                     }
-                    let pause = backoff(attempt);
+                    renewed = true;
+                    self.tokens
+                        .lock()
+                        .expect("token lock")
+                        .remove(&Self::token_key(r, access));
+                }
+                Err(Failure::Again { error, after }) => {
+                    if let Some(after) = after.filter(|a| *a > MAX_RETRY_AFTER) {
+                        return Err(error.context(format!(
+                            "the registry asks to wait {}s before trying again; try later",
+                            after.as_secs()
+                        )));
+                    }
+                    if attempt >= self.attempts {
+                        return Err(error);
+                    }
+                    let pause = backoff(attempt).max(after.unwrap_or_default());
                     tracing::warn!(
-                        "{err}; retrying in {pause:?} (attempt {attempt} of {})",
+                        "{error}; retrying in {pause:?} (attempt {attempt} of {})",
                         self.attempts
                     );
                     tokio::time::sleep(pause).await;
@@ -135,20 +331,54 @@ impl Registry {
     }
 
     /// The raw bytes and digest of a manifest or index, checked: the bytes must hash to the
-    /// digest, and to the digest in the reference if it has one.
+    /// digest in the reference, else to the `Docker-Content-Digest` the registry sent.
     ///
     /// # Errors
-    /// [`Error::Registry`], or [`Error::DigestMismatch`] naming the repository and digest.
+    /// [`Error::Registry`] (404 included), or [`Error::DigestMismatch`] naming the repository
+    /// and digest.
     pub async fn manifest(&self, r: &Reference) -> Result<(Bytes, String)> {
-        self.login(r).await;
-        let auth = self.auth(r);
-        let (raw, digest) = self
-            .retry("pull manifest", r, || {
-                self.client.pull_manifest_raw(r, &auth, MANIFEST_TYPES)
+        self.find_manifest(r).await?.ok_or_else(|| Error::Registry {
+            op: "pull manifest",
+            reference: r.whole(),
+            message: "404 Not Found: the registry has no such manifest".into(),
+            transient: false,
+        })
+    }
+
+    /// Like [`Registry::manifest`], `None` when the registry has no such manifest.
+    async fn find_manifest(&self, r: &Reference) -> Result<Option<(Bytes, String)>> {
+        const OP: &str = "pull manifest";
+        let url = format!("{}/manifests/{}", self.base(r), tag_or_digest(r));
+        let fetched = self
+            .retry(r, RegistryOperation::Pull, || async {
+                let response = self
+                    .send(OP, r, RegistryOperation::Pull, |c| {
+                        c.get(&url)
+                            .header(header::ACCEPT, MANIFEST_TYPES.join(", "))
+                    })
+                    .await?;
+                if response.status() == StatusCode::NOT_FOUND {
+                    return Ok(None);
+                }
+                let response = expect(OP, r, response, &[StatusCode::OK]).await?;
+                let served = response
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let raw = read_limited(OP, r, response, MAX_MANIFEST).await?;
+                Ok(Some((raw, served)))
             })
             .await?;
+        let Some((raw, served)) = fetched else {
+            return Ok(None);
+        };
         let actual = sha256_digest(&raw);
-        let expected = r.digest().map(str::to_string).unwrap_or(digest);
+        let expected = r
+            .digest()
+            .map(str::to_string)
+            .or(served)
+            .unwrap_or(actual.clone());
         if actual != expected {
             return Err(Error::DigestMismatch {
                 repository: format!("{}/{}", r.registry(), r.repository()),
@@ -156,105 +386,341 @@ impl Registry {
                 reason: format!("the manifest bytes hash to {actual}"),
             });
         }
-        Ok((raw, actual))
+        Ok(Some((raw, actual)))
     }
 
-    /// Opens a blob as a stream (the caller checks its digest while reading).
-    pub async fn blob(&self, r: &Reference, digest: &str) -> Result<SizedStream> {
-        self.login(r).await;
-        self.retry("pull blob", r, || self.client.pull_blob_stream(r, digest))
-            .await
-    }
-
-    /// Every tag of the repository of `r`.
-    pub async fn tags(&self, r: &Reference) -> Result<Vec<String>> {
-        self.login(r).await;
-        let auth = self.auth(r);
-        let resp = self
-            .retry("list tags", r, || {
-                self.client.list_tags(r, &auth, None, None)
-            })
-            .await?;
-        Ok(resp.tags)
-    }
-
-    /// Manifests that declare `r` (by digest) as their subject (OCI 1.1 referrers API, or the
-    /// tag-schema fallback).
-    pub async fn referrers(&self, r: &Reference) -> Result<OciImageIndex> {
-        self.login(r).await;
-        self.retry("list referrers", r, || self.client.pull_referrers(r, None))
-            .await
-    }
-
-    /// Whether the repository of `r` has the blob.
-    pub async fn has_blob(&self, r: &Reference, digest: &str) -> Result<bool> {
-        self.login_push(r).await?;
-        self.retry("check blob", r, || self.client.blob_exists(r, digest))
-            .await
-    }
-
-    async fn login_push(&self, r: &Reference) -> Result<()> {
-        let auth = self.auth(r);
-        self.retry("authenticate", r, || {
-            self.client.auth(r, &auth, RegistryOperation::Push)
-        })
-        .await?;
-        Ok(())
-    }
-
-    /// Asks the registry to link blob `digest` from repository `from` of the same registry into
-    /// the repository of `r` (a cross-repository mount), so no byte is uploaded. `Ok(false)`
-    /// when the registry declines (it lacks the blob there, or does not mount); the caller
-    /// then uploads.
+    /// Opens a blob for streaming; the caller checks size and digest while reading.
     ///
     /// # Errors
-    /// Authentication failures only.
-    pub async fn mount_blob(&self, r: &Reference, from: &Reference, digest: &str) -> Result<bool> {
-        self.login_push(r).await?;
-        match self.client.mount_blob(r, from, digest).await {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                tracing::debug!(
-                    "registry declined to mount {digest} from {}: {e}",
-                    from.repository()
-                );
-                Ok(false)
+    /// [`Error::Registry`] when the blob cannot be opened after retries.
+    pub async fn blob(&self, r: &Reference, digest: &str) -> Result<BlobReader<'_>> {
+        let mut reader = BlobReader {
+            registry: self,
+            reference: r.clone(),
+            url: format!("{}/blobs/{digest}", self.base(r)),
+            response: None,
+            offset: 0,
+            skip: 0,
+            breaks: 0,
+        };
+        reader.open().await?;
+        Ok(reader)
+    }
+
+    /// Every tag of the repository of `r`, following the registry's pagination.
+    ///
+    /// # Errors
+    /// [`Error::Registry`], e.g. for a repository the registry does not know.
+    pub async fn tags(&self, r: &Reference) -> Result<Vec<String>> {
+        const OP: &str = "list tags";
+        #[derive(serde::Deserialize)]
+        struct Page {
+            tags: Option<Vec<String>>,
+        }
+        let mut url = Url::parse(&format!("{}/tags/list?n=1000", self.base(r)))
+            .map_err(|e| Error::Config(format!("registry URL for {}: {e}", r.whole())))?;
+        let mut tags = Vec::new();
+        loop {
+            let (page, next) = self
+                .retry(r, RegistryOperation::Pull, || async {
+                    let response = self
+                        .send(OP, r, RegistryOperation::Pull, |c| c.get(url.clone()))
+                        .await?;
+                    let response = expect(OP, r, response, &[StatusCode::OK]).await?;
+                    let next = next_link(&url, response.headers());
+                    let body = read_limited(OP, r, response, MAX_MANIFEST).await?;
+                    let page: Page = serde_json::from_slice(&body).map_err(|e| {
+                        Failure::Fatal(registry_failure(OP, r, format!("tag list: {e}")))
+                    })?;
+                    Ok((page, next))
+                })
+                .await?;
+            tags.extend(page.tags.unwrap_or_default());
+            match next {
+                Some(n) => url = n,
+                None => return Ok(tags),
             }
         }
     }
 
-    /// Uploads a blob from a stream made by `make` (called again for each attempt).
+    /// Digests of manifests that declare `r` (by digest) as their subject: the OCI 1.1
+    /// referrers API, or its tag-schema fallback (`sha256-<hex>`) where the registry lacks it.
+    ///
+    /// # Errors
+    /// [`Error::Registry`]; a registry with neither gives an empty list.
+    pub async fn referrers(&self, r: &Reference) -> Result<Vec<String>> {
+        const OP: &str = "list referrers";
+        let digest = r.digest().unwrap_or_default().to_string();
+        let url = format!("{}/referrers/{digest}", self.base(r));
+        let body = self
+            .retry(r, RegistryOperation::Pull, || async {
+                let response = self
+                    .send(OP, r, RegistryOperation::Pull, |c| {
+                        c.get(&url)
+                            .header(header::ACCEPT, "application/vnd.oci.image.index.v1+json")
+                    })
+                    .await?;
+                if response.status() == StatusCode::NOT_FOUND {
+                    return Ok(None);
+                }
+                let response = expect(OP, r, response, &[StatusCode::OK]).await?;
+                Ok(Some(read_limited(OP, r, response, MAX_MANIFEST).await?))
+            })
+            .await?;
+        let index = match body {
+            Some(body) => body,
+            None => {
+                let fallback = Reference::with_tag(
+                    r.registry().into(),
+                    r.repository().into(),
+                    digest.replace(':', "-"),
+                );
+                match self.find_manifest(&fallback).await? {
+                    Some((raw, _)) => raw,
+                    None => return Ok(Vec::new()),
+                }
+            }
+        };
+        let index: serde_json::Value = serde_json::from_slice(&index).map_err(|e| {
+            registry_failure(OP, r, format!("the referrers index is not JSON: {e}"))
+        })?;
+        Ok(index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["digest"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Whether the repository of `r` has the blob.
+    ///
+    /// # Errors
+    /// [`Error::Registry`] for anything but 200 and 404.
+    pub async fn has_blob(&self, r: &Reference, digest: &str) -> Result<bool> {
+        const OP: &str = "check blob";
+        let url = format!("{}/blobs/{digest}", self.base(r));
+        self.retry(r, RegistryOperation::Push, || async {
+            let response = self
+                .send(OP, r, RegistryOperation::Push, |c| c.head(&url))
+                .await?;
+            if response.status() == StatusCode::NOT_FOUND {
+                return Ok(false);
+            }
+            expect(OP, r, response, &[StatusCode::OK]).await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Uploads a blob from a stream made by `make` (called again for each attempt), or mounts
+    /// it from repository `mount_from` of the same registry when the registry agrees (no byte
+    /// is uploaded then). Returns whether it was mounted.
+    ///
+    /// # Errors
+    /// [`Error::Registry`] after retries; the stream's own error (e.g. a corrupt chunk) at once.
     pub async fn push_blob<S, F>(
         &self,
         r: &Reference,
         digest: &str,
         size: u64,
+        mount_from: Option<&str>,
         mut make: F,
-    ) -> Result<()>
+    ) -> Result<bool>
     where
         F: FnMut() -> S,
-        S: Stream<Item = std::result::Result<Bytes, OciDistributionError>> + Send + 'static,
+        S: Stream<Item = Result<Bytes>> + Send + 'static,
     {
-        self.login_push(r).await?;
-        self.retry("push blob", r, || {
-            self.client.push_blob_stream(r, make(), digest, Some(size))
+        const OP: &str = "push blob";
+        let mut start = Url::parse(&format!("{}/blobs/uploads/", self.base(r)))
+            .map_err(|e| Error::Config(format!("registry URL for {}: {e}", r.whole())))?;
+        if let Some(from) = mount_from {
+            start
+                .query_pairs_mut()
+                .append_pair("mount", digest)
+                .append_pair("from", from);
+        }
+        // A body that fails to read the repository is tresor's trouble, not the registry's: it
+        // is kept here and returned as it is, never retried as a broken connection.
+        let body_error: Arc<Mutex<Option<Error>>> = Arc::default();
+        self.retry(r, RegistryOperation::Push, || {
+            let slot = Arc::clone(&body_error);
+            let body = make().map(move |item| {
+                item.map_err(|e| {
+                    let message = e.to_string();
+                    *slot.lock().expect("body error lock") = Some(e);
+                    std::io::Error::other(message)
+                })
+            });
+            let (start, body_error) = (start.clone(), &body_error);
+            async move {
+                let response = self
+                    .send(OP, r, RegistryOperation::Push, |c| c.post(start.clone()))
+                    .await?;
+                if response.status() == StatusCode::CREATED && mount_from.is_some() {
+                    return Ok(true);
+                }
+                let response = expect(OP, r, response, &[StatusCode::ACCEPTED]).await?;
+                let mut location = response
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|l| start.join(l).ok())
+                    .ok_or_else(|| {
+                        Failure::Fatal(registry_failure(
+                            OP,
+                            r,
+                            "the registry opened an upload without a Location".into(),
+                        ))
+                    })?;
+                location.query_pairs_mut().append_pair("digest", digest);
+                let sent = self
+                    .send(OP, r, RegistryOperation::Push, |c| {
+                        c.put(location)
+                            .header(header::CONTENT_TYPE, "application/octet-stream")
+                            .header(header::CONTENT_LENGTH, size)
+                            .body(reqwest::Body::wrap_stream(body))
+                    })
+                    .await;
+                if let Some(e) = body_error.lock().expect("body error lock").take() {
+                    return Err(Failure::Fatal(e));
+                }
+                let response = sent?;
+                expect(OP, r, response, &[StatusCode::CREATED]).await?;
+                Ok(false)
+            }
         })
-        .await?;
-        Ok(())
+        .await
     }
 
     /// Uploads a manifest's raw bytes under the tag or digest of `r`.
+    ///
+    /// # Errors
+    /// [`Error::Registry`], e.g. when the registry refuses the manifest (a blob it names is
+    /// missing, an unknown media type).
     pub async fn push_manifest(&self, r: &Reference, raw: &Bytes, media_type: &str) -> Result<()> {
-        self.login_push(r).await?;
-        let content_type = media_type
-            .parse()
-            .map_err(|_| Error::Config(format!("invalid media type {media_type:?}")))?;
-        self.retry("push manifest", r, || {
-            self.client
-                .push_manifest_raw(r, raw.clone(), Clone::clone(&content_type))
+        const OP: &str = "push manifest";
+        let url = format!("{}/manifests/{}", self.base(r), tag_or_digest(r));
+        self.retry(r, RegistryOperation::Push, || async {
+            let response = self
+                .send(OP, r, RegistryOperation::Push, |c| {
+                    c.put(&url)
+                        .header(header::CONTENT_TYPE, media_type)
+                        .body(raw.clone())
+                })
+                .await?;
+            expect(OP, r, response, &[StatusCode::CREATED]).await?;
+            Ok(())
         })
-        .await?;
+        .await
+    }
+}
+
+/// A blob being downloaded; a broken connection is resumed from the byte it stopped at.
+pub struct BlobReader<'a> {
+    registry: &'a Registry,
+    reference: Reference,
+    url: String,
+    response: Option<Response>,
+    /// Bytes handed out so far.
+    offset: u64,
+    /// Bytes to drop from the current response (a registry that ignored `Range`).
+    skip: u64,
+    breaks: u32,
+}
+
+impl BlobReader<'_> {
+    async fn open(&mut self) -> Result<()> {
+        const OP: &str = "pull blob";
+        let (r, offset) = (&self.reference, self.offset);
+        let response = self
+            .registry
+            .retry(r, RegistryOperation::Pull, || async {
+                let response = self
+                    .registry
+                    .send(OP, r, RegistryOperation::Pull, |c| {
+                        let get = c.get(&self.url);
+                        if offset > 0 {
+                            get.header(header::RANGE, format!("bytes={offset}-"))
+                        } else {
+                            get
+                        }
+                    })
+                    .await?;
+                expect(
+                    OP,
+                    r,
+                    response,
+                    &[StatusCode::OK, StatusCode::PARTIAL_CONTENT],
+                )
+                .await
+            })
+            .await?;
+        self.skip = 0;
+        if offset > 0 {
+            let resumed = response.status() == StatusCode::PARTIAL_CONTENT
+                && response
+                    .headers()
+                    .get(header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with(&format!("bytes {offset}-")));
+            if !resumed {
+                if response.status() == StatusCode::PARTIAL_CONTENT {
+                    return Err(registry_failure(
+                        OP,
+                        r,
+                        format!(
+                            "asked for bytes from {offset} on, the registry sent another range"
+                        ),
+                    ));
+                }
+                self.skip = offset;
+            }
+        }
+        self.response = Some(response);
         Ok(())
+    }
+
+    /// The next bytes of the blob, `None` at its end.
+    ///
+    /// # Errors
+    /// [`Error::Registry`] when the connection keeps breaking or cannot be reopened.
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let Some(response) = self.response.as_mut() else {
+                self.open().await?;
+                continue;
+            };
+            match response.chunk().await {
+                Ok(Some(mut bytes)) => {
+                    if self.skip > 0 {
+                        let drop = self.skip.min(bytes.len() as u64);
+                        self.skip -= drop;
+                        let _ = bytes.split_to(drop as usize);
+                        if bytes.is_empty() {
+                            continue;
+                        }
+                    }
+                    self.offset += bytes.len() as u64;
+                    return Ok(Some(bytes));
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    self.response = None;
+                    self.breaks += 1;
+                    let error = Error::Registry {
+                        op: "pull blob",
+                        reference: self.reference.whole(),
+                        message: format!("after {} bytes: {}", self.offset, describe(&e)),
+                        transient: true,
+                    };
+                    if self.breaks >= self.registry.attempts {
+                        return Err(error);
+                    }
+                    tracing::warn!("{error}; resuming from byte {}", self.offset);
+                    tokio::time::sleep(backoff(self.breaks)).await;
+                }
+            }
+        }
     }
 }
 
@@ -263,16 +729,139 @@ pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
+fn tag_or_digest(r: &Reference) -> &str {
+    r.digest().or(r.tag()).unwrap_or("latest")
+}
+
 fn backoff(attempt: u32) -> Duration {
     let base = 200u64.saturating_mul(1 << attempt.min(6)).min(10_000);
     Duration::from_millis(base / 2 + rand::random::<u64>() % (base / 2 + 1))
 }
 
-fn registry_error(op: &'static str, r: &Reference, e: OciDistributionError) -> Error {
-    // reqwest's message stops at "error sending request"; the cause (a refused certificate, a
-    // reset connection) is further down the chain, and is what the user needs.
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    Some(
+        (when.with_timezone(&chrono::Utc) - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default(),
+    )
+}
+
+/// The next page of a paginated listing (`Link: <URL>; rel="next"`).
+fn next_link(current: &Url, headers: &HeaderMap) -> Option<Url> {
+    let link = headers.get(header::LINK)?.to_str().ok()?;
+    let target = link.split(';').next()?.trim();
+    let target = target.strip_prefix('<')?.strip_suffix('>')?;
+    link.contains("rel=\"next\"")
+        .then(|| current.join(target).ok())
+        .flatten()
+}
+
+fn registry_failure(op: &'static str, r: &Reference, message: String) -> Error {
+    Error::Registry {
+        op,
+        reference: r.whole(),
+        message,
+        transient: false,
+    }
+}
+
+/// The response if its status is one of `ok`, else a fatal error with the registry's words.
+async fn expect(
+    op: &'static str,
+    r: &Reference,
+    response: Response,
+    ok: &[StatusCode],
+) -> Try<Response> {
+    if ok.contains(&response.status()) {
+        return Ok(response);
+    }
+    Err(Failure::Fatal(registry_failure(
+        op,
+        r,
+        error_message(response).await,
+    )))
+}
+
+/// The body, refused beyond `limit` bytes; a body that breaks off is worth another try.
+async fn read_limited(
+    op: &'static str,
+    r: &Reference,
+    mut response: Response,
+    limit: usize,
+) -> Try<Bytes> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(b)) => {
+                if body.len() + b.len() > limit {
+                    return Err(Failure::Fatal(registry_failure(
+                        op,
+                        r,
+                        format!("the response is larger than {limit} bytes"),
+                    )));
+                }
+                body.extend_from_slice(&b);
+            }
+            Ok(None) => return Ok(body.into()),
+            Err(e) => {
+                return Err(Failure::Again {
+                    error: Error::Registry {
+                        op,
+                        reference: r.whole(),
+                        message: describe(&e),
+                        transient: true,
+                    },
+                    after: None,
+                })
+            }
+        }
+    }
+}
+
+/// "STATUS: CODE: message" from a distribution error body, or the status alone.
+async fn error_message(response: Response) -> String {
+    let status = response.status();
+    let body = response.bytes().await.unwrap_or_default();
+    let detail = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            let errors = v["errors"].as_array()?;
+            Some(
+                errors
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}: {}",
+                            e["code"].as_str().unwrap_or("?"),
+                            e["message"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })
+        .filter(|d| !d.is_empty())
+        .or_else(|| {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+            (!text.trim().is_empty()).then(|| text.trim().to_string())
+        });
+    match detail {
+        Some(d) => format!("{status}: {d}"),
+        None => status.to_string(),
+    }
+}
+
+/// An error and its causes on one line: reqwest's own message stops at "error sending
+/// request"; the cause (a refused certificate, a reset connection) is what the user needs.
+fn describe(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
-    let mut cause = std::error::Error::source(&e);
+    let mut cause = e.source();
     while let Some(c) = cause {
         let text = c.to_string();
         if !message.contains(&text) {
@@ -281,30 +870,21 @@ fn registry_error(op: &'static str, r: &Reference, e: OciDistributionError) -> E
         }
         cause = c.source();
     }
-    // A certificate that does not verify will not verify on the next try either.
-    let tls = message.to_ascii_lowercase().contains("certificate");
-    let transient = !tls
+    message
+}
+
+fn negotiation_error(r: &Reference, e: OciDistributionError) -> Error {
+    let message = describe(&e);
+    let transient = !message.to_ascii_lowercase().contains("certificate")
         && match &e {
-            OciDistributionError::ServerError { code, .. } => *code == 429 || *code >= 500,
             OciDistributionError::RequestError(re) => {
-                re.is_timeout()
-                    || re.is_connect()
-                    || re.is_request()
-                    || re.is_body()
-                    || re.is_decode()
+                re.is_timeout() || re.is_connect() || re.is_request() || re.is_body()
             }
-            OciDistributionError::IoError(_) => true,
-            OciDistributionError::RegistryError { envelope, .. } => {
-                envelope.errors.iter().any(|x| {
-                    format!("{:?}", x.code)
-                        .to_ascii_uppercase()
-                        .contains("TOOMANYREQUESTS")
-                })
-            }
+            OciDistributionError::ServerError { code, .. } => *code == 429 || *code >= 500,
             _ => false,
         };
     Error::Registry {
-        op,
+        op: "authenticate",
         reference: r.whole(),
         message,
         transient,
@@ -390,5 +970,41 @@ mod tests {
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
         assert!(backoff(1) <= Duration::from_millis(400) && backoff(10) <= Duration::from_secs(10));
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let later = chrono::Utc::now() + chrono::Duration::seconds(30);
+        let date = later.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_str(&date).unwrap());
+        let wait = retry_after(&h).unwrap();
+        assert!(
+            wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn pagination_links() {
+        let base = Url::parse("http://r.example/v2/a/tags/list?n=2").unwrap();
+        let mut h = HeaderMap::new();
+        assert_eq!(next_link(&base, &h), None);
+        h.insert(
+            header::LINK,
+            HeaderValue::from_static("</v2/a/tags/list?n=2&last=b>; rel=\"next\""),
+        );
+        assert_eq!(
+            next_link(&base, &h).unwrap().as_str(),
+            "http://r.example/v2/a/tags/list?n=2&last=b"
+        );
     }
 }

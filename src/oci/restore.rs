@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use oci_client::errors::OciDistributionError;
 use oci_client::Reference;
 use serde::Serialize;
 use tokio::runtime::Handle;
@@ -161,7 +160,7 @@ fn to_registry(
         .filter(|(host, repository)| {
             *host == target.registry() && *repository != target.repository()
         })
-        .map(|(host, repository)| (host.to_string(), repository.to_string()));
+        .map(|(_, repository)| repository);
     for blob in &record.blobs {
         let r = at(&blob.digest);
         if rt.block_on(registry.has_blob(&r, &blob.digest))? {
@@ -169,21 +168,17 @@ fn to_registry(
             progress.inc(blob.size);
             continue;
         }
-        if let Some((host, repository)) = &mount_from {
-            let from =
-                Reference::with_digest(host.clone(), repository.clone(), blob.digest.clone());
-            if rt.block_on(registry.mount_blob(&r, &from, &blob.digest))? {
-                report.blobs_mounted += 1;
-                progress.inc(blob.size);
-                continue;
-            }
-        }
         let (repo2, rt2, refs) = (Arc::clone(repo), rt.clone(), blob.refs.clone());
         let make = move || chunk_stream(Arc::clone(&repo2), rt2.clone(), refs.clone());
-        rt.block_on(registry.push_blob(&r, &blob.digest, blob.size, make))
+        let mounted = rt
+            .block_on(registry.push_blob(&r, &blob.digest, blob.size, mount_from, make))
             .map_err(|e| e.context(format!("pushing blob {}", blob.digest)))?;
-        report.blobs_pushed += 1;
-        report.bytes_pushed += blob.size;
+        if mounted {
+            report.blobs_mounted += 1;
+        } else {
+            report.blobs_pushed += 1;
+            report.bytes_pushed += blob.size;
+        }
         progress.inc(blob.size);
     }
     for m in &record.manifests {
@@ -222,18 +217,11 @@ fn chunk_stream(
     repo: Arc<Repository>,
     rt: Handle,
     refs: Vec<crate::id::ChunkRef>,
-) -> impl futures::Stream<Item = std::result::Result<Bytes, OciDistributionError>> + Send + 'static
-{
+) -> impl futures::Stream<Item = Result<Bytes>> + Send + 'static {
     futures::stream::iter(refs)
         .map(move |r| pipeline::fetch(&repo, &rt, r))
         .buffered(4)
-        .map(|joined| match joined {
-            Ok(Ok(bytes)) => Ok(bytes),
-            Ok(Err(e)) => Err(OciDistributionError::GenericError(Some(e.to_string()))),
-            Err(e) => Err(OciDistributionError::GenericError(Some(format!(
-                "chunk fetch failed: {e}"
-            )))),
-        })
+        .map(|joined| joined.expect("fetch task panicked"))
 }
 
 fn to_layout(

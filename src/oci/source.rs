@@ -5,12 +5,11 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use oci_client::Reference;
 use tokio::runtime::Handle;
 
 use super::check_digest;
-use super::registry::{sha256_digest, Registry};
+use super::registry::{sha256_digest, BlobReader, Registry};
 use crate::error::{Error, Result};
 
 /// How a manifest is named.
@@ -102,15 +101,12 @@ impl Source<'_> {
     pub fn blob<'s>(&'s self, rt: &'s Handle, digest: &str) -> Result<Box<dyn Read + 's>> {
         match self {
             Source::Registry { registry, .. } => {
-                let stream =
+                let reader =
                     rt.block_on(registry.blob(&self.reference(&By::Digest(digest)), digest))?;
                 Ok(Box::new(RegistryBlob {
                     rt,
-                    stream,
+                    reader,
                     current: Bytes::new(),
-                    what: format!("{}@{digest}", self.repository()),
-                    repository: self.repository(),
-                    digest: digest.to_string(),
                 }))
             }
             Source::Layout { dir } => {
@@ -136,7 +132,7 @@ impl Source<'_> {
         match self {
             Source::Registry { registry, .. } => {
                 match rt.block_on(registry.referrers(&self.reference(&By::Digest(digest)))) {
-                    Ok(index) => index.manifests.into_iter().map(|d| d.digest).collect(),
+                    Ok(digests) => digests,
                     Err(e) => {
                         tracing::debug!("no referrers of {digest}: {e}");
                         Vec::new()
@@ -171,41 +167,20 @@ impl Source<'_> {
     }
 }
 
-/// A registry blob stream read as `std::io::Read` from a blocking thread.
+/// A registry blob read as `std::io::Read` from a blocking thread.
 struct RegistryBlob<'a> {
     rt: &'a Handle,
-    stream: oci_client::client::SizedStream,
+    reader: BlobReader<'a>,
     current: Bytes,
-    what: String,
-    repository: String,
-    digest: String,
 }
 
 impl Read for RegistryBlob<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
-            match self.rt.block_on(self.stream.next()) {
-                None => return Ok(0),
-                Some(Ok(b)) => self.current = b,
-                Some(Err(e)) => {
-                    // oci-client checks the digest at the end of the stream; anything else is a
-                    // broken transfer worth fetching again.
-                    let err = if e.to_string().to_ascii_lowercase().contains("digest") {
-                        Error::DigestMismatch {
-                            repository: self.repository.clone(),
-                            digest: self.digest.clone(),
-                            reason: format!("the bytes do not hash to the digest ({e})"),
-                        }
-                    } else {
-                        Error::Registry {
-                            op: "pull blob",
-                            reference: self.what.clone(),
-                            message: e.to_string(),
-                            transient: true,
-                        }
-                    };
-                    return Err(std::io::Error::other(err));
-                }
+            match self.rt.block_on(self.reader.next()) {
+                Ok(None) => return Ok(0),
+                Ok(Some(b)) => self.current = b,
+                Err(e) => return Err(std::io::Error::other(e)),
             }
         }
         let n = self.current.len().min(buf.len());
