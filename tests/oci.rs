@@ -282,8 +282,11 @@ fn lying_throttling_and_flaky_registries() {
     assert_eq!(f.env.json(&["snapshots"]).as_array().unwrap().len(), 0);
     proxy.faults.corrupt.store(false, Ordering::SeqCst);
 
-    // 429 with Retry-After twice, then a connection dropped in the middle of a blob: survived.
+    // 429 with Retry-After: 2, twice, then a connection dropped in the middle of a blob:
+    // survived, the throttled blob asked for again no sooner than the registry said, the
+    // broken one resumed from where it stopped (a Range request).
     proxy.faults.too_many.store(2, Ordering::SeqCst);
+    proxy.faults.retry_after.store(2, Ordering::SeqCst);
     proxy.faults.drop_mid_blob.store(1, Ordering::SeqCst);
     let before = proxy.faults.blob_gets.load(Ordering::SeqCst);
     let snap = f.env.json(&["backup", "image", &source, "--insecure"]);
@@ -291,6 +294,13 @@ fn lying_throttling_and_flaky_registries() {
     assert_eq!(proxy.faults.too_many.load(Ordering::SeqCst), 0);
     assert_eq!(proxy.faults.drop_mid_blob.load(Ordering::SeqCst), 0);
     assert!(proxy.faults.blob_gets.load(Ordering::SeqCst) - before >= 3);
+    let gaps = proxy.faults.retry_gaps.lock().unwrap().clone();
+    assert_eq!(gaps.len(), 2, "{gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g >= std::time::Duration::from_secs(2)),
+        "asked again before Retry-After: {gaps:?}"
+    );
+    assert_eq!(proxy.faults.ranged_gets.load(Ordering::SeqCst), 1);
     let out = f.env.tresor(&["verify", "--read-data"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 

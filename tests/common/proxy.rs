@@ -1,19 +1,27 @@
 //! A fault-injecting HTTP proxy in front of the real registry: it forwards requests unchanged
-//! but can corrupt blob bodies, answer 429 with Retry-After, or drop a connection in the middle
-//! of a blob. Loopback only; every connection is closed after one exchange.
+//! but can corrupt blob bodies, answer 429 with Retry-After (and measure how long the client
+//! waited before asking again), or drop a connection in the middle of a blob. Loopback only; every connection is closed after one exchange.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Faults to inject into blob GETs (`/v2/.../blobs/sha256:...`).
 #[derive(Default)]
 pub struct Faults {
     /// Flip one byte in the middle of every blob body.
     pub corrupt: AtomicBool,
-    /// Answer this many blob GETs with 429 and `Retry-After: 1`.
+    /// Answer this many blob GETs with 429 and `Retry-After: retry_after` seconds.
     pub too_many: AtomicU32,
+    pub retry_after: AtomicU32,
+    /// For each blob answered 429: how long until the client asked for it again.
+    pub retry_gaps: Mutex<Vec<Duration>>,
+    throttled: Mutex<HashMap<String, Instant>>,
+    /// Blob GETs that asked for a byte range (a resumed download).
+    pub ranged_gets: AtomicU32,
     /// Cut this many blob bodies in half and close the connection.
     pub drop_mid_blob: AtomicU32,
     /// Blob GETs seen.
@@ -114,12 +122,24 @@ fn handle(mut client: TcpStream, upstream: &str, faults: &Faults) -> std::io::Re
     let _active = blob_get.then(|| Active::new(faults));
     if blob_get {
         faults.blob_gets.fetch_add(1, Ordering::SeqCst);
+        let path = request_line.split(' ').nth(1).unwrap_or("").to_string();
+        if let Some(at) = faults.throttled.lock().unwrap().remove(&path) {
+            faults.retry_gaps.lock().unwrap().push(at.elapsed());
+        }
+        if String::from_utf8_lossy(&head)
+            .to_ascii_lowercase()
+            .contains("\r\nrange: bytes=")
+        {
+            faults.ranged_gets.fetch_add(1, Ordering::SeqCst);
+        }
         let delay = faults.delay_ms.load(Ordering::SeqCst);
-        std::thread::sleep(std::time::Duration::from_millis(delay.into()));
+        std::thread::sleep(Duration::from_millis(delay.into()));
         let left = faults.too_many.load(Ordering::SeqCst);
         if left > 0 {
             faults.too_many.store(left - 1, Ordering::SeqCst);
-            client.write_all(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+            let wait = faults.retry_after.load(Ordering::SeqCst);
+            client.write_all(format!("HTTP/1.1 429 Too Many Requests\r\nRetry-After: {wait}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())?;
+            faults.throttled.lock().unwrap().insert(path, Instant::now());
             return Ok(());
         }
     }
