@@ -184,7 +184,11 @@ impl Error {
             Error::AmbiguousSnapshot { .. } => Some("give more characters of the snapshot id"),
             Error::Registry { message, .. } => {
                 let m = message.to_ascii_lowercase();
-                if m.contains("not authorized") || m.contains("unauthorized") || m.contains("401") {
+                if m.contains("not authorized")
+                    || m.contains("unauthorized")
+                    || m.contains("401")
+                    || m.contains("authentication failure")
+                {
                     Some("give credentials: --creds USER:PASSWORD, --authfile (docker config.json or containers auth.json), or log in with docker/podman/skopeo")
                 } else if m.contains("certificate") {
                     Some("trust the registry's CA with --ca-file PEM (or --insecure for plain HTTP on a trusted network)")

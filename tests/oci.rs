@@ -459,3 +459,107 @@ fn registry_with_basic_auth_and_a_private_ca() {
     ]);
     assert_eq!(digest(&raw), image.digest);
 }
+
+#[test]
+fn registry_with_bearer_tokens() {
+    let env = Env::new();
+    let secured = Secured::with_tokens(&env.path("tls"));
+    let tokens = secured.tokens.as_ref().unwrap();
+    let registry = TestRegistry::start_with(&env.path("registry"), Some(&secured));
+    let host = registry.host.as_str();
+    let creds = format!("{}:{}", secured.user, secured.password);
+    let mut layout = Layout::new(&env.path("layout"));
+    let layers = [
+        layout.layer(&[("app", random_bytes(3 * MIB, 31))]),
+        layout.layer(&[("app.conf", b"listen = 8080\n".to_vec())]),
+    ];
+    let image = layout.image("amd64", &layers);
+    layout.tag("v1", &image);
+    push_as(&layout, "v1", host, "private/app", Some(&creds));
+    let source = format!("docker://{host}/private/app:v1");
+    let ca = secured.ca.to_str().unwrap();
+    let issued = |user: Option<&str>, scope: &str| {
+        tokens
+            .issued
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|i| i.user.as_deref() == user && i.scope == scope)
+    };
+
+    // Anonymous: the token service hands out a token that grants nothing; the registry
+    // refuses it, and the error names the repository.
+    let out = env.tresor(&["backup", "image", &source, "--ca-file", ca]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("private/app") && err.contains("401"), "{err}");
+    assert!(err.contains("--creds"), "no hint: {err}");
+    assert!(issued(None, "repository:private/app:pull"));
+    // A wrong password: the token service itself refuses.
+    let out = env.tresor(&[
+        "backup",
+        "image",
+        &source,
+        "--ca-file",
+        ca,
+        "--creds",
+        "alice:wrong",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("private/app") && err.contains("wrong user/password"),
+        "{err}"
+    );
+    assert!(err.contains("--creds"), "no hint: {err}");
+
+    // With credentials: a pull token for the source, a push token for the target.
+    let snap = env.json(&[
+        "backup",
+        "image",
+        &source,
+        "--ca-file",
+        ca,
+        "--creds",
+        &creds,
+    ]);
+    assert_eq!(snap[0]["image"]["digest"], image.digest.as_str());
+    assert!(issued(Some("alice"), "repository:private/app:pull"));
+    let target = format!("docker://{host}/restored/app:v1");
+    let report = env.json(&[
+        "restore",
+        "image",
+        snap[0]["id"].as_str().unwrap(),
+        "--to",
+        &target,
+        "--ca-file",
+        ca,
+        "--creds",
+        &creds,
+    ]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(issued(Some("alice"), "repository:restored/app:pull,push"));
+    // The registry wants pull access to private/app in the same token to mount from it; the
+    // refused mount falls back to uploading the two layers and the config.
+    assert_eq!(report["blobs_mounted"], 0, "{report}");
+    assert_eq!(report["blobs_pushed"], 3, "{report}");
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &target,
+    ]);
+    assert_eq!(digest(&raw), image.digest);
+    let copied = env.path("copied");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        "--src-creds",
+        &creds,
+        &target,
+        &format!("oci:{}:v1", copied.display()),
+    ]);
+}

@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -531,14 +532,19 @@ impl Registry {
         S: Stream<Item = Result<Bytes>> + Send + 'static,
     {
         const OP: &str = "push blob";
-        let mut start = Url::parse(&format!("{}/blobs/uploads/", self.base(r)))
+        let upload = Url::parse(&format!("{}/blobs/uploads/", self.base(r)))
             .map_err(|e| Error::Config(format!("registry URL for {}: {e}", r.whole())))?;
-        if let Some(from) = mount_from {
-            start
-                .query_pairs_mut()
+        let mount = mount_from.map(|from| {
+            let mut url = upload.clone();
+            url.query_pairs_mut()
                 .append_pair("mount", digest)
                 .append_pair("from", from);
-        }
+            url
+        });
+        // A token registry wants pull access to the source repository in the same token before
+        // it mounts, which oci-client's one-scope negotiation cannot ask for: it answers 401,
+        // and the blob is uploaded instead.
+        let mount_refused = std::sync::atomic::AtomicBool::new(false);
         // A body that fails to read the repository is tresor's trouble, not the registry's: it
         // is kept here and returned as it is, never retried as a broken connection.
         let body_error: Arc<Mutex<Option<Error>>> = Arc::default();
@@ -551,20 +557,33 @@ impl Registry {
                     std::io::Error::other(message)
                 })
             });
-            let (start, body_error) = (start.clone(), &body_error);
+            let (upload, mount, body_error, mount_refused) =
+                (&upload, &mount, &body_error, &mount_refused);
             async move {
-                let response = self
-                    .send(OP, r, RegistryOperation::Push, |c| c.post(start.clone()))
-                    .await?;
-                if response.status() == StatusCode::CREATED && mount_from.is_some() {
-                    return Ok(true);
-                }
+                let post = |url: &Url| {
+                    let url = url.clone();
+                    self.send(OP, r, RegistryOperation::Push, |c| c.post(url))
+                };
+                let response = match mount.as_ref().filter(|_| !mount_refused.load(Relaxed)) {
+                    Some(url) => match post(url).await {
+                        Ok(response) if response.status() == StatusCode::CREATED => {
+                            return Ok(true)
+                        }
+                        Err(Failure::Unauthorized(e)) => {
+                            tracing::debug!("mount refused, uploading: {e}");
+                            mount_refused.store(true, Relaxed);
+                            post(upload).await?
+                        }
+                        other => other?,
+                    },
+                    None => post(upload).await?,
+                };
                 let response = expect(OP, r, response, &[StatusCode::ACCEPTED]).await?;
                 let mut location = response
                     .headers()
                     .get(header::LOCATION)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|l| start.join(l).ok())
+                    .and_then(|l| upload.join(l).ok())
                     .ok_or_else(|| {
                         Failure::Fatal(registry_failure(
                             OP,

@@ -356,3 +356,4 @@ pub mod faults;
 pub mod oci;
 pub mod proxy;
 pub mod s3;
+pub mod token;

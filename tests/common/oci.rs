@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use super::free_port;
+use super::token::TokenServer;
 
 /// A registry process with its own config and storage; killed on drop.
 pub struct TestRegistry {
@@ -22,8 +23,8 @@ impl Drop for TestRegistry {
     }
 }
 
-/// What a secured [`TestRegistry`] demands: TLS with a certificate of a private CA, and HTTP
-/// basic auth from an htpasswd file.
+/// What a secured [`TestRegistry`] demands: TLS with a certificate of a private CA, and
+/// credentials: HTTP basic auth from an htpasswd file, or bearer tokens from a [`TokenServer`].
 pub struct Secured {
     /// The CA to trust, PEM.
     pub ca: PathBuf,
@@ -32,6 +33,8 @@ pub struct Secured {
     pub key: PathBuf,
     pub user: &'static str,
     pub password: &'static str,
+    /// The token service the registry sends clients to; `None` for basic auth.
+    pub tokens: Option<TokenServer>,
 }
 
 impl Secured {
@@ -106,17 +109,37 @@ impl Secured {
             key: dir.join("key.pem"),
             user: "alice",
             password: "s3cret-pw",
+            tokens: None,
         }
     }
 
+    /// Like [`Secured::new`], with bearer-token auth through a [`TokenServer`] for `alice`.
+    pub fn with_tokens(dir: &Path) -> Secured {
+        let mut secured = Secured::new(dir);
+        secured.tokens = Some(TokenServer::start(dir, secured.user, secured.password));
+        secured
+    }
+
     fn config(&self, dir: &Path) -> String {
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            self.cert.display(),
+            self.key.display()
+        );
+        if let Some(t) = &self.tokens {
+            return format!(
+                "{tls}auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                t.realm,
+                super::token::SERVICE,
+                super::token::ISSUER,
+                t.cert.display()
+            );
+        }
         let htpasswd = dir.join("htpasswd");
         let hash = bcrypt::hash(self.password, 4).unwrap();
         std::fs::write(&htpasswd, format!("{}:{hash}\n", self.user)).unwrap();
         format!(
-            "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: tresor-test\n    path: {}\n",
-            self.cert.display(),
-            self.key.display(),
+            "{tls}auth:\n  htpasswd:\n    realm: tresor-test\n    path: {}\n",
             htpasswd.display()
         )
     }

@@ -2,9 +2,9 @@
 //! but can corrupt blob bodies, answer 429 with Retry-After (and measure how long the client
 //! waited before asking again), or drop a connection in the middle of a blob. Loopback only; every connection is closed after one exchange.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -139,7 +139,11 @@ fn handle(mut client: TcpStream, upstream: &str, faults: &Faults) -> std::io::Re
             faults.too_many.store(left - 1, Ordering::SeqCst);
             let wait = faults.retry_after.load(Ordering::SeqCst);
             client.write_all(format!("HTTP/1.1 429 Too Many Requests\r\nRetry-After: {wait}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())?;
-            faults.throttled.lock().unwrap().insert(path, Instant::now());
+            faults
+                .throttled
+                .lock()
+                .unwrap()
+                .insert(path, Instant::now());
             return Ok(());
         }
     }
