@@ -246,15 +246,7 @@ impl Registry {
         let mut request = build(&self.http)
             .build()
             .map_err(|e| Failure::Fatal(fail(describe(&e), false)))?;
-        let url = request.url();
-        let to_registry = url
-            .host_str()
-            .zip(url.port_or_known_default())
-            .is_some_and(|(h, p)| {
-                let registry = r.resolve_registry();
-                registry == h || registry == format!("{h}:{p}")
-            });
-        if to_registry {
+        if same_origin(&self.base(r), request.url()) {
             if let Some(value) = self.authorization(r, access).await? {
                 request.headers_mut().insert(header::AUTHORIZATION, value);
             }
@@ -748,6 +740,12 @@ pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
+/// Whether `url` goes to the registry at `base` (scheme, host and port): credentials go
+/// nowhere else, not even to another port of the same host.
+fn same_origin(base: &str, url: &Url) -> bool {
+    Url::parse(base).is_ok_and(|b| b.origin() == url.origin())
+}
+
 fn tag_or_digest(r: &Reference) -> &str {
     r.digest().or(r.tag()).unwrap_or("latest")
 }
@@ -1010,6 +1008,17 @@ mod tests {
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn credentials_stay_with_their_registry() {
+        let base = "https://r.example/v2/team/app";
+        let ok = |u: &str| same_origin(base, &Url::parse(u).unwrap());
+        assert!(ok("https://r.example/v2/team/app/blobs/sha256:00"));
+        assert!(ok("https://r.example:443/v2/other/blobs/uploads/x"));
+        assert!(!ok("https://r.example:8443/v2/team/app/blobs/sha256:00"));
+        assert!(!ok("http://r.example/v2/team/app/blobs/sha256:00"));
+        assert!(!ok("https://cdn.example/blob?sig=1"));
     }
 
     #[test]
