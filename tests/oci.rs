@@ -5,6 +5,7 @@ mod common;
 
 use common::oci::*;
 use common::*;
+use std::sync::atomic::Ordering;
 
 struct Fixture {
     env: Env,
@@ -179,18 +180,23 @@ fn images_round_trip_with_identical_digests() {
     assert_eq!(again[0]["summary"]["files_read"], 0);
     assert_eq!(again[0]["new_bytes"], 0);
 
-    // Rehydration elsewhere: another registry, where every blob is uploaded (streamed).
+    // Rehydration elsewhere: another registry, where every blob is uploaded (streamed), several
+    // at a time (a proxy holds each upload 300 ms so they overlap), never more than four.
     let other = TestRegistry::start(&env.path("registry2"));
+    let proxy = common::proxy::FaultProxy::start(&other.host);
+    proxy.faults.delay_ms.store(300, Ordering::SeqCst);
     let report = env.json(&[
         "restore",
         "image",
         app["id"].as_str().unwrap(),
         "--to",
-        &format!("docker://{}/dr/app:v1", other.host),
+        &format!("docker://{}/dr/app:v1", proxy.host),
         "--insecure",
     ]);
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["blobs_mounted"], 0, "{report}");
+    let most = proxy.faults.max_active.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&most), "{most} uploads at once");
     assert!(
         report["bytes_pushed"].as_u64().unwrap() > 3 * MIB as u64,
         "{report}"
@@ -265,7 +271,6 @@ fn whole_repository_with_tag_filter() {
 #[test]
 fn lying_throttling_and_flaky_registries() {
     use common::proxy::FaultProxy;
-    use std::sync::atomic::Ordering;
     let f = fixture();
     let proxy = FaultProxy::start(&f.registry.host);
     let source = format!("docker://{}/team/app:v1", proxy.host);

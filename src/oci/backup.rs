@@ -13,6 +13,7 @@ use tokio::runtime::Handle;
 
 use super::registry::Registry;
 use super::source::{By, Source};
+use super::BLOB_CONCURRENCY;
 use super::{
     check_digest, is_index, media_type_of, BlobIndex, ImageRecord, ImageSource, Role, StoredBlob,
     StoredManifest,
@@ -28,8 +29,6 @@ use crate::snapshot::{ImageInfo, Kind, Listed, RootFormat, Snapshot, Summary, RE
 
 /// Attempts at fetching one blob when its stream breaks.
 const BLOB_ATTEMPTS: u32 = 4;
-/// Blobs fetched at once from one registry.
-const BLOB_CONCURRENCY: usize = 4;
 
 /// What to back up.
 #[derive(Clone, Debug)]

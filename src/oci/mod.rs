@@ -23,6 +23,10 @@ mod source;
 
 use std::sync::Arc;
 
+/// Blobs moved at once between tresor and one registry, in a backup or a restore: enough to
+/// overlap round trips and the registry's hashing, few enough to be a polite client.
+const BLOB_CONCURRENCY: usize = 4;
+
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 

@@ -11,13 +11,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use oci_client::Reference;
 use serde::Serialize;
 use tokio::runtime::Handle;
 
 use super::registry::{sha256_digest, Registry};
-use super::{check_digest, load_record, ImageRecord, ImageTarget, Role, StoredBlob};
+use super::{
+    check_digest, load_record, ImageRecord, ImageTarget, Role, StoredBlob, BLOB_CONCURRENCY,
+};
 use crate::error::{Error, Result};
 use crate::localfile::write_atomically;
 use crate::pipeline;
@@ -161,25 +163,42 @@ fn to_registry(
             *host == target.registry() && *repository != target.repository()
         })
         .map(|(_, repository)| repository);
-    for blob in &record.blobs {
-        let r = at(&blob.digest);
-        if rt.block_on(registry.has_blob(&r, &blob.digest))? {
-            report.blobs_skipped += 1;
-            progress.inc(blob.size);
-            continue;
+    // Blobs go up a few at a time; the first failure drops the uploads still running.
+    let at = &at;
+    let placed: Vec<(u64, Placed)> = rt.block_on(
+        futures::stream::iter(&record.blobs)
+            .map(|blob| async move {
+                let r = at(&blob.digest);
+                let placed = if registry.has_blob(&r, &blob.digest).await? {
+                    Placed::Skipped
+                } else {
+                    let (repo, rt, refs) = (Arc::clone(repo), rt.clone(), blob.refs.clone());
+                    let make = move || chunk_stream(Arc::clone(&repo), rt.clone(), refs.clone());
+                    let mounted = registry
+                        .push_blob(&r, &blob.digest, blob.size, mount_from, make)
+                        .await
+                        .map_err(|e| e.context(format!("pushing blob {}", blob.digest)))?;
+                    if mounted {
+                        Placed::Mounted
+                    } else {
+                        Placed::Pushed
+                    }
+                };
+                progress.inc(blob.size);
+                Ok::<_, Error>((blob.size, placed))
+            })
+            .buffer_unordered(BLOB_CONCURRENCY)
+            .try_collect(),
+    )?;
+    for (size, how) in placed {
+        match how {
+            Placed::Skipped => report.blobs_skipped += 1,
+            Placed::Mounted => report.blobs_mounted += 1,
+            Placed::Pushed => {
+                report.blobs_pushed += 1;
+                report.bytes_pushed += size;
+            }
         }
-        let (repo2, rt2, refs) = (Arc::clone(repo), rt.clone(), blob.refs.clone());
-        let make = move || chunk_stream(Arc::clone(&repo2), rt2.clone(), refs.clone());
-        let mounted = rt
-            .block_on(registry.push_blob(&r, &blob.digest, blob.size, mount_from, make))
-            .map_err(|e| e.context(format!("pushing blob {}", blob.digest)))?;
-        if mounted {
-            report.blobs_mounted += 1;
-        } else {
-            report.blobs_pushed += 1;
-            report.bytes_pushed += blob.size;
-        }
-        progress.inc(blob.size);
     }
     for m in &record.manifests {
         let raw = Bytes::from(m.raw.clone());
@@ -210,6 +229,16 @@ fn to_registry(
         });
     }
     Ok(())
+}
+
+/// What became of one blob on the target registry.
+enum Placed {
+    /// The target had it.
+    Skipped,
+    /// Linked from the source repository.
+    Mounted,
+    /// Uploaded.
+    Pushed,
 }
 
 /// A blob's chunks as a byte stream for upload, fetched (and verified) a few ahead.

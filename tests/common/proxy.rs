@@ -26,14 +26,15 @@ pub struct Faults {
     pub drop_mid_blob: AtomicU32,
     /// Blob GETs seen.
     pub blob_gets: AtomicU32,
-    /// Hold every blob GET this long before answering, so concurrent ones overlap.
+    /// Hold every blob transfer (a blob GET, an upload's PUT) this long before answering, so
+    /// concurrent ones overlap.
     pub delay_ms: AtomicU32,
-    /// Blob GETs in progress now, and the most seen at once.
+    /// Blob transfers in progress now, and the most seen at once.
     pub active: AtomicU32,
     pub max_active: AtomicU32,
 }
 
-/// Counts a blob GET as active while it lives.
+/// Counts a blob transfer as active while it lives.
 struct Active<'a>(&'a Faults);
 
 impl<'a> Active<'a> {
@@ -119,7 +120,12 @@ fn handle(mut client: TcpStream, upstream: &str, faults: &Faults) -> std::io::Re
         .unwrap_or("")
         .to_string();
     let blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
-    let _active = blob_get.then(|| Active::new(faults));
+    let upload = request_line.starts_with("PUT ") && request_line.contains("/blobs/uploads/");
+    let _active = (blob_get || upload).then(|| Active::new(faults));
+    if upload {
+        let delay = faults.delay_ms.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(delay.into()));
+    }
     if blob_get {
         faults.blob_gets.fetch_add(1, Ordering::SeqCst);
         let path = request_line.split(' ').nth(1).unwrap_or("").to_string();
