@@ -7,7 +7,8 @@
 //! 2. **Existence and data**: one listing of `chunks/` (not one request per chunk) tells which
 //!    referenced chunks are missing and which stored chunks nothing references. With
 //!    `read_data`, each selected chunk is downloaded, decompressed, decrypted and re-hashed
-//!    once, however many snapshots use it, on all cores; nothing is written out.
+//!    once, however many snapshots use it, on all cores; nothing is written out. Index chunks
+//!    the first pass read are not fetched again.
 //!    On a full read, every OCI blob is also reassembled from its chunks and checked against its
 //!    sha256 digest, and every stored manifest against its own.
 //! 3. **Attribution**, only when something is broken: the indexes are walked again to name
@@ -277,6 +278,9 @@ pub fn verify(
 
     let mut referenced: HashMap<ChunkId, u32> = HashMap::new();
     let mut broken: HashSet<String> = HashSet::new();
+    // Index chunks of walked snapshots were fetched, decrypted and hashed by the walk: the data
+    // pass counts them as read instead of fetching them again.
+    let mut index_read: HashSet<ChunkId> = HashSet::new();
     for snap in &selected {
         for r in &snap.snapshot.root {
             if !r.is_zero() && in_shard(&r.id) {
@@ -289,6 +293,15 @@ pub fn verify(
             }
             Ok(())
         });
+        if walked.is_ok() {
+            index_read.extend(
+                snap.snapshot
+                    .root
+                    .iter()
+                    .filter(|r| !r.is_zero() && in_shard(&r.id))
+                    .map(|r| r.id),
+            );
+        }
         if let Err(e) = walked {
             broken.insert(snap.id.clone());
             problems.push(Problem {
@@ -332,15 +345,16 @@ pub fn verify(
         Some(Some(p)) => p.describe(),
     };
     if let Some(part) = options.read_data {
-        let to_read: Vec<ChunkRef> = referenced
+        let (walked, to_read): (Vec<ChunkRef>, Vec<ChunkRef>) = referenced
             .iter()
             .filter(|(id, _)| {
                 stored.contains_key(id) && part.is_none_or(|p| p.contains(subset_key(id)))
             })
             .map(|(id, len)| ChunkRef { id: *id, len: *len })
-            .collect();
-        let read = AtomicU64::new(0);
-        let bytes = AtomicU64::new(0);
+            .partition(|r| index_read.contains(&r.id));
+        let read = AtomicU64::new(walked.len() as u64);
+        let bytes = AtomicU64::new(walked.iter().map(|r| stored[&r.id]).sum());
+        progress.inc(bytes.load(Ordering::Relaxed));
         let corrupt = Mutex::new(Vec::new());
         rt.block_on(
             futures::stream::iter(to_read)
