@@ -228,7 +228,11 @@ struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    fn registry(&self, hosts: &[&str]) -> anyhow::Result<tresor::oci::registry::Registry> {
+    fn registry(
+        &self,
+        g: &Global,
+        hosts: &[&str],
+    ) -> anyhow::Result<tresor::oci::registry::Registry> {
         let options = tresor::oci::registry::RegistryOptions {
             insecure: if self.insecure {
                 hosts.iter().map(|h| h.to_string()).collect()
@@ -239,6 +243,7 @@ impl RegistryArgs {
             auth_file: self.authfile.clone(),
             ca_file: self.ca_file.clone(),
             attempts: 5,
+            locations: cache_dir(g).map(|d| d.join(tresor::oci::locations::FILE_NAME)),
         };
         Ok(tresor::oci::registry::Registry::new(&options)?)
     }
@@ -737,7 +742,7 @@ async fn backup_images(
         let source = ImageSource::parse(image)?;
         let registry = args
             .registry
-            .registry(&[source.registry_host().unwrap_or_default()])?;
+            .registry(g, &[source.registry_host().unwrap_or_default()])?;
         let options = ImageBackupOptions {
             source,
             tag_filter: tag_filter.clone(),
@@ -807,7 +812,7 @@ async fn restore_image(g: &Global, args: &RestoreImageArgs) -> anyhow::Result<Ex
         ImageTarget::Registry { reference, .. } => reference.registry().to_string(),
         ImageTarget::Layout { .. } => String::new(),
     };
-    let registry = args.registry.registry(&[host.as_str()])?;
+    let registry = args.registry.registry(g, &[host.as_str()])?;
     let progress = Progress::new(
         !g.quiet,
         &format!("restore {}", &snap.id[..8]),

@@ -206,6 +206,26 @@ fn images_round_trip_with_identical_digests() {
         f.app.digest
     );
 
+    // Another image sharing the base layer, into another repository of that registry: the
+    // base layer is mounted from dr/app, where the restore above put it (the blob location
+    // hints in the cache directory); without them it is uploaded again.
+    let multi_id = multi[0]["id"].as_str().unwrap();
+    let restore_multi = |repository: &str, extra: &[&str]| {
+        let target = format!("docker://{}/{repository}:latest", proxy.host);
+        let mut args = vec!["restore", "image", multi_id, "--to", &target, "--insecure"];
+        args.extend(extra);
+        env.json(&args)
+    };
+    let report = restore_multi("dr/multi", &[]);
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["blobs_mounted"], 1, "{report}");
+    let report = restore_multi("dr/multi2", &["--no-cache"]);
+    assert_eq!(report["blobs_mounted"], 0, "{report}");
+    assert_eq!(
+        digest(&raw_manifest(&other.host, "dr/multi", "latest")),
+        f.multi.digest
+    );
+
     // A restore into a registry that has every blob pushes none.
     let report = env.json(&[
         "restore",
@@ -489,7 +509,7 @@ fn registry_with_bearer_tokens() {
             .lock()
             .unwrap()
             .iter()
-            .any(|i| i.user.as_deref() == user && i.scope == scope)
+            .any(|i| i.user.as_deref() == user && i.scopes == [scope])
     };
 
     // Anonymous: the token service hands out a token that grants nothing; the registry
@@ -544,10 +564,17 @@ fn registry_with_bearer_tokens() {
     ]);
     assert_eq!(report["ok"], true, "{report}");
     assert!(issued(Some("alice"), "repository:restored/app:pull,push"));
-    // The registry wants pull access to private/app in the same token to mount from it; the
-    // refused mount falls back to uploading the two layers and the config.
-    assert_eq!(report["blobs_mounted"], 0, "{report}");
-    assert_eq!(report["blobs_pushed"], 3, "{report}");
+    // Mounting from private/app needs pull access to it in the same token: fetched from the
+    // scopes of the registry's challenge, every blob is mounted, none uploaded.
+    assert_eq!(report["blobs_mounted"], 3, "{report}");
+    assert_eq!(report["bytes_pushed"], 0, "{report}");
+    assert!(tokens.issued.lock().unwrap().iter().any(|i| {
+        i.user.as_deref() == Some("alice")
+            && i.scopes
+                .contains(&"repository:private/app:pull".to_string())
+            && i.scopes
+                .contains(&"repository:restored/app:pull,push".to_string())
+    }));
     let raw = skopeo(&[
         "inspect",
         "--raw",

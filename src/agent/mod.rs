@@ -376,6 +376,7 @@ fn image_job(
                 auth_file: host_cfg.auth_file.clone(),
                 ca_file: host_cfg.ca_file.clone(),
                 attempts: 5,
+                locations: Some(ctx.cache_dir.join(crate::oci::locations::FILE_NAME)),
             })?;
         let options = crate::oci::ImageBackupOptions {
             source,

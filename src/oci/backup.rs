@@ -105,6 +105,7 @@ pub fn backup(
         }
         out.push((shown, result));
     }
+    registry.save_locations();
     Ok(out)
 }
 

@@ -16,6 +16,7 @@
 //! written after their chunks are stored and before the snapshot record.
 
 mod backup;
+pub mod locations;
 pub mod reference;
 pub mod registry;
 mod restore;

@@ -12,8 +12,10 @@
 //!   (tokens expire during long runs). Certificate errors are never retried.
 //! - **Blob downloads resume**: a connection that breaks mid-blob is reopened with a `Range`
 //!   request from the byte it stopped at, so a flaky link costs the missing bytes, not the blob.
-//! - **Uploads** are restarted, never resumed: a POST opens an upload session (mounting the blob
-//!   from another repository when asked), one streaming PUT closes it.
+//! - **Uploads** are restarted, never resumed: a POST opens an upload session, one streaming
+//!   PUT closes it. Before uploading, a restore asks for a cross-repository mount from the
+//!   repositories of the same registry known to hold the blob ([`Locations`]); on a token
+//!   registry that needs a token for both repositories, fetched from the scopes of its 401.
 //!
 //! Plain HTTP is used only for registries named insecure; extra CA certificates are trusted on
 //! top of the system's.
@@ -21,7 +23,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +37,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
+use super::locations::Locations;
 use crate::error::{Error, Result};
 
 /// Media types tresor asks for and keeps byte for byte.
@@ -67,10 +69,19 @@ pub struct RegistryOptions {
     pub ca_file: Option<PathBuf>,
     /// Attempts per request (1 = no retry).
     pub attempts: u32,
+    /// Where to keep the hints of which repositories hold which blobs (for mounts); `None`
+    /// keeps them for this command only.
+    pub locations: Option<PathBuf>,
 }
 
 /// Which token a request needs: pulls, or pushes (which also cover pulls).
 type Access = RegistryOperation;
+
+/// The `Authorization` of a request: negotiated for an access, or a token fetched for it.
+enum Auth {
+    Negotiated(Access),
+    Given(HeaderValue),
+}
 
 /// A registry client with credentials and retries.
 pub struct Registry {
@@ -83,14 +94,20 @@ pub struct Registry {
     attempts: u32,
     /// `Authorization` values by (registry, repository, push); `None` for anonymous access.
     tokens: Mutex<HashMap<(String, String, bool), Option<HeaderValue>>>,
+    /// Repositories known to hold blobs, for mounts.
+    pub locations: Locations,
 }
 
 /// Why one request failed, as the retry loop sees it.
 enum Failure {
     /// Trying again will not help.
     Fatal(Error),
-    /// 401: the token may have expired; a new one may help, once.
-    Unauthorized(Error),
+    /// 401: the token may have expired; a new one may help, once. `challenge` is the
+    /// registry's `WWW-Authenticate`.
+    Unauthorized {
+        error: Error,
+        challenge: Option<String>,
+    },
     /// Throttled, a server error or a broken connection; wait at least `after` if given.
     Again {
         error: Error,
@@ -154,7 +171,16 @@ impl Registry {
             creds,
             attempts: options.attempts.max(1),
             tokens: Mutex::new(HashMap::new()),
+            locations: Locations::load(options.locations.clone()),
         })
+    }
+
+    /// Saves the blob location hints this command gathered; a failure is only logged (they
+    /// are hints).
+    pub fn save_locations(&self) {
+        if let Err(e) = self.locations.save() {
+            tracing::warn!("could not save registry blob locations: {e}");
+        }
     }
 
     fn credentials(&self, r: &Reference) -> RegistryAuth {
@@ -237,6 +263,17 @@ impl Registry {
         access: Access,
         build: impl FnOnce(&reqwest::Client) -> RequestBuilder,
     ) -> Try<Response> {
+        self.send_as(op, r, Auth::Negotiated(access), build).await
+    }
+
+    /// [`Registry::send`] with the `Authorization` given or negotiated.
+    async fn send_as(
+        &self,
+        op: &'static str,
+        r: &Reference,
+        auth: Auth,
+        build: impl FnOnce(&reqwest::Client) -> RequestBuilder,
+    ) -> Try<Response> {
         let fail = |message: String, transient: bool| Error::Registry {
             op,
             reference: r.whole(),
@@ -247,7 +284,11 @@ impl Registry {
             .build()
             .map_err(|e| Failure::Fatal(fail(describe(&e), false)))?;
         if same_origin(&self.base(r), request.url()) {
-            if let Some(value) = self.authorization(r, access).await? {
+            let value = match auth {
+                Auth::Given(value) => Some(value),
+                Auth::Negotiated(access) => self.authorization(r, access).await?,
+            };
+            if let Some(value) = value {
                 request.headers_mut().insert(header::AUTHORIZATION, value);
             }
         }
@@ -264,8 +305,16 @@ impl Registry {
         };
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED {
+            let challenge = response
+                .headers()
+                .get(header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             let message = error_message(response).await;
-            return Err(Failure::Unauthorized(fail(message, false)));
+            return Err(Failure::Unauthorized {
+                error: fail(message, false),
+                challenge,
+            });
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             let after = retry_after(response.headers());
@@ -292,7 +341,7 @@ impl Registry {
             match f().await {
                 Ok(v) => return Ok(v),
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Unauthorized(e)) => {
+                Err(Failure::Unauthorized { error: e, .. }) => {
                     if renewed {
                         return Err(e);
                     }
@@ -397,6 +446,7 @@ impl Registry {
             breaks: 0,
         };
         reader.open().await?;
+        self.locations.record(r.registry(), digest, r.repository());
         Ok(reader)
     }
 
@@ -503,11 +553,107 @@ impl Registry {
             Ok(true)
         })
         .await
+        .inspect(|&found| {
+            if found {
+                self.locations.record(r.registry(), digest, r.repository());
+            }
+        })
     }
 
-    /// Uploads a blob from a stream made by `make` (called again for each attempt), or mounts
-    /// it from repository `mount_from` of the same registry when the registry agrees (no byte
-    /// is uploaded then). Returns whether it was mounted.
+    /// Links blob `digest` from repository `from` of the same registry into the repository of
+    /// `r` (a cross-repository mount): no byte is uploaded. `false` when the registry declines
+    /// (it lacks the blob there, does not mount, or will not let these credentials read `from`);
+    /// the caller then uploads.
+    ///
+    /// A token registry wants pull access to `from` and push access to `r` in one token;
+    /// oci-client negotiates one repository per token, so the scopes the registry's 401
+    /// challenge names are fetched here, from the same token service, with the same credentials.
+    pub async fn mount_blob(&self, r: &Reference, digest: &str, from: &str) -> bool {
+        const OP: &str = "mount blob";
+        let Ok(mut url) = Url::parse(&format!("{}/blobs/uploads/", self.base(r))) else {
+            return false;
+        };
+        url.query_pairs_mut()
+            .append_pair("mount", digest)
+            .append_pair("from", from);
+        let post = |token: Option<HeaderValue>| {
+            let url = url.clone();
+            let access = match token {
+                Some(t) => Auth::Given(t),
+                None => Auth::Negotiated(RegistryOperation::Push),
+            };
+            self.send_as(OP, r, access, |c| c.post(url))
+        };
+        let response = match post(None).await {
+            Err(Failure::Unauthorized {
+                challenge: Some(challenge),
+                ..
+            }) => match self.scoped_token(r, &challenge).await {
+                Some(token) => post(Some(token)).await,
+                None => return false,
+            },
+            other => other,
+        };
+        match response {
+            Ok(response) if response.status() == StatusCode::CREATED => {
+                self.locations.record(r.registry(), digest, r.repository());
+                true
+            }
+            Ok(response) => {
+                // 202: the registry opened an upload instead; close it rather than leave it
+                // for the registry's purge.
+                if response.status() == StatusCode::ACCEPTED {
+                    if let Some(location) = upload_location(&url, &response) {
+                        let _ = self
+                            .send(OP, r, RegistryOperation::Push, |c| c.delete(location))
+                            .await;
+                    }
+                }
+                tracing::debug!("{} declined to mount {digest} from {from}", r.registry());
+                false
+            }
+            Err(Failure::Fatal(e) | Failure::Unauthorized { error: e, .. })
+            | Err(Failure::Again { error: e, .. }) => {
+                tracing::debug!("mounting {digest} from {from}: {e}");
+                false
+            }
+        }
+    }
+
+    /// A token for the scopes a registry's `Bearer` challenge names, from its token service.
+    /// `None` when the challenge is not a bearer one or the service refuses.
+    async fn scoped_token(&self, r: &Reference, challenge: &str) -> Option<HeaderValue> {
+        let params = bearer_challenge(challenge)?;
+        let mut url = Url::parse(params.get("realm")?).ok()?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = params.get("service") {
+                query.append_pair("service", service);
+            }
+            for scope in params.get("scope")?.split(' ').filter(|s| !s.is_empty()) {
+                query.append_pair("scope", scope);
+            }
+        }
+        let mut request = self.http.get(url);
+        if let RegistryAuth::Basic(user, pass) = self.credentials(r) {
+            request = request.basic_auth(user, Some(pass));
+        }
+        let response = request.send().await.ok()?;
+        if !response.status().is_success() {
+            tracing::debug!("token service refused {challenge}: {}", response.status());
+            return None;
+        }
+        #[derive(serde::Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let token: Token = response.json().await.ok()?;
+        HeaderValue::from_str(&format!("Bearer {}", token.token.or(token.access_token)?)).ok()
+    }
+
+    /// Uploads a blob from a stream made by `make` (called again for each attempt): a POST
+    /// opens the upload, one streaming PUT closes it.
     ///
     /// # Errors
     /// [`Error::Registry`] after retries; the stream's own error (e.g. a corrupt chunk) at once.
@@ -516,9 +662,8 @@ impl Registry {
         r: &Reference,
         digest: &str,
         size: u64,
-        mount_from: Option<&str>,
         mut make: F,
-    ) -> Result<bool>
+    ) -> Result<()>
     where
         F: FnMut() -> S,
         S: Stream<Item = Result<Bytes>> + Send + 'static,
@@ -526,17 +671,6 @@ impl Registry {
         const OP: &str = "push blob";
         let upload = Url::parse(&format!("{}/blobs/uploads/", self.base(r)))
             .map_err(|e| Error::Config(format!("registry URL for {}: {e}", r.whole())))?;
-        let mount = mount_from.map(|from| {
-            let mut url = upload.clone();
-            url.query_pairs_mut()
-                .append_pair("mount", digest)
-                .append_pair("from", from);
-            url
-        });
-        // A token registry wants pull access to the source repository in the same token before
-        // it mounts, which oci-client's one-scope negotiation cannot ask for: it answers 401,
-        // and the blob is uploaded instead.
-        let mount_refused = std::sync::atomic::AtomicBool::new(false);
         // A body that fails to read the repository is tresor's trouble, not the registry's: it
         // is kept here and returned as it is, never retried as a broken connection.
         let body_error: Arc<Mutex<Option<Error>>> = Arc::default();
@@ -549,40 +683,19 @@ impl Registry {
                     std::io::Error::other(message)
                 })
             });
-            let (upload, mount, body_error, mount_refused) =
-                (&upload, &mount, &body_error, &mount_refused);
+            let (upload, body_error) = (&upload, &body_error);
             async move {
-                let post = |url: &Url| {
-                    let url = url.clone();
-                    self.send(OP, r, RegistryOperation::Push, |c| c.post(url))
-                };
-                let response = match mount.as_ref().filter(|_| !mount_refused.load(Relaxed)) {
-                    Some(url) => match post(url).await {
-                        Ok(response) if response.status() == StatusCode::CREATED => {
-                            return Ok(true)
-                        }
-                        Err(Failure::Unauthorized(e)) => {
-                            tracing::debug!("mount refused, uploading: {e}");
-                            mount_refused.store(true, Relaxed);
-                            post(upload).await?
-                        }
-                        other => other?,
-                    },
-                    None => post(upload).await?,
-                };
+                let response = self
+                    .send(OP, r, RegistryOperation::Push, |c| c.post(upload.clone()))
+                    .await?;
                 let response = expect(OP, r, response, &[StatusCode::ACCEPTED]).await?;
-                let mut location = response
-                    .headers()
-                    .get(header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|l| upload.join(l).ok())
-                    .ok_or_else(|| {
-                        Failure::Fatal(registry_failure(
-                            OP,
-                            r,
-                            "the registry opened an upload without a Location".into(),
-                        ))
-                    })?;
+                let mut location = upload_location(upload, &response).ok_or_else(|| {
+                    Failure::Fatal(registry_failure(
+                        OP,
+                        r,
+                        "the registry opened an upload without a Location".into(),
+                    ))
+                })?;
                 location.query_pairs_mut().append_pair("digest", digest);
                 let sent = self
                     .send(OP, r, RegistryOperation::Push, |c| {
@@ -595,12 +708,13 @@ impl Registry {
                 if let Some(e) = body_error.lock().expect("body error lock").take() {
                     return Err(Failure::Fatal(e));
                 }
-                let response = sent?;
-                expect(OP, r, response, &[StatusCode::CREATED]).await?;
-                Ok(false)
+                expect(OP, r, sent?, &[StatusCode::CREATED]).await?;
+                Ok(())
             }
         })
-        .await
+        .await?;
+        self.locations.record(r.registry(), digest, r.repository());
+        Ok(())
     }
 
     /// Uploads a manifest's raw bytes under the tag or digest of `r`.
@@ -732,6 +846,46 @@ impl BlobReader<'_> {
                 }
             }
         }
+    }
+}
+
+/// The upload URL a registry answered a POST with, resolved against the POST's URL.
+fn upload_location(post: &Url, response: &Response) -> Option<Url> {
+    let location = response.headers().get(header::LOCATION)?.to_str().ok()?;
+    post.join(location).ok()
+}
+
+/// The parameters of a `Bearer` challenge (`realm`, `service`, `scope`, ...); `None` for any
+/// other scheme. Values may be quoted, with commas and backslash escapes inside.
+fn bearer_challenge(challenge: &str) -> Option<HashMap<String, String>> {
+    let (scheme, rest) = challenge.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            return Some(params);
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value = chars.by_ref().take_while(|c| *c != ',').collect();
+        }
+        params.insert(key.trim().to_ascii_lowercase(), value);
     }
 }
 
@@ -1019,6 +1173,23 @@ mod tests {
         assert!(!ok("https://r.example:8443/v2/team/app/blobs/sha256:00"));
         assert!(!ok("http://r.example/v2/team/app/blobs/sha256:00"));
         assert!(!ok("https://cdn.example/blob?sig=1"));
+    }
+
+    #[test]
+    fn bearer_challenges() {
+        let c = bearer_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push repository:c:pull",error="insufficient_scope""#,
+        )
+        .unwrap();
+        assert_eq!(c["realm"], "https://auth.example/token");
+        assert_eq!(c["service"], "registry.example");
+        assert_eq!(c["scope"], "repository:a/b:pull,push repository:c:pull");
+        assert_eq!(c["error"], "insufficient_scope");
+        assert_eq!(
+            bearer_challenge("bearer realm=x,service=y").unwrap()["service"],
+            "y"
+        );
+        assert!(bearer_challenge(r#"Basic realm="registry""#).is_none());
     }
 
     #[test]

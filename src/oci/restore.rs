@@ -91,7 +91,7 @@ pub fn restore(
                 reference.registry(),
                 reference.repository()
             );
-            to_registry(
+            let pushed = to_registry(
                 repo,
                 rt,
                 registry,
@@ -100,7 +100,9 @@ pub fn restore(
                 tag.as_deref(),
                 progress,
                 &mut report,
-            )?
+            );
+            registry.save_locations();
+            pushed?
         }
         ImageTarget::Layout { dir, tag } => {
             report.target = format!("oci:{}", dir.display());
@@ -154,35 +156,56 @@ fn to_registry(
             digest.into(),
         )
     };
-    // On the registry the image came from, a blob its source repository still holds is
-    // mounted rather than uploaded.
-    let mount_from = record
+    // On the registry the image came from, the source repository is the first place to mount
+    // a blob from; then the repositories tresor saw holding it there before.
+    let source_repository = record
         .repository
         .split_once('/')
-        .filter(|(host, repository)| {
-            *host == target.registry() && *repository != target.repository()
-        })
+        .filter(|(host, _)| *host == target.registry())
         .map(|(_, repository)| repository);
+    let mount_candidates = |digest: &str| {
+        let mut from: Vec<String> = source_repository.map(str::to_string).into_iter().collect();
+        for known in registry
+            .locations
+            .candidates(target.registry(), digest, target.repository())
+        {
+            if !from.contains(&known) {
+                from.push(known);
+            }
+        }
+        from.retain(|f| f != target.repository());
+        from.truncate(MOUNT_TRIES);
+        from
+    };
+    let mounted = |r: &Reference, digest: &str| {
+        let (r, digest, from) = (r.clone(), digest.to_string(), mount_candidates(digest));
+        async move {
+            for repository in &from {
+                if registry.mount_blob(&r, &digest, repository).await {
+                    return true;
+                }
+            }
+            false
+        }
+    };
     // Blobs go up a few at a time; the first failure drops the uploads still running.
-    let at = &at;
+    let (at, mounted) = (&at, &mounted);
     let placed: Vec<(u64, Placed)> = rt.block_on(
         futures::stream::iter(&record.blobs)
             .map(|blob| async move {
                 let r = at(&blob.digest);
                 let placed = if registry.has_blob(&r, &blob.digest).await? {
                     Placed::Skipped
+                } else if mounted(&r, &blob.digest).await {
+                    Placed::Mounted
                 } else {
                     let (repo, rt, refs) = (Arc::clone(repo), rt.clone(), blob.refs.clone());
                     let make = move || chunk_stream(Arc::clone(&repo), rt.clone(), refs.clone());
-                    let mounted = registry
-                        .push_blob(&r, &blob.digest, blob.size, mount_from, make)
+                    registry
+                        .push_blob(&r, &blob.digest, blob.size, make)
                         .await
                         .map_err(|e| e.context(format!("pushing blob {}", blob.digest)))?;
-                    if mounted {
-                        Placed::Mounted
-                    } else {
-                        Placed::Pushed
-                    }
+                    Placed::Pushed
                 };
                 progress.inc(blob.size);
                 Ok::<_, Error>((blob.size, placed))
@@ -231,11 +254,14 @@ fn to_registry(
     Ok(())
 }
 
+/// Repositories a blob is asked to be mounted from before it is uploaded.
+const MOUNT_TRIES: usize = 3;
+
 /// What became of one blob on the target registry.
 enum Placed {
     /// The target had it.
     Skipped,
-    /// Linked from the source repository.
+    /// Linked from another repository of the registry.
     Mounted,
     /// Uploaded.
     Pushed,

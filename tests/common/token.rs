@@ -19,11 +19,11 @@ use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 pub const SERVICE: &str = "tresor-test-registry";
 pub const ISSUER: &str = "tresor-test-token-service";
 
-/// One token handed out: to whom (`None`: anonymous) and for which scope.
+/// One token handed out: to whom (`None`: anonymous) and for which scopes.
 #[derive(Clone, Debug)]
 pub struct Issued {
     pub user: Option<String>,
-    pub scope: String,
+    pub scopes: Vec<String>,
 }
 
 pub struct TokenServer {
@@ -159,12 +159,7 @@ impl TokenServer {
                     )
                     .as_bytes(),
                 );
-                log.lock()
-                    .unwrap()
-                    .extend(scopes.into_iter().map(|scope| Issued {
-                        user: user.clone(),
-                        scope,
-                    }));
+                log.lock().unwrap().push(Issued { user, scopes });
             }
         });
         TokenServer {
