@@ -295,12 +295,15 @@ impl Registry {
         let response = match self.http.execute(request).await {
             Ok(response) => response,
             Err(e) => {
-                let error = fail(describe(&e), true);
+                let message = describe(&e);
                 // A certificate that does not verify will not verify on the next try either.
-                if describe(&e).to_ascii_lowercase().contains("certificate") {
-                    return Err(Failure::Fatal(fail(describe(&e), false)));
+                if message.to_ascii_lowercase().contains("certificate") {
+                    return Err(Failure::Fatal(fail(message, false)));
                 }
-                return Err(Failure::Again { error, after: None });
+                return Err(Failure::Again {
+                    error: fail(message, true),
+                    after: None,
+                });
             }
         };
         let status = response.status();
@@ -1116,6 +1119,7 @@ fn load_auth_file(explicit: Option<PathBuf>) -> Result<HashMap<String, RegistryA
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
 
     #[test]
     fn auth_file_entries_are_decoded() {
@@ -1173,6 +1177,69 @@ mod tests {
         assert!(!ok("https://r.example:8443/v2/team/app/blobs/sha256:00"));
         assert!(!ok("http://r.example/v2/team/app/blobs/sha256:00"));
         assert!(!ok("https://cdn.example/blob?sig=1"));
+    }
+
+    #[tokio::test]
+    async fn retry_policy() {
+        let registry = Registry::new(&RegistryOptions {
+            attempts: 3,
+            ..RegistryOptions::default()
+        })
+        .unwrap();
+        let r: Reference = "r.example/team/app:v1".parse().unwrap();
+        let error = || registry_failure("pull blob", &r, "429 Too Many Requests".into());
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let count = || calls.fetch_add(1, Relaxed) + 1;
+
+        // Throttled every time: tried `attempts` times, then the registry's error.
+        let e = registry
+            .retry(&r, RegistryOperation::Pull, || async {
+                count();
+                Err::<(), _>(Failure::Again {
+                    error: error(),
+                    after: None,
+                })
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(calls.swap(0, Relaxed), 3);
+        assert!(e.to_string().contains("429"), "{e}");
+
+        // A Retry-After beyond the limit fails at once and says why.
+        let e = registry
+            .retry(&r, RegistryOperation::Pull, || async {
+                count();
+                Err::<(), _>(Failure::Again {
+                    error: error(),
+                    after: Some(Duration::from_secs(3600)),
+                })
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(calls.swap(0, Relaxed), 1);
+        assert!(e.to_string().contains("asks to wait 3600s"), "{e}");
+
+        // A 401 renews the token once; a second one is final. Fatal errors are not retried.
+        let unauthorized = || Failure::Unauthorized {
+            error: error(),
+            challenge: None,
+        };
+        let _ = registry
+            .retry(&r, RegistryOperation::Pull, || async {
+                count();
+                Err::<(), _>(unauthorized())
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(calls.swap(0, Relaxed), 2);
+        let _ = registry
+            .retry(&r, RegistryOperation::Pull, || async {
+                count();
+                Err::<(), _>(Failure::Fatal(error()))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(calls.swap(0, Relaxed), 1);
     }
 
     #[test]
