@@ -40,7 +40,7 @@ fn backup_through_faults(backend: Option<Kind>) {
         let flaky = Arc::new(std::sync::OnceLock::new());
         let f2 = flaky.clone();
         let store = env.store().wrapped(move |inner| {
-            let layer = Arc::new(faults::Flaky::new(
+            let layer = Arc::new(faults::FaultyStore::flaky(
                 inner,
                 spared,
                 error_rate,

@@ -281,7 +281,7 @@ fn append_only_credentials_back_up_and_verify_but_cannot_delete() {
 
     let store = env
         .store()
-        .wrapped(|inner| Arc::new(faults::AppendOnly(inner)));
+        .wrapped(|inner| Arc::new(faults::FaultyStore::append_only(inner)));
     let key = std::fs::read(env.key_file()).unwrap();
     let repo = Arc::new(
         rt.block_on(Repository::open(store, || {

@@ -11,97 +11,48 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
 
-/// A credential that may create and read but not delete: every delete is refused the way an S3
-/// server refuses it (403 Access Denied, which object_store reports as `PermissionDenied`).
+/// A store that misbehaves like a real one can.
+///
+/// - [`FaultyStore::flaky`]: a congested or flaky link: after the first `spared` reads and
+///   writes, `error_rate` of them fail (half as a reset connection, half as a timeout after a
+///   pause) and `slow_rate` take up to 200 ms longer.
+/// - [`FaultyStore::append_only`]: a credential that may create and read but not delete: every
+///   delete is refused the way an S3 server refuses it (403 Access Denied, which object_store
+///   reports as `PermissionDenied`).
 #[derive(Debug)]
-pub struct AppendOnly(pub Arc<dyn ObjectStore>);
-
-impl fmt::Display for AppendOnly {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AppendOnly({})", self.0)
-    }
-}
-
-#[async_trait]
-impl ObjectStore for AppendOnly {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> Result<PutResult> {
-        self.0.put_opts(location, payload, opts).await
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> Result<Box<dyn MultipartUpload>> {
-        self.0.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        self.0.get_opts(location, options).await
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, Result<Path>>,
-    ) -> BoxStream<'static, Result<Path>> {
-        locations
-            .map(|l| {
-                l.and_then(|path| {
-                    Err(object_store::Error::PermissionDenied {
-                        path: path.to_string(),
-                        source: "403 AccessDenied: this key may not delete".into(),
-                    })
-                })
-            })
-            .boxed()
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-        self.0.list(prefix)
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        self.0.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.0.copy_opts(from, to, options).await
-    }
-}
-
-/// A store that fails or slows down a share of its requests, like a congested or flaky link:
-/// after the first `spared` reads and writes, `error_rate` of them fail (half as a reset
-/// connection, half as a timeout after a pause) and `slow_rate` take up to 200 ms longer.
-#[derive(Debug)]
-pub struct Flaky {
+pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     error_rate: f64,
     slow_rate: f64,
+    refuse_deletes: bool,
     spared: std::sync::atomic::AtomicU64,
     state: std::sync::Mutex<u64>,
     pub injected: std::sync::atomic::AtomicU64,
 }
 
-impl Flaky {
-    pub fn new(
+impl FaultyStore {
+    pub fn flaky(
         inner: Arc<dyn ObjectStore>,
         spared: u64,
         error_rate: f64,
         slow_rate: f64,
         seed: u64,
-    ) -> Flaky {
-        Flaky {
+    ) -> FaultyStore {
+        FaultyStore {
             inner,
             error_rate,
             slow_rate,
+            refuse_deletes: false,
             spared: std::sync::atomic::AtomicU64::new(spared),
             state: std::sync::Mutex::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
             injected: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn append_only(inner: Arc<dyn ObjectStore>) -> FaultyStore {
+        FaultyStore {
+            refuse_deletes: true,
+            ..FaultyStore::flaky(inner, 0, 0.0, 0.0, 0)
         }
     }
 
@@ -148,14 +99,14 @@ impl Flaky {
     }
 }
 
-impl fmt::Display for Flaky {
+impl fmt::Display for FaultyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Flaky({})", self.inner)
+        write!(f, "FaultyStore({})", self.inner)
     }
 }
 
 #[async_trait]
-impl ObjectStore for Flaky {
+impl ObjectStore for FaultyStore {
     async fn put_opts(
         &self,
         location: &Path,
@@ -184,7 +135,19 @@ impl ObjectStore for Flaky {
         &self,
         locations: BoxStream<'static, Result<Path>>,
     ) -> BoxStream<'static, Result<Path>> {
-        self.inner.delete_stream(locations)
+        if !self.refuse_deletes {
+            return self.inner.delete_stream(locations);
+        }
+        locations
+            .map(|l| {
+                l.and_then(|path| {
+                    Err(object_store::Error::PermissionDenied {
+                        path: path.to_string(),
+                        source: "403 AccessDenied: this key may not delete".into(),
+                    })
+                })
+            })
+            .boxed()
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
