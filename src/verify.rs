@@ -9,8 +9,9 @@
 //!    `read_data`, each selected chunk is downloaded, decompressed, decrypted and re-hashed
 //!    once, however many snapshots use it, on all cores; nothing is written out. Index chunks
 //!    the first pass read are not fetched again.
-//!    On a full read, every OCI blob is also reassembled from its chunks and checked against its
-//!    sha256 digest, and every stored manifest against its own.
+//!    On a full read, every OCI blob is instead reassembled from its chunks (read in order, which
+//!    checks each chunk too; several blobs at once) and checked against its sha256 digest, and
+//!    every stored manifest against its own: image chunks are read once, by this pass.
 //! 3. **Attribution**, only when something is broken: the indexes are walked again to name
 //!    every snapshot and file that uses a bad chunk.
 //!
@@ -315,6 +316,28 @@ pub fn verify(
     }
     stats.chunks_referenced = referenced.len() as u64;
 
+    // On a full read, image blobs are read whole in their own pass (their sha256 needs the
+    // bytes in order, and reading them checks their chunks too), so the data pass skips their
+    // chunks rather than read them twice.
+    let full_read = options.read_data == Some(None) && options.shard.is_none();
+    let images: Vec<(&Listed, crate::oci::ImageRecord)> = if full_read {
+        selected
+            .iter()
+            .filter(|s| {
+                s.snapshot.root_format == snapshot::RootFormat::Image && !broken.contains(&s.id)
+            })
+            .filter_map(|s| Some((s, crate::oci::load_record(repo, rt, s).ok()?)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let image_chunks: HashSet<ChunkId> = images
+        .iter()
+        .flat_map(|(_, record)| record.blobs.iter().flat_map(|b| &b.refs))
+        .filter(|r| !r.is_zero())
+        .map(|r| r.id)
+        .collect();
+
     // Pass 2: existence from one listing, then data.
     let stored: HashMap<ChunkId, u64> = rt
         .block_on(repo.store().list(crate::repository::CHUNKS_PREFIX))?
@@ -348,7 +371,9 @@ pub fn verify(
         let (walked, to_read): (Vec<ChunkRef>, Vec<ChunkRef>) = referenced
             .iter()
             .filter(|(id, _)| {
-                stored.contains_key(id) && part.is_none_or(|p| p.contains(subset_key(id)))
+                stored.contains_key(id)
+                    && !image_chunks.contains(id)
+                    && part.is_none_or(|p| p.contains(subset_key(id)))
             })
             .map(|(id, len)| ChunkRef { id: *id, len: *len })
             .partition(|r| index_read.contains(&r.id));
@@ -377,67 +402,93 @@ pub fn verify(
         stats.chunks_read = read.into_inner();
         stats.bytes_read = bytes.into_inner();
         for (id, e) in corrupt.into_inner().expect("lock") {
-            let kind = match e {
-                Error::Missing { .. } => ProblemKind::MissingChunk,
-                _ => ProblemKind::CorruptChunk,
-            };
-            if kind == ProblemKind::CorruptChunk {
-                stats.chunks_corrupt += 1;
-            } else {
-                stats.chunks_missing += 1;
-            }
-            bad.insert(id, (kind, e.to_string()));
+            record_unreadable(&mut bad, &mut stats, id, e);
         }
     }
 
     // OCI blobs and manifests end to end: on a full read, every image blob is reassembled from
-    // its chunks and must hash to its digest, and every stored manifest to its own.
-    if options.read_data == Some(None) && options.shard.is_none() {
-        let mut checked: HashSet<String> = HashSet::new();
-        for snap in selected
-            .iter()
-            .filter(|s| s.snapshot.root_format == snapshot::RootFormat::Image)
-        {
-            let Ok(record) = crate::oci::load_record(repo, rt, snap) else {
+    // its chunks and must hash to its digest (blobs in parallel, each read in order), and every
+    // stored manifest to its own.
+    let mut wrong: Vec<(String, String, Vec<&Listed>)> = Vec::new();
+    let mut blobs: BTreeMap<&str, (&crate::oci::StoredBlob, Vec<&Listed>)> = BTreeMap::new();
+    for (snap, record) in &images {
+        for m in &record.manifests {
+            let actual = crate::oci::registry::sha256_digest(&m.raw);
+            if actual != m.digest {
+                wrong.push((
+                    format!("manifest {}", m.digest),
+                    format!("stored bytes hash to {actual}"),
+                    vec![*snap],
+                ));
+            }
+        }
+        for blob in &record.blobs {
+            // A blob with a chunk missing from the store is reported through that chunk.
+            if blob.refs.iter().any(|r| bad.contains_key(&r.id)) {
                 continue;
-            };
-            let mut wrong: Vec<(String, String)> = Vec::new();
-            for m in &record.manifests {
-                let actual = crate::oci::registry::sha256_digest(&m.raw);
-                if actual != m.digest {
+            }
+            blobs
+                .entry(&blob.digest)
+                .or_insert((blob, Vec::new()))
+                .1
+                .push(*snap);
+        }
+    }
+    let blobs: Vec<_> = blobs.into_values().collect();
+    let next = AtomicU64::new(0);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    let digests: Vec<std::result::Result<String, (ChunkId, Box<Error>)>> = {
+        let results = Mutex::new(blobs.iter().map(|_| None).collect::<Vec<_>>());
+        std::thread::scope(|scope| {
+            for _ in 0..workers.min(blobs.len()) {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some((blob, _)) = blobs.get(i) else {
+                        return;
+                    };
+                    let digest = crate::oci::blob_digest(repo, rt, blob, progress);
+                    results.lock().expect("lock")[i] = Some(digest);
+                });
+            }
+        });
+        results
+            .into_inner()
+            .expect("lock")
+            .into_iter()
+            .map(|d| d.expect("every blob checked"))
+            .collect()
+    };
+    let mut image_read: HashSet<ChunkId> = HashSet::new();
+    for ((blob, users), digest) in blobs.iter().zip(digests) {
+        stats.blobs_checked += 1;
+        match digest {
+            Ok(actual) => {
+                image_read.extend(blob.refs.iter().filter(|r| !r.is_zero()).map(|r| r.id));
+                if actual != blob.digest {
                     wrong.push((
-                        format!("manifest {}", m.digest),
-                        format!("stored bytes hash to {actual}"),
+                        format!("blob {}", blob.digest),
+                        format!("its chunks assemble to {actual}"),
+                        users.clone(),
                     ));
                 }
             }
-            for blob in &record.blobs {
-                if blob.refs.iter().any(|r| bad.contains_key(&r.id))
-                    || !checked.insert(blob.digest.clone())
-                {
-                    continue;
-                }
-                stats.blobs_checked += 1;
-                match crate::oci::blob_digest(repo, rt, blob) {
-                    Ok(actual) if actual == blob.digest => {}
-                    Ok(actual) => wrong.push((
-                        format!("blob {}", blob.digest),
-                        format!("its chunks assemble to {actual}"),
-                    )),
-                    Err(e) => wrong.push((format!("blob {}", blob.digest), e.to_string())),
-                }
-            }
-            for (object, reason) in wrong {
-                broken.insert(snap.id.clone());
-                problems.push(Problem {
-                    kind: ProblemKind::WrongDigest,
-                    object,
-                    reason,
-                    affects: vec![affected(snap, None)],
-                    more_affected: 0,
-                });
-            }
+            Err((id, e)) => record_unreadable(&mut bad, &mut stats, id, *e),
         }
+    }
+    stats.chunks_read += image_read.len() as u64;
+    stats.bytes_read += image_read
+        .iter()
+        .filter_map(|id| stored.get(id))
+        .sum::<u64>();
+    for (object, reason, users) in wrong {
+        broken.extend(users.iter().map(|s| s.id.clone()));
+        problems.push(Problem {
+            kind: ProblemKind::WrongDigest,
+            object,
+            reason,
+            affects: users.iter().map(|s| affected(s, None)).collect(),
+            more_affected: 0,
+        });
     }
 
     // Pass 3: who uses the bad chunks.
@@ -538,6 +589,26 @@ fn walk_refs(
         snapshot::RootFormat::Image => crate::oci::walk_refs(repo, rt, snap, f),
         _ => volume::walk_refs(repo, rt, snap, f),
     }
+}
+
+/// Notes a chunk that could not be read back: missing, or corrupt (anything else a read of it
+/// failed with).
+fn record_unreadable(
+    bad: &mut BTreeMap<ChunkId, (ProblemKind, String)>,
+    stats: &mut Stats,
+    id: ChunkId,
+    e: Error,
+) {
+    let kind = match e {
+        Error::Missing { .. } => ProblemKind::MissingChunk,
+        _ => ProblemKind::CorruptChunk,
+    };
+    if kind == ProblemKind::CorruptChunk {
+        stats.chunks_corrupt += 1;
+    } else {
+        stats.chunks_missing += 1;
+    }
+    bad.insert(id, (kind, e.to_string()));
 }
 
 fn affected(snap: &Listed, path: Option<String>) -> Affected {

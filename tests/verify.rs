@@ -355,3 +355,85 @@ fn image_blob_that_reassembles_wrong_is_named_on_full_read() {
     assert!(p["object"].as_str().unwrap().contains(&layer_digest), "{p}");
     assert_eq!(report["stats"]["blobs_checked"], 1);
 }
+
+#[test]
+fn corrupt_chunk_of_a_shared_image_blob_is_named_for_every_image() {
+    use common::oci::Layout;
+    let env = Env::new();
+    let mut layout = Layout::new(&env.path("layout"));
+    let base = layout.layer(&[("base.bin", random_bytes(3 * MIB, 41))]);
+    let v1 = layout.image("amd64", std::slice::from_ref(&base));
+    let extra = layout.layer(&[("extra.bin", random_bytes(MIB, 42))]);
+    let v2 = layout.image("amd64", &[base.clone(), extra]);
+    layout.tag("v1", &v1);
+    layout.tag("v2", &v2);
+    let dir = layout.dir.display().to_string();
+    let snaps: Vec<serde_json::Value> = ["v1", "v2"]
+        .iter()
+        .map(|t| env.json(&["backup", "image", &format!("oci:{dir}:{t}")])[0].clone())
+        .collect();
+
+    // Clean: every referenced chunk read once, every distinct blob reassembled once.
+    let (code, report, out) = verify(&env, &["--read-data"]);
+    assert_eq!(code, 0, "{out}");
+    let stats = &report["stats"];
+    assert_eq!(stats["chunks_read"], stats["chunks_referenced"], "{stats}");
+    // The base layer (shared), the extra layer, and the two images' configs.
+    assert_eq!(stats["blobs_checked"], 4, "{stats}");
+
+    // A flipped byte in a chunk of the shared base layer.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let repo = std::sync::Arc::new(env.open_repo(&rt));
+    let snap = rt
+        .block_on(tresor::snapshot::resolve(
+            &repo,
+            snaps[0]["id"].as_str().unwrap(),
+            tresor::snapshot::Kind::Image,
+        ))
+        .unwrap();
+    let mut chunk = None;
+    let handle = rt.handle().clone();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tresor::oci::walk_refs(&repo, &handle, &snap, |digest, r| {
+                if digest == base.digest.as_bytes() && chunk.is_none() {
+                    chunk = Some(r.id.to_hex());
+                }
+                Ok(())
+            })
+            .unwrap()
+        });
+    });
+    let id = chunk.expect("the base layer has chunks");
+    let path = env.path(&format!("repo/chunks/{}/{id}", &id[..2]));
+    let mut bytes = fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&path, bytes).unwrap();
+
+    // Found by the full read (blob pass) and by a subset read (data pass) alike: one corrupt
+    // chunk, used by the base layer of both images, and no blob blamed on its own.
+    for args in [&["--read-data"][..], &["--read-data-subset", "1/1"][..]] {
+        let (code, report, out) = verify(&env, args);
+        assert_eq!(code, 1, "{args:?}: {out}");
+        let problems = report["problems"].as_array().unwrap();
+        assert_eq!(problems.len(), 1, "{args:?}: {problems:?}");
+        let p = &problems[0];
+        assert_eq!(p["kind"], "corrupt_chunk");
+        assert!(p["object"].as_str().unwrap().ends_with(&id));
+        let mut users: Vec<&str> = p["affects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                assert_eq!(a["path"], base.digest.as_str());
+                a["snapshot"].as_str().unwrap()
+            })
+            .collect();
+        users.sort_unstable();
+        let mut expected: Vec<&str> = snaps.iter().map(|s| s["id"].as_str().unwrap()).collect();
+        expected.sort_unstable();
+        assert_eq!(users, expected);
+        assert_eq!(report["stats"]["chunks_corrupt"], 1);
+    }
+}

@@ -128,15 +128,36 @@ pub fn walk_refs(
     Ok(())
 }
 
-/// The sha256 digest of a stored blob, reassembled from its (verified) chunks. Blocking.
-pub fn blob_digest(repo: &Arc<Repository>, rt: &Handle, blob: &StoredBlob) -> Result<String> {
-    copy_blob(
-        repo,
-        rt,
-        blob,
-        &mut std::io::sink(),
-        std::path::Path::new("/dev/null"),
-    )
+/// The sha256 digest of a stored blob, read in order from its chunks (a few fetched ahead, each
+/// checked against its id on the way). `progress` counts the bytes. Blocking.
+///
+/// # Errors
+/// The first chunk that cannot be read, with its error.
+pub fn blob_digest(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    blob: &StoredBlob,
+    progress: &crate::progress::Progress,
+) -> std::result::Result<String, (crate::id::ChunkId, Box<Error>)> {
+    use sha2::Digest;
+    let mut sha = sha2::Sha256::new();
+    let mut refs = blob.refs.iter().copied();
+    let mut ahead = std::collections::VecDeque::new();
+    loop {
+        while ahead.len() < 8 {
+            let Some(r) = refs.next() else { break };
+            ahead.push_back((r, crate::pipeline::fetch(repo, rt, r)));
+        }
+        let Some((r, handle)) = ahead.pop_front() else {
+            return Ok(format!("sha256:{}", hex::encode(sha.finalize())));
+        };
+        let bytes = rt
+            .block_on(handle)
+            .expect("fetch task panicked")
+            .map_err(|e| (r.id, Box::new(e)))?;
+        progress.inc(bytes.len() as u64);
+        sha.update(&bytes);
+    }
 }
 
 /// Writes a stored blob to `out` from its (verified) chunks and returns its sha256 digest.
