@@ -329,6 +329,18 @@ fn lying_throttling_and_flaky_registries() {
     let out = f.env.tresor(&["verify", "--read-data"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
+    // A server that ignores Range sends the whole blob again: the bytes already had are
+    // skipped, and the image is stored right (a fresh repository, so every blob is fetched).
+    let fresh = Env::new();
+    proxy.faults.ignore_range.store(true, Ordering::SeqCst);
+    proxy.faults.drop_mid_blob.store(1, Ordering::SeqCst);
+    let snap = fresh.json(&["backup", "image", &source, "--insecure"]);
+    assert_eq!(snap[0]["image"]["digest"], f.app.digest);
+    assert_eq!(proxy.faults.drop_mid_blob.load(Ordering::SeqCst), 0);
+    let out = fresh.tresor(&["verify", "--read-data"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    proxy.faults.ignore_range.store(false, Ordering::SeqCst);
+
     // A slow registry: blobs are fetched several at a time, never more than four.
     let fresh = Env::new();
     proxy.faults.delay_ms.store(400, Ordering::SeqCst);

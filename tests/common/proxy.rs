@@ -22,6 +22,8 @@ pub struct Faults {
     throttled: Mutex<HashMap<String, Instant>>,
     /// Blob GETs that asked for a byte range (a resumed download).
     pub ranged_gets: AtomicU32,
+    /// Forward blob GETs without their `Range` header, like a server that ignores it.
+    pub ignore_range: AtomicBool,
     /// Cut this many blob bodies in half and close the connection.
     pub drop_mid_blob: AtomicU32,
     /// Blob GETs seen.
@@ -110,6 +112,15 @@ fn close_after(head: &[u8]) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// The request head without its `Range` header.
+fn without_range(head: &[u8]) -> Vec<u8> {
+    String::from_utf8_lossy(head)
+        .split_inclusive("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("range:"))
+        .collect::<String>()
+        .into_bytes()
+}
+
 fn handle(mut client: TcpStream, upstream: &str, faults: &Faults) -> std::io::Result<()> {
     let head = read_head(&mut client)?;
     let mut body = vec![0u8; content_length(&head).unwrap_or(0)];
@@ -154,7 +165,11 @@ fn handle(mut client: TcpStream, upstream: &str, faults: &Faults) -> std::io::Re
         }
     }
     let mut up = TcpStream::connect(upstream)?;
-    up.write_all(&close_after(&head))?;
+    let mut forwarded = close_after(&head);
+    if blob_get && faults.ignore_range.load(Ordering::SeqCst) {
+        forwarded = without_range(&forwarded);
+    }
+    up.write_all(&forwarded)?;
     up.write_all(&body)?;
     let mut response = Vec::new();
     up.read_to_end(&mut response)?;
