@@ -472,7 +472,7 @@ fn main() -> ExitCode {
 /// the tokio, rayon and fetch threads allocate: one arena per core keeps the reuse and bounds
 /// what is kept. Measured on 2 cores (benches/e2e.sh, benches/oci.sh), same throughput: peak
 /// RSS of a restore 170 -> 87 MiB, of verify --read-data 165 -> 80 MiB, of a 2 GiB image
-/// layer backup 190-250 -> 120 MiB.
+/// layer backup 190-250 -> 120-153 MiB.
 fn tune_allocator() {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     // SAFETY: mallopt only adjusts allocator thresholds; called before any other thread exists.
