@@ -550,7 +550,10 @@ fn registry_with_bearer_tokens() {
     );
     assert!(err.contains("--creds"), "no hint: {err}");
 
-    // With credentials: a pull token for the source, a push token for the target.
+    // With credentials: a pull token for the source, a push token for the target. The first
+    // token has expired (as one fetched at the start of a long run has by its end): the
+    // registry's 401 makes tresor fetch a new one, once.
+    tokens.stale.store(1, Ordering::SeqCst);
     let snap = env.json(&[
         "backup",
         "image",
@@ -561,7 +564,17 @@ fn registry_with_bearer_tokens() {
         &creds,
     ]);
     assert_eq!(snap[0]["image"]["digest"], image.digest.as_str());
-    assert!(issued(Some("alice"), "repository:private/app:pull"));
+    assert_eq!(tokens.stale.load(Ordering::SeqCst), 0);
+    let pulls = tokens
+        .issued
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|i| {
+            i.user.as_deref() == Some("alice") && i.scopes == ["repository:private/app:pull"]
+        })
+        .count();
+    assert_eq!(pulls, 2, "one expired token, one fresh");
     let target = format!("docker://{host}/restored/app:v1");
     let report = env.json(&[
         "restore",

@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -32,6 +33,9 @@ pub struct TokenServer {
     /// The certificate whose key signs tokens (the registry's `rootcertbundle`).
     pub cert: PathBuf,
     pub issued: Arc<Mutex<Vec<Issued>>>,
+    /// Hand out this many tokens that expired ten minutes ago, as a token fetched at the start
+    /// of a long run is by its end.
+    pub stale: Arc<AtomicU32>,
 }
 
 impl TokenServer {
@@ -96,7 +100,8 @@ impl TokenServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let realm = format!("http://{}/token", listener.local_addr().unwrap());
         let issued = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&issued);
+        let stale = Arc::new(AtomicU32::new(0));
+        let (log, expire) = (Arc::clone(&issued), Arc::clone(&stale));
         std::thread::spawn(move || {
             for mut conn in listener.incoming().flatten() {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
@@ -148,7 +153,18 @@ impl TokenServer {
                         }))
                     })
                     .collect();
-                let token = sign(&key, &rng, &x5c, user.as_deref().unwrap_or(""), &access);
+                let expired = expire
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                let age = if expired { 900 } else { 0 };
+                let token = sign(
+                    &key,
+                    &rng,
+                    &x5c,
+                    user.as_deref().unwrap_or(""),
+                    &access,
+                    age,
+                );
                 let body =
                     serde_json::json!({"token": token, "access_token": token, "expires_in": 300})
                         .to_string();
@@ -166,22 +182,26 @@ impl TokenServer {
             realm,
             cert: dir.join("token-cert.pem"),
             issued,
+            stale,
         }
     }
 }
 
-/// A compact JWS (ES256) with the signing certificate in `x5c`, as distribution verifies it.
+/// A compact JWS (ES256) with the signing certificate in `x5c`, as distribution verifies it,
+/// issued `age` seconds ago and valid for 300.
 fn sign(
     key: &EcdsaKeyPair,
     rng: &SystemRandom,
     x5c: &str,
     subject: &str,
     access: &[serde_json::Value],
+    age: u64,
 ) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_secs();
+        .as_secs()
+        - age;
     let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [x5c]});
     let claims = serde_json::json!({
         "iss": ISSUER, "sub": subject, "aud": SERVICE,
