@@ -43,31 +43,34 @@ fn verify(env: &Env, args: &[&str]) -> (i32, serde_json::Value, String) {
     )
 }
 
-/// The chunk file holding `shared.bin` (the only 3 MiB chunk set shared by two snapshots).
-fn chunk_of(env: &Env, snapshot: &str, path: &str) -> PathBuf {
+/// The file of the first chunk of `path` in `snapshot`: a file of a volume, or a blob (by
+/// digest) of an image.
+fn chunk_of(env: &Env, snapshot: &str, kind: tresor::snapshot::Kind, path: &str) -> PathBuf {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let repo = std::sync::Arc::new(env.open_repo(&rt));
     let snap = rt
-        .block_on(tresor::snapshot::resolve(
-            &repo,
-            snapshot,
-            tresor::snapshot::Kind::Volume,
-        ))
+        .block_on(tresor::snapshot::resolve(&repo, snapshot, kind))
         .unwrap();
     let mut found = None;
     let handle = rt.handle().clone();
+    let visit = |p: &[u8], r: &tresor::id::ChunkRef| {
+        if p == path.as_bytes() && found.is_none() {
+            found = Some(r.id);
+        }
+        Ok(())
+    };
     std::thread::scope(|s| {
         s.spawn(|| {
-            tresor::volume::walk_refs(&repo, &handle, &snap, |p, r| {
-                if p == path.as_bytes() && found.is_none() {
-                    found = Some(r.id);
+            match kind {
+                tresor::snapshot::Kind::Image => {
+                    tresor::oci::walk_refs(&repo, &handle, &snap, visit)
                 }
-                Ok(())
-            })
+                _ => tresor::volume::walk_refs(&repo, &handle, &snap, visit),
+            }
             .unwrap()
         });
     });
-    let id = found.expect("file has a chunk").to_hex();
+    let id = found.expect("the path has a chunk").to_hex();
     env.path(&format!("repo/chunks/{}/{id}", &id[..2]))
 }
 
@@ -121,7 +124,12 @@ fn clean_repository_passes_with_and_without_reading() {
 #[test]
 fn deleted_chunk_names_every_snapshot_and_file_using_it() {
     let (env, web, db) = repo_with_snapshots();
-    let chunk = chunk_of(&env, "web", "sub/shared.bin");
+    let chunk = chunk_of(
+        &env,
+        "web",
+        tresor::snapshot::Kind::Volume,
+        "sub/shared.bin",
+    );
     fs::remove_file(&chunk).unwrap();
     let (code, report, out) = verify(&env, &[]);
     assert_eq!(code, 1, "{out}");
@@ -160,7 +168,7 @@ fn deleted_chunk_names_every_snapshot_and_file_using_it() {
 #[test]
 fn flipped_byte_is_caught_only_by_reading() {
     let (env, web, _) = repo_with_snapshots();
-    let chunk = chunk_of(&env, "web", "index.html");
+    let chunk = chunk_of(&env, "web", tresor::snapshot::Kind::Volume, "index.html");
     let mut bytes = fs::read(&chunk).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
@@ -382,30 +390,13 @@ fn corrupt_chunk_of_a_shared_image_blob_is_named_for_every_image() {
     assert_eq!(stats["blobs_checked"], 4, "{stats}");
 
     // A flipped byte in a chunk of the shared base layer.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let repo = std::sync::Arc::new(env.open_repo(&rt));
-    let snap = rt
-        .block_on(tresor::snapshot::resolve(
-            &repo,
-            snaps[0]["id"].as_str().unwrap(),
-            tresor::snapshot::Kind::Image,
-        ))
-        .unwrap();
-    let mut chunk = None;
-    let handle = rt.handle().clone();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            tresor::oci::walk_refs(&repo, &handle, &snap, |digest, r| {
-                if digest == base.digest.as_bytes() && chunk.is_none() {
-                    chunk = Some(r.id.to_hex());
-                }
-                Ok(())
-            })
-            .unwrap()
-        });
-    });
-    let id = chunk.expect("the base layer has chunks");
-    let path = env.path(&format!("repo/chunks/{}/{id}", &id[..2]));
+    let path = chunk_of(
+        &env,
+        snaps[0]["id"].as_str().unwrap(),
+        tresor::snapshot::Kind::Image,
+        &base.digest,
+    );
+    let id = path.file_name().unwrap().to_str().unwrap().to_string();
     let mut bytes = fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;

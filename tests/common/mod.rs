@@ -155,6 +155,20 @@ impl Env {
     }
 }
 
+/// Runs `openssl ARGS` in `dir` (test certificates and keys), asserting success.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (apt-get install openssl, or run .ci/run)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A free TCP port on 127.0.0.1, for the servers the tests start.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -8,7 +8,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +15,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+use super::openssl;
 
 pub const SERVICE: &str = "tresor-test-registry";
 pub const ISSUER: &str = "tresor-test-token-service";
@@ -42,56 +43,60 @@ impl TokenServer {
     /// Makes a P-256 signing key and its self-signed certificate under `dir` (with `openssl`)
     /// and serves tokens to `user`:`password`.
     pub fn start(dir: &Path, user: &'static str, password: &'static str) -> TokenServer {
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .output()
-                .expect("run openssl (apt-get install openssl, or run .ci/run)");
-            assert!(out.status.success(), "openssl {args:?}: {out:?}");
-        };
-        openssl(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            "token-key.pem",
-        ]);
-        openssl(&[
-            "pkcs8",
-            "-topk8",
-            "-nocrypt",
-            "-in",
-            "token-key.pem",
-            "-outform",
-            "DER",
-            "-out",
-            "token-key.p8",
-        ]);
-        openssl(&[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "token-key.pem",
-            "-subj",
-            "/CN=tresor token signer",
-            "-days",
-            "2",
-            "-out",
-            "token-cert.pem",
-        ]);
-        openssl(&[
-            "x509",
-            "-in",
-            "token-cert.pem",
-            "-outform",
-            "DER",
-            "-out",
-            "token-cert.der",
-        ]);
+        openssl(
+            dir,
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "token-key.pem",
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "pkcs8",
+                "-topk8",
+                "-nocrypt",
+                "-in",
+                "token-key.pem",
+                "-outform",
+                "DER",
+                "-out",
+                "token-key.p8",
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                "token-key.pem",
+                "-subj",
+                "/CN=tresor token signer",
+                "-days",
+                "2",
+                "-out",
+                "token-cert.pem",
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-in",
+                "token-cert.pem",
+                "-outform",
+                "DER",
+                "-out",
+                "token-cert.der",
+            ],
+        );
         let rng = SystemRandom::new();
         let pkcs8 = std::fs::read(dir.join("token-key.p8")).unwrap();
         let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng).unwrap();
