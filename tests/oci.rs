@@ -450,7 +450,7 @@ fn registry_with_basic_auth_and_a_private_ca() {
     let ca = f.secured.ca.to_str().unwrap();
 
     // No credentials: refused, and the error says by whom and how.
-    let out = env.tresor(&["backup", "image", &source, "--ca-file", ca]);
+    let out = env.tresor(&["backup", "image", source, "--ca-file", ca]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -459,7 +459,7 @@ fn registry_with_basic_auth_and_a_private_ca() {
     );
     assert!(err.contains("--authfile"), "no hint: {err}");
     // The private CA not trusted: a certificate error naming the registry.
-    let out = env.tresor(&["backup", "image", &source, "--creds", &creds]);
+    let out = env.tresor(&["backup", "image", source, "--creds", creds]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -471,11 +471,11 @@ fn registry_with_basic_auth_and_a_private_ca() {
     let snap = env.json(&[
         "backup",
         "image",
-        &source,
+        source,
         "--ca-file",
         ca,
         "--creds",
-        &creds,
+        creds,
     ]);
     assert_eq!(snap[0]["image"]["digest"], image.digest.as_str());
     let auth = env.path("config.json");
@@ -491,7 +491,7 @@ fn registry_with_basic_auth_and_a_private_ca() {
     let again = env.json(&[
         "backup",
         "image",
-        &source,
+        source,
         "--ca-file",
         ca,
         "--authfile",
@@ -518,7 +518,7 @@ fn registry_with_basic_auth_and_a_private_ca() {
         "--raw",
         "--tls-verify=false",
         "--creds",
-        &creds,
+        creds,
         &format!("docker://{host}/restored/app:v1"),
     ]);
     assert_eq!(digest(&raw), image.digest);
@@ -544,7 +544,7 @@ fn registry_with_bearer_tokens() {
 
     // Anonymous: the token service hands out a token that grants nothing; the registry
     // refuses it, and the error names the repository.
-    let out = env.tresor(&["backup", "image", &source, "--ca-file", ca]);
+    let out = env.tresor(&["backup", "image", source, "--ca-file", ca]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("private/app") && err.contains("401"), "{err}");
@@ -554,7 +554,7 @@ fn registry_with_bearer_tokens() {
     let out = env.tresor(&[
         "backup",
         "image",
-        &source,
+        source,
         "--ca-file",
         ca,
         "--creds",
@@ -575,11 +575,11 @@ fn registry_with_bearer_tokens() {
     let snap = env.json(&[
         "backup",
         "image",
-        &source,
+        source,
         "--ca-file",
         ca,
         "--creds",
-        &creds,
+        creds,
     ]);
     assert_eq!(snap[0]["image"]["digest"], image.digest.as_str());
     assert_eq!(tokens.stale.load(Ordering::SeqCst), 0);
@@ -598,7 +598,7 @@ fn registry_with_bearer_tokens() {
         "--ca-file",
         ca,
         "--creds",
-        &creds,
+        creds,
     ]);
     assert_eq!(report["ok"], true, "{report}");
     assert!(issued(Some("alice"), "repository:restored/app:pull,push") > 0);
@@ -618,7 +618,7 @@ fn registry_with_bearer_tokens() {
         "--raw",
         "--tls-verify=false",
         "--creds",
-        &creds,
+        creds,
         &target,
     ]);
     assert_eq!(digest(&raw), image.digest);
@@ -628,7 +628,7 @@ fn registry_with_bearer_tokens() {
         "--quiet",
         "--src-tls-verify=false",
         "--src-creds",
-        &creds,
+        creds,
         &target,
         &format!("oci:{}:v1", copied.display()),
     ]);
