@@ -468,15 +468,7 @@ fn registry_with_basic_auth_and_a_private_ca() {
     );
 
     // Credentials from --creds, then from a docker config.json.
-    let snap = env.json(&[
-        "backup",
-        "image",
-        source,
-        "--ca-file",
-        ca,
-        "--creds",
-        creds,
-    ]);
+    let snap = env.json(&["backup", "image", source, "--ca-file", ca, "--creds", creds]);
     assert_eq!(snap[0]["image"]["digest"], image.digest.as_str());
     let auth = env.path("config.json");
     let token = base64::engine::Engine::encode(
@@ -572,15 +564,7 @@ fn registry_with_bearer_tokens() {
     // token has expired (as one fetched at the start of a long run has by its end): the
     // registry's 401 makes tresor fetch a new one, once.
     tokens.stale.store(1, Ordering::SeqCst);
-    let snap = env.json(&[
-        "backup",
-        "image",
-        source,
-        "--ca-file",
-        ca,
-        "--creds",
-        creds,
-    ]);
+    let snap = env.json(&["backup", "image", source, "--ca-file", ca, "--creds", creds]);
     assert_eq!(snap[0]["image"]["digest"], image.digest.as_str());
     assert_eq!(tokens.stale.load(Ordering::SeqCst), 0);
     assert_eq!(
