@@ -27,9 +27,6 @@ use crate::progress::Progress;
 use crate::repository::Repository;
 use crate::snapshot::{ImageInfo, Kind, Listed, RootFormat, Snapshot, Summary, RECORD_VERSION};
 
-/// Attempts at fetching one blob when its stream breaks.
-const BLOB_ATTEMPTS: u32 = 4;
-
 /// What to back up.
 #[derive(Clone, Debug)]
 pub struct ImageBackupOptions {
@@ -405,28 +402,15 @@ impl Run<'_> {
     }
 
     /// Fetches and stores `blobs`, up to [`BLOB_CONCURRENCY`] at a time (one registry per
-    /// run, so this bounds the load on it), each retried on transient errors. The first failure
-    /// stops the image: no new blob is started after it.
+    /// run, so this bounds the load on it). Transient registry trouble is retried where it
+    /// happens (the registry client retries requests and resumes broken downloads); the first
+    /// failure stops the image: no new blob is started after it.
     fn fetch_blobs(&mut self, blobs: &[(String, u64)]) -> Result<()> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let next = AtomicUsize::new(0);
         let (source, rt, writer, progress) = (self.source, self.rt, &self.writer, self.progress);
-        let fetch = |digest: &str, size: u64| {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                match fetch_blob(source, rt, writer, progress, digest, size) {
-                    Err(e) if e.is_retryable() && attempt < BLOB_ATTEMPTS => {
-                        tracing::warn!(
-                            "{}@{digest}: {e}; fetching it again (attempt {attempt})",
-                            source.repository()
-                        );
-                        std::thread::sleep(std::time::Duration::from_millis(200 << attempt));
-                    }
-                    done => return done,
-                }
-            }
-        };
+        let fetch =
+            |digest: &str, size: u64| fetch_blob(source, rt, writer, progress, digest, size);
         let mut results: Vec<(usize, Result<Fetched>)> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..BLOB_CONCURRENCY.min(blobs.len()))
                 .map(|_| {
