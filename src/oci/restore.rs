@@ -161,7 +161,9 @@ fn to_registry(
     let source_repository = record
         .repository
         .split_once('/')
-        .filter(|(host, _)| *host == target.registry())
+        .filter(|(host, repository)| {
+            *host == target.registry() && *repository != target.repository()
+        })
         .map(|(_, repository)| repository);
     let mount_candidates = |digest: &str| {
         let mut from: Vec<String> = source_repository.map(str::to_string).into_iter().collect();
@@ -173,7 +175,6 @@ fn to_registry(
                 from.push(known);
             }
         }
-        from.retain(|f| f != target.repository());
         from.truncate(MOUNT_TRIES);
         from
     };
