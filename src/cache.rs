@@ -11,19 +11,154 @@
 //!
 //! `gc` deletes chunks, so the cache is saved with a fingerprint of the sweeps the repository had
 //! finished when the backup began (`known-chunks.gc`); when the repository's fingerprint differs
-//! the cache is rebuilt from a listing (see [`crate::gc`]).
+//! the cache is rebuilt from a listing (see [`crate::gc`]). A cache that may be wrong is dropped
+//! with [`forget`]: `backup --force` does so, and so does a `verify` that found chunks missing,
+//! so a repository whose chunks were lost heals with the next backup.
+//!
+//! A cache that claims a chunk the store lacks makes backups skip storing it: silent loss. So
+//! the cache directory must be the user's own and closed to others ([`private_dir`]), and it
+//! also remembers each repository's identity ([`Identities`]), so a store whose config was
+//! swapped or edited is noticed.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
-use crate::repository::Repository;
+use crate::localfile::{replace_with, write_atomically, PRIVATE};
+use crate::repository::{RepoConfig, Repository};
 
 const FILE_NAME: &str = "known-chunks";
 const GC_FILE_NAME: &str = "known-chunks.gc";
+const IDENTITIES_FILE: &str = "repositories.json";
+
+/// Creates `dir` (and missing parents) mode 0700, and checks that it is a directory of the
+/// user running tresor that nobody else may write to; one it owns that others may read is
+/// closed (0700).
+///
+/// # Errors
+/// [`Error::UnsafePath`] for a symlink, another owner, or a directory others may write to;
+/// [`Error::Io`] when it cannot be created.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| Error::io(dir, e))?;
+    let unsafe_dir = |reason| Error::UnsafePath {
+        path: dir.display().to_string(),
+        reason,
+    };
+    if !meta.is_dir() {
+        return Err(unsafe_dir("the cache directory is a symlink or not a directory"));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(unsafe_dir(
+            "the cache directory belongs to another user; give one of your own (--cache-dir)",
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(
+            "the cache directory is writable by other users, who could make backups skip chunks; chmod 700 it",
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Drops the chunk cache of `repo`, so the next backup lists the store again.
+///
+/// # Errors
+/// [`Error::Io`] when the cache file exists and cannot be removed.
+pub fn forget(repo: &Repository, cache_dir: Option<&Path>) -> Result<()> {
+    let Some(dir) = cache_dir else {
+        return Ok(());
+    };
+    let file = dir.join(&repo.config().id).join(GC_FILE_NAME);
+    match std::fs::remove_file(&file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(file, e)),
+        _ => Ok(()),
+    }
+}
+
+/// What this host remembers of a repository it opened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub id: String,
+    pub encrypted: bool,
+    /// Its config carried a MAC.
+    pub authenticated: bool,
+}
+
+/// Each repository URL this host opened, with its [`Identity`] (`repositories.json` in the
+/// cache directory). [`Repository::open`] refuses a repository that differs from it.
+#[derive(Debug, Default)]
+pub struct Identities {
+    file: Option<PathBuf>,
+    known: BTreeMap<String, Identity>,
+}
+
+impl Identities {
+    /// Reads the identities kept in `cache_dir` (none when it is `None` or holds none yet).
+    ///
+    /// # Errors
+    /// [`Error::UnsafePath`] for a cache directory others control (see [`private_dir`]),
+    /// [`Error::Corrupt`] naming a file that does not parse.
+    pub fn load(cache_dir: Option<&Path>) -> Result<Identities> {
+        let Some(dir) = cache_dir else {
+            return Ok(Identities::default());
+        };
+        private_dir(dir)?;
+        let file = dir.join(IDENTITIES_FILE);
+        let known = match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                object: file.display().to_string(),
+                reason: format!("{e}; remove the file to forget every repository's identity"),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(Error::io(file, e)),
+        };
+        Ok(Identities {
+            file: Some(file),
+            known,
+        })
+    }
+
+    /// The identity remembered for `url`.
+    pub fn get(&self, url: &str) -> Option<&Identity> {
+        self.known.get(url)
+    }
+
+    /// Remembers `config` as the identity of `url` (written only when it is new or changed).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be written.
+    pub fn remember(&mut self, url: &str, config: &RepoConfig) -> Result<()> {
+        let identity = Identity {
+            id: config.id.clone(),
+            encrypted: config.encryption.is_some(),
+            authenticated: config.mac.is_some(),
+        };
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        if self.known.get(url) == Some(&identity) {
+            return Ok(());
+        }
+        self.known.insert(url.to_string(), identity);
+        let json = serde_json::to_vec_pretty(&self.known).expect("identities serialise");
+        write_atomically(file, PRIVATE, &json)
+    }
+}
 
 /// Ids of chunks stored in a repository; see the module docs.
 #[derive(Debug)]
@@ -42,7 +177,14 @@ impl KnownChunks {
         cache_dir: Option<&Path>,
         gc: &str,
     ) -> Result<KnownChunks> {
-        let file = cache_dir.map(|d| d.join(&repo.config().id).join(FILE_NAME));
+        let file = match cache_dir {
+            Some(d) => {
+                let dir = d.join(&repo.config().id);
+                private_dir(&dir)?;
+                Some(dir.join(FILE_NAME))
+            }
+            None => None,
+        };
         let cached = file.as_deref().filter(|f| {
             std::fs::read_to_string(f.with_file_name(GC_FILE_NAME)).is_ok_and(|saved| saved == gc)
         });
@@ -82,23 +224,14 @@ impl KnownChunks {
         let Some(file) = &self.file else {
             return Ok(());
         };
-        let dir = file.parent().expect("cache file has a directory");
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        replace_with(file, PRIVATE, |out| {
+            let mut out = std::io::BufWriter::new(out);
             for id in self.set.lock().expect("cache lock").iter() {
-                out.write_all(&id.0)?;
+                out.write_all(&id.0).map_err(|e| Error::io(file, e))?;
             }
-            out.into_inner().map_err(|e| e.into_error())?;
-            std::fs::rename(&tmp, file)
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(file, e)
+            out.flush().map_err(|e| Error::io(file, e))
         })?;
-        let gc_file = file.with_file_name(GC_FILE_NAME);
-        crate::localfile::write_atomically(&gc_file, self.gc.as_bytes())
+        write_atomically(&file.with_file_name(GC_FILE_NAME), PRIVATE, self.gc.as_bytes())
     }
 }
 

@@ -128,6 +128,17 @@ impl MasterKey {
         ChunkId(*blake3::keyed_hash(&self.id, data).as_bytes())
     }
 
+    /// The MAC that authenticates the repository's `config` (its canonical JSON without the
+    /// MAC): keyed BLAKE3 under a key derived from both halves of the master key, so any key
+    /// slot that opens the master key can check it, and nobody without one can forge it.
+    pub fn config_mac(&self, canonical: &[u8]) -> blake3::Hash {
+        let mut material = Zeroizing::new([0u8; 64]);
+        material[..32].copy_from_slice(&self.enc[..]);
+        material[32..].copy_from_slice(&self.id[..]);
+        let key = Zeroizing::new(blake3::derive_key("tresor config mac v1", &material[..]));
+        blake3::keyed_hash(&key, canonical)
+    }
+
     /// Seed of the chunker's gear table.
     pub fn chunker_seed(&self) -> u64 {
         let k = blake3::derive_key("tresor chunker seed v1", &self.id[..]);

@@ -44,6 +44,16 @@ pub enum Error {
         supported: u32,
     },
 
+    #[error("the config of repository {url} is not the one it was created with: {reason}; refusing to open it")]
+    Tampered { url: String, reason: String },
+
+    #[error("{which} hook of job {job} {reason}")]
+    Hook {
+        job: String,
+        which: String,
+        reason: String,
+    },
+
     #[error("no key slot of {url} opens with the given password or key file")]
     WrongKey { url: String },
 
@@ -145,9 +155,9 @@ impl Error {
             | Error::Registry { .. }
             | Error::DeleteRefused { .. }
             | Error::LeaseLost { .. } => ErrorKind::Store,
-            Error::DigestMismatch { .. } => ErrorKind::Integrity,
+            Error::DigestMismatch { .. } | Error::Tampered { .. } => ErrorKind::Integrity,
             Error::Missing { .. } | Error::Corrupt { .. } => ErrorKind::Integrity,
-            Error::Io { .. } => ErrorKind::Io,
+            Error::Io { .. } | Error::Hook { .. } => ErrorKind::Io,
             Error::UnsafePath { .. } => ErrorKind::Unsafe,
             Error::SnapshotNotFound(_) | Error::AmbiguousSnapshot { .. } => ErrorKind::NotFound,
             Error::Context { .. } => unreachable!("root() strips context"),
@@ -175,6 +185,9 @@ impl Error {
             ),
             Error::Missing { .. } | Error::Corrupt { .. } => Some(
                 "the repository is damaged; run `tresor verify --read-data` to see which snapshots are affected",
+            ),
+            Error::Tampered { .. } => Some(
+                "someone with write access to the store changed `config` or its key slots: restore them from a copy and audit the store's access; if the repository was re-created on purpose, remove its line from repositories.json in the cache directory",
             ),
             Error::Store { .. } => Some("check the store's endpoint, credentials and permissions"),
             Error::DeleteRefused { .. } => Some(

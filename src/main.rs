@@ -12,9 +12,9 @@ use zeroize::Zeroizing;
 use tresor::chunker::ChunkerParams;
 use tresor::crypto::Secret;
 use tresor::gc::Session;
-use tresor::localfile::write_atomically;
+use tresor::localfile::{write_atomically, SHARED};
 use tresor::progress::Progress;
-use tresor::repository::{InitOptions, Repository};
+use tresor::repository::{InitOptions, OpenOptions, Repository};
 use tresor::snapshot::{self, Filter, Kind, Listed};
 use tresor::store::{Store, StoreOptions};
 use tresor::volume::{self, BackupOptions, RestoreOptions};
@@ -430,6 +430,11 @@ struct RestoreVolumeArgs {
     /// Restore only this path of the tree (as stored, relative to the volume root).
     #[arg(long)]
     path: Option<String>,
+    /// As root, also restore device nodes and setuid/setgid bits from an unencrypted
+    /// repository (whoever may write its store could have forged them). Encrypted repositories
+    /// restore them always: only a key holder can write a snapshot there.
+    #[arg(long)]
+    restore_special: bool,
 }
 
 fn main() -> ExitCode {
@@ -449,7 +454,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(run(cli)) {
+    let code = match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
@@ -461,7 +466,11 @@ fn main() -> ExitCode {
             }
             failure
         }
-    }
+    };
+    // A job thread still running (the agent was stopped; its hooks are being killed) must not
+    // hold the exit: everything tresor writes is safe to abandon at any point.
+    rt.shutdown_timeout(std::time::Duration::from_secs(3));
+    code
 }
 
 /// Chunk buffers are 0.25-4 MiB. glibc serves such sizes with a fresh mmap each time, so every
@@ -979,11 +988,15 @@ async fn verify(g: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let progress = Progress::new(!g.quiet && read_data.is_some(), "verify", None);
     let rt = tokio::runtime::Handle::current();
     let p = progress.clone();
+    let repo_for_cache = Arc::clone(&repo);
     let report =
         tokio::task::spawn_blocking(move || verify::verify(&repo, &rt, &options, &p)).await??;
     progress.finish();
+    if report.chunks_missing() {
+        tresor::cache::forget(&repo_for_cache, cache_dir(g).as_deref())?;
+    }
     if let Some(path) = &args.metrics {
-        write_atomically(path, verify::metrics(&report).as_bytes())?;
+        write_atomically(path, SHARED, verify::metrics(&report).as_bytes())?;
     }
     if let Some(path) = &args.json {
         write_json(Some(path), &serde_json::to_value(&report)?)?;
@@ -1061,7 +1074,7 @@ fn write_json(path: Option<&std::path::Path>, value: &serde_json::Value) -> anyh
     match path {
         None => println!("{text}"),
         Some(p) if p == std::path::Path::new("-") => println!("{text}"),
-        Some(p) => write_atomically(p, text.as_bytes())?,
+        Some(p) => write_atomically(p, SHARED, text.as_bytes())?,
     }
     Ok(())
 }
@@ -1104,34 +1117,43 @@ fn store(g: &Global, create: bool) -> anyhow::Result<Store> {
 async fn open(g: &Global) -> anyhow::Result<Arc<Repository>> {
     let store = store(g, false)?;
     let url = store.url().to_string();
+    let cache_dir = cache_dir(g);
+    let options = OpenOptions {
+        secret: given_secret(g, false)?,
+        cache_dir: cache_dir.as_deref(),
+    };
     Ok(Arc::new(
-        Repository::open(store, || secret(g, &url, false)).await?,
+        Repository::open(store, options, || ask_secret(&url, false)).await?,
     ))
 }
 
-/// The passphrase or key file for an encrypted repository, from (in order) --key-file,
+/// The passphrase or key file given for the repository, from (in order) --key-file,
 /// --password-file, TRESOR_PASSWORD, the systemd credentials `tresor-key-file` and
-/// `tresor-password`, or a prompt when stdin is a terminal. With `create`, a missing key file
-/// is created and a prompted password is asked twice.
-fn secret(g: &Global, url: &str, create: bool) -> tresor::Result<Secret> {
+/// `tresor-password`. With `create`, a missing key file is created.
+fn given_secret(g: &Global, create: bool) -> tresor::Result<Option<Secret>> {
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
     if let Some(path) = &g.key_file {
-        return key_file(path, create);
+        return key_file(path, create).map(Some);
     }
     if let Some(path) = &g.password_file {
-        return password_file(path);
+        return password_file(path).map(Some);
     }
     if let Ok(p) = std::env::var("TRESOR_PASSWORD") {
-        return Ok(Secret::Passphrase(Zeroizing::new(p)));
+        return Ok(Some(Secret::Passphrase(Zeroizing::new(p))));
     }
     if let Some(dir) = credentials {
         if dir.join("tresor-key-file").is_file() {
-            return key_file(&dir.join("tresor-key-file"), false);
+            return key_file(&dir.join("tresor-key-file"), false).map(Some);
         }
         if dir.join("tresor-password").is_file() {
-            return password_file(&dir.join("tresor-password"));
+            return password_file(&dir.join("tresor-password")).map(Some);
         }
     }
+    Ok(None)
+}
+
+/// A password asked on the terminal (twice with `create`), or an error saying how to give one.
+fn ask_secret(url: &str, create: bool) -> tresor::Result<Secret> {
     prompt(&format!("password for {url}"), create).ok_or_else(|| {
         tresor::Error::Config(format!(
             "{url} is encrypted: give --password-file, TRESOR_PASSWORD or --key-file \
@@ -1304,7 +1326,10 @@ async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode> {
     };
     let store = store(g, true)?;
     let secret = match args.encryption {
-        Encryption::On => Some(secret(g, store.url(), true)?),
+        Encryption::On => Some(match given_secret(g, true)? {
+            Some(s) => s,
+            None => ask_secret(store.url(), true)?,
+        }),
         Encryption::None => None,
     };
     let repo = Repository::init(store, options, secret.as_ref()).await?;
@@ -1328,6 +1353,11 @@ async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode> {
 
 async fn backup_volume(g: &Global, args: &BackupVolumeArgs) -> anyhow::Result<ExitCode> {
     let repo = open(g).await?;
+    if args.force {
+        // --force reads everything and trusts no cache: chunks lost from the store are stored
+        // again.
+        tresor::cache::forget(&repo, cache_dir(g).as_deref())?;
+    }
     let session = Arc::new(
         Session::start(
             Arc::clone(&repo),
@@ -1425,6 +1455,7 @@ async fn restore_volume(g: &Global, args: &RestoreVolumeArgs) -> anyhow::Result<
     let options = RestoreOptions {
         subpath: args.path.clone(),
         chown: nix::unistd::geteuid().is_root(),
+        special: args.restore_special || repo.is_encrypted(),
     };
     let progress = Progress::new(
         !g.quiet,

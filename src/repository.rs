@@ -3,7 +3,8 @@
 //! # Layout
 //! ```text
 //! config                  JSON (in an envelope, never encrypted): format version, repository id,
-//!                         chunker, compression, cipher
+//!                         chunker, compression, cipher, and in an encrypted repository a MAC
+//!                         over all of them under a key derived from the master key
 //! keys/<64 hex>           a key slot (encrypted repositories): the master key sealed under a
 //!                         passphrase or key file, see [`crate::crypto`]
 //! chunks/<2 hex>/<64 hex> one chunk: envelope around the (zstd-compressed, sealed) plaintext;
@@ -60,6 +61,14 @@ pub const SESSIONS_PREFIX: &str = "sessions";
 pub const GC_PREFIX: &str = "gc";
 const MAX_RECORD_LEN: usize = 64 << 20;
 
+fn encrypted_word(encrypted: bool) -> &'static str {
+    if encrypted {
+        "encrypted"
+    } else {
+        "unencrypted"
+    }
+}
+
 /// A unique object name that sorts by `time`.
 pub fn time_name(time: chrono::DateTime<chrono::Utc>) -> String {
     format!(
@@ -82,6 +91,46 @@ pub struct RepoConfig {
     /// The cipher of an encrypted repository ([`Cipher::name`]); absent when unencrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<String>,
+    /// Hex of [`MasterKey::config_mac`] over this config without the MAC (encrypted
+    /// repositories): whoever may write the store but holds no key cannot change a field, such
+    /// as `encryption`, without the next open noticing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl RepoConfig {
+    /// The bytes the MAC covers: the config's fields as parsed, without the MAC.
+    fn canonical(&self) -> Vec<u8> {
+        let unsigned = RepoConfig {
+            mac: None,
+            ..self.clone()
+        };
+        serde_json::to_vec(&unsigned).expect("config serialises")
+    }
+
+    fn sign(&mut self, key: &MasterKey) {
+        self.mac = Some(key.config_mac(&self.canonical()).to_hex().to_string());
+    }
+
+    fn mac_is_valid(&self, key: &MasterKey) -> bool {
+        // blake3::Hash compares in constant time.
+        let expected = key.config_mac(&self.canonical());
+        self.mac
+            .as_deref()
+            .and_then(|m| blake3::Hash::from_hex(m).ok())
+            .is_some_and(|m| m == expected)
+    }
+}
+
+/// How [`Repository::open`] gets in: the secret the user gave (flags, environment, systemd
+/// credentials), and the cache directory where the repository's identity is remembered.
+#[derive(Default)]
+pub struct OpenOptions<'a> {
+    /// The passphrase or key file given for this repository, if any. A repository whose config
+    /// claims to be unencrypted is refused when one is given.
+    pub secret: Option<Secret>,
+    /// Where [`crate::cache::Identities`] are kept; `None` remembers nothing.
+    pub cache_dir: Option<&'a std::path::Path>,
 }
 
 /// Options of [`Repository::init`].
@@ -144,6 +193,7 @@ impl Repository {
             compression_level: options.compression_level,
             created: chrono::Utc::now(),
             encryption: secret.map(|_| Cipher::preferred().name().to_string()),
+            mac: None,
         };
         let mut repo = Repository {
             store,
@@ -152,7 +202,9 @@ impl Repository {
             slot: None,
         };
         if let Some(secret) = secret {
-            repo.key = Some(MasterKey::generate(Cipher::preferred()));
+            let key = MasterKey::generate(Cipher::preferred());
+            repo.config.sign(&key);
+            repo.key = Some(key);
             repo.slot = Some(repo.add_key(secret).await?);
         }
         // The config goes last: a repository without one is not a repository yet.
@@ -164,14 +216,26 @@ impl Repository {
         Ok(repo)
     }
 
-    /// Opens the repository in `store`. For an encrypted repository `secret` is called once to
-    /// get the passphrase or key file that opens one of its key slots.
+    /// Opens the repository in `store`. An encrypted repository is unlocked with
+    /// `options.secret`, or else with what `ask` returns (a prompt), and its config's MAC is
+    /// checked. A config that claims no encryption is refused when a secret was given or the
+    /// store holds key slots, and the repository's id and encryption are checked against what
+    /// the cache directory remembers of this store URL, so that whoever may write the store
+    /// cannot switch encryption off or swap the repository.
+    ///
+    /// An encrypted config written before configs were authenticated gets its MAC on this open
+    /// (a warning says so), unless the cache remembers it with one: then it was removed.
     ///
     /// # Errors
     /// [`Error::NotARepository`] when there is no config, [`Error::UnsupportedFormat`] for a newer
-    /// format, [`Error::Corrupt`] when the config does not parse, [`Error::WrongKey`] when no key
-    /// slot opens with the secret, and whatever `secret` returns.
-    pub async fn open(store: Store, secret: impl FnOnce() -> Result<Secret>) -> Result<Repository> {
+    /// format, [`Error::Corrupt`] when the config does not parse, [`Error::Tampered`] for the
+    /// checks above, [`Error::WrongKey`] when no key slot opens with the secret, and whatever
+    /// `ask` returns.
+    pub async fn open(
+        store: Store,
+        options: OpenOptions<'_>,
+        ask: impl FnOnce() -> Result<Secret>,
+    ) -> Result<Repository> {
         let url = store.url().to_string();
         let raw = store
             .get_opt(CONFIG_KEY)
@@ -190,11 +254,11 @@ impl Repository {
         struct Version {
             version: u32,
         }
-        let corrupt = |e: serde_json::Error| Error::Corrupt {
+        let corrupt = |reason: String| Error::Corrupt {
             object: format!("{url}/{CONFIG_KEY}"),
-            reason: e.to_string(),
+            reason,
         };
-        let v: Version = serde_json::from_slice(&json).map_err(corrupt)?;
+        let v: Version = serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
         if v.version > FORMAT_VERSION {
             return Err(Error::UnsupportedFormat {
                 url,
@@ -202,36 +266,99 @@ impl Repository {
                 supported: FORMAT_VERSION,
             });
         }
-        let config: RepoConfig = serde_json::from_slice(&json).map_err(corrupt)?;
+        let config: RepoConfig =
+            serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
+        // The id names a directory of the cache: nothing but what `init` makes may go there.
+        if config.id.len() != 32 || !config.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(corrupt(format!(
+                "repository id {:?} is not 32 hex digits",
+                config.id
+            )));
+        }
         config.chunker.validate()?;
+        let tampered = |reason: String| Error::Tampered {
+            url: url.clone(),
+            reason,
+        };
+        let mut identities = crate::cache::Identities::load(options.cache_dir)?;
+        let remembered = identities.get(&url).cloned();
+        if let Some(known) = &remembered {
+            if known.id != config.id {
+                return Err(tampered(format!(
+                    "its id is {}, this host knew it as {}",
+                    config.id, known.id
+                )));
+            }
+            if known.encrypted != config.encryption.is_some() {
+                return Err(tampered(format!(
+                    "this host knew it as {}, its config now says {}",
+                    encrypted_word(known.encrypted),
+                    encrypted_word(config.encryption.is_some())
+                )));
+            }
+        }
         let mut repo = Repository {
             store,
             config,
             key: None,
             slot: None,
         };
-        match repo
-            .config
-            .encryption
-            .as_deref()
-            .map(|c| (c, Cipher::from_name(c)))
-        {
-            None => {}
-            Some((_, Some(cipher))) => {
-                let secret = secret()?;
+        match repo.config.encryption.clone() {
+            None => {
+                if options.secret.is_some() {
+                    return Err(tampered(
+                        "its config says it is unencrypted, but a password or key file was \
+                         given for it"
+                            .into(),
+                    ));
+                }
+                let slots = repo.store.list(KEYS_PREFIX).await?.len();
+                if slots > 0 || repo.config.mac.is_some() {
+                    return Err(tampered(format!(
+                        "its config says it is unencrypted, but the store holds {slots} key \
+                         slot(s){}",
+                        if repo.config.mac.is_some() {
+                            " and the config a MAC"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
+            Some(name) => {
+                let Some(cipher) = Cipher::from_name(&name) else {
+                    return Err(Error::UnsupportedFormat {
+                        url,
+                        found: repo.config.version,
+                        supported: FORMAT_VERSION,
+                    }
+                    .context(format!("unknown cipher {name:?}")));
+                };
+                let secret = match options.secret {
+                    Some(s) => s,
+                    None => ask()?,
+                };
                 let (slot, key) = repo.unlock(&secret).await?;
-                repo.key = Some(key.with_cipher(cipher));
+                let key = key.with_cipher(cipher);
+                if repo.config.mac.is_none() && !remembered.is_some_and(|k| k.authenticated) {
+                    tracing::warn!(
+                        "the config of {url} has no MAC (written by an older tresor): adding one"
+                    );
+                    repo.config.sign(&key);
+                    let json = serde_json::to_vec_pretty(&repo.config).expect("config serialises");
+                    repo.store
+                        .put(CONFIG_KEY, codec::encode(&json, None, None).into())
+                        .await?;
+                } else if !repo.config.mac_is_valid(&key) {
+                    return Err(tampered(
+                        "its MAC does not match its fields (changed or removed)".into(),
+                    ));
+                }
+                repo.key = Some(key);
                 repo.slot = Some(slot);
             }
-            Some((other, None)) => {
-                return Err(Error::UnsupportedFormat {
-                    url,
-                    found: repo.config.version,
-                    supported: FORMAT_VERSION,
-                }
-                .context(format!("unknown cipher {other:?}")))
-            }
         }
+        identities.remember(&url, &repo.config)?;
         Ok(repo)
     }
 
@@ -575,6 +702,13 @@ mod tests {
         panic!("an unencrypted repository asked for a key")
     }
 
+    fn given(secret: Secret) -> OpenOptions<'static> {
+        OpenOptions {
+            secret: Some(secret),
+            cache_dir: None,
+        }
+    }
+
     fn key_file(s: &str) -> Secret {
         Secret::KeyFile(zeroize::Zeroizing::new(s.as_bytes().to_vec()))
     }
@@ -598,7 +732,7 @@ mod tests {
             .await
             .unwrap();
 
-        let by_two = Repository::open(store.clone(), || Ok(key_file("two")))
+        let by_two = Repository::open(store.clone(), given(key_file("two")), no_secret)
             .await
             .unwrap();
         let raw = by_two.get_chunk_raw(&id).await.unwrap();
@@ -606,10 +740,10 @@ mod tests {
         assert!(by_two.remove_key(by_two.key_slot().unwrap()).await.is_err());
         by_two.remove_key(&first[..8]).await.unwrap();
         assert!(matches!(
-            Repository::open(store.clone(), || Ok(key_file("one"))).await,
+            Repository::open(store.clone(), given(key_file("one")), no_secret).await,
             Err(Error::WrongKey { .. })
         ));
-        let two = Repository::open(store, || Ok(key_file("two")))
+        let two = Repository::open(store, given(key_file("two")), no_secret)
             .await
             .unwrap();
         assert!(two.remove_key(two.key_slot().unwrap()).await.is_err());
@@ -629,12 +763,13 @@ mod tests {
         // The same repository as an older build (or a CPU without AES) writes it.
         let mut config = repo.config().clone();
         config.encryption = Some(Cipher::XChaCha20Poly1305.name().into());
+        config.sign(repo.key.as_ref().unwrap());
         let json = serde_json::to_vec(&config).unwrap();
         store
             .put(CONFIG_KEY, codec::encode(&json, None, None).into())
             .await
             .unwrap();
-        let chacha = Repository::open(store.clone(), || Ok(key_file("k")))
+        let chacha = Repository::open(store.clone(), given(key_file("k")), no_secret)
             .await
             .unwrap();
         let second = b"sealed with xchacha20".to_vec();
@@ -656,7 +791,7 @@ mod tests {
     async fn init_refuses_twice_and_open_needs_config() {
         let store = memory();
         assert!(matches!(
-            Repository::open(store.clone(), no_secret).await,
+            Repository::open(store.clone(), OpenOptions::default(), no_secret).await,
             Err(Error::NotARepository { .. })
         ));
         Repository::init(store.clone(), InitOptions::default(), None)
@@ -666,7 +801,7 @@ mod tests {
             Repository::init(store.clone(), InitOptions::default(), None).await,
             Err(Error::AlreadyInitialized { .. })
         ));
-        let repo = Repository::open(store, no_secret).await.unwrap();
+        let repo = Repository::open(store, OpenOptions::default(), no_secret).await.unwrap();
         assert_eq!(repo.config().chunker, ChunkerParams::default());
     }
 
@@ -678,7 +813,7 @@ mod tests {
             .put("config", codec::encode(json, None, None).into())
             .await
             .unwrap();
-        let err = Repository::open(store, no_secret).await.unwrap_err();
+        let err = Repository::open(store, OpenOptions::default(), no_secret).await.unwrap_err();
         assert!(
             matches!(err, Error::UnsupportedFormat { found: 99, .. }),
             "{err}"
@@ -723,5 +858,157 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains(&key));
+    }
+
+    /// Rewrites the config object as a store operator could.
+    async fn edit_config(store: &Store, edit: impl FnOnce(&mut serde_json::Value)) {
+        let raw = store.get(CONFIG_KEY).await.unwrap();
+        let json = codec::decode(CONFIG_KEY, &raw, MAX_RECORD_LEN, None).unwrap();
+        let mut value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        edit(&mut value);
+        let json = serde_json::to_vec(&value).unwrap();
+        store
+            .put(CONFIG_KEY, codec::encode(&json, None, None).into())
+            .await
+            .unwrap();
+    }
+
+    async fn encrypted() -> Store {
+        let store = memory();
+        Repository::init(store.clone(), InitOptions::default(), Some(&key_file("k")))
+            .await
+            .unwrap();
+        store
+    }
+
+    fn assert_tampered(result: Result<Repository>, words: &str) {
+        match result {
+            Err(e @ Error::Tampered { .. }) => assert!(e.to_string().contains(words), "{e}"),
+            other => panic!("expected a refusal naming {words:?}, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn encryption_cannot_be_switched_off_by_editing_config() {
+        let store = encrypted().await;
+        edit_config(&store, |c| {
+            c.as_object_mut().unwrap().remove("encryption");
+        })
+        .await;
+        // With the secret, as the agent and the CLI open it.
+        assert_tampered(
+            Repository::open(store.clone(), given(key_file("k")), no_secret).await,
+            "a password or key file was given",
+        );
+        // Without: the key slots still say it is encrypted.
+        assert_tampered(
+            Repository::open(store.clone(), OpenOptions::default(), no_secret).await,
+            "1 key slot",
+        );
+        // Without the MAC as well.
+        edit_config(&store, |c| {
+            c.as_object_mut().unwrap().remove("mac");
+        })
+        .await;
+        assert_tampered(
+            Repository::open(store, OpenOptions::default(), no_secret).await,
+            "1 key slot",
+        );
+    }
+
+    #[tokio::test]
+    async fn every_config_field_is_authenticated() {
+        let edits: [(&str, serde_json::Value); 5] = [
+            ("compression_level", serde_json::json!(19)),
+            ("id", serde_json::json!("00112233445566778899aabbccddeeff")),
+            ("created", serde_json::json!("2001-01-01T00:00:00Z")),
+            ("encryption", serde_json::json!(Cipher::XChaCha20Poly1305.name())),
+            (
+                "chunker",
+                serde_json::json!({"min_size": 65536, "avg_size": 131072, "max_size": 1048576}),
+            ),
+        ];
+        for (field, value) in edits {
+            let store = encrypted().await;
+            edit_config(&store, |c| {
+                // Another cipher than the one chosen at init, whichever that was.
+                let value = match (field, c[field].as_str()) {
+                    ("encryption", Some(n)) if n == value.as_str().unwrap() => {
+                        serde_json::json!(Cipher::Aes256Gcm.name())
+                    }
+                    _ => value,
+                };
+                c[field] = value;
+            })
+            .await;
+            assert_tampered(
+                Repository::open(store, given(key_file("k")), no_secret).await,
+                "MAC does not match",
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cache_remembers_each_repository() {
+        let cache = tempfile::tempdir().unwrap();
+        let options = || OpenOptions {
+            secret: Some(key_file("k")),
+            cache_dir: Some(cache.path()),
+        };
+        let store = encrypted().await;
+        Repository::open(store.clone(), options(), no_secret)
+            .await
+            .unwrap();
+        // A MAC removed is refused once the host has seen it.
+        edit_config(&store, |c| {
+            c.as_object_mut().unwrap().remove("mac");
+        })
+        .await;
+        assert_tampered(
+            Repository::open(store.clone(), options(), no_secret).await,
+            "MAC does not match",
+        );
+        // Another repository (a new id) at the same URL, encrypted or not, is refused.
+        let other = memory();
+        Repository::init(other.clone(), InitOptions::default(), None)
+            .await
+            .unwrap();
+        let json = other.get(CONFIG_KEY).await.unwrap();
+        store.put(CONFIG_KEY, json).await.unwrap();
+        assert_tampered(
+            Repository::open(store, options(), no_secret).await,
+            "this host knew it as",
+        );
+    }
+
+    #[tokio::test]
+    async fn a_config_without_mac_from_an_older_build_gets_one() {
+        let store = encrypted().await;
+        edit_config(&store, |c| {
+            c.as_object_mut().unwrap().remove("mac");
+        })
+        .await;
+        let repo = Repository::open(store.clone(), given(key_file("k")), no_secret)
+            .await
+            .unwrap();
+        assert!(repo.config().mac.is_some());
+        edit_config(&store, |c| c["compression_level"] = serde_json::json!(1)).await;
+        assert_tampered(
+            Repository::open(store, given(key_file("k")), no_secret).await,
+            "MAC does not match",
+        );
+    }
+
+    #[tokio::test]
+    async fn a_repository_id_that_is_no_id_is_refused() {
+        let store = memory();
+        Repository::init(store.clone(), InitOptions::default(), None)
+            .await
+            .unwrap();
+        edit_config(&store, |c| c["id"] = serde_json::json!("/etc/cron.d")).await;
+        let err = Repository::open(store, OpenOptions::default(), no_secret)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }) && err.to_string().contains("32 hex"), "{err}");
     }
 }

@@ -219,6 +219,16 @@ pub struct Report {
     pub problems: Vec<Problem>,
 }
 
+impl Report {
+    /// Whether chunks were found missing: a chunk cache listing them is then wrong, and is
+    /// dropped ([`crate::cache::forget`]) so the next backup stores them again.
+    pub fn chunks_missing(&self) -> bool {
+        self.problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::MissingChunk)
+    }
+}
+
 /// The record kept in the store for `verify --status`.
 #[derive(Debug, Serialize, Deserialize)]
 struct RunRecord {

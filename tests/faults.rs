@@ -52,11 +52,11 @@ fn backup_through_faults(backend: Option<Kind>) {
         });
         let secret = key.clone();
         let attempt_result = (|| {
-            let repo = Arc::new(rt.block_on(Repository::open(store, || {
-                Ok(tresor::crypto::Secret::KeyFile(zeroize::Zeroizing::new(
-                    secret,
-                )))
-            }))?);
+            let repo = Arc::new(rt.block_on(Repository::open(
+                store,
+                common::with_key(secret),
+                common::no_prompt,
+            ))?);
             let session = Arc::new(rt.block_on(Session::start(
                 repo.clone(),
                 Some(&env.path("cache")),

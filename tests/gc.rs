@@ -284,11 +284,11 @@ fn append_only_credentials_back_up_and_verify_but_cannot_delete() {
         .wrapped(|inner| Arc::new(faults::FaultyStore::append_only(inner)));
     let key = std::fs::read(env.key_file()).unwrap();
     let repo = Arc::new(
-        rt.block_on(Repository::open(store, || {
-            Ok(tresor::crypto::Secret::KeyFile(zeroize::Zeroizing::new(
-                key,
-            )))
-        }))
+        rt.block_on(Repository::open(
+            store,
+            common::with_key(key),
+            common::no_prompt,
+        ))
         .unwrap(),
     );
     // Back up through the append-only store: sessions end with a PUT, never a delete.

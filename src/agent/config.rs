@@ -77,6 +77,9 @@ pub enum JobKind {
         /// Shell command run after, whatever happened (e.g. remove the snapshot).
         #[serde(default)]
         post: Option<String>,
+        /// How long each hook may run before it is killed (default 5m).
+        #[serde(default)]
+        hook_timeout: Option<String>,
     },
     /// Image references or whole repositories.
     Image {
@@ -298,6 +301,12 @@ impl AgentConfig {
                     job.kind
                         .policy()
                         .map_err(|(field, e)| at(&job.name, field, e))?;
+                }
+                JobKind::Volume {
+                    hook_timeout: Some(v),
+                    ..
+                } => {
+                    parse_duration(v).map_err(|e| at(&job.name, "hook_timeout", e))?;
                 }
                 JobKind::Gc {
                     grace,

@@ -8,12 +8,12 @@
 //! a snapshot record is only written once everything it references is stored.
 
 pub mod config;
+pub mod hook;
 mod notify;
 pub mod schedule;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,9 +24,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::crypto::Secret;
 use crate::error::{Error, Result};
 use crate::gc::Session;
-use crate::localfile::write_atomically;
+use crate::localfile::{write_atomically, SHARED};
 use crate::progress::Progress;
-use crate::repository::Repository;
+use crate::repository::{OpenOptions, Repository};
 use crate::store::{Store, StoreOptions};
 use config::{AgentConfig, JobConfig, JobKind};
 use notify::notify;
@@ -82,15 +82,22 @@ impl Context {
             },
             false,
         )?;
-        let (key_file, password_file) = (r.key_file.clone(), r.password_file.clone());
-        let repo = Repository::open(store, move || {
-            secret(key_file.as_deref(), password_file.as_deref())
-        })
-        .await?;
         let cache_dir = config
             .cache_dir
             .clone()
             .unwrap_or_else(|| env_dir("CACHE_DIRECTORY", "/var/cache/tresor"));
+        let options = OpenOptions {
+            secret: secret(r.key_file.as_deref(), r.password_file.as_deref())?,
+            cache_dir: Some(&cache_dir),
+        };
+        let repo = Repository::open(store, options, || {
+            Err(Error::Config(
+                "the repository is encrypted: set repository.key_file or password_file, or \
+                 pass the systemd credential tresor-key-file / tresor-password"
+                    .into(),
+            ))
+        })
+        .await?;
         Ok(Context {
             config,
             repo: Arc::new(repo),
@@ -100,27 +107,23 @@ impl Context {
     }
 }
 
-/// The secret from the config's files, else from systemd credentials.
-fn secret(key_file: Option<&Path>, password_file: Option<&Path>) -> Result<Secret> {
+/// The secret from the config's files, else from systemd credentials, if any is given.
+fn secret(key_file: Option<&Path>, password_file: Option<&Path>) -> Result<Option<Secret>> {
     if let Some(k) = key_file {
-        return Secret::from_key_file(k, false);
+        return Secret::from_key_file(k, false).map(Some);
     }
     if let Some(p) = password_file {
-        return Secret::from_password_file(p);
+        return Secret::from_password_file(p).map(Some);
     }
     if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from) {
         if dir.join("tresor-key-file").is_file() {
-            return Secret::from_key_file(&dir.join("tresor-key-file"), false);
+            return Secret::from_key_file(&dir.join("tresor-key-file"), false).map(Some);
         }
         if dir.join("tresor-password").is_file() {
-            return Secret::from_password_file(&dir.join("tresor-password"));
+            return Secret::from_password_file(&dir.join("tresor-password")).map(Some);
         }
     }
-    Err(Error::Config(
-        "the repository is encrypted: set repository.key_file or password_file, or pass the \
-         systemd credential tresor-key-file / tresor-password"
-            .into(),
-    ))
+    Ok(None)
 }
 
 /// Checks a config file, for `--check-config`.
@@ -157,12 +160,20 @@ pub async fn run_once(path: &Path) -> Result<usize> {
             ok = &mut handle => if !ok.expect("job thread panicked") { failed += 1 },
             _ = sigterm.recv() => {
                 tracing::warn!("SIGTERM: stopping within {STOP_GRACE:?}");
-                let _ = tokio::time::timeout(STOP_GRACE, handle).await;
+                stop_job(handle).await;
                 return Err(Error::Config("stopped by SIGTERM".into()));
             }
         }
     }
     Ok(failed)
+}
+
+/// Gives a running job [`STOP_GRACE`] to finish, then kills its hooks, so that it returns and
+/// the agent can exit.
+async fn stop_job(handle: tokio::task::JoinHandle<bool>) {
+    if tokio::time::timeout(STOP_GRACE, handle).await.is_err() {
+        hook::stop_all();
+    }
 }
 
 /// Runs the agent as a service until SIGTERM.
@@ -209,7 +220,7 @@ pub async fn run_service(path: &Path) -> Result<()> {
                     _ = sigterm.recv() => {
                         notify(&format!("STOPPING=1\nSTATUS=stopping; {name} gets {STOP_GRACE:?}"));
                         tracing::info!("SIGTERM while {name} runs: stopping within {STOP_GRACE:?}");
-                        let _ = tokio::time::timeout(STOP_GRACE, handle).await;
+                        stop_job(handle).await;
                         return Ok(());
                     }
                 }
@@ -408,13 +419,13 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             strict,
             pre,
             post,
+            hook_timeout,
         } => {
+            let timeout = duration(job, "hook_timeout", hook_timeout, hook::DEFAULT_TIMEOUT)?;
+            let hook = |which, cmd: &String| hook::run(&job.name, which, cmd, timeout);
             // The post hook runs whatever happened, so a snapshot made by the pre hook is
             // always removed.
-            let pre_result = pre
-                .as_ref()
-                .map(|cmd| hook(&job.name, "pre", cmd))
-                .unwrap_or(Ok(()));
+            let pre_result = pre.as_ref().map(|cmd| hook("pre", cmd)).unwrap_or(Ok(()));
             let result = pre_result
                 .map_err(|e| e.context(format!("job {}: pre hook failed; job skipped", job.name)))
                 .and_then(|()| {
@@ -436,7 +447,7 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
                     rt.block_on(session.finish(result.is_ok()));
                     result
                 });
-            let post_result = post.as_ref().map(|cmd| hook(&job.name, "post", cmd));
+            let post_result = post.as_ref().map(|cmd| hook("post", cmd));
             let listed = result?;
             if let Some(Err(e)) = post_result {
                 return Err(e.context(format!("job {}: post hook failed", job.name)));
@@ -509,15 +520,11 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             grace,
             declare_window,
         } => {
-            let duration = |field: &str, v: &Option<String>, default| match v {
-                Some(v) => config::parse_duration(v)
-                    .map_err(|e| Error::Config(format!("job {}: {field}: {e}", job.name))),
-                None => Ok(default),
-            };
             let options = crate::gc::GcOptions {
-                grace: duration("grace", grace, std::time::Duration::from_secs(3600))?,
+                grace: duration(job, "grace", grace, std::time::Duration::from_secs(3600))?,
                 dry_run: false,
                 declare_window: duration(
+                    job,
                     "declare_window",
                     declare_window,
                     crate::gc::DECLARE_WINDOW,
@@ -547,8 +554,11 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
                 ..Default::default()
             };
             let report = crate::verify::verify(repo, rt, &options, &Progress::hidden())?;
+            if report.chunks_missing() {
+                crate::cache::forget(repo, Some(&ctx.cache_dir))?;
+            }
             if let Some(path) = metrics_file {
-                write_atomically(path, crate::verify::metrics(&report).as_bytes())?;
+                write_atomically(path, SHARED, crate::verify::metrics(&report).as_bytes())?;
             }
             outcome.bytes_read = report.stats.bytes_read;
             if !report.ok {
@@ -569,28 +579,12 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
     Ok(outcome)
 }
 
-/// Runs a hook with `sh -c`, logging its output. Non-zero exit is an error.
-fn hook(job: &str, which: &str, cmd: &str) -> Result<()> {
-    tracing::info!(job, hook = which, "running {which} hook");
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .env("TRESOR_JOB", job)
-        .output()
-        .map_err(|e| Error::io("sh", e))?;
-    for line in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .chain(String::from_utf8_lossy(&out.stderr).lines())
-    {
-        tracing::info!(job, hook = which, "{line}");
-    }
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Config(format!(
-            "{which} hook exited with {}",
-            out.status
-        )))
+/// A job's duration setting, or `default` when unset.
+fn duration(job: &JobConfig, field: &str, v: &Option<String>, default: Duration) -> Result<Duration> {
+    match v {
+        Some(v) => config::parse_duration(v)
+            .map_err(|e| Error::Config(format!("job {}: {field}: {e}", job.name))),
+        None => Ok(default),
     }
 }
 
@@ -638,5 +632,5 @@ fn write_metrics(path: &Path, metrics: &BTreeMap<String, JobMetrics>) -> Result<
         "Share of the bytes read that were already stored.",
         &|m| (m.bytes_read > 0).then(|| 1.0 - m.bytes_new as f64 / m.bytes_read as f64),
     );
-    write_atomically(path, out.as_bytes())
+    write_atomically(path, SHARED, out.as_bytes())
 }

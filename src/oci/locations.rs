@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
-use crate::localfile::write_atomically;
+use crate::localfile::{write_atomically, PRIVATE};
 
 /// The hint file's name in the cache directory.
 pub const FILE_NAME: &str = "oci-blob-locations.json";
@@ -90,7 +90,7 @@ impl Locations {
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        write_atomically(file, &json)
+        write_atomically(file, PRIVATE, &json)
     }
 }
 

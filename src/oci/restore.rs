@@ -6,6 +6,7 @@
 //! its digest before it is pushed, and pulled back afterwards to prove the target serves the
 //! same bytes.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +22,7 @@ use super::{
     check_digest, load_record, ImageRecord, ImageTarget, Role, StoredBlob, BLOB_CONCURRENCY,
 };
 use crate::error::{Error, Result};
-use crate::localfile::write_atomically;
+use crate::localfile::{replace_with, write_atomically, SHARED};
 use crate::pipeline;
 use crate::progress::Progress;
 use crate::repository::Repository;
@@ -293,12 +294,13 @@ fn to_layout(
     std::fs::create_dir_all(&blobs).map_err(|e| Error::io(&blobs, e))?;
     let layout_file = dir.join("oci-layout");
     if !layout_file.exists() {
-        std::fs::write(&layout_file, br#"{"imageLayoutVersion":"1.0.0"}"#)
-            .map_err(|e| Error::io(&layout_file, e))?;
+        write_atomically(&layout_file, SHARED, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     }
     for blob in &record.blobs {
         let path = blobs.join(check_digest(&blob.digest)?);
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() == blob.size) {
+        // A blob already in the layout is kept only when its bytes have the digest: a file of
+        // the right size is not proof (a truncated copy, or one planted by another user).
+        if holds_blob(&path, blob.size, &blob.digest) {
             report.blobs_skipped += 1;
         } else {
             write_blob(repo, rt, blob, &path)?;
@@ -309,7 +311,7 @@ fn to_layout(
     }
     for m in &record.manifests {
         let path = blobs.join(check_digest(&m.digest)?);
-        write_atomically(&path, &m.raw)?;
+        write_atomically(&path, SHARED, &m.raw)?;
     }
     // index.json: keep what is there, replace entries of the same name.
     let index_path = dir.join("index.json");
@@ -352,7 +354,7 @@ fn to_layout(
         entries.push(descriptor);
     }
     let text = serde_json::to_vec_pretty(&index).expect("index serialises");
-    write_atomically(&index_path, &text)?;
+    write_atomically(&index_path, SHARED, &text)?;
     for m in &record.manifests {
         let on_disk = std::fs::read(blobs.join(check_digest(&m.digest)?)).unwrap_or_default();
         report.manifests.push(ManifestCheck {
@@ -368,21 +370,32 @@ fn to_layout(
 
 /// Writes a blob from its chunks, checking its sha256 before renaming it into place.
 fn write_blob(repo: &Arc<Repository>, rt: &Handle, blob: &StoredBlob, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("tresor-tmp");
-    let result = (|| {
-        let mut out = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let actual = super::copy_blob(repo, rt, blob, &mut out, &tmp)?;
+    replace_with(path, SHARED, |out| {
+        let actual = super::copy_blob(repo, rt, blob, out, path)?;
         if actual != blob.digest {
             return Err(Error::Corrupt {
                 object: format!("blob {}", blob.digest),
                 reason: format!("its chunks assemble to {actual}"),
             });
         }
-        out.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        out.sync_all().map_err(|e| Error::io(path, e))
+    })
+}
+
+/// Whether the regular file at `path` (not a symlink) has `size` bytes hashing to `digest`.
+fn holds_blob(path: &Path, size: u64, digest: &str) -> bool {
+    use sha2::Digest;
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    else {
+        return false;
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file() && m.len() == size) {
+        return false;
     }
-    result
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).is_ok()
+        && format!("sha256:{}", hex::encode(hasher.finalize())) == digest
 }

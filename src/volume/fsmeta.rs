@@ -1,10 +1,12 @@
-//! File system metadata: reading it into catalog entries, and applying it on restore.
+//! File system metadata: reading it into catalog entries, and applying it on restore through
+//! descriptors, never by path (see [`crate::volume::restore`]).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use crate::catalog::{Entry, EntryKind, Xattr};
@@ -114,30 +116,88 @@ pub fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
     Ok(out)
 }
 
-/// Applies ownership (when `chown` is set), xattrs, mode and times of `entry` to `path`,
-/// never following a symlink at `path`.
-pub fn apply(path: &Path, entry: &Entry, chown: bool) -> Result<()> {
-    let io = |e| Error::io(path, e);
-    // Ownership first: chown clears setuid/setgid bits that chmod then sets.
-    if chown {
-        std::os::unix::fs::lchown(path, Some(entry.uid), Some(entry.gid)).map_err(io)?;
-    }
-    for x in &entry.xattrs {
-        let name = OsStr::from_bytes(&x.name);
-        if let Err(e) = xattr::set(path, name, &x.value) {
-            // security.* and trusted.* need privileges; a user restore goes on without them.
-            let privileged = x.name.starts_with(b"security.") || x.name.starts_with(b"trusted.");
-            if !privileged || chown {
-                return Err(io(e));
+/// How [`apply`] reaches the object whose metadata it sets.
+#[derive(Clone, Copy)]
+pub enum Target<'a> {
+    /// A descriptor open on a regular file, a directory or a FIFO.
+    Open(BorrowedFd<'a>),
+    /// An `O_PATH` descriptor (device nodes, which are not opened: that can have side effects
+    /// or fail without a driver); reached through its `/proc/self/fd` link, which names the
+    /// node itself and is not a path anyone else can change.
+    PathOnly(BorrowedFd<'a>),
+    /// A symlink `name` in the directory `dir`, never followed.
+    Symlink { dir: BorrowedFd<'a>, name: &'a OsStr },
+}
+
+/// Applies ownership (when `chown` is set), xattrs, `mode` and the mtime of `entry` to
+/// `target`, through descriptors only. `shown` names it in errors.
+pub fn apply(target: Target<'_>, entry: &Entry, mode: u32, chown: bool, shown: &Path) -> Result<()> {
+    use rustix::fs::{AtFlags, Gid, Mode, Timespec, Timestamps, Uid, CWD};
+    let io = |e: rustix::io::Errno| Error::io(shown, e.into());
+    let mtime = Timespec {
+        tv_sec: entry.mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: entry.mtime_ns.rem_euclid(1_000_000_000) as _,
+    };
+    let times = Timestamps {
+        last_access: mtime,
+        last_modification: mtime,
+    };
+    let (uid, gid) = (Some(Uid::from_raw(entry.uid)), Some(Gid::from_raw(entry.gid)));
+    let mode = Mode::from_raw_mode(mode);
+    match target {
+        Target::Symlink { dir, name } => {
+            if chown {
+                rustix::fs::chownat(dir, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
             }
+            rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(io)
+        }
+        Target::Open(fd) => {
+            // Ownership first: chown clears setuid/setgid bits that chmod then sets.
+            if chown {
+                rustix::fs::fchown(fd, uid, gid).map_err(io)?;
+            }
+            for x in &entry.xattrs {
+                let set = rustix::fs::fsetxattr(
+                    fd,
+                    OsStr::from_bytes(&x.name),
+                    &x.value,
+                    rustix::fs::XattrFlags::empty(),
+                );
+                xattr_result(set, &x.name, chown).map_err(io)?;
+            }
+            rustix::fs::fchmod(fd, mode).map_err(io)?;
+            rustix::fs::futimens(fd, &times).map_err(io)
+        }
+        Target::PathOnly(fd) => {
+            let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            if chown {
+                rustix::fs::chownat(fd, "", uid, gid, AtFlags::EMPTY_PATH).map_err(io)?;
+            }
+            for x in &entry.xattrs {
+                let set = rustix::fs::setxattr(
+                    &link,
+                    OsStr::from_bytes(&x.name),
+                    &x.value,
+                    rustix::fs::XattrFlags::empty(),
+                );
+                xattr_result(set, &x.name, chown).map_err(io)?;
+            }
+            rustix::fs::chmodat(CWD, &link, mode, AtFlags::empty()).map_err(io)?;
+            rustix::fs::utimensat(CWD, &link, &times, AtFlags::empty()).map_err(io)
         }
     }
-    if entry.kind != EntryKind::Symlink {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(entry.mode)).map_err(io)?;
+}
+
+/// security.* and trusted.* xattrs need privileges; a user restore goes on without them.
+fn xattr_result(
+    set: rustix::io::Result<()>,
+    name: &[u8],
+    chown: bool,
+) -> rustix::io::Result<()> {
+    match set {
+        Err(_) if !chown && (name.starts_with(b"security.") || name.starts_with(b"trusted.")) => {
+            Ok(())
+        }
+        other => other,
     }
-    let mtime = filetime::FileTime::from_unix_time(
-        entry.mtime_ns.div_euclid(1_000_000_000),
-        entry.mtime_ns.rem_euclid(1_000_000_000) as u32,
-    );
-    filetime::set_symlink_file_times(path, mtime, mtime).map_err(io)
 }

@@ -4,18 +4,26 @@
 //! channel; the writer thread (the caller's) creates entries and writes file contents in
 //! catalog order. The channel's capacity bounds memory.
 //!
-//! The catalog is untrusted input. Every path is validated ([`catalog::validate_path`]), every
-//! parent directory is checked to be a real directory and not a symlink before anything is
-//! created in it, files are opened with `O_NOFOLLOW` under a temporary name and renamed into
-//! place once complete and verified, so a failed restore never leaves a wrong file under its
-//! real name.
+//! The catalog is untrusted input, and the target may hold directories that other local users
+//! own and can change while root restores (a home directory, a shared volume). So every path
+//! is validated ([`catalog::validate_path`]) and nothing below the target is ever reached by
+//! path: the target is opened once, each directory is opened from its parent's descriptor with
+//! `openat(O_NOFOLLOW)` (created 0700 when missing) and held while the restore is inside it,
+//! and every entry is made relative to that descriptor (`openat(O_EXCL|O_NOFOLLOW)`,
+//! `symlinkat`, `mknodat`, `linkat`, `renameat`), its metadata set on its own descriptor. A
+//! directory swapped for a symlink mid-restore then makes the restore fail, never write
+//! elsewhere. Files are written under a temporary name and renamed into place once complete
+//! and verified, so a failed restore never leaves a wrong file under its real name. A
+//! directory gets its mode when the restore leaves it (its children are written), on the error
+//! path too.
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -33,7 +41,9 @@ use crate::progress::Progress;
 use crate::repository::Repository;
 use crate::snapshot::Listed;
 
-use super::fsmeta;
+use rustix::fs::{FileType, OFlags};
+
+use super::fsmeta::{self, Target};
 
 /// Chunks fetched ahead of the writer.
 const FETCH_AHEAD: usize = 24;
@@ -49,7 +59,7 @@ pub struct RestoreReport {
     pub bytes_written: u64,
     /// Stored chunks read and re-hashed.
     pub chunks_verified: u64,
-    /// Entries not restored (sockets; devices without root), with the reason.
+    /// Entries not restored, or restored without setuid/setgid bits, with the reason.
     pub skipped: Vec<String>,
     pub duration_ms: u64,
 }
@@ -61,6 +71,9 @@ pub struct RestoreOptions {
     pub subpath: Option<String>,
     /// Restore ownership (needs root).
     pub chown: bool,
+    /// With `chown`: also restore device nodes and setuid/setgid bits. Only for snapshots
+    /// nobody but a key holder could have written (see ARCHITECTURE.md, threat model).
+    pub special: bool,
 }
 
 enum Msg {
@@ -90,7 +103,18 @@ pub fn restore_tree(
     if let Some(s) = &sub {
         catalog::validate_path(s)?;
     }
-    std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(NEW_DIR_MODE)
+        .create(target)
+        .map_err(|e| Error::io(target, e))?;
+    // The target itself is the operator's choice and opened by path; nothing below it is.
+    let root = rustix::fs::open(
+        target,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(errno(target))?;
     let (tx, rx) = sync_channel(FETCH_AHEAD);
     let reader = {
         let (repo, rt, root, id, sub) = (
@@ -106,17 +130,18 @@ pub fn restore_tree(
         target: target.to_path_buf(),
         sub,
         chown: options.chown,
+        special: options.special,
         rt,
         rx,
-        dirs: Vec::new(),
-        checked_parent: None,
+        root,
+        root_entry: None,
+        open: Vec::new(),
         report: RestoreReport {
             snapshot: snap.id.clone(),
             target: target.display().to_string(),
             ..RestoreReport::default()
         },
         progress,
-        tmp_seq: 0,
     };
     let result = writer.run();
     // Unblock the reader if the writer stopped early.
@@ -177,23 +202,58 @@ fn read_catalog(
     }
 }
 
+/// A directory of the target held open while the restore is inside it.
+struct OpenDir {
+    /// Its name in its parent.
+    name: Vec<u8>,
+    fd: OwnedFd,
+    /// Its catalog entry, applied when the restore leaves it (its children are then written);
+    /// `None` for a directory made only to hold a selected path.
+    entry: Option<Entry>,
+}
+
 struct TreeWriter<'a> {
     target: PathBuf,
     sub: Option<Vec<u8>>,
     chown: bool,
+    special: bool,
     rt: Handle,
     rx: Receiver<Msg>,
-    /// Directories whose metadata is applied at the end, children first.
-    dirs: Vec<(PathBuf, Entry)>,
-    checked_parent: Option<PathBuf>,
+    /// The target directory, opened once by path; everything below is reached from it.
+    root: OwnedFd,
+    /// The root entry, applied to the target last.
+    root_entry: Option<Entry>,
+    /// The directories from the target down to the parent of the current entry.
+    open: Vec<OpenDir>,
     report: RestoreReport,
     progress: &'a Progress,
-    tmp_seq: u64,
+}
+
+/// Directories are made private and get their real mode once their children are written.
+const NEW_DIR_MODE: u32 = 0o700;
+
+fn errno(path: &Path) -> impl Fn(rustix::io::Errno) -> Error + '_ {
+    move |e| Error::io(path, e.into())
 }
 
 impl TreeWriter<'_> {
     fn run(&mut self) -> Result<()> {
         let started = std::time::Instant::now();
+        let result = self.entries();
+        // Directories get their modes on the error path too, and a failure here comes second
+        // to the one that stopped the restore.
+        let left = self.leave_to(0);
+        result?;
+        left?;
+        if let Some(e) = self.root_entry.take() {
+            let mode = self.mode(&e);
+            fsmeta::apply(Target::Open(self.root.as_fd()), &e, mode, self.chown, &self.target)?;
+        }
+        self.report.duration_ms = started.elapsed().as_millis() as u64;
+        Ok(())
+    }
+
+    fn entries(&mut self) -> Result<()> {
         while let Ok(msg) = self.rx.recv() {
             match msg {
                 Msg::Entry(e) => {
@@ -205,105 +265,164 @@ impl TreeWriter<'_> {
                 Msg::Chunk(..) => unreachable!("chunks follow their entry"),
             }
         }
-        while let Some((path, entry)) = self.dirs.pop() {
-            fsmeta::apply(&path, &entry, self.chown)?;
-        }
-        self.report.duration_ms = started.elapsed().as_millis() as u64;
         Ok(())
     }
 
+    /// The mode to give `e`: setuid and setgid bits only where special files are allowed.
+    fn mode(&mut self, e: &Entry) -> u32 {
+        if self.chown && !self.special && e.mode & 0o6000 != 0 {
+            self.report.skipped.push(format!(
+                "{}: setuid/setgid bits withheld (give --restore-special to keep them)",
+                e.display_path()
+            ));
+            return e.mode & !0o6000;
+        }
+        e.mode
+    }
+
+    /// Closes the open directories below depth `depth`, applying their entries, deepest first.
+    /// Every one is closed even when one fails; the first failure is returned.
+    fn leave_to(&mut self, depth: usize) -> Result<()> {
+        let mut first = Ok(());
+        while self.open.len() > depth {
+            let dir = self.open.pop().expect("len > depth");
+            if let Some(e) = &dir.entry {
+                let mode = self.mode(e);
+                let shown = self.target.join(OsStr::from_bytes(&e.path));
+                let applied = fsmeta::apply(Target::Open(dir.fd.as_fd()), e, mode, self.chown, &shown);
+                if first.is_ok() {
+                    first = applied;
+                }
+            }
+        }
+        first
+    }
+
+    /// The directory `parent` (components below the target), opened from the ones already open,
+    /// each component by `openat(O_NOFOLLOW)` and created 0700 when missing.
+    fn enter(&mut self, parent: &[&[u8]]) -> Result<BorrowedFd<'_>> {
+        let same = self
+            .open
+            .iter()
+            .zip(parent)
+            .take_while(|(d, c)| d.name.as_slice() == **c)
+            .count();
+        self.leave_to(same)?;
+        for c in &parent[same..] {
+            let fd = open_dir(self.dir(), c, false, &self.target)?;
+            self.open.push(OpenDir {
+                name: c.to_vec(),
+                fd,
+                entry: None,
+            });
+        }
+        Ok(self.dir())
+    }
+
+    /// The innermost open directory.
+    fn dir(&self) -> BorrowedFd<'_> {
+        self.open.last().map_or(self.root.as_fd(), |d| d.fd.as_fd())
+    }
+
     fn entry(&mut self, e: Entry) -> Result<()> {
-        let dest = if e.path.is_empty() {
+        if e.path.is_empty() {
             if e.kind != EntryKind::Dir {
                 return Err(Error::UnsafePath {
                     path: String::new(),
                     reason: "the root entry is not a directory",
                 });
             }
-            self.target.clone()
-        } else {
-            catalog::validate_path(&e.path)?;
-            let dest = self.target.join(OsStr::from_bytes(&e.path));
-            self.check_parent(&dest)?;
-            dest
-        };
+            self.report.dirs += 1;
+            self.root_entry = Some(e);
+            return Ok(());
+        }
+        catalog::validate_path(&e.path)?;
+        let shown = self.target.join(OsStr::from_bytes(&e.path));
+        let mut components: Vec<&[u8]> = e.path.split(|b| *b == b'/').collect();
+        let name = OsStr::from_bytes(components.pop().expect("validated path has a name"));
+        // Hold the parent's descriptor apart from `self`, which the arms below borrow.
+        let parent = rustix::io::dup(self.enter(&components)?).map_err(errno(&shown))?;
         match e.kind {
             EntryKind::Dir => {
-                if !e.path.is_empty() {
-                    match std::fs::symlink_metadata(&dest) {
-                        Ok(md) if md.is_dir() => {}
-                        Ok(_) => {
-                            remove_existing(&dest)?;
-                            create_dir(&dest)?;
-                        }
-                        Err(_) => create_dir(&dest)?,
-                    }
-                }
+                let fd = open_dir(parent.as_fd(), name.as_bytes(), true, &self.target)?;
                 self.report.dirs += 1;
-                self.dirs.push((
-                    dest,
-                    Entry {
+                self.open.push(OpenDir {
+                    name: name.as_bytes().to_vec(),
+                    fd,
+                    entry: Some(Entry {
                         content: Vec::new(),
                         ..e
-                    },
-                ));
+                    }),
+                });
             }
-            EntryKind::File => self.file(&dest, &e)?,
+            EntryKind::File => self.file(parent.as_fd(), name, &e, &shown)?,
             EntryKind::Hardlink => {
                 let link = e.link.clone().unwrap_or_default();
                 catalog::validate_path(&link)?;
                 if selected(&link, &self.sub) {
-                    let source = self.target.join(OsStr::from_bytes(&link));
-                    self.check_parent(&source)?;
-                    remove_existing(&dest)?;
-                    std::fs::hard_link(&source, &dest).map_err(|err| Error::io(&dest, err))?;
+                    let mut source: Vec<&[u8]> = link.split(|b| *b == b'/').collect();
+                    let source_name = OsStr::from_bytes(source.pop().expect("validated"));
+                    let mut source_dir = rustix::io::dup(&self.root).map_err(errno(&shown))?;
+                    for c in source {
+                        source_dir = open_dir(source_dir.as_fd(), c, false, &self.target)?;
+                    }
+                    remove_existing(parent.as_fd(), name, &shown)?;
+                    rustix::fs::linkat(
+                        &source_dir,
+                        source_name,
+                        &parent,
+                        name,
+                        rustix::fs::AtFlags::empty(),
+                    )
+                    .map_err(errno(&shown))?;
                     self.report.files += 1;
                 } else {
-                    self.file(&dest, &e)?;
+                    self.file(parent.as_fd(), name, &e, &shown)?;
                 }
             }
             EntryKind::Symlink => {
                 let link = e.link.clone().unwrap_or_default();
-                remove_existing(&dest)?;
-                std::os::unix::fs::symlink(OsStr::from_bytes(&link), &dest)
-                    .map_err(|err| Error::io(&dest, err))?;
-                fsmeta::apply(
-                    &dest,
-                    &Entry {
-                        xattrs: Vec::new(),
-                        ..e
-                    },
-                    self.chown,
-                )?;
+                remove_existing(parent.as_fd(), name, &shown)?;
+                rustix::fs::symlinkat(OsStr::from_bytes(&link), &parent, name)
+                    .map_err(errno(&shown))?;
+                let target = Target::Symlink {
+                    dir: parent.as_fd(),
+                    name,
+                };
+                fsmeta::apply(target, &e, e.mode, self.chown, &shown)?;
                 self.report.other_entries += 1;
             }
             EntryKind::Fifo => {
-                remove_existing(&dest)?;
-                nix::unistd::mkfifo(&dest, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                    .map_err(|err| Error::io(&dest, err.into()))?;
-                fsmeta::apply(&dest, &e, self.chown)?;
+                remove_existing(parent.as_fd(), name, &shown)?;
+                let private = rustix::fs::Mode::from_raw_mode(0o600);
+                rustix::fs::mkfifoat(&parent, name, private).map_err(errno(&shown))?;
+                // Non-blocking: opening a FIFO's read end does not wait for a writer then.
+                let flags = OFlags::RDONLY | OFlags::NONBLOCK;
+                let fd = open_made(parent.as_fd(), name, flags, FileType::Fifo, &shown)?;
+                let mode = self.mode(&e);
+                fsmeta::apply(Target::Open(fd.as_fd()), &e, mode, self.chown, &shown)?;
                 self.report.other_entries += 1;
             }
-            EntryKind::CharDevice | EntryKind::BlockDevice if self.chown => {
-                remove_existing(&dest)?;
+            EntryKind::CharDevice | EntryKind::BlockDevice if self.chown && self.special => {
+                remove_existing(parent.as_fd(), name, &shown)?;
                 let kind = if e.kind == EntryKind::CharDevice {
-                    nix::sys::stat::SFlag::S_IFCHR
+                    FileType::CharacterDevice
                 } else {
-                    nix::sys::stat::SFlag::S_IFBLK
+                    FileType::BlockDevice
                 };
-                nix::sys::stat::mknod(
-                    &dest,
-                    kind,
-                    nix::sys::stat::Mode::from_bits_truncate(0o600),
-                    e.rdev as libc::dev_t,
-                )
-                .map_err(|err| Error::io(&dest, err.into()))?;
-                fsmeta::apply(&dest, &e, self.chown)?;
+                let private = rustix::fs::Mode::from_raw_mode(0o600);
+                rustix::fs::mknodat(&parent, name, kind, private, e.rdev as _)
+                    .map_err(errno(&shown))?;
+                let fd = open_made(parent.as_fd(), name, OFlags::PATH, kind, &shown)?;
+                let mode = self.mode(&e);
+                fsmeta::apply(Target::PathOnly(fd.as_fd()), &e, mode, self.chown, &shown)?;
                 self.report.other_entries += 1;
             }
             EntryKind::CharDevice | EntryKind::BlockDevice | EntryKind::Socket => {
                 let why = if e.kind == EntryKind::Socket {
                     "sockets are recreated by the program that owns them"
+                } else if self.chown {
+                    "device nodes are restored only with --restore-special"
                 } else {
                     "device nodes need root"
                 };
@@ -315,68 +434,37 @@ impl TreeWriter<'_> {
         Ok(())
     }
 
-    /// Makes sure every directory between the target and `dest` is a real directory (creating
-    /// missing ones), so nothing is ever written through a symlink.
-    fn check_parent(&mut self, dest: &Path) -> Result<()> {
-        let parent = dest.parent().expect("dest is below the target");
-        if self.checked_parent.as_deref() == Some(parent) {
-            return Ok(());
-        }
-        let rel = parent
-            .strip_prefix(&self.target)
-            .expect("dest is below the target");
-        let mut dir = self.target.clone();
-        for c in rel.components() {
-            dir.push(c);
-            match std::fs::symlink_metadata(&dir) {
-                Ok(md) if md.is_dir() => {}
-                Ok(md) if md.file_type().is_symlink() => return Err(Error::UnsafePath {
-                    path: dir.display().to_string(),
-                    reason:
-                        "a parent directory is a symlink; writing through it could leave the target",
-                }),
-                Ok(_) => {
-                    return Err(Error::io(
-                        &dir,
-                        std::io::Error::other("exists and is not a directory"),
-                    ))
-                }
-                Err(_) => create_dir(&dir)?,
-            }
-        }
-        self.checked_parent = Some(parent.to_path_buf());
-        Ok(())
-    }
-
-    fn file(&mut self, dest: &Path, e: &Entry) -> Result<()> {
-        self.tmp_seq += 1;
-        let name = dest.file_name().expect("validated path has a name");
+    /// Writes a file under a temporary name in `dir`, with its metadata, and renames it into
+    /// place once complete and verified.
+    fn file(&mut self, dir: BorrowedFd<'_>, name: &OsStr, e: &Entry, shown: &Path) -> Result<()> {
         let mut tmp_name = b".".to_vec();
         tmp_name.extend_from_slice(name.as_bytes());
         tmp_name.extend_from_slice(
-            format!(".tresor-{}-{}", std::process::id(), self.tmp_seq).as_bytes(),
+            format!(".tresor-{}", hex::encode(rand::random::<[u8; 6]>())).as_bytes(),
         );
-        let tmp = dest.with_file_name(OsStr::from_bytes(&tmp_name));
-        let result = self.write_file(&tmp, e).and_then(|()| {
-            fsmeta::apply(&tmp, e, self.chown)?;
-            std::fs::rename(&tmp, dest).map_err(|err| Error::io(dest, err))
+        let tmp = OsStr::from_bytes(&tmp_name);
+        let fd = rustix::fs::openat(
+            dir,
+            tmp,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .map_err(errno(shown))?;
+        let mut file = File::from(fd);
+        let mode = self.mode(e);
+        let result = self.write_file(&mut file, e, shown).and_then(|()| {
+            fsmeta::apply(Target::Open(file.as_fd()), e, mode, self.chown, shown)?;
+            rustix::fs::renameat(dir, tmp, dir, name).map_err(errno(shown))
         });
         if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = rustix::fs::unlinkat(dir, tmp, rustix::fs::AtFlags::empty());
         }
         result?;
         self.report.files += 1;
         Ok(())
     }
 
-    fn write_file(&mut self, tmp: &Path, e: &Entry) -> Result<()> {
-        let mut file = File::options()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(tmp)
-            .map_err(|err| Error::io(tmp, err))?;
+    fn write_file(&mut self, file: &mut File, e: &Entry, shown: &Path) -> Result<()> {
         let mut written: u64 = 0;
         for _ in 0..e.content.len() {
             let (r, fetch) = match self.rx.recv() {
@@ -387,11 +475,11 @@ impl TreeWriter<'_> {
             match fetch {
                 None => {
                     file.seek(SeekFrom::Current(r.len as i64))
-                        .map_err(|err| Error::io(tmp, err))?;
+                        .map_err(|err| Error::io(shown, err))?;
                 }
                 Some(h) => {
                     let data = pipeline::wait(&self.rt, h)?;
-                    file.write_all(&data).map_err(|err| Error::io(tmp, err))?;
+                    file.write_all(&data).map_err(|err| Error::io(shown, err))?;
                     self.report.chunks_verified += 1;
                 }
             }
@@ -407,28 +495,86 @@ impl TreeWriter<'_> {
                 ),
             });
         }
-        file.set_len(written).map_err(|err| Error::io(tmp, err))?;
+        file.set_len(written).map_err(|err| Error::io(shown, err))?;
         self.report.bytes_written += written;
         Ok(())
     }
 }
 
-fn create_dir(dir: &Path) -> Result<()> {
-    match std::fs::create_dir(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        Err(e) => Err(Error::io(dir, e)),
+/// Opens the directory `name` in `dir` without following a symlink, creating it (0700) when
+/// missing. With `replace` (a directory entry of the catalog) a non-directory in the way is
+/// removed first; otherwise (a parent of an entry) a symlink there is refused.
+fn open_dir(dir: BorrowedFd<'_>, name: &[u8], replace: bool, target: &Path) -> Result<OwnedFd> {
+    let name = OsStr::from_bytes(name);
+    let shown = || target.join("…").join(name);
+    let open = || {
+        rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+    };
+    let mkdir = || match rustix::fs::mkdirat(dir, name, rustix::fs::Mode::from_raw_mode(NEW_DIR_MODE)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(Error::io(shown(), e.into())),
+    };
+    match open() {
+        Ok(fd) => return Ok(fd),
+        Err(rustix::io::Errno::NOENT) => mkdir()?,
+        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) if replace => {
+            remove_existing(dir, name, &shown())?;
+            mkdir()?;
+        }
+        Err(rustix::io::Errno::LOOP) => {
+            return Err(Error::UnsafePath {
+                path: shown().display().to_string(),
+                reason: "a parent directory is a symlink; writing through it could leave the target",
+            })
+        }
+        Err(e) => return Err(Error::io(shown(), e.into())),
     }
+    // Made just now; if someone swapped it for a symlink since, this fails rather than follows.
+    open().map_err(|e| Error::io(shown(), e.into()))
 }
 
-/// Removes a non-directory at `path` so a restored entry can take its place.
-fn remove_existing(path: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(md) if md.is_dir() => Err(Error::io(
-            path,
+/// Opens the node `name` just made in `dir` (never following a symlink) and checks that it is
+/// still of the kind made, not something swapped in since.
+fn open_made(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    flags: OFlags,
+    kind: FileType,
+    shown: &Path,
+) -> Result<OwnedFd> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(errno(shown))?;
+    let stat = rustix::fs::fstat(&fd).map_err(errno(shown))?;
+    if FileType::from_raw_mode(stat.st_mode) != kind {
+        return Err(Error::UnsafePath {
+            path: shown.display().to_string(),
+            reason: "it was replaced while being restored",
+        });
+    }
+    Ok(fd)
+}
+
+/// Removes a non-directory `name` in `dir` so a restored entry can take its place.
+fn remove_existing(dir: BorrowedFd<'_>, name: &OsStr, shown: &Path) -> Result<()> {
+    match rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => Err(Error::io(
+            shown,
             std::io::Error::other("a directory is in the way"),
         )),
-        Ok(_) => std::fs::remove_file(path).map_err(|e| Error::io(path, e)),
+        Ok(_) => match rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(Error::io(shown, e.into())),
+        },
         Err(_) => Ok(()),
     }
 }
@@ -448,6 +594,8 @@ pub fn restore_block(
         .write(true)
         .create(!is_device)
         .truncate(!is_device)
+        // A block image holds a whole file system: private until someone chooses otherwise.
+        .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(target)
         .map_err(|e| Error::io(target, e))?;

@@ -96,11 +96,11 @@ impl Env {
     pub fn open_repo(&self, rt: &tokio::runtime::Runtime) -> tresor::repository::Repository {
         let store = self.store();
         let key = std::fs::read(self.key_file()).unwrap();
-        rt.block_on(tresor::repository::Repository::open(store, || {
-            Ok(tresor::crypto::Secret::KeyFile(zeroize::Zeroizing::new(
-                key,
-            )))
-        }))
+        rt.block_on(tresor::repository::Repository::open(
+            store,
+            with_key(key),
+            no_prompt,
+        ))
         .unwrap()
     }
 
@@ -371,3 +371,18 @@ pub mod oci;
 pub mod proxy;
 pub mod s3;
 pub mod token;
+
+/// Opens a repository with the contents of a key file, as `--key-file` does.
+pub fn with_key(key: Vec<u8>) -> tresor::repository::OpenOptions<'static> {
+    tresor::repository::OpenOptions {
+        secret: Some(tresor::crypto::Secret::KeyFile(zeroize::Zeroizing::new(
+            key,
+        ))),
+        cache_dir: None,
+    }
+}
+
+/// The prompt of a test: there is none, the secret is given.
+pub fn no_prompt() -> tresor::Result<tresor::crypto::Secret> {
+    panic!("the test gave a secret; nothing may prompt for one")
+}
