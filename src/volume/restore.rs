@@ -308,8 +308,9 @@ impl TreeWriter<'_> {
             .take_while(|(d, c)| d.name.as_slice() == **c)
             .count();
         self.leave_to(same)?;
-        for c in &parent[same..] {
-            let fd = open_dir(self.dir(), c, false, &self.target)?;
+        for (depth, c) in parent.iter().enumerate().skip(same) {
+            let shown = self.target.join(OsStr::from_bytes(&parent[..=depth].join(&b'/')));
+            let fd = open_dir(self.dir(), c, false, &shown)?;
             self.open.push(OpenDir {
                 name: c.to_vec(),
                 fd,
@@ -344,7 +345,7 @@ impl TreeWriter<'_> {
         let parent = rustix::io::dup(self.enter(&components)?).map_err(errno(&shown))?;
         match e.kind {
             EntryKind::Dir => {
-                let fd = open_dir(parent.as_fd(), name.as_bytes(), true, &self.target)?;
+                let fd = open_dir(parent.as_fd(), name.as_bytes(), true, &shown)?;
                 self.report.dirs += 1;
                 self.open.push(OpenDir {
                     name: name.as_bytes().to_vec(),
@@ -363,8 +364,10 @@ impl TreeWriter<'_> {
                     let mut source: Vec<&[u8]> = link.split(|b| *b == b'/').collect();
                     let source_name = OsStr::from_bytes(source.pop().expect("validated"));
                     let mut source_dir = rustix::io::dup(&self.root).map_err(errno(&shown))?;
+                    let mut source_path = self.target.clone();
                     for c in source {
-                        source_dir = open_dir(source_dir.as_fd(), c, false, &self.target)?;
+                        source_path.push(OsStr::from_bytes(c));
+                        source_dir = open_dir(source_dir.as_fd(), c, false, &source_path)?;
                     }
                     remove_existing(parent.as_fd(), name, &shown)?;
                     rustix::fs::linkat(
@@ -504,9 +507,8 @@ impl TreeWriter<'_> {
 /// Opens the directory `name` in `dir` without following a symlink, creating it (0700) when
 /// missing. With `replace` (a directory entry of the catalog) a non-directory in the way is
 /// removed first; otherwise (a parent of an entry) a symlink there is refused.
-fn open_dir(dir: BorrowedFd<'_>, name: &[u8], replace: bool, target: &Path) -> Result<OwnedFd> {
+fn open_dir(dir: BorrowedFd<'_>, name: &[u8], replace: bool, shown: &Path) -> Result<OwnedFd> {
     let name = OsStr::from_bytes(name);
-    let shown = || target.join("…").join(name);
     let open = || {
         rustix::fs::openat(
             dir,
@@ -517,25 +519,36 @@ fn open_dir(dir: BorrowedFd<'_>, name: &[u8], replace: bool, target: &Path) -> R
     };
     let mkdir = || match rustix::fs::mkdirat(dir, name, rustix::fs::Mode::from_raw_mode(NEW_DIR_MODE)) {
         Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
-        Err(e) => Err(Error::io(shown(), e.into())),
+        Err(e) => Err(Error::io(shown, e.into())),
+    };
+    // Not a directory: a symlink (ELOOP, or ENOTDIR as O_DIRECTORY is checked first) or a file.
+    let not_a_dir = || {
+        let is_link = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink);
+        if is_link {
+            Error::UnsafePath {
+                path: shown.display().to_string(),
+                reason: "a parent directory is a symlink; writing through it could leave the target",
+            }
+        } else {
+            Error::io(shown, std::io::Error::other("exists and is not a directory"))
+        }
     };
     match open() {
         Ok(fd) => return Ok(fd),
         Err(rustix::io::Errno::NOENT) => mkdir()?,
         Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) if replace => {
-            remove_existing(dir, name, &shown())?;
+            remove_existing(dir, name, shown)?;
             mkdir()?;
         }
-        Err(rustix::io::Errno::LOOP) => {
-            return Err(Error::UnsafePath {
-                path: shown().display().to_string(),
-                reason: "a parent directory is a symlink; writing through it could leave the target",
-            })
-        }
-        Err(e) => return Err(Error::io(shown(), e.into())),
+        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => return Err(not_a_dir()),
+        Err(e) => return Err(Error::io(shown, e.into())),
     }
     // Made just now; if someone swapped it for a symlink since, this fails rather than follows.
-    open().map_err(|e| Error::io(shown(), e.into()))
+    open().map_err(|e| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => not_a_dir(),
+        e => Error::io(shown, e.into()),
+    })
 }
 
 /// Opens the node `name` just made in `dir` (never following a symlink) and checks that it is
