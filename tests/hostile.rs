@@ -4,7 +4,11 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::*;
 use tresor::catalog::{write_entry, Entry, EntryKind};
@@ -135,4 +139,113 @@ fn escaping_paths_are_refused() {
         );
         assert_eq!(fs::read(outside.join("victim")).unwrap(), b"precious");
     }
+}
+
+/// Root restores in place into a tree where `nobody` owns a directory (a home directory, a
+/// shared volume). While root writes a big file there, nobody swaps that directory for a
+/// symlink to a root-owned directory, by rename or atomically (`RENAME_EXCHANGE`): nothing
+/// outside the target may change, neither content nor mode.
+#[test]
+fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
+    let env = Env::new();
+    let mut big = entry(b"u/sub/big", EntryKind::File);
+    big.mode = 0o644;
+    let mut planted = entry(b"u/sub/zz", EntryKind::File);
+    planted.mode = 0o777;
+    let entries = vec![
+        entry(b"", EntryKind::Dir),
+        entry(b"u", EntryKind::Dir),
+        entry(b"u/sub", EntryKind::Dir),
+        big,
+        planted,
+    ];
+    // Big enough that the restore is still writing it when the attacker has swapped.
+    let payload: Vec<u8> = (0..96 * MIB).map(|i| (i % 251) as u8).collect();
+    craft(&env, "race", entries, &payload);
+    // Everything nobody touches must be reachable by nobody: outside the test's private dir.
+    let scratch = tempfile::tempdir().unwrap();
+    fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let attacker = scratch.path().join("attacker");
+    fs::copy(std::env::current_exe().unwrap(), &attacker).unwrap();
+    for exchange in [false, true] {
+        let case = if exchange { "exchange" } else { "rename" };
+        let victim = scratch.path().join(format!("victim-{case}"));
+        fs::create_dir(&victim).unwrap();
+        fs::write(victim.join("zz"), b"precious").unwrap();
+        fs::set_permissions(victim.join("zz"), fs::Permissions::from_mode(0o600)).unwrap();
+        let target = scratch.path().join(format!("target-{case}"));
+        let home = target.join("u");
+        fs::create_dir_all(home.join("sub")).unwrap();
+        for d in [&target, &home] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        for d in [&home, &home.join("sub")] {
+            std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
+        }
+        let spy = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&attacker)
+            .args(["--exact", "race_attacker", "--ignored", "--nocapture"])
+            .env("RACE_DIR", &home)
+            .env("RACE_VICTIM", &victim)
+            .env("RACE_EXCHANGE", if exchange { "1" } else { "" })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = env.tresor(&["restore", "volume", "race", "--to", target.to_str().unwrap()]);
+        let spied = spy.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&spied.stdout);
+        assert!(
+            said.contains("SWAPPED in_time=true"),
+            "{case}: the attacker did not swap while the restore was inside: {said} {}",
+            String::from_utf8_lossy(&spied.stderr)
+        );
+        assert_eq!(fs::read(victim.join("zz")).unwrap(), b"precious", "{case}");
+        let mode = fs::metadata(victim.join("zz")).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "{case}: the victim's mode changed");
+        let names: Vec<_> = fs::read_dir(&victim).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, vec!["zz"], "{case}: something was written into the victim");
+        // The restore itself went on in the directory it had opened, wherever that moved.
+        assert!(out.status.success(), "{case}: {}", stderr(&out));
+    }
+}
+
+/// The attacker of the test above, run as `nobody` (this binary re-executed through setpriv);
+/// it does nothing when the test harness runs it otherwise.
+#[test]
+#[ignore = "run by a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing"]
+fn race_attacker() {
+    let Some(home) = std::env::var_os("RACE_DIR").map(PathBuf::from) else {
+        return;
+    };
+    let victim = PathBuf::from(std::env::var_os("RACE_VICTIM").unwrap());
+    let exchange = std::env::var_os("RACE_EXCHANGE").is_some_and(|v| !v.is_empty());
+    let sub = home.join("sub");
+    let writing = |dir: &Path| {
+        fs::read_dir(dir).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().contains(".tresor-"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !writing(&sub) {
+        assert!(Instant::now() < deadline, "the restore never wrote into {sub:?}");
+    }
+    let moved = home.join("moved");
+    if exchange {
+        std::os::unix::fs::symlink(&victim, &moved).unwrap();
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &moved,
+            rustix::fs::CWD,
+            &sub,
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .unwrap();
+    } else {
+        fs::rename(&sub, &moved).unwrap();
+        std::os::unix::fs::symlink(&victim, &sub).unwrap();
+    }
+    println!("SWAPPED in_time={}", writing(&moved));
 }
