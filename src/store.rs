@@ -11,6 +11,7 @@
 //! object that references others, so a power cut can never leave a record pointing at data that
 //! never reached the disk.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,7 +93,15 @@ impl Store {
             }
         };
         if create {
-            std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+            // Private: an unencrypted repository holds the data in clear, an encrypted one its
+            // key slots (open to offline guessing). Objects inside inherit no access from it.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(&path, e))?;
         } else if !path.is_dir() {
             return Err(Error::NotARepository {
                 url: url.to_string(),

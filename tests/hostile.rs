@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -142,25 +142,24 @@ fn escaping_paths_are_refused() {
 }
 
 /// Root restores in place into a tree where `nobody` owns a directory (a home directory, a
-/// shared volume). While root writes a big file there, nobody swaps that directory for a
-/// symlink to a root-owned directory, by rename or atomically (`RENAME_EXCHANGE`): nothing
-/// outside the target may change, neither content nor mode.
+/// shared volume). Once the restore has left `u/sub` and writes a big file beside it, nobody
+/// swaps `u/sub` for a symlink to a root-owned 0600 file, by rename or atomically
+/// (`RENAME_EXCHANGE`). A restore that set directory modes at the end by path would now chmod
+/// that file 0777; nothing outside the target may change, neither content nor mode.
 #[test]
 fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
     let env = Env::new();
-    let mut big = entry(b"u/sub/big", EntryKind::File);
-    big.mode = 0o644;
-    let mut planted = entry(b"u/sub/zz", EntryKind::File);
-    planted.mode = 0o777;
+    let mut sub = entry(b"u/sub", EntryKind::Dir);
+    sub.mode = 0o777;
     let entries = vec![
         entry(b"", EntryKind::Dir),
         entry(b"u", EntryKind::Dir),
-        entry(b"u/sub", EntryKind::Dir),
-        big,
-        planted,
+        sub,
+        entry(b"u/sub/f", EntryKind::File),
+        entry(b"u/zbig", EntryKind::File),
     ];
     // Big enough that the restore is still writing it when the attacker has swapped.
-    let payload: Vec<u8> = (0..96 * MIB).map(|i| (i % 251) as u8).collect();
+    let payload: Vec<u8> = (0..64 * MIB).map(|i| (i % 251) as u8).collect();
     craft(&env, "race", entries, &payload);
     // Everything nobody touches must be reachable by nobody: outside the test's private dir.
     let scratch = tempfile::tempdir().unwrap();
@@ -170,9 +169,8 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
     for exchange in [false, true] {
         let case = if exchange { "exchange" } else { "rename" };
         let victim = scratch.path().join(format!("victim-{case}"));
-        fs::create_dir(&victim).unwrap();
-        fs::write(victim.join("zz"), b"precious").unwrap();
-        fs::set_permissions(victim.join("zz"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&victim, b"precious").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
         let target = scratch.path().join(format!("target-{case}"));
         let home = target.join("u");
         fs::create_dir_all(home.join("sub")).unwrap();
@@ -198,16 +196,16 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
         let said = String::from_utf8_lossy(&spied.stdout);
         assert!(
             said.contains("SWAPPED in_time=true"),
-            "{case}: the attacker did not swap while the restore was inside: {said} {}",
+            "{case}: the attacker did not swap while the restore was running: {said} {}",
             String::from_utf8_lossy(&spied.stderr)
         );
-        assert_eq!(fs::read(victim.join("zz")).unwrap(), b"precious", "{case}");
-        let mode = fs::metadata(victim.join("zz")).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode, 0o600, "{case}: the victim's mode changed");
-        let names: Vec<_> = fs::read_dir(&victim).unwrap().flatten().map(|e| e.file_name()).collect();
-        assert_eq!(names, vec!["zz"], "{case}: something was written into the victim");
-        // The restore itself went on in the directory it had opened, wherever that moved.
+        assert_eq!(fs::read(&victim).unwrap(), b"precious", "{case}");
+        let meta = fs::metadata(&victim).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "{case}: the victim's mode changed");
+        assert_eq!(meta.uid(), 0, "{case}: the victim's owner changed");
+        // The restore applied u/sub's metadata when it left it, before the swap, and went on.
         assert!(out.status.success(), "{case}: {}", stderr(&out));
+        assert_eq!(fs::read(home.join("zbig")).unwrap(), payload, "{case}");
     }
 }
 
@@ -229,8 +227,8 @@ fn race_attacker() {
         })
     };
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !writing(&sub) {
-        assert!(Instant::now() < deadline, "the restore never wrote into {sub:?}");
+    while !writing(&home) {
+        assert!(Instant::now() < deadline, "the restore never wrote into {home:?}");
     }
     let moved = home.join("moved");
     if exchange {
@@ -247,5 +245,5 @@ fn race_attacker() {
         fs::rename(&sub, &moved).unwrap();
         std::os::unix::fs::symlink(&victim, &sub).unwrap();
     }
-    println!("SWAPPED in_time={}", writing(&moved));
+    println!("SWAPPED in_time={}", writing(&home));
 }

@@ -49,6 +49,9 @@ impl Registry {
             return Ok(v.clone());
         }
         let creds = self.credentials(r);
+        if matches!(creds, RegistryAuth::Basic(..)) {
+            self.check_realm(r).await.map_err(Failure::Fatal)?;
+        }
         let token = self.negotiator.auth(r, &creds, access).await.map_err(|e| {
             let err = negotiation_error(r, e);
             if err.is_retryable() {
@@ -84,11 +87,48 @@ impl Registry {
         Ok(value)
     }
 
+    /// Refuses to let credentials for an HTTPS registry go to a token service over plain HTTP
+    /// (a registry may name any realm in its challenge; oci-client would send the password
+    /// there in clear). Asks the registry's `/v2/` once per registry.
+    async fn check_realm(&self, r: &Reference) -> Result<()> {
+        let registry = r.resolve_registry().to_string();
+        if self.is_insecure(r) || self.realms_checked.lock().expect("realm lock").contains(&registry) {
+            return Ok(());
+        }
+        let url = format!("https://{registry}/v2/");
+        let response = self.http.get(&url).send().await.map_err(|e| Error::Registry {
+            op: "ping",
+            reference: registry.clone(),
+            message: describe(&e),
+            transient: true,
+        })?;
+        let challenge = response
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if let Some(realm) = bearer_challenge(challenge).and_then(|p| p.get("realm").cloned()) {
+            refuse_plain_realm(&registry, &realm)?;
+        }
+        self.realms_checked
+            .lock()
+            .expect("realm lock")
+            .insert(registry);
+        Ok(())
+    }
+
     /// A token for the scopes a registry's `Bearer` challenge names, from its token service.
     /// `None` when the challenge is not a bearer one or the service refuses.
     pub(super) async fn scoped_token(&self, r: &Reference, challenge: &str) -> Option<HeaderValue> {
         let params = bearer_challenge(challenge)?;
-        let mut url = Url::parse(params.get("realm")?).ok()?;
+        let realm = params.get("realm")?;
+        if !self.is_insecure(r) {
+            if let Err(e) = refuse_plain_realm(r.resolve_registry(), realm) {
+                tracing::warn!("{e}");
+                return None;
+            }
+        }
+        let mut url = Url::parse(realm).ok()?;
         {
             let mut query = url.query_pairs_mut();
             if let Some(service) = params.get("service") {
@@ -114,6 +154,18 @@ impl Registry {
         }
         let token: Token = response.json().await.ok()?;
         HeaderValue::from_str(&format!("Bearer {}", token.token.or(token.access_token)?)).ok()
+    }
+}
+
+/// An error when `realm`, the token service an HTTPS registry names, is not HTTPS.
+fn refuse_plain_realm(registry: &str, realm: &str) -> Result<()> {
+    match Url::parse(realm) {
+        Ok(url) if url.scheme() == "https" => Ok(()),
+        _ => Err(Error::Config(format!(
+            "registry {registry} sends clients to the token service {realm:?}, which is not \
+             HTTPS; refusing to send credentials there (name the registry --insecure only on \
+             a network you trust)"
+        ))),
     }
 }
 

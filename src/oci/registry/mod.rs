@@ -92,6 +92,8 @@ pub struct Registry {
     attempts: u32,
     /// `Authorization` values by (registry, repository, push); `None` for anonymous access.
     tokens: Mutex<HashMap<(String, String, bool), Option<HeaderValue>>>,
+    /// Registries whose token realm was checked to be HTTPS before credentials went to it.
+    realms_checked: Mutex<std::collections::HashSet<String>>,
     /// Repositories known to hold blobs, for mounts.
     pub locations: Locations,
 }
@@ -150,6 +152,7 @@ impl Registry {
             creds,
             attempts: options.attempts.max(1),
             tokens: Mutex::new(HashMap::new()),
+            realms_checked: Mutex::new(Default::default()),
             locations: Locations::load(options.locations.clone()),
         })
     }
@@ -162,12 +165,16 @@ impl Registry {
         }
     }
 
+    /// Whether the registry of `r` is spoken to over plain HTTP.
+    fn is_insecure(&self, r: &Reference) -> bool {
+        let host = r.resolve_registry();
+        self.insecure.iter().any(|h| h == host || h == r.registry())
+    }
+
     /// `https://HOST/v2/REPOSITORY` (plain HTTP for insecure registries).
     fn base(&self, r: &Reference) -> String {
-        let host = r.resolve_registry();
-        let insecure = self.insecure.iter().any(|h| h == host || h == r.registry());
-        let scheme = if insecure { "http" } else { "https" };
-        format!("{scheme}://{host}/v2/{}", r.repository())
+        let scheme = if self.is_insecure(r) { "http" } else { "https" };
+        format!("{scheme}://{}/v2/{}", r.resolve_registry(), r.repository())
     }
 
     /// The raw bytes and digest of a manifest or index, checked: the bytes must hash to the
