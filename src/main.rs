@@ -217,8 +217,13 @@ struct RegistryArgs {
     #[arg(long)]
     insecure: bool,
     /// USER:PASSWORD for the registries [default: docker config.json / containers auth.json].
+    /// On the command line it is readable by every local user: prefer --creds-file or the
+    /// environment variable.
     #[arg(long, env = "TRESOR_REGISTRY_CREDS", hide_env_values = true)]
     creds: Option<String>,
+    /// A file holding USER:PASSWORD for the registries.
+    #[arg(long, conflicts_with = "creds")]
+    creds_file: Option<PathBuf>,
     /// Registry auth file (docker config.json or containers auth.json format).
     #[arg(long)]
     authfile: Option<PathBuf>,
@@ -240,6 +245,7 @@ impl RegistryArgs {
                 Vec::new()
             },
             creds: self.creds.clone(),
+            creds_file: self.creds_file.clone(),
             auth_file: self.authfile.clone(),
             ca_file: self.ca_file.clone(),
             attempts: 5,

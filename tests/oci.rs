@@ -467,8 +467,19 @@ fn registry_with_basic_auth_and_a_private_ca() {
         "{err}"
     );
 
-    // Credentials from --creds, then from a docker config.json.
-    let snap = env.json(&["backup", "image", source, "--ca-file", ca, "--creds", creds]);
+    // Credentials from a file (never in argv, where every local user reads them), then from a
+    // docker config.json.
+    let creds_file = env.path("registry-creds");
+    std::fs::write(&creds_file, format!("{creds}\n")).unwrap();
+    let snap = env.json(&[
+        "backup",
+        "image",
+        source,
+        "--ca-file",
+        ca,
+        "--creds-file",
+        creds_file.to_str().unwrap(),
+    ]);
     assert_eq!(snap[0]["image"]["digest"], image.digest.as_str());
     let auth = env.path("config.json");
     let token = base64::engine::Engine::encode(
@@ -514,6 +525,27 @@ fn registry_with_basic_auth_and_a_private_ca() {
         &format!("docker://{host}/restored/app:v1"),
     ]);
     assert_eq!(digest(&raw), image.digest);
+}
+
+/// An HTTPS registry may name any token service in its challenge; one over plain HTTP would
+/// get the user's password in clear. tresor refuses before sending anything there.
+#[test]
+fn credentials_never_go_to_a_plain_http_token_service() {
+    let f = secured_fixture(Secured::with_plain_tokens);
+    let (env, creds, source) = (&f.env, &f.creds, &f.source);
+    let ca = f.secured.ca.to_str().unwrap();
+    let tokens = f.secured.tokens.as_ref().unwrap();
+    assert!(tokens.realm.starts_with("http://"));
+    let before = tokens.issued.lock().unwrap().len();
+    let out = env.tresor(&["backup", "image", source, "--ca-file", ca, "--creds", creds]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&tokens.realm) && err.contains("not HTTPS"), "{err}");
+    assert_eq!(
+        tokens.issued.lock().unwrap().len(),
+        before,
+        "a request reached the plain-HTTP token service"
+    );
 }
 
 #[test]

@@ -56,6 +56,9 @@ pub struct RegistryConfig {
     pub insecure: bool,
     #[serde(default)]
     pub auth_file: Option<PathBuf>,
+    /// A file holding `USER:PASSWORD` for this registry (overrides `auth_file`).
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
 }

@@ -384,6 +384,7 @@ fn image_job(
                     Vec::new()
                 },
                 creds: None,
+                creds_file: host_cfg.creds_file.clone(),
                 auth_file: host_cfg.auth_file.clone(),
                 ca_file: host_cfg.ca_file.clone(),
                 attempts: 5,

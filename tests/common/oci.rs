@@ -110,10 +110,20 @@ impl Secured {
         }
     }
 
-    /// Like [`Secured::new`], with bearer-token auth through a [`TokenServer`] for `alice`.
+    /// Like [`Secured::new`], with bearer-token auth through a [`TokenServer`] for `alice`,
+    /// served over HTTPS with the registry's certificate.
     pub fn with_tokens(dir: &Path) -> Secured {
         let mut secured = Secured::new(dir);
-        secured.tokens = Some(TokenServer::start(dir, secured.user, secured.password));
+        let tls = Some((secured.cert.as_path(), secured.key.as_path()));
+        secured.tokens = Some(TokenServer::start(dir, secured.user, secured.password, tls));
+        secured
+    }
+
+    /// Like [`Secured::with_tokens`], but the token service speaks plain HTTP: a registry
+    /// sending clients' passwords there in clear.
+    pub fn with_plain_tokens(dir: &Path) -> Secured {
+        let mut secured = Secured::new(dir);
+        secured.tokens = Some(TokenServer::start(dir, secured.user, secured.password, None));
         secured
     }
 

@@ -68,6 +68,9 @@ pub struct RegistryOptions {
     pub insecure: Vec<String>,
     /// `USER:PASSWORD` for every registry, overriding auth files.
     pub creds: Option<String>,
+    /// A file holding `USER:PASSWORD` (one line), instead of `creds`: a password on the command
+    /// line is readable by every local user in `/proc/PID/cmdline`.
+    pub creds_file: Option<PathBuf>,
     /// A docker `config.json` or containers `auth.json`; by default the first of
     /// `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`, `$DOCKER_CONFIG/config.json`,
     /// `~/.docker/config.json` that exists.
@@ -133,11 +136,18 @@ impl Registry {
                 data: pem,
             });
         }
-        let creds = match &options.creds {
-            Some(c) => {
+        let from_file = match &options.creds_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                Some((text.trim_end_matches(['\r', '\n']).to_string(), path.display().to_string()))
+            }
+            None => None,
+        };
+        let creds = match from_file.or_else(|| options.creds.clone().map(|c| (c, "--creds".into()))) {
+            Some((c, origin)) => {
                 let (user, pass) = c
                     .split_once(':')
-                    .ok_or_else(|| Error::Config("--creds takes USER:PASSWORD".into()))?;
+                    .ok_or_else(|| Error::Config(format!("{origin}: give USER:PASSWORD")))?;
                 Some(RegistryAuth::Basic(user.into(), pass.into()))
             }
             None => None,
