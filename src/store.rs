@@ -18,18 +18,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as StorePath;
 use object_store::prefix::PrefixStore;
-use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
+use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, RetryConfig};
 
 use crate::error::{Error, Result};
 
 /// Settings for `s3://` stores that are not part of the URL. Unset fields fall back to the usual
 /// `AWS_*` environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-/// `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ALLOW_HTTP`).
+/// `AWS_ENDPOINT_URL`, `AWS_REGION`); plain HTTP and certificate checks are never taken from
+/// the environment (`AWS_ALLOW_HTTP`, `AWS_ALLOW_INVALID_CERTIFICATES` are overridden).
 #[derive(Clone, Debug, Default)]
 pub struct StoreOptions {
     /// Endpoint such as `http://127.0.0.1:3900` for Garage, MinIO or Ceph RGW.
@@ -136,9 +137,12 @@ impl Store {
         if let Some(region) = &options.region {
             builder = builder.with_region(region);
         }
-        if options.allow_http {
-            builder = builder.with_allow_http(true);
-        }
+        // Set whatever the environment said: AWS_ALLOW_HTTP or AWS_ALLOW_INVALID_CERTIFICATES
+        // must not loosen transport security behind the operator's back.
+        builder = builder.with_allow_http(options.allow_http).with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::AllowInvalidCertificates),
+            "false",
+        );
         if let Some((id, secret)) = &options.credentials {
             builder = builder
                 .with_access_key_id(id)

@@ -86,4 +86,18 @@ fn round_trip_and_corruption(kind: Kind) {
     assert!(!bad.status.success());
     let name = victim.rsplit('/').next().unwrap();
     assert!(stderr(&bad).contains(name), "{}", stderr(&bad));
+
+    // Plain HTTP only when tresor is told so: AWS_ALLOW_HTTP in the environment is not enough.
+    let mut plain = s3(env.cmd());
+    plain
+        .env_remove("TRESOR_S3_ALLOW_HTTP")
+        .env("AWS_ALLOW_HTTP", "true")
+        .args(["snapshots"]);
+    let refused = plain.output().unwrap();
+    assert!(!refused.status.success(), "plain HTTP was used");
+    assert!(
+        stderr(&refused).to_lowercase().contains("http"),
+        "{}",
+        stderr(&refused)
+    );
 }
