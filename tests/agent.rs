@@ -345,3 +345,53 @@ fn forget_and_gc_jobs_free_what_retention_drops() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("keep_within"), "{}", stderr(&out));
 }
+
+/// A pre hook that hangs holds neither the job nor SIGTERM: the agent stops within its grace
+/// time and takes the hook (and what it started) with it. The hook saw none of the agent's
+/// secrets.
+#[test]
+fn a_hanging_hook_is_killed_on_sigterm_and_sees_no_secret() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let seen = env.path("hook-env");
+    let pid_file = env.path("hook-pid");
+    let config = write_config(
+        &env,
+        &format!(
+            "[[job]]\nname = \"hangs\"\ntype = \"volume\"\npath = \"{}\"\npre = \"env > {}; sleep 600 & echo $! > {}; wait\"\n",
+            src.display(),
+            seen.display(),
+            pid_file.display()
+        ),
+    );
+    let mut child = Guard(
+        agent(&env, &config, &["--once"])
+            .env("AWS_SECRET_ACCESS_KEY", "agent-secret-not-for-hooks")
+            .env("TRESOR_REGISTRY_CREDS", "alice:not-for-hooks")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs::read_to_string(&pid_file).map_or(true, |p| p.trim().is_empty()) {
+        assert!(Instant::now() < deadline, "the hook never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let signalled = Instant::now();
+    signal(child, libc::SIGTERM);
+    let limit = tresor::agent::STOP_GRACE + Duration::from_secs(6);
+    wait_exit(child, limit);
+    assert!(signalled.elapsed() < limit);
+    let pid: i32 = fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = state.rsplit(')').next().unwrap_or("").trim_start();
+    assert!(state.is_empty() || state.starts_with('Z'), "the hook's sleep still runs: {state}");
+    let env_seen = fs::read_to_string(&seen).unwrap();
+    assert!(env_seen.contains("TRESOR_JOB=hangs"), "{env_seen}");
+    for secret in ["agent-secret-not-for-hooks", "not-for-hooks", "CREDENTIALS_DIRECTORY"] {
+        assert!(!env_seen.contains(secret), "the hook saw {secret}: {env_seen}");
+    }
+}

@@ -1,5 +1,7 @@
-//! Crafted snapshots whose catalogs try to write outside the restore target must be refused,
-//! and nothing may appear outside the target.
+//! Attacks, each tried as an attacker would: crafted snapshots whose catalogs try to write
+//! outside the restore target, a local user racing a restore as root, the store operator
+//! editing `config`, a local user reading the repository or steering the chunk cache. Nothing
+//! may change outside the target, nothing private may become readable, nothing may be lost.
 
 mod common;
 
@@ -246,4 +248,163 @@ fn race_attacker() {
         std::os::unix::fs::symlink(&victim, &sub).unwrap();
     }
     println!("SWAPPED in_time={}", writing(&home));
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// Whoever may write the store edits `config` (8-byte envelope header, then JSON) to switch
+/// encryption off or change a setting: the next backup refuses, naming the repository's
+/// config, and writes nothing in clear.
+#[test]
+fn a_store_operator_cannot_switch_encryption_off() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let marker = b"TRESOR-PLAINTEXT-MARKER-7f3a";
+    fs::write(src.join("doc.txt"), marker.repeat(1000)).unwrap();
+    env.backup("docs", &src, &[]);
+    fs::write(src.join("new.txt"), marker.repeat(2000)).unwrap();
+    let config = env.path("repo/config");
+    let original = fs::read(&config).unwrap();
+    let edits: [(&str, fn(&mut serde_json::Value)); 3] = [
+        ("encryption removed", |c| {
+            c.as_object_mut().unwrap().remove("encryption");
+        }),
+        ("encryption and MAC removed", |c| {
+            let c = c.as_object_mut().unwrap();
+            c.remove("encryption");
+            c.remove("mac");
+        }),
+        ("compression changed", |c| c["compression_level"] = 1.into()),
+    ];
+    for (case, edit) in edits {
+        let mut json: serde_json::Value = serde_json::from_slice(&original[8..]).unwrap();
+        edit(&mut json);
+        let mut edited = original[..8].to_vec();
+        edited.extend(serde_json::to_vec(&json).unwrap());
+        fs::write(&config, edited).unwrap();
+        for cache in ["cache", "fresh-cache"] {
+            let out = env
+                .cmd()
+                .env("TRESOR_CACHE_DIR", env.path(cache))
+                .args(["backup", "volume", "docs", src.to_str().unwrap()])
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{case}: the backup ran");
+            let err = stderr(&out);
+            assert!(
+                err.contains("config of repository") && err.contains("refusing to open it"),
+                "{case}: {err}"
+            );
+        }
+        assert_eq!(files_containing(&env.path("repo"), marker), Vec::<PathBuf>::new(), "{case}");
+    }
+    fs::write(&config, &original).unwrap();
+    env.backup("docs", &src, &[]);
+    assert_eq!(files_containing(&env.path("repo"), marker), Vec::<PathBuf>::new());
+}
+
+/// A new `file://` repository is closed to other local users; a 0700 directory stays 0700
+/// when its restore fails; a restored block image is never readable by others.
+#[test]
+fn private_data_stays_private() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("private")).unwrap();
+    fs::write(src.join("private/secret.bin"), random_bytes(3 * MIB, 77)).unwrap();
+    fs::set_permissions(src.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    env.backup("p", &src, &[]);
+    let mode = fs::metadata(env.path("repo")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the repository is open to others: {mode:o}");
+    // The test's own directory is private: open the way to the repository, not into it.
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for file in ["repo/config", "repo/snapshots"] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "ls", "-l"])
+            .arg(env.path(file))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "nobody can read {file}");
+    }
+
+    // The file's only data chunk is the largest object (random data is stored uncompressed).
+    let chunk = env
+        .chunk_files()
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(&chunk).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    fs::write(&chunk, bytes).unwrap();
+    let out = env.path("out");
+    let res = env.tresor(&["restore", "volume", "p", "--to", out.to_str().unwrap()]);
+    assert!(!res.status.success());
+    let mode = fs::metadata(out.join("private")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "a failed restore left the private directory {mode:o}");
+
+    let image = env.path("disk.img");
+    fs::write(&image, random_bytes(MIB, 5)).unwrap();
+    fs::set_permissions(&image, fs::Permissions::from_mode(0o600)).unwrap();
+    env.backup("disk", &image, &["--block"]);
+    let restored = env.path("restored.img");
+    env.restore("disk", &restored, &[]);
+    let mode = fs::metadata(&restored).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the block image is open to others: {mode:o}");
+}
+
+/// A chunk lost from the store: `verify` names it and drops the chunk cache, `backup --force`
+/// stores it again, and the older snapshot restores. A cache directory another user can write
+/// to (who could make backups skip chunks) is refused.
+#[test]
+fn the_chunk_cache_heals_and_must_be_private() {
+    let env = Env::new();
+    let src = env.path("src");
+    build_tree(&src);
+    let first = env.backup("t", &src, &[]);
+    let chunk = env
+        .chunk_files()
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    fs::remove_file(&chunk).unwrap();
+    let verify = env.tresor(&["verify"]);
+    assert!(!verify.status.success(), "verify missed the lost chunk");
+    let fingerprints: Vec<_> = fs::read_dir(env.path("cache"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("known-chunks.gc").exists())
+        .collect();
+    assert!(fingerprints.is_empty(), "verify kept a cache that lists a lost chunk");
+    env.backup("t", &src, &["--force"]);
+    assert!(chunk.exists(), "backup --force did not store the lost chunk again");
+    let out = env.path("out");
+    env.restore(first["id"].as_str().unwrap(), &out, &[]);
+    assert_same_tree(&src, &out);
+
+    let cache = env.path("cache");
+    fs::set_permissions(&cache, fs::Permissions::from_mode(0o777)).unwrap();
+    let res = env.tresor(&["backup", "volume", "t", src.to_str().unwrap()]);
+    assert!(!res.status.success(), "a cache writable by all was used");
+    assert!(stderr(&res).contains("writable by other users"), "{}", stderr(&res));
+    fs::set_permissions(&cache, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).unwrap();
+    let res = env.tresor(&["backup", "volume", "t", src.to_str().unwrap()]);
+    assert!(!res.status.success(), "another user's cache was used");
+    assert!(stderr(&res).contains("belongs to another user"), "{}", stderr(&res));
 }

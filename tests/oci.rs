@@ -156,6 +156,37 @@ fn images_round_trip_with_identical_digests() {
         ])),
         f.app.digest
     );
+    // Into a layout another user prepared: symlinks at the temporary names an older tresor
+    // used (`<hex>.tresor-tmp`, followed as root), and a blob of the right size but the wrong
+    // bytes. Neither the symlinks' target changes nor the wrong blob stays.
+    let blobs: Vec<(String, u64)> = std::fs::read_dir(out.join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().into_string().unwrap(), e.metadata().unwrap().len()))
+        .collect();
+    let planted = env.path("planted-layout");
+    let victim = env.path("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::fs::create_dir_all(planted.join("blobs/sha256")).unwrap();
+    for (hex, _) in &blobs {
+        let tmp = planted.join(format!("blobs/sha256/{hex}.tresor-tmp"));
+        std::os::unix::fs::symlink(&victim, tmp).unwrap();
+    }
+    let (largest, size) = blobs.iter().max_by_key(|(_, size)| *size).unwrap();
+    std::fs::write(planted.join(format!("blobs/sha256/{largest}")), vec![0u8; *size as usize]).unwrap();
+    let report = env.json(&[
+        "restore",
+        "image",
+        app["id"].as_str().unwrap(),
+        "--to",
+        &format!("oci:{}:v1", planted.display()),
+    ]);
+    assert_eq!(report["ok"], true);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    for (hex, _) in &blobs {
+        let bytes = std::fs::read(planted.join(format!("blobs/sha256/{hex}"))).unwrap();
+        assert_eq!(digest(&bytes), format!("sha256:{hex}"));
+    }
     skopeo(&[
         "copy",
         "--all",
