@@ -281,7 +281,8 @@ fn a_store_operator_cannot_switch_encryption_off() {
     fs::write(src.join("new.txt"), marker.repeat(2000)).unwrap();
     let config = env.path("repo/config");
     let original = fs::read(&config).unwrap();
-    let edits: [(&str, fn(&mut serde_json::Value)); 3] = [
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 3] = [
         ("encryption removed", |c| {
             c.as_object_mut().unwrap().remove("encryption");
         }),
@@ -407,4 +408,49 @@ fn the_chunk_cache_heals_and_must_be_private() {
     let res = env.tresor(&["backup", "volume", "t", src.to_str().unwrap()]);
     assert!(!res.status.success(), "another user's cache was used");
     assert!(stderr(&res).contains("belongs to another user"), "{}", stderr(&res));
+}
+
+/// Whoever may write an unencrypted repository's store can forge its snapshots, so a restore
+/// as root takes no device node and no setuid/setgid bit from one unless told to
+/// (`--restore-special`), and says what it withheld.
+#[test]
+fn special_files_from_an_unencrypted_repository_need_restore_special() {
+    let env = Env::empty();
+    let out = env
+        .cmd()
+        .env_remove("TRESOR_KEY_FILE")
+        .args(["init", "--encryption", "none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut setuid = entry(b"su", EntryKind::File);
+    setuid.mode = 0o4755;
+    let mut null = entry(b"null", EntryKind::CharDevice);
+    null.mode = 0o666;
+    null.rdev = libc::makedev(1, 3);
+    craft(&env, "forged", vec![entry(b"", EntryKind::Dir), null, setuid], b"#!/bin/sh\n");
+    let restore = |to: &str, extra: &[&str]| {
+        let mut c = env.cmd();
+        c.env_remove("TRESOR_KEY_FILE")
+            .args(["restore", "volume", "forged", "--to"])
+            .arg(env.path(to))
+            .args(extra);
+        c.output().unwrap()
+    };
+    let out = restore("plain", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("null: device nodes are restored only with --restore-special"), "{err}");
+    assert!(err.contains("su: setuid/setgid bits withheld"), "{err}");
+    assert!(fs::symlink_metadata(env.path("plain/null")).is_err());
+    let mode = fs::metadata(env.path("plain/su")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755);
+
+    let out = restore("special", &["--restore-special"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mode = fs::metadata(env.path("special/su")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o4755);
+    let null = fs::symlink_metadata(env.path("special/null")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&null.file_type()));
+    assert_eq!(null.rdev(), libc::makedev(1, 3));
 }

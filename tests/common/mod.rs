@@ -92,13 +92,16 @@ impl Env {
         self.path("repo.key")
     }
 
-    /// Opens the repository in-process, for tests that craft or inspect objects.
+    /// Opens the repository in-process, for tests that craft or inspect objects (with the key
+    /// file, unless the repository was made without one).
     pub fn open_repo(&self, rt: &tokio::runtime::Runtime) -> tresor::repository::Repository {
-        let store = self.store();
-        let key = std::fs::read(self.key_file()).unwrap();
+        let options = match std::fs::read(self.key_file()) {
+            Ok(key) => with_key(key),
+            Err(_) => Default::default(),
+        };
         rt.block_on(tresor::repository::Repository::open(
-            store,
-            with_key(key),
+            self.store(),
+            options,
             no_prompt,
         ))
         .unwrap()
