@@ -56,7 +56,9 @@ pub fn private_dir(dir: &Path) -> Result<()> {
         reason,
     };
     if !meta.is_dir() {
-        return Err(unsafe_dir("the cache directory is a symlink or not a directory"));
+        return Err(unsafe_dir(
+            "the cache directory is a symlink or not a directory",
+        ));
     }
     if meta.uid() != nix::unistd::geteuid().as_raw() {
         return Err(unsafe_dir(
@@ -231,7 +233,11 @@ impl KnownChunks {
             }
             out.flush().map_err(|e| Error::io(file, e))
         })?;
-        write_atomically(&file.with_file_name(GC_FILE_NAME), PRIVATE, self.gc.as_bytes())
+        write_atomically(
+            &file.with_file_name(GC_FILE_NAME),
+            PRIVATE,
+            self.gc.as_bytes(),
+        )
     }
 }
 

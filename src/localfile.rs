@@ -45,11 +45,14 @@ pub fn create_temp(path: &Path, mode: u32) -> Result<(File, PathBuf)> {
 ///
 /// # Errors
 /// What `fill` returns, or [`Error::Io`] naming `path`.
-pub fn replace_with(path: &Path, mode: u32, fill: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
+pub fn replace_with(
+    path: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut File) -> Result<()>,
+) -> Result<()> {
     let (mut file, tmp) = create_temp(path, mode)?;
-    let result = fill(&mut file).and_then(|()| {
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    });
+    let result =
+        fill(&mut file).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -61,7 +64,9 @@ pub fn replace_with(path: &Path, mode: u32, fill: impl FnOnce(&mut File) -> Resu
 /// # Errors
 /// [`Error::Io`] naming `path`.
 pub fn write_atomically(path: &Path, mode: u32, data: &[u8]) -> Result<()> {
-    replace_with(path, mode, |f| f.write_all(data).map_err(|e| Error::io(path, e)))
+    replace_with(path, mode, |f| {
+        f.write_all(data).map_err(|e| Error::io(path, e))
+    })
 }
 
 #[cfg(test)]

@@ -801,7 +801,9 @@ mod tests {
             Repository::init(store.clone(), InitOptions::default(), None).await,
             Err(Error::AlreadyInitialized { .. })
         ));
-        let repo = Repository::open(store, OpenOptions::default(), no_secret).await.unwrap();
+        let repo = Repository::open(store, OpenOptions::default(), no_secret)
+            .await
+            .unwrap();
         assert_eq!(repo.config().chunker, ChunkerParams::default());
     }
 
@@ -813,7 +815,9 @@ mod tests {
             .put("config", codec::encode(json, None, None).into())
             .await
             .unwrap();
-        let err = Repository::open(store, OpenOptions::default(), no_secret).await.unwrap_err();
+        let err = Repository::open(store, OpenOptions::default(), no_secret)
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, Error::UnsupportedFormat { found: 99, .. }),
             "{err}"
@@ -922,7 +926,10 @@ mod tests {
             ("compression_level", serde_json::json!(19)),
             ("id", serde_json::json!("00112233445566778899aabbccddeeff")),
             ("created", serde_json::json!("2001-01-01T00:00:00Z")),
-            ("encryption", serde_json::json!(Cipher::XChaCha20Poly1305.name())),
+            (
+                "encryption",
+                serde_json::json!(Cipher::XChaCha20Poly1305.name()),
+            ),
             (
                 "chunker",
                 serde_json::json!({"min_size": 65536, "avg_size": 131072, "max_size": 1048576}),
@@ -1009,6 +1016,9 @@ mod tests {
         let err = Repository::open(store, OpenOptions::default(), no_secret)
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::Corrupt { .. }) && err.to_string().contains("32 hex"), "{err}");
+        assert!(
+            matches!(err, Error::Corrupt { .. }) && err.to_string().contains("32 hex"),
+            "{err}"
+        );
     }
 }

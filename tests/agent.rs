@@ -385,13 +385,27 @@ fn a_hanging_hook_is_killed_on_sigterm_and_sees_no_secret() {
     let limit = tresor::agent::STOP_GRACE + Duration::from_secs(6);
     wait_exit(child, limit);
     assert!(signalled.elapsed() < limit);
-    let pid: i32 = fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let pid: i32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let state = state.rsplit(')').next().unwrap_or("").trim_start();
-    assert!(state.is_empty() || state.starts_with('Z'), "the hook's sleep still runs: {state}");
+    assert!(
+        state.is_empty() || state.starts_with('Z'),
+        "the hook's sleep still runs: {state}"
+    );
     let env_seen = fs::read_to_string(&seen).unwrap();
     assert!(env_seen.contains("TRESOR_JOB=hangs"), "{env_seen}");
-    for secret in ["agent-secret-not-for-hooks", "not-for-hooks", "CREDENTIALS_DIRECTORY"] {
-        assert!(!env_seen.contains(secret), "the hook saw {secret}: {env_seen}");
+    for secret in [
+        "agent-secret-not-for-hooks",
+        "not-for-hooks",
+        "CREDENTIALS_DIRECTORY",
+    ] {
+        assert!(
+            !env_seen.contains(secret),
+            "the hook saw {secret}: {env_seen}"
+        );
     }
 }

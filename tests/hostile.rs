@@ -193,7 +193,13 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let out = env.tresor(&["restore", "volume", "race", "--to", target.to_str().unwrap()]);
+        let out = env.tresor(&[
+            "restore",
+            "volume",
+            "race",
+            "--to",
+            target.to_str().unwrap(),
+        ]);
         let spied = spy.wait_with_output().unwrap();
         let said = String::from_utf8_lossy(&spied.stdout);
         assert!(
@@ -203,7 +209,11 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
         );
         assert_eq!(fs::read(&victim).unwrap(), b"precious", "{case}");
         let meta = fs::metadata(&victim).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "{case}: the victim's mode changed");
+        assert_eq!(
+            meta.permissions().mode() & 0o7777,
+            0o600,
+            "{case}: the victim's mode changed"
+        );
         assert_eq!(meta.uid(), 0, "{case}: the victim's owner changed");
         // The restore applied u/sub's metadata when it left it, before the swap, and went on.
         assert!(out.status.success(), "{case}: {}", stderr(&out));
@@ -230,7 +240,10 @@ fn race_attacker() {
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     while !writing(&home) {
-        assert!(Instant::now() < deadline, "the restore never wrote into {home:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the restore never wrote into {home:?}"
+        );
     }
     let moved = home.join("moved");
     if exchange {
@@ -313,11 +326,18 @@ fn a_store_operator_cannot_switch_encryption_off() {
                 "{case}: {err}"
             );
         }
-        assert_eq!(files_containing(&env.path("repo"), marker), Vec::<PathBuf>::new(), "{case}");
+        assert_eq!(
+            files_containing(&env.path("repo"), marker),
+            Vec::<PathBuf>::new(),
+            "{case}"
+        );
     }
     fs::write(&config, &original).unwrap();
     env.backup("docs", &src, &[]);
-    assert_eq!(files_containing(&env.path("repo"), marker), Vec::<PathBuf>::new());
+    assert_eq!(
+        files_containing(&env.path("repo"), marker),
+        Vec::<PathBuf>::new()
+    );
 }
 
 /// A new `file://` repository is closed to other local users; a 0700 directory stays 0700
@@ -331,12 +351,23 @@ fn private_data_stays_private() {
     fs::set_permissions(src.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
     env.backup("p", &src, &[]);
     let mode = fs::metadata(env.path("repo")).unwrap().permissions().mode();
-    assert_eq!(mode & 0o077, 0, "the repository is open to others: {mode:o}");
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the repository is open to others: {mode:o}"
+    );
     // The test's own directory is private: open the way to the repository, not into it.
     fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     for file in ["repo/config", "repo/snapshots"] {
         let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "ls", "-l"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                "ls",
+                "-l",
+            ])
             .arg(env.path(file))
             .output()
             .unwrap();
@@ -356,8 +387,15 @@ fn private_data_stays_private() {
     let out = env.path("out");
     let res = env.tresor(&["restore", "volume", "p", "--to", out.to_str().unwrap()]);
     assert!(!res.status.success());
-    let mode = fs::metadata(out.join("private")).unwrap().permissions().mode() & 0o7777;
-    assert_eq!(mode, 0o700, "a failed restore left the private directory {mode:o}");
+    let mode = fs::metadata(out.join("private"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(
+        mode, 0o700,
+        "a failed restore left the private directory {mode:o}"
+    );
 
     let image = env.path("disk.img");
     fs::write(&image, random_bytes(MIB, 5)).unwrap();
@@ -366,7 +404,11 @@ fn private_data_stays_private() {
     let restored = env.path("restored.img");
     env.restore("disk", &restored, &[]);
     let mode = fs::metadata(&restored).unwrap().permissions().mode();
-    assert_eq!(mode & 0o077, 0, "the block image is open to others: {mode:o}");
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the block image is open to others: {mode:o}"
+    );
 }
 
 /// A chunk lost from the store: `verify` names it and drops the chunk cache, `backup --force`
@@ -391,9 +433,15 @@ fn the_chunk_cache_heals_and_must_be_private() {
         .flatten()
         .filter(|e| e.path().join("known-chunks.gc").exists())
         .collect();
-    assert!(fingerprints.is_empty(), "verify kept a cache that lists a lost chunk");
+    assert!(
+        fingerprints.is_empty(),
+        "verify kept a cache that lists a lost chunk"
+    );
     env.backup("t", &src, &["--force"]);
-    assert!(chunk.exists(), "backup --force did not store the lost chunk again");
+    assert!(
+        chunk.exists(),
+        "backup --force did not store the lost chunk again"
+    );
     let out = env.path("out");
     env.restore(first["id"].as_str().unwrap(), &out, &[]);
     assert_same_tree(&src, &out);
@@ -402,12 +450,20 @@ fn the_chunk_cache_heals_and_must_be_private() {
     fs::set_permissions(&cache, fs::Permissions::from_mode(0o777)).unwrap();
     let res = env.tresor(&["backup", "volume", "t", src.to_str().unwrap()]);
     assert!(!res.status.success(), "a cache writable by all was used");
-    assert!(stderr(&res).contains("writable by other users"), "{}", stderr(&res));
+    assert!(
+        stderr(&res).contains("writable by other users"),
+        "{}",
+        stderr(&res)
+    );
     fs::set_permissions(&cache, fs::Permissions::from_mode(0o700)).unwrap();
     std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).unwrap();
     let res = env.tresor(&["backup", "volume", "t", src.to_str().unwrap()]);
     assert!(!res.status.success(), "another user's cache was used");
-    assert!(stderr(&res).contains("belongs to another user"), "{}", stderr(&res));
+    assert!(
+        stderr(&res).contains("belongs to another user"),
+        "{}",
+        stderr(&res)
+    );
 }
 
 /// Whoever may write an unencrypted repository's store can forge its snapshots, so a restore
@@ -428,7 +484,12 @@ fn special_files_from_an_unencrypted_repository_need_restore_special() {
     let mut null = entry(b"null", EntryKind::CharDevice);
     null.mode = 0o666;
     null.rdev = libc::makedev(1, 3);
-    craft(&env, "forged", vec![entry(b"", EntryKind::Dir), null, setuid], b"#!/bin/sh\n");
+    craft(
+        &env,
+        "forged",
+        vec![entry(b"", EntryKind::Dir), null, setuid],
+        b"#!/bin/sh\n",
+    );
     let restore = |to: &str, extra: &[&str]| {
         let mut c = env.cmd();
         c.env_remove("TRESOR_KEY_FILE")
@@ -440,17 +501,30 @@ fn special_files_from_an_unencrypted_repository_need_restore_special() {
     let out = restore("plain", &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("null: device nodes are restored only with --restore-special"), "{err}");
+    assert!(
+        err.contains("null: device nodes are restored only with --restore-special"),
+        "{err}"
+    );
     assert!(err.contains("su: setuid/setgid bits withheld"), "{err}");
     assert!(fs::symlink_metadata(env.path("plain/null")).is_err());
-    let mode = fs::metadata(env.path("plain/su")).unwrap().permissions().mode() & 0o7777;
+    let mode = fs::metadata(env.path("plain/su"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
     assert_eq!(mode, 0o755);
 
     let out = restore("special", &["--restore-special"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let mode = fs::metadata(env.path("special/su")).unwrap().permissions().mode() & 0o7777;
+    let mode = fs::metadata(env.path("special/su"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
     assert_eq!(mode, 0o4755);
     let null = fs::symlink_metadata(env.path("special/null")).unwrap();
-    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&null.file_type()));
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &null.file_type()
+    ));
     assert_eq!(null.rdev(), libc::makedev(1, 3));
 }

@@ -162,7 +162,12 @@ fn images_round_trip_with_identical_digests() {
     let blobs: Vec<(String, u64)> = std::fs::read_dir(out.join("blobs/sha256"))
         .unwrap()
         .flatten()
-        .map(|e| (e.file_name().into_string().unwrap(), e.metadata().unwrap().len()))
+        .map(|e| {
+            (
+                e.file_name().into_string().unwrap(),
+                e.metadata().unwrap().len(),
+            )
+        })
         .collect();
     let planted = env.path("planted-layout");
     let victim = env.path("victim");
@@ -173,7 +178,11 @@ fn images_round_trip_with_identical_digests() {
         std::os::unix::fs::symlink(&victim, tmp).unwrap();
     }
     let (largest, size) = blobs.iter().max_by_key(|(_, size)| *size).unwrap();
-    std::fs::write(planted.join(format!("blobs/sha256/{largest}")), vec![0u8; *size as usize]).unwrap();
+    std::fs::write(
+        planted.join(format!("blobs/sha256/{largest}")),
+        vec![0u8; *size as usize],
+    )
+    .unwrap();
     let report = env.json(&[
         "restore",
         "image",
@@ -571,7 +580,10 @@ fn credentials_never_go_to_a_plain_http_token_service() {
     let out = env.tresor(&["backup", "image", source, "--ca-file", ca, "--creds", creds]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains(&tokens.realm) && err.contains("not HTTPS"), "{err}");
+    assert!(
+        err.contains(&tokens.realm) && err.contains("not HTTPS"),
+        "{err}"
+    );
     assert_eq!(
         tokens.issued.lock().unwrap().len(),
         before,

@@ -20,7 +20,9 @@ use nix::unistd::Pid;
 use crate::error::{Error, Result};
 
 /// The variables a hook inherits from the agent, when set; everything else is withheld.
-pub const PASSED: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR"];
+pub const PASSED: &[&str] = &[
+    "PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR",
+];
 
 /// How long a hook may run when its job sets no `hook_timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -48,7 +50,11 @@ pub fn run(job: &str, which: &str, cmd: &str, timeout: Duration) -> Result<()> {
         .arg("-c")
         .arg(cmd)
         .env_clear()
-        .envs(PASSED.iter().filter_map(|k| Some((k, std::env::var_os(k)?))))
+        .envs(
+            PASSED
+                .iter()
+                .filter_map(|k| Some((k, std::env::var_os(k)?))),
+        )
         .env("TRESOR_JOB", job)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -132,7 +138,10 @@ mod tests {
         assert!(env.contains("TRESOR_JOB=job"), "{env}");
         assert!(!env.contains("hook-must-not-see-this"), "{env}");
         let err = run("job", "post", "exit 3", DEFAULT_TIMEOUT).unwrap_err();
-        assert!(err.to_string().contains("post hook of job job exited"), "{err}");
+        assert!(
+            err.to_string().contains("post hook of job job exited"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -150,8 +159,13 @@ mod tests {
         // The background sleep was in the hook's process group: it is gone too (or a zombie
         // waiting for whoever reaps orphans here).
         let gone = || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map_or(true, |s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         while !gone() && Instant::now() < deadline {

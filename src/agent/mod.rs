@@ -581,7 +581,12 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
 }
 
 /// A job's duration setting, or `default` when unset.
-fn duration(job: &JobConfig, field: &str, v: &Option<String>, default: Duration) -> Result<Duration> {
+fn duration(
+    job: &JobConfig,
+    field: &str,
+    v: &Option<String>,
+    default: Duration,
+) -> Result<Duration> {
     match v {
         Some(v) => config::parse_duration(v)
             .map_err(|e| Error::Config(format!("job {}: {field}: {e}", job.name))),

@@ -392,7 +392,10 @@ fn holds_blob(path: &Path, size: u64, digest: &str) -> bool {
     else {
         return false;
     };
-    if !file.metadata().is_ok_and(|m| m.is_file() && m.len() == size) {
+    if !file
+        .metadata()
+        .is_ok_and(|m| m.is_file() && m.len() == size)
+    {
         return false;
     }
     let mut hasher = sha2::Sha256::new();

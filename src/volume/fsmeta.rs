@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::Metadata;
-use std::os::unix::ffi::OsStrExt;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
@@ -126,12 +126,21 @@ pub enum Target<'a> {
     /// node itself and is not a path anyone else can change.
     PathOnly(BorrowedFd<'a>),
     /// A symlink `name` in the directory `dir`, never followed.
-    Symlink { dir: BorrowedFd<'a>, name: &'a OsStr },
+    Symlink {
+        dir: BorrowedFd<'a>,
+        name: &'a OsStr,
+    },
 }
 
 /// Applies ownership (when `chown` is set), xattrs, `mode` and the mtime of `entry` to
 /// `target`, through descriptors only. `shown` names it in errors.
-pub fn apply(target: Target<'_>, entry: &Entry, mode: u32, chown: bool, shown: &Path) -> Result<()> {
+pub fn apply(
+    target: Target<'_>,
+    entry: &Entry,
+    mode: u32,
+    chown: bool,
+    shown: &Path,
+) -> Result<()> {
     use rustix::fs::{AtFlags, Gid, Mode, Timespec, Timestamps, Uid, CWD};
     let io = |e: rustix::io::Errno| Error::io(shown, e.into());
     let mtime = Timespec {
@@ -142,7 +151,10 @@ pub fn apply(target: Target<'_>, entry: &Entry, mode: u32, chown: bool, shown: &
         last_access: mtime,
         last_modification: mtime,
     };
-    let (uid, gid) = (Some(Uid::from_raw(entry.uid)), Some(Gid::from_raw(entry.gid)));
+    let (uid, gid) = (
+        Some(Uid::from_raw(entry.uid)),
+        Some(Gid::from_raw(entry.gid)),
+    );
     let mode = Mode::from_raw_mode(mode);
     match target {
         Target::Symlink { dir, name } => {
@@ -189,11 +201,7 @@ pub fn apply(target: Target<'_>, entry: &Entry, mode: u32, chown: bool, shown: &
 }
 
 /// security.* and trusted.* xattrs need privileges; a user restore goes on without them.
-fn xattr_result(
-    set: rustix::io::Result<()>,
-    name: &[u8],
-    chown: bool,
-) -> rustix::io::Result<()> {
+fn xattr_result(set: rustix::io::Result<()>, name: &[u8], chown: bool) -> rustix::io::Result<()> {
     match set {
         Err(_) if !chown && (name.starts_with(b"security.") || name.starts_with(b"trusted.")) => {
             Ok(())

@@ -247,7 +247,13 @@ impl TreeWriter<'_> {
         left?;
         if let Some(e) = self.root_entry.take() {
             let mode = self.mode(&e);
-            fsmeta::apply(Target::Open(self.root.as_fd()), &e, mode, self.chown, &self.target)?;
+            fsmeta::apply(
+                Target::Open(self.root.as_fd()),
+                &e,
+                mode,
+                self.chown,
+                &self.target,
+            )?;
         }
         self.report.duration_ms = started.elapsed().as_millis() as u64;
         Ok(())
@@ -289,7 +295,8 @@ impl TreeWriter<'_> {
             if let Some(e) = &dir.entry {
                 let mode = self.mode(e);
                 let shown = self.target.join(OsStr::from_bytes(&e.path));
-                let applied = fsmeta::apply(Target::Open(dir.fd.as_fd()), e, mode, self.chown, &shown);
+                let applied =
+                    fsmeta::apply(Target::Open(dir.fd.as_fd()), e, mode, self.chown, &shown);
                 if first.is_ok() {
                     first = applied;
                 }
@@ -309,7 +316,9 @@ impl TreeWriter<'_> {
             .count();
         self.leave_to(same)?;
         for (depth, c) in parent.iter().enumerate().skip(same) {
-            let shown = self.target.join(OsStr::from_bytes(&parent[..=depth].join(&b'/')));
+            let shown = self
+                .target
+                .join(OsStr::from_bytes(&parent[..=depth].join(&b'/')));
             let fd = open_dir(self.dir(), c, false, &shown)?;
             self.open.push(OpenDir {
                 name: c.to_vec(),
@@ -517,10 +526,11 @@ fn open_dir(dir: BorrowedFd<'_>, name: &[u8], replace: bool, shown: &Path) -> Re
             rustix::fs::Mode::empty(),
         )
     };
-    let mkdir = || match rustix::fs::mkdirat(dir, name, rustix::fs::Mode::from_raw_mode(NEW_DIR_MODE)) {
-        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
-        Err(e) => Err(Error::io(shown, e.into())),
-    };
+    let mkdir =
+        || match rustix::fs::mkdirat(dir, name, rustix::fs::Mode::from_raw_mode(NEW_DIR_MODE)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(Error::io(shown, e.into())),
+        };
     // Not a directory: a symlink (ELOOP, or ENOTDIR as O_DIRECTORY is checked first) or a file.
     let not_a_dir = || {
         let is_link = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
@@ -528,10 +538,14 @@ fn open_dir(dir: BorrowedFd<'_>, name: &[u8], replace: bool, shown: &Path) -> Re
         if is_link {
             Error::UnsafePath {
                 path: shown.display().to_string(),
-                reason: "a parent directory is a symlink; writing through it could leave the target",
+                reason:
+                    "a parent directory is a symlink; writing through it could leave the target",
             }
         } else {
-            Error::io(shown, std::io::Error::other("exists and is not a directory"))
+            Error::io(
+                shown,
+                std::io::Error::other("exists and is not a directory"),
+            )
         }
     };
     match open() {

@@ -123,7 +123,12 @@ impl Secured {
     /// sending clients' passwords there in clear.
     pub fn with_plain_tokens(dir: &Path) -> Secured {
         let mut secured = Secured::new(dir);
-        secured.tokens = Some(TokenServer::start(dir, secured.user, secured.password, None));
+        secured.tokens = Some(TokenServer::start(
+            dir,
+            secured.user,
+            secured.password,
+            None,
+        ));
         secured
     }
 

@@ -92,16 +92,27 @@ impl Registry {
     /// there in clear). Asks the registry's `/v2/` once per registry.
     async fn check_realm(&self, r: &Reference) -> Result<()> {
         let registry = r.resolve_registry().to_string();
-        if self.is_insecure(r) || self.realms_checked.lock().expect("realm lock").contains(&registry) {
+        if self.is_insecure(r)
+            || self
+                .realms_checked
+                .lock()
+                .expect("realm lock")
+                .contains(&registry)
+        {
             return Ok(());
         }
         let url = format!("https://{registry}/v2/");
-        let response = self.http.get(&url).send().await.map_err(|e| Error::Registry {
-            op: "ping",
-            reference: registry.clone(),
-            message: describe(&e),
-            transient: true,
-        })?;
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| Error::Registry {
+                op: "ping",
+                reference: registry.clone(),
+                message: describe(&e),
+                transient: true,
+            })?;
         let challenge = response
             .headers()
             .get(reqwest::header::WWW_AUTHENTICATE)

@@ -139,11 +139,15 @@ impl Registry {
         let from_file = match &options.creds_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-                Some((text.trim_end_matches(['\r', '\n']).to_string(), path.display().to_string()))
+                Some((
+                    text.trim_end_matches(['\r', '\n']).to_string(),
+                    path.display().to_string(),
+                ))
             }
             None => None,
         };
-        let creds = match from_file.or_else(|| options.creds.clone().map(|c| (c, "--creds".into()))) {
+        let creds = match from_file.or_else(|| options.creds.clone().map(|c| (c, "--creds".into())))
+        {
             Some((c, origin)) => {
                 let (user, pass) = c
                     .split_once(':')
