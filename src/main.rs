@@ -175,7 +175,7 @@ struct NewKeyArgs {
 /// Whether `init` encrypts.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Encryption {
-    /// XChaCha20-Poly1305 with keyed BLAKE3 chunk ids.
+    /// AES-256-GCM or XChaCha20-Poly1305 (see --cipher), keyed BLAKE3 chunk ids.
     On,
     /// No encryption (for stores already encrypted at rest by other means).
     None,
@@ -201,6 +201,16 @@ struct InitArgs {
     /// TRESOR_PASSWORD, --key-file, systemd credentials or a prompt.
     #[arg(long, value_enum, default_value = "on", num_args = 0..=1, default_missing_value = "on")]
     encryption: Encryption,
+    /// The cipher [default: AES-256-GCM where the CPU has AES instructions, else
+    /// XChaCha20-Poly1305]. Both are always readable.
+    #[arg(long, value_enum)]
+    cipher: Option<CipherArg>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CipherArg {
+    Aes256gcm,
+    Xchacha20poly1305,
 }
 
 #[derive(Subcommand)]
@@ -1329,6 +1339,10 @@ async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode> {
             max_size: args.chunk_max,
         },
         compression_level,
+        cipher: args.cipher.map(|c| match c {
+            CipherArg::Aes256gcm => tresor::crypto::Cipher::Aes256Gcm,
+            CipherArg::Xchacha20poly1305 => tresor::crypto::Cipher::XChaCha20Poly1305,
+        }),
     };
     let store = store(g, true)?;
     let secret = match args.encryption {

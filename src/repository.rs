@@ -138,6 +138,8 @@ pub struct OpenOptions<'a> {
 pub struct InitOptions {
     pub chunker: ChunkerParams,
     pub compression_level: Option<i32>,
+    /// The cipher of an encrypted repository; `None` picks [`Cipher::preferred`].
+    pub cipher: Option<Cipher>,
 }
 
 impl Default for InitOptions {
@@ -145,6 +147,7 @@ impl Default for InitOptions {
         InitOptions {
             chunker: ChunkerParams::default(),
             compression_level: Some(3),
+            cipher: None,
         }
     }
 }
@@ -186,13 +189,14 @@ impl Repository {
                 url: store.url().to_string(),
             });
         }
+        let cipher = options.cipher.unwrap_or_else(Cipher::preferred);
         let config = RepoConfig {
             version: FORMAT_VERSION,
             id: hex::encode(rand::random::<[u8; 16]>()),
             chunker: options.chunker,
             compression_level: options.compression_level,
             created: chrono::Utc::now(),
-            encryption: secret.map(|_| Cipher::preferred().name().to_string()),
+            encryption: secret.map(|_| cipher.name().to_string()),
             mac: None,
         };
         let mut repo = Repository {
@@ -202,7 +206,7 @@ impl Repository {
             slot: None,
         };
         if let Some(secret) = secret {
-            let key = MasterKey::generate(Cipher::preferred());
+            let key = MasterKey::generate(cipher);
             repo.config.sign(&key);
             repo.key = Some(key);
             repo.slot = Some(repo.add_key(secret).await?);
