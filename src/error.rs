@@ -23,6 +23,10 @@ pub enum ErrorKind {
     Unsafe,
     /// A snapshot reference did not resolve.
     NotFound,
+    /// Some parts of an operation failed, others succeeded.
+    Partial,
+    /// The operation was stopped by a signal.
+    Stopped,
 }
 
 /// Errors of the tresor library.
@@ -46,6 +50,24 @@ pub enum Error {
 
     #[error("the config of repository {url} is not the one it was created with: {reason}; refusing to open it")]
     Tampered { url: String, reason: String },
+
+    #[error("{what}: {} of {total} failed: {}", failures.len(), failures.join("; "))]
+    Partial {
+        what: String,
+        total: usize,
+        failures: Vec<String>,
+        /// Every failure was transient: trying again may help.
+        transient: bool,
+    },
+
+    #[error("verification found {problems} problems; broken snapshots: {}", broken.join(", "))]
+    VerifyFailed {
+        problems: usize,
+        broken: Vec<String>,
+    },
+
+    #[error("stopped by {signal}")]
+    Stopped { signal: &'static str },
 
     #[error("{which} hook of job {job} {reason}")]
     Hook {
@@ -155,7 +177,11 @@ impl Error {
             | Error::Registry { .. }
             | Error::DeleteRefused { .. }
             | Error::LeaseLost { .. } => ErrorKind::Store,
-            Error::DigestMismatch { .. } | Error::Tampered { .. } => ErrorKind::Integrity,
+            Error::DigestMismatch { .. } | Error::Tampered { .. } | Error::VerifyFailed { .. } => {
+                ErrorKind::Integrity
+            }
+            Error::Partial { .. } => ErrorKind::Partial,
+            Error::Stopped { .. } => ErrorKind::Stopped,
             Error::Missing { .. } | Error::Corrupt { .. } => ErrorKind::Integrity,
             Error::Io { .. } | Error::Hook { .. } => ErrorKind::Io,
             Error::UnsafePath { .. } => ErrorKind::Unsafe,
@@ -167,7 +193,7 @@ impl Error {
     /// Whether running the same operation again may succeed (transient store or I/O trouble).
     pub fn is_retryable(&self) -> bool {
         match self.root() {
-            Error::Registry { transient, .. } => *transient,
+            Error::Registry { transient, .. } | Error::Partial { transient, .. } => *transient,
             Error::DeleteRefused { .. } => false,
             _ => matches!(self.kind(), ErrorKind::Store | ErrorKind::Io),
         }

@@ -5,6 +5,7 @@
 //! [`store`], and recorded last as a [`snapshot`]. Restore is the same path backwards, with every
 //! chunk re-hashed on the way. Only [`gc`] deletes data, by a protocol that lets any number of
 //! hosts keep backing up meanwhile; every backup runs inside a [`gc::Session`] for it.
+//! Front ends (the CLI, the [`agent`]) call the operations of [`commands`].
 //! `ARCHITECTURE.md` describes the modules and the on-store format.
 
 pub mod agent;
@@ -12,6 +13,7 @@ pub mod cache;
 pub mod catalog;
 pub mod chunker;
 pub mod codec;
+pub mod commands;
 pub mod crypto;
 pub mod error;
 pub mod gc;

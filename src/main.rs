@@ -10,17 +10,39 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use tresor::chunker::ChunkerParams;
+use tresor::commands::{self, open::Access};
 use tresor::crypto::Secret;
-use tresor::gc::Session;
 use tresor::localfile::{write_atomically, SHARED};
 use tresor::progress::Progress;
-use tresor::repository::{InitOptions, OpenOptions, Repository};
+use tresor::repository::{InitOptions, Repository};
 use tresor::snapshot::{self, Filter, Kind, Listed};
-use tresor::store::{Store, StoreOptions};
+use tresor::store::StoreOptions;
 use tresor::volume::{self, BackupOptions, RestoreOptions};
 
-/// Exit code of a backup that completed but could not read every file (as restic does).
+/// Exit code of a backup that completed but could not read every file (as restic does), or
+/// of an operation some of whose parts failed.
 const EXIT_PARTIAL: u8 = 3;
+
+/// The exit code of a failed command, by the kind of its error (README, "Exit codes"):
+/// `verify` says 2 for any run that could not happen, whatever stopped it.
+fn exit_code(e: &anyhow::Error, verifying: bool) -> ExitCode {
+    use tresor::ErrorKind;
+    if verifying {
+        return ExitCode::from(EXIT_VERIFY_FAILED);
+    }
+    let kind = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<tresor::Error>())
+        .map(tresor::Error::kind);
+    ExitCode::from(match kind {
+        Some(ErrorKind::Config | ErrorKind::NotFound) => 2,
+        Some(ErrorKind::Partial) => EXIT_PARTIAL,
+        Some(ErrorKind::Integrity) => 4,
+        Some(ErrorKind::Unsafe) => 5,
+        Some(ErrorKind::Stopped) => 143,
+        Some(ErrorKind::Repository | ErrorKind::Store | ErrorKind::Io) | None => 1,
+    })
+}
 
 /// Digital-twin backups of container workloads: OCI images and volumes, deduplicated into a
 /// sovereign object store, restorable elsewhere byte for byte.
@@ -247,7 +269,7 @@ impl RegistryArgs {
         &self,
         g: &Global,
         hosts: &[&str],
-    ) -> anyhow::Result<tresor::oci::registry::Registry> {
+    ) -> tresor::Result<tresor::oci::registry::Registry> {
         let options = tresor::oci::registry::RegistryOptions {
             insecure: if self.insecure {
                 hosts.iter().map(|h| h.to_string()).collect()
@@ -261,7 +283,7 @@ impl RegistryArgs {
             attempts: 5,
             locations: cache_dir(g).map(|d| d.join(tresor::oci::locations::FILE_NAME)),
         };
-        Ok(tresor::oci::registry::Registry::new(&options)?)
+        tresor::oci::registry::Registry::new(&options)
     }
 }
 
@@ -460,11 +482,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => (true, a.log_format == LogFormat::Json),
         _ => (false, false),
     };
-    let failure = if matches!(cli.command, Command::Verify(_)) {
-        ExitCode::from(EXIT_VERIFY_FAILED)
-    } else {
-        ExitCode::FAILURE
-    };
+    let verifying = matches!(cli.command, Command::Verify(_));
     init_logging(cli.global.verbose, agent, json_logs);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -480,7 +498,7 @@ fn main() -> ExitCode {
             if let Some(hint) = e.downcast_ref::<tresor::Error>().and_then(|e| e.hint()) {
                 eprintln!("hint: {hint}");
             }
-            failure
+            exit_code(&e, verifying)
         }
     };
     // A job thread still running (the agent was stopped; its hooks are being killed) must not
@@ -518,8 +536,12 @@ fn init_logging(verbose: u8, agent: bool, json: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only for a person at a terminal: the journal and pipes get plain lines.
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -741,56 +763,43 @@ async fn agent(args: &AgentArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn backup_image(g: &Global, args: &BackupImageArgs) -> anyhow::Result<ExitCode> {
-    let repo = open(g).await?;
-    let session = Arc::new(
-        Session::start(
-            Arc::clone(&repo),
-            cache_dir(g).as_deref(),
-            &format!("backup image {}", args.images.join(" ")),
-        )
-        .await?,
-    );
-    let result = backup_images(g, args, &session).await;
-    session
-        .finish(matches!(result, Ok(ExitCode::SUCCESS)))
-        .await;
-    result
-}
-
-async fn backup_images(
-    g: &Global,
-    args: &BackupImageArgs,
-    session: &Arc<Session>,
-) -> anyhow::Result<ExitCode> {
-    use tresor::oci::{ImageBackupOptions, ImageSource};
     let tag_filter = args
         .tags
         .as_deref()
         .map(regex::Regex::new)
         .transpose()
         .context("--tags is not a valid regular expression")?;
+    let repo = open(g).await?;
+    let rt = tokio::runtime::Handle::current();
+    let cache = cache_dir(g);
+    let command = format!("backup image {}", args.images.join(" "));
+    let quiet = g.quiet;
+    let host = args.host.clone().unwrap_or_else(host_name);
+    let registry = |source: &tresor::oci::ImageSource| {
+        args.registry
+            .registry(g, &[source.registry_host().unwrap_or_default()])
+    };
+    let results = tokio::task::block_in_place(|| {
+        let what = commands::backup::ImageBackup {
+            images: &args.images,
+            tag_filter,
+            platforms: &args.platform,
+            host: &host,
+            tags: &args.snapshot_tags,
+        };
+        commands::backup::images(
+            &repo,
+            &rt,
+            cache.as_deref(),
+            &what,
+            &command,
+            registry,
+            |image| Progress::new(!quiet, &format!("backup {image}"), None),
+        )
+    })?;
     let mut all = Vec::new();
     let mut failed = 0;
-    for image in &args.images {
-        let source = ImageSource::parse(image)?;
-        let registry = args
-            .registry
-            .registry(g, &[source.registry_host().unwrap_or_default()])?;
-        let options = ImageBackupOptions {
-            source,
-            tag_filter: tag_filter.clone(),
-            platforms: args.platform.clone(),
-            host: args.host.clone().unwrap_or_else(host_name),
-            tags: args.snapshot_tags.clone(),
-        };
-        let progress = Progress::new(!g.quiet, &format!("backup {image}"), None);
-        let rt = tokio::runtime::Handle::current();
-        let (session, p) = (Arc::clone(session), progress.clone());
-        let results = tokio::task::spawn_blocking(move || {
-            tresor::oci::backup(&session, &rt, &registry, &options, &p)
-        })
-        .await??;
-        progress.finish();
+    for (image, results) in results {
         if results.is_empty() {
             eprintln!("warning: {image}: no tag matched");
         }
@@ -1004,13 +1013,12 @@ async fn verify(g: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let progress = Progress::new(!g.quiet && read_data.is_some(), "verify", None);
     let rt = tokio::runtime::Handle::current();
     let p = progress.clone();
-    let repo_for_cache = Arc::clone(&repo);
-    let report =
-        tokio::task::spawn_blocking(move || verify::verify(&repo, &rt, &options, &p)).await??;
+    let cache = cache_dir(g);
+    let report = tokio::task::spawn_blocking(move || {
+        commands::verify::verify(&repo, &rt, cache.as_deref(), &options, &p)
+    })
+    .await??;
     progress.finish();
-    if report.chunks_missing() {
-        tresor::cache::forget(&repo_for_cache, cache_dir(g).as_deref())?;
-    }
     if let Some(path) = &args.metrics {
         write_atomically(path, SHARED, verify::metrics(&report).as_bytes())?;
     }
@@ -1116,56 +1124,31 @@ fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     Ok(chrono::Utc::now() - age)
 }
 
-fn store(g: &Global, create: bool) -> anyhow::Result<Store> {
+/// Where the repository is and how to unlock it, from the global flags and the environment.
+fn access(g: &Global) -> anyhow::Result<Access> {
     let url = g
         .repo
-        .as_deref()
+        .clone()
         .context("no repository given: use --repo URL or set TRESOR_REPO")?;
-    let options = StoreOptions {
-        endpoint: g.s3_endpoint.clone(),
-        region: g.s3_region.clone(),
-        allow_http: g.s3_allow_http,
-        credentials: None,
-    };
-    Ok(Store::open(url, &options, create)?)
+    Ok(Access {
+        url,
+        store: StoreOptions {
+            endpoint: g.s3_endpoint.clone(),
+            region: g.s3_region.clone(),
+            allow_http: g.s3_allow_http,
+            credentials: None,
+        },
+        key_file: g.key_file.clone(),
+        password_file: g.password_file.clone(),
+        password: std::env::var("TRESOR_PASSWORD").ok().map(Zeroizing::new),
+        credentials: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        cache_dir: cache_dir(g),
+    })
 }
 
 async fn open(g: &Global) -> anyhow::Result<Arc<Repository>> {
-    let store = store(g, false)?;
-    let url = store.url().to_string();
-    let cache_dir = cache_dir(g);
-    let options = OpenOptions {
-        secret: given_secret(g, false)?,
-        cache_dir: cache_dir.as_deref(),
-    };
-    Ok(Arc::new(
-        Repository::open(store, options, || ask_secret(&url, false)).await?,
-    ))
-}
-
-/// The passphrase or key file given for the repository, from (in order) --key-file,
-/// --password-file, TRESOR_PASSWORD, the systemd credentials `tresor-key-file` and
-/// `tresor-password`. With `create`, a missing key file is created.
-fn given_secret(g: &Global, create: bool) -> tresor::Result<Option<Secret>> {
-    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    if let Some(path) = &g.key_file {
-        return key_file(path, create).map(Some);
-    }
-    if let Some(path) = &g.password_file {
-        return password_file(path).map(Some);
-    }
-    if let Ok(p) = std::env::var("TRESOR_PASSWORD") {
-        return Ok(Some(Secret::Passphrase(Zeroizing::new(p))));
-    }
-    if let Some(dir) = credentials {
-        if dir.join("tresor-key-file").is_file() {
-            return key_file(&dir.join("tresor-key-file"), false).map(Some);
-        }
-        if dir.join("tresor-password").is_file() {
-            return password_file(&dir.join("tresor-password")).map(Some);
-        }
-    }
-    Ok(None)
+    let access = access(g)?;
+    Ok(access.open(|| ask_secret(&access.url, false)).await?)
 }
 
 /// A password asked on the terminal (twice with `create`), or an error saying how to give one.
@@ -1178,6 +1161,7 @@ fn ask_secret(url: &str, create: bool) -> tresor::Result<Secret> {
     })
 }
 
+/// A new key file, made by `init` or `key add`, announced: without a copy the data is lost.
 fn key_file(path: &std::path::Path, create: bool) -> tresor::Result<Secret> {
     let existed = path.exists();
     let secret = Secret::from_key_file(path, create)?;
@@ -1188,10 +1172,6 @@ fn key_file(path: &std::path::Path, create: bool) -> tresor::Result<Secret> {
         );
     }
     Ok(secret)
-}
-
-fn password_file(path: &std::path::Path) -> tresor::Result<Secret> {
-    Secret::from_password_file(path)
 }
 
 /// Asks for a password on the terminal; `None` when stdin is not one.
@@ -1219,7 +1199,7 @@ fn new_secret(args: &NewKeyArgs) -> anyhow::Result<Secret> {
         return Ok(key_file(path, true)?);
     }
     if let Some(path) = &args.new_password_file {
-        return Ok(password_file(path)?);
+        return Ok(Secret::from_password_file(path)?);
     }
     if let Ok(p) = std::env::var("TRESOR_NEW_PASSWORD") {
         return Ok(Secret::Passphrase(Zeroizing::new(p)));
@@ -1344,15 +1324,18 @@ async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode> {
             CipherArg::Xchacha20poly1305 => tresor::crypto::Cipher::XChaCha20Poly1305,
         }),
     };
-    let store = store(g, true)?;
-    let secret = match args.encryption {
-        Encryption::On => Some(match given_secret(g, true)? {
-            Some(s) => s,
-            None => ask_secret(store.url(), true)?,
-        }),
-        Encryption::None => None,
-    };
-    let repo = Repository::init(store, options, secret.as_ref()).await?;
+    let access = access(g)?;
+    let encrypted = args.encryption == Encryption::On;
+    let new_key_file = g.key_file.as_ref().filter(|p| encrypted && !p.exists());
+    let repo = access
+        .init(options, encrypted, || ask_secret(&access.url, true))
+        .await?;
+    if let Some(path) = new_key_file {
+        eprintln!(
+            "created key file {}: keep a copy somewhere safe, without it the data is lost",
+            path.display()
+        );
+    }
     if g.json {
         println!(
             "{}",
@@ -1373,19 +1356,6 @@ async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode> {
 
 async fn backup_volume(g: &Global, args: &BackupVolumeArgs) -> anyhow::Result<ExitCode> {
     let repo = open(g).await?;
-    if args.force {
-        // --force reads everything and trusts no cache: chunks lost from the store are stored
-        // again.
-        tresor::cache::forget(&repo, cache_dir(g).as_deref())?;
-    }
-    let session = Arc::new(
-        Session::start(
-            Arc::clone(&repo),
-            cache_dir(g).as_deref(),
-            &format!("backup volume {}", args.name),
-        )
-        .await?,
-    );
     let options = BackupOptions {
         name: args.name.clone(),
         path: args.path.clone(),
@@ -1397,12 +1367,12 @@ async fn backup_volume(g: &Global, args: &BackupVolumeArgs) -> anyhow::Result<Ex
     };
     let progress = Progress::new(!g.quiet, &format!("backup {}", args.name), None);
     let rt = tokio::runtime::Handle::current();
-    let p = progress.clone();
-    let s2 = Arc::clone(&session);
-    let result =
-        tokio::task::spawn_blocking(move || volume::backup(&s2, &rt, &options, &p)).await?;
-    session.finish(result.is_ok()).await;
-    let listed = result?;
+    let (p, cache) = (progress.clone(), cache_dir(g));
+    let command = format!("backup volume {}", args.name);
+    let listed = tokio::task::spawn_blocking(move || {
+        commands::backup::volume(&repo, &rt, cache.as_deref(), &options, &command, &p)
+    })
+    .await??;
     progress.finish();
     let s = &listed.snapshot;
     if g.json {

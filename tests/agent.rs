@@ -111,6 +111,7 @@ fn once_runs_every_job_and_reports_the_broken_one() {
          [[job]]\nname = \"data\"\ntype = \"volume\"\npath = \"{src}\"\npre = \"echo pre >> {log}\"\npost = \"echo post >> {log}\"\n\n\
          [[job]]\nname = \"app\"\ntype = \"image\"\nimages = [\"docker://{host}/svc/app:v1\"]\n\n\
          [[job]]\nname = \"broken\"\ntype = \"volume\"\npath = \"/nonexistent/tresor\"\nretries = 1\nretry_delay = \"0s\"\n\n\
+         [[job]]\nname = \"missing\"\ntype = \"image\"\nimages = [\"docker://{host}/svc/app:nosuchtag\"]\nretries = 3\nretry_delay = \"0s\"\n\n\
          [[job]]\nname = \"failing-hook\"\ntype = \"volume\"\npath = \"{src}\"\npre = \"exit 7\"\npost = \"echo cleanup >> {log}\"\nretries = 0\n",
         host = registry.host,
         src = src.display(),
@@ -120,7 +121,20 @@ fn once_runs_every_job_and_reports_the_broken_one() {
     let out = agent(&env, &config, &["--once"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("2 job(s) failed"), "{err}");
+    assert!(err.contains("3 job(s) failed"), "{err}");
+    // A missing manifest is not retried (trying again cannot help); a missing path is, once.
+    let retries = |job: &str| {
+        err.lines()
+            .filter(|l| l.contains("retrying in") && l.contains(&format!("job=\"{job}\"")))
+            .count()
+    };
+    assert_eq!(retries("missing"), 0, "{err}");
+    assert_eq!(retries("broken"), 1, "{err}");
+    assert!(err.contains("svc/app:nosuchtag"), "{err}");
+    assert!(
+        !err.contains('\x1b'),
+        "colour codes in a log that is no terminal: {err}"
+    );
     assert!(
         err.contains("broken") && err.contains("/nonexistent/tresor"),
         "{err}"

@@ -29,7 +29,10 @@ fn file_hashes(root: &Path) -> Vec<String> {
                 stack.push(e.path());
             } else if t.is_file() {
                 let rel = e.path().strip_prefix(root).unwrap().display().to_string();
-                out.push(format!("{}  ./{rel}", sha256_hex(&fs::read(e.path()).unwrap())));
+                out.push(format!(
+                    "{}  ./{rel}",
+                    sha256_hex(&fs::read(e.path()).unwrap())
+                ));
             }
         }
     }
@@ -67,7 +70,11 @@ fn every_fixture_repository_opens_restores_and_verifies() {
         let disk_hash = fs::read_to_string(format.join("disk.sha256")).unwrap();
         let image_digest = fs::read_to_string(format.join("image.digest")).unwrap();
         for fixture in subdirs(&format) {
-            let case = fixture.strip_prefix(&fixtures).unwrap().display().to_string();
+            let case = fixture
+                .strip_prefix(&fixtures)
+                .unwrap()
+                .display()
+                .to_string();
             let env = Env::empty();
             // A copy: opening, verifying and restoring may write (verify records, the cache).
             let copied = Command::new("cp")
@@ -101,25 +108,46 @@ fn every_fixture_repository_opens_restores_and_verifies() {
                     .collect::<Vec<_>>()
             };
             assert_eq!(snaps.len(), 3, "{case}: {snaps:?}");
-            assert_eq!(named("tree").len(), 1, "{case}: the forgotten snapshot is listed");
+            assert_eq!(
+                named("tree").len(),
+                1,
+                "{case}: the forgotten snapshot is listed"
+            );
 
             let tree = env.path("tree");
             run(&["restore", "volume", "tree", "--to", tree.to_str().unwrap()]);
             assert_eq!(file_hashes(&tree), tree_hashes, "{case}: tree contents");
             let link = fs::read_link(tree.join("data/config-link")).unwrap();
             assert_eq!(link, Path::new("../etc/app/app.conf"), "{case}");
-            let mode = |p: &str| fs::symlink_metadata(tree.join(p)).unwrap().permissions().mode() & 0o7777;
+            let mode = |p: &str| {
+                fs::symlink_metadata(tree.join(p))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o7777
+            };
             assert_eq!(mode("etc/app"), 0o700, "{case}");
             assert_eq!(mode("data/nested/run.sh"), 0o755, "{case}");
             let ino = |p: &str| fs::metadata(tree.join(p)).unwrap().ino();
-            assert_eq!(ino("data/gpl-3.txt"), ino("data/gpl-3-hardlink.txt"), "{case}: hardlink");
-            assert!(fs::symlink_metadata(tree.join("data/pipe")).unwrap().file_type().is_fifo());
+            assert_eq!(
+                ino("data/gpl-3.txt"),
+                ino("data/gpl-3-hardlink.txt"),
+                "{case}: hardlink"
+            );
+            assert!(fs::symlink_metadata(tree.join("data/pipe"))
+                .unwrap()
+                .file_type()
+                .is_fifo());
             let version = fs::read_to_string(tree.join("data/version")).unwrap();
             assert!(version.starts_with("second"), "{case}: {version}");
 
             let disk = env.path("disk.img");
             run(&["restore", "volume", "disk", "--to", disk.to_str().unwrap()]);
-            assert_eq!(sha256_hex(&fs::read(&disk).unwrap()), disk_hash.trim(), "{case}: disk");
+            assert_eq!(
+                sha256_hex(&fs::read(&disk).unwrap()),
+                disk_hash.trim(),
+                "{case}: disk"
+            );
 
             let image = snaps.iter().find(|s| s["kind"] == "image").unwrap();
             let layout = env.path("layout");
@@ -132,7 +160,11 @@ fn every_fixture_repository_opens_restores_and_verifies() {
             ]);
             let index: serde_json::Value =
                 serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-            assert_eq!(index["manifests"][0]["digest"], image_digest.trim(), "{case}: image");
+            assert_eq!(
+                index["manifests"][0]["digest"],
+                image_digest.trim(),
+                "{case}: image"
+            );
 
             run(&["verify", "--read-data"]);
             checked.push(case);

@@ -21,13 +21,13 @@ use chrono::{DateTime, Local};
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::crypto::Secret;
+use crate::commands::{self, open::Access};
 use crate::error::{Error, Result};
-use crate::gc::Session;
 use crate::localfile::{write_atomically, SHARED};
+use crate::oci::registry::{Registry, RegistryOptions};
 use crate::progress::Progress;
-use crate::repository::{OpenOptions, Repository};
-use crate::store::{Store, StoreOptions};
+use crate::repository::Repository;
+use crate::store::StoreOptions;
 use config::{AgentConfig, JobConfig, JobKind};
 use notify::notify;
 use schedule::Schedule;
@@ -72,58 +72,40 @@ fn env_dir(var: &str, fallback: &str) -> PathBuf {
 impl Context {
     async fn new(config: AgentConfig) -> Result<Context> {
         let r = &config.repository;
-        let store = Store::open(
-            &r.url,
-            &StoreOptions {
+        let cache_dir = config
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| env_dir("CACHE_DIRECTORY", "/var/cache/tresor"));
+        let access = Access {
+            url: r.url.clone(),
+            store: StoreOptions {
                 endpoint: r.s3_endpoint.clone(),
                 region: r.s3_region.clone(),
                 allow_http: r.s3_allow_http,
                 credentials: None,
             },
-            false,
-        )?;
-        let cache_dir = config
-            .cache_dir
-            .clone()
-            .unwrap_or_else(|| env_dir("CACHE_DIRECTORY", "/var/cache/tresor"));
-        let options = OpenOptions {
-            secret: secret(r.key_file.as_deref(), r.password_file.as_deref())?,
-            cache_dir: Some(&cache_dir),
+            key_file: r.key_file.clone(),
+            password_file: r.password_file.clone(),
+            password: None,
+            credentials: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+            cache_dir: Some(cache_dir.clone()),
         };
-        let repo = Repository::open(store, options, || {
-            Err(Error::Config(
-                "the repository is encrypted: set repository.key_file or password_file, or \
-                 pass the systemd credential tresor-key-file / tresor-password"
-                    .into(),
-            ))
-        })
-        .await?;
+        let repo = access
+            .open(|| {
+                Err(Error::Config(
+                    "the repository is encrypted: set repository.key_file or password_file, \
+                     or pass the systemd credential tresor-key-file / tresor-password"
+                        .into(),
+                ))
+            })
+            .await?;
         Ok(Context {
             config,
-            repo: Arc::new(repo),
+            repo,
             cache_dir,
             metrics: Mutex::new(BTreeMap::new()),
         })
     }
-}
-
-/// The secret from the config's files, else from systemd credentials, if any is given.
-fn secret(key_file: Option<&Path>, password_file: Option<&Path>) -> Result<Option<Secret>> {
-    if let Some(k) = key_file {
-        return Secret::from_key_file(k, false).map(Some);
-    }
-    if let Some(p) = password_file {
-        return Secret::from_password_file(p).map(Some);
-    }
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from) {
-        if dir.join("tresor-key-file").is_file() {
-            return Secret::from_key_file(&dir.join("tresor-key-file"), false).map(Some);
-        }
-        if dir.join("tresor-password").is_file() {
-            return Secret::from_password_file(&dir.join("tresor-password")).map(Some);
-        }
-    }
-    Ok(None)
 }
 
 /// Checks a config file, for `--check-config`.
@@ -161,7 +143,7 @@ pub async fn run_once(path: &Path) -> Result<usize> {
             _ = sigterm.recv() => {
                 tracing::warn!("SIGTERM: stopping within {STOP_GRACE:?}");
                 stop_job(handle).await;
-                return Err(Error::Config("stopped by SIGTERM".into()));
+                return Err(Error::Stopped { signal: "SIGTERM" });
             }
         }
     }
@@ -306,7 +288,9 @@ fn run_with_retries(ctx: &Context, rt: &Handle, name: &str) -> bool {
         tracing::info!(job = name, attempt, "job starting");
         match run_job(ctx, rt, &job, &job.tags) {
             Ok(outcome) => break Ok(outcome),
-            Err(e) if attempt <= job.retries => {
+            // Only what may go away by itself is tried again: a 503, a reset, a timeout; never
+            // a bad regex, a missing manifest, a refused delete or a corrupt chunk.
+            Err(e) if attempt <= job.retries && e.is_retryable() => {
                 tracing::warn!(job = name, "job failed: {e}; retrying in {delay:?}");
                 std::thread::sleep(delay);
                 delay *= 2;
@@ -341,72 +325,28 @@ fn run_with_retries(ctx: &Context, rt: &Handle, name: &str) -> bool {
     ok
 }
 
-/// One attempt at a job.
-/// What an image job backs up.
-struct ImageJob<'a> {
-    images: &'a [String],
-    tags_regex: Option<&'a str>,
-    platforms: &'a [String],
-    /// This agent's host name, recorded in the snapshots.
-    host: &'a str,
-    tags: &'a [String],
-}
-
-/// Backs up every image of an image job within `session`: the snapshots made, and the images
-/// that failed.
-fn image_job(
-    ctx: &Context,
-    rt: &Handle,
-    session: &Arc<Session>,
-    job: &ImageJob,
-) -> Result<(Vec<crate::snapshot::Listed>, Vec<String>)> {
-    let filter = job
-        .tags_regex
-        .map(regex::Regex::new)
-        .transpose()
-        .map_err(|e| Error::Config(e.to_string()))?;
-    let mut listed = Vec::new();
-    let mut failures = Vec::new();
-    for image in job.images {
-        let source = crate::oci::ImageSource::parse(image)?;
-        let registry_host = source.registry_host().unwrap_or_default().to_string();
-        let host_cfg = ctx
-            .config
-            .registries
-            .get(&registry_host)
-            .cloned()
-            .unwrap_or_default();
-        let registry =
-            crate::oci::registry::Registry::new(&crate::oci::registry::RegistryOptions {
-                insecure: if host_cfg.insecure {
-                    vec![registry_host.clone()]
-                } else {
-                    Vec::new()
-                },
-                creds: None,
-                creds_file: host_cfg.creds_file.clone(),
-                auth_file: host_cfg.auth_file.clone(),
-                ca_file: host_cfg.ca_file.clone(),
-                attempts: 5,
-                locations: Some(ctx.cache_dir.join(crate::oci::locations::FILE_NAME)),
-            })?;
-        let options = crate::oci::ImageBackupOptions {
-            source,
-            tag_filter: filter.clone(),
-            platforms: job.platforms.to_vec(),
-            host: job.host.to_string(),
-            tags: job.tags.to_vec(),
-        };
-        for (reference, result) in
-            crate::oci::backup(session, rt, &registry, &options, &Progress::hidden())?
-        {
-            match result {
-                Ok(l) => listed.push(l),
-                Err(e) => failures.push(format!("{reference}: {e}")),
-            }
-        }
-    }
-    Ok((listed, failures))
+/// The registry client for `source`, with this agent's settings for its host.
+fn registry_for(ctx: &Context, source: &crate::oci::ImageSource) -> Result<Registry> {
+    let host = source.registry_host().unwrap_or_default().to_string();
+    let settings = ctx
+        .config
+        .registries
+        .get(&host)
+        .cloned()
+        .unwrap_or_default();
+    Registry::new(&RegistryOptions {
+        insecure: if settings.insecure {
+            vec![host]
+        } else {
+            Vec::new()
+        },
+        creds: None,
+        creds_file: settings.creds_file,
+        auth_file: settings.auth_file,
+        ca_file: settings.ca_file,
+        attempts: 5,
+        locations: Some(ctx.cache_dir.join(crate::oci::locations::FILE_NAME)),
+    })
 }
 
 fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Result<Outcome> {
@@ -430,11 +370,6 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             let result = pre_result
                 .map_err(|e| e.context(format!("job {}: pre hook failed; job skipped", job.name)))
                 .and_then(|()| {
-                    let session = Arc::new(rt.block_on(Session::start(
-                        Arc::clone(repo),
-                        Some(&ctx.cache_dir),
-                        &format!("agent job {}", job.name),
-                    ))?);
                     let options = crate::volume::BackupOptions {
                         name: job.name.clone(),
                         path: path.clone(),
@@ -444,9 +379,10 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
                         strict: *strict,
                         use_parent: true,
                     };
-                    let result = crate::volume::backup(&session, rt, &options, &Progress::hidden());
-                    rt.block_on(session.finish(result.is_ok()));
-                    result
+                    let command = format!("agent job {}", job.name);
+                    let cache = Some(ctx.cache_dir.as_path());
+                    let hidden = Progress::hidden();
+                    commands::backup::volume(repo, rt, cache, &options, &command, &hidden)
                 });
             let post_result = post.as_ref().map(|cmd| hook("post", cmd));
             let listed = result?;
@@ -462,32 +398,45 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             tags_regex,
             platforms,
         } => {
-            let session = Arc::new(rt.block_on(Session::start(
-                Arc::clone(repo),
-                Some(&ctx.cache_dir),
-                &format!("agent job {}", job.name),
-            ))?);
-            let what = ImageJob {
+            let tag_filter = tags_regex
+                .as_deref()
+                .map(regex::Regex::new)
+                .transpose()
+                .map_err(|e| Error::Config(format!("job {}: tags_regex: {e}", job.name)))?;
+            let what = commands::backup::ImageBackup {
                 images,
-                tags_regex: tags_regex.as_deref(),
+                tag_filter,
                 platforms,
                 host: &host,
                 tags,
             };
-            let result = image_job(ctx, rt, &session, &what);
-            rt.block_on(session.finish(result.as_ref().is_ok_and(|(_, f)| f.is_empty())));
-            let (listed, failures) = result?;
-            for l in listed {
-                outcome.bytes_read += l.snapshot.summary.bytes_read;
-                outcome.bytes_new += l.snapshot.summary.chunks.bytes_new;
-                outcome.snapshots.push(l.id);
+            let results = commands::backup::images(
+                repo,
+                rt,
+                Some(&ctx.cache_dir),
+                &what,
+                &format!("agent job {}", job.name),
+                |source| registry_for(ctx, source),
+                |_| Progress::hidden(),
+            )?;
+            let mut failures = Vec::new();
+            for (reference, result) in results.into_iter().flat_map(|(_, r)| r) {
+                match result {
+                    Ok(l) => {
+                        outcome.bytes_read += l.snapshot.summary.bytes_read;
+                        outcome.bytes_new += l.snapshot.summary.chunks.bytes_new;
+                        outcome.snapshots.push(l.id);
+                    }
+                    Err(e) => failures.push((format!("{reference}: {e}"), e.is_retryable())),
+                }
             }
             if !failures.is_empty() {
-                return Err(Error::Config(format!(
-                    "job {}: {}",
-                    job.name,
-                    failures.join("; ")
-                )));
+                return Err(Error::Partial {
+                    what: format!("job {}", job.name),
+                    total: outcome.snapshots.len() + failures.len(),
+                    transient: failures.iter().all(|(_, t)| *t),
+                    failures: failures.into_iter().map(|(f, _)| f).collect(),
+                });
             }
         }
         JobKind::Workload { jobs } => {
@@ -554,26 +503,22 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
                 read_data: read,
                 ..Default::default()
             };
-            let report = crate::verify::verify(repo, rt, &options, &Progress::hidden())?;
-            if report.chunks_missing() {
-                crate::cache::forget(repo, Some(&ctx.cache_dir))?;
-            }
+            let cache = Some(ctx.cache_dir.as_path());
+            let report = commands::verify::verify(repo, rt, cache, &options, &Progress::hidden())?;
             if let Some(path) = metrics_file {
                 write_atomically(path, SHARED, crate::verify::metrics(&report).as_bytes())?;
             }
             outcome.bytes_read = report.stats.bytes_read;
             if !report.ok {
-                let broken: Vec<&str> = report
-                    .snapshots
-                    .iter()
-                    .filter(|s| !s.ok)
-                    .map(|s| s.id.as_str())
-                    .collect();
-                return Err(Error::Config(format!(
-                    "verification found {} problems; broken snapshots: {}",
-                    report.problems.len(),
-                    broken.join(", ")
-                )));
+                return Err(Error::VerifyFailed {
+                    problems: report.problems.len(),
+                    broken: report
+                        .snapshots
+                        .iter()
+                        .filter(|s| !s.ok)
+                        .map(|s| s.id.clone())
+                        .collect(),
+                });
             }
         }
     }

@@ -1,0 +1,99 @@
+//! Opening a repository: the store, the secret (from wherever the user gave it), the cache
+//! directory, and the checks of [`Repository::open`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use crate::crypto::Secret;
+use crate::error::Result;
+use crate::repository::{InitOptions, OpenOptions, Repository};
+use crate::store::{Store, StoreOptions};
+
+/// The systemd credentials tresor reads from `$CREDENTIALS_DIRECTORY`, in this order.
+pub const CREDENTIALS: [&str; 2] = ["tresor-key-file", "tresor-password"];
+
+/// Everything that locates a repository and unlocks it.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// `file:///PATH`, a plain path, `s3://BUCKET/PREFIX` or `memory://`.
+    pub url: String,
+    pub store: StoreOptions,
+    pub key_file: Option<PathBuf>,
+    pub password_file: Option<PathBuf>,
+    /// A passphrase given as such (`TRESOR_PASSWORD`).
+    pub password: Option<Zeroizing<String>>,
+    /// systemd's `$CREDENTIALS_DIRECTORY`, holding one of [`CREDENTIALS`].
+    pub credentials: Option<PathBuf>,
+    /// The chunk cache and the identities of repositories; `None` keeps nothing.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Access {
+    /// The secret given for the repository: the key file, the password file, the password,
+    /// then the systemd credentials. With `create`, a missing key file is made (mode 600).
+    ///
+    /// # Errors
+    /// I/O errors naming the file; [`crate::Error::Config`] for an empty one.
+    pub fn given_secret(&self, create: bool) -> Result<Option<Secret>> {
+        if let Some(path) = &self.key_file {
+            return Secret::from_key_file(path, create).map(Some);
+        }
+        if let Some(path) = &self.password_file {
+            return Secret::from_password_file(path).map(Some);
+        }
+        if let Some(p) = &self.password {
+            return Ok(Some(Secret::Passphrase(p.clone())));
+        }
+        if let Some(dir) = &self.credentials {
+            let [key, password] = CREDENTIALS.map(|c| dir.join(c));
+            if key.is_file() {
+                return Secret::from_key_file(&key, false).map(Some);
+            }
+            if password.is_file() {
+                return Secret::from_password_file(&password).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The cache directory, if one is kept.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.cache_dir.as_deref()
+    }
+
+    /// Opens the repository; `ask` gives the secret of an encrypted one when none was given
+    /// (a prompt, or an error saying what to give).
+    ///
+    /// # Errors
+    /// Those of [`Store::open`], [`Access::given_secret`] and [`Repository::open`].
+    pub async fn open(&self, ask: impl FnOnce() -> Result<Secret>) -> Result<Arc<Repository>> {
+        let store = Store::open(&self.url, &self.store, false)?;
+        let options = OpenOptions {
+            secret: self.given_secret(false)?,
+            cache_dir: self.cache_dir(),
+        };
+        Ok(Arc::new(Repository::open(store, options, ask).await?))
+    }
+
+    /// Creates the repository, encrypted with the given secret (or what `ask` gives) unless
+    /// `encrypted` is false.
+    ///
+    /// # Errors
+    /// Those of [`Store::open`], [`Access::given_secret`] and [`Repository::init`].
+    pub async fn init(
+        &self,
+        options: InitOptions,
+        encrypted: bool,
+        ask: impl FnOnce() -> Result<Secret>,
+    ) -> Result<Repository> {
+        let store = Store::open(&self.url, &self.store, true)?;
+        let secret = match (encrypted, self.given_secret(true)?) {
+            (false, _) => None,
+            (true, Some(s)) => Some(s),
+            (true, None) => Some(ask()?),
+        };
+        Repository::init(store, options, secret.as_ref()).await
+    }
+}
