@@ -131,7 +131,8 @@ struct VerifyArgs {
     /// Read only a deterministic share: N/M (1/7 to 7/7 over a week read everything once) or P%.
     #[arg(long, value_name = "SHARE", conflicts_with = "read_data")]
     read_data_subset: Option<String>,
-    /// Only this snapshot (id or unique prefix; repeatable).
+    /// Only this snapshot (id, unique prefix of 4+ hex digits, or name meaning its newest;
+    /// repeatable).
     #[arg(long = "snapshot", value_name = "ID")]
     snapshots: Vec<String>,
     #[arg(long, value_enum)]
@@ -441,7 +442,7 @@ struct ForgetArgs {
 
 #[derive(Args)]
 struct ProtectArgs {
-    /// Snapshot id or unique prefix.
+    /// Snapshot id, unique id prefix (4+ hex digits), or name (its newest snapshot).
     snapshot: String,
     /// Lift the protection.
     #[arg(long)]
@@ -718,19 +719,8 @@ async fn forget(g: &Global, args: &ForgetArgs) -> anyhow::Result<ExitCode> {
 
 async fn protect(g: &Global, args: &ProtectArgs) -> anyhow::Result<ExitCode> {
     let repo = open(g).await?;
-    let ids = repo.list_snapshot_ids().await?;
-    let matching: Vec<&String> = ids
-        .iter()
-        .filter(|id| id.starts_with(args.snapshot.as_str()))
-        .collect();
-    let [id] = matching.as_slice() else {
-        anyhow::bail!(
-            "{:?} matches {} snapshots, not one",
-            args.snapshot,
-            matching.len()
-        );
-    };
-    repo.set_protected(id, !args.remove).await?;
+    let id = snapshot::resolve(&repo, &args.snapshot, None).await?.id;
+    repo.set_protected(&id, !args.remove).await?;
     let state = if args.remove {
         "no longer protected"
     } else {
@@ -848,7 +838,7 @@ async fn backup_image(g: &Global, args: &BackupImageArgs) -> anyhow::Result<Exit
 async fn restore_image(g: &Global, args: &RestoreImageArgs) -> anyhow::Result<ExitCode> {
     use tresor::oci::ImageTarget;
     let repo = open(g).await?;
-    let snap = snapshot::resolve(&repo, &args.snapshot, Kind::Image).await?;
+    let snap = snapshot::resolve(&repo, &args.snapshot, Some(Kind::Image)).await?;
     let target = ImageTarget::parse(&args.to)?;
     let host = match &target {
         ImageTarget::Registry { reference, .. } => reference.registry().to_string(),
@@ -900,7 +890,7 @@ async fn restore_image(g: &Global, args: &RestoreImageArgs) -> anyhow::Result<Ex
 
 async fn ls(g: &Global, args: &LsArgs) -> anyhow::Result<ExitCode> {
     let repo = open(g).await?;
-    let snap = snapshot::resolve(&repo, &args.snapshot, Kind::Image).await?;
+    let snap = snapshot::resolve(&repo, &args.snapshot, Some(Kind::Image)).await?;
     let rt = tokio::runtime::Handle::current();
     let record =
         tokio::task::spawn_blocking(move || tresor::oci::load_record(&repo, &rt, &snap)).await??;
@@ -1441,7 +1431,7 @@ async fn snapshots(g: &Global, args: &SnapshotsArgs) -> anyhow::Result<ExitCode>
 
 async fn restore_volume(g: &Global, args: &RestoreVolumeArgs) -> anyhow::Result<ExitCode> {
     let repo = open(g).await?;
-    let snap = snapshot::resolve(&repo, &args.snapshot, Kind::Volume).await?;
+    let snap = snapshot::resolve(&repo, &args.snapshot, Some(Kind::Volume)).await?;
     let options = RestoreOptions {
         subpath: args.path.clone(),
         chown: nix::unistd::geteuid().is_root(),

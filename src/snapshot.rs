@@ -180,37 +180,52 @@ pub async fn list(repo: &Arc<Repository>, filter: &Filter) -> Result<Vec<Listed>
     Ok(out)
 }
 
-/// Resolves a snapshot reference (id, unique id prefix, or name for the newest of that name)
-/// among snapshots of `kind`.
+/// The one id of `ids` that `reference` names: a unique prefix of 4 or more hex digits, in
+/// either case. `None` when it is no such prefix or matches nothing (it may be a name).
 ///
 /// # Errors
-/// [`Error::SnapshotNotFound`], [`Error::AmbiguousSnapshot`].
-pub async fn resolve(repo: &Arc<Repository>, reference: &str, kind: Kind) -> Result<Listed> {
+/// [`Error::AmbiguousSnapshot`] when it matches several.
+pub fn match_id<'a>(
+    ids: impl IntoIterator<Item = &'a str>,
+    reference: &str,
+) -> Result<Option<&'a str>> {
+    if reference.len() < 4 || !reference.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let lower = reference.to_ascii_lowercase();
+    let matching: Vec<&str> = ids.into_iter().filter(|id| id.starts_with(&lower)).collect();
+    match matching.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        many => Err(Error::AmbiguousSnapshot {
+            reference: reference.into(),
+            matches: many.iter().map(|m| &m[..12]).collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
+
+/// The snapshot `reference` names: an id or unique id prefix ([`match_id`]), else a name
+/// (`docker://` optional for images) meaning its newest snapshot, of `kind` when given. The
+/// one lookup every command uses.
+///
+/// # Errors
+/// [`Error::SnapshotNotFound`], [`Error::AmbiguousSnapshot`], or the store's.
+pub async fn resolve(
+    repo: &Arc<Repository>,
+    reference: &str,
+    kind: Option<Kind>,
+) -> Result<Listed> {
     let ids = repo.list_snapshot_ids().await?;
-    let is_hex = reference.len() >= 4 && reference.bytes().all(|b| b.is_ascii_hexdigit());
-    if is_hex {
-        let lower = reference.to_ascii_lowercase();
-        let matching: Vec<&String> = ids.iter().filter(|id| id.starts_with(&lower)).collect();
-        match matching.as_slice() {
-            [one] => {
-                let snapshot = Snapshot::load(repo, one).await?;
-                return Ok(Listed {
-                    id: (*one).clone(),
-                    snapshot,
-                });
-            }
-            [] => {}
-            many => {
-                return Err(Error::AmbiguousSnapshot {
-                    reference: reference.into(),
-                    matches: many.iter().map(|m| &m[..12]).collect::<Vec<_>>().join(", "),
-                })
-            }
-        }
+    if let Some(id) = match_id(ids.iter().map(String::as_str), reference)? {
+        let snapshot = Snapshot::load(repo, id).await?;
+        return Ok(Listed {
+            id: id.to_string(),
+            snapshot,
+        });
     }
     let name = reference.strip_prefix("docker://").unwrap_or(reference);
     let filter = Filter {
-        kind: Some(kind),
+        kind,
         name: Some(name.to_string()),
         host: None,
     };

@@ -126,7 +126,8 @@ pub struct VerifyOptions {
     /// reads the share `p`.
     pub read_data: Option<Option<Part>>,
     pub filter: Filter,
-    /// Only these snapshots (ids or unique prefixes); empty means all that match `filter`.
+    /// Only these snapshots (ids, unique prefixes of 4+ hex digits, or names meaning their
+    /// newest snapshot; see [`crate::snapshot::resolve`]); empty means all that match `filter`.
     pub snapshots: Vec<String>,
     pub since: Option<DateTime<Utc>>,
     pub shard: Option<Part>,
@@ -638,32 +639,29 @@ fn push_user(slot: &mut (Vec<Affected>, u64), a: Affected) {
 }
 
 fn select(snaps: Vec<Listed>, options: &VerifyOptions) -> Result<Vec<Listed>> {
-    for wanted in &options.snapshots {
-        let n = snaps
-            .iter()
-            .filter(|s| s.id.starts_with(wanted.as_str()))
-            .count();
-        if n == 0 {
-            return Err(Error::SnapshotNotFound(wanted.clone()));
-        }
-        if n > 1 {
-            return Err(Error::AmbiguousSnapshot {
-                reference: wanted.clone(),
-                matches: format!("{n} snapshots"),
-            });
-        }
+    // Each wanted snapshot as `snapshot::resolve` reads a reference: an id prefix, or a name
+    // meaning its newest snapshot.
+    let mut wanted = std::collections::HashSet::new();
+    for reference in &options.snapshots {
+        let id = match crate::snapshot::match_id(snaps.iter().map(|s| s.id.as_str()), reference)? {
+            Some(id) => id,
+            None => {
+                let name = reference.strip_prefix("docker://").unwrap_or(reference);
+                snaps
+                    .iter()
+                    .filter(|s| s.snapshot.name == name)
+                    .max_by_key(|s| (s.snapshot.time, &s.id))
+                    .map(|s| s.id.as_str())
+                    .ok_or_else(|| Error::SnapshotNotFound(reference.clone()))?
+            }
+        };
+        wanted.insert(id.to_string());
     }
     let mut out: Vec<Listed> = snaps
         .into_iter()
         .filter(|s| options.filter.matches(&s.snapshot))
         .filter(|s| options.since.is_none_or(|t| s.snapshot.time >= t))
-        .filter(|s| {
-            options.snapshots.is_empty()
-                || options
-                    .snapshots
-                    .iter()
-                    .any(|w| s.id.starts_with(w.as_str()))
-        })
+        .filter(|s| wanted.is_empty() || wanted.contains(&s.id))
         .collect();
     out.sort_by(|a, b| (a.snapshot.time, &a.id).cmp(&(b.snapshot.time, &b.id)));
     Ok(out)

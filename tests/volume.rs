@@ -85,6 +85,19 @@ fn sub_path_restore_and_snapshot_references() {
     ]);
     assert!(!err.status.success());
     assert!(stderr(&err).contains("nosuchvolume"), "{}", stderr(&err));
+    assert_eq!(err.status.code(), Some(2), "a reference that matches nothing is bad input");
+
+    // One lookup everywhere: an upper-case prefix or the name work for every command.
+    let upper = id[..6].to_ascii_uppercase();
+    for args in [
+        vec!["verify", "--snapshot", upper.as_str()],
+        vec!["verify", "--snapshot", "data"],
+        vec!["protect", upper.as_str()],
+        vec!["protect", "data", "--remove"],
+    ] {
+        let out = env.tresor(&args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
     assert_eq!(
         env.json(&["snapshots", "--name", "data"])[0]["tags"][0],
         "nightly"
