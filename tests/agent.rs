@@ -74,6 +74,41 @@ fn example_config_parses_and_errors_are_named() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("7 jobs"));
 
+    // Every commented key, once uncommented as its comment invites (replacing the key it is an
+    // alternative to), still parses.
+    let text = fs::read_to_string(&example).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let key_of = |line: &str| {
+        let (key, _) = line.split_once(" = ")?;
+        key.bytes()
+            .all(|b| b.is_ascii_lowercase() || b == b'_')
+            .then(|| key.to_string())
+    };
+    let table_of = |i: usize| lines[..=i].iter().rev().find(|l| l.starts_with('[')).copied();
+    let mut tried = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let Some(key) = line.strip_prefix("# ").and_then(key_of) else {
+            continue;
+        };
+        let edited: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .map(|(j, l)| match j {
+                _ if j == i => l[2..].to_string(),
+                _ if table_of(j) == table_of(i) && key_of(l).as_deref() == Some(&key) => {
+                    format!("# {l}")
+                }
+                _ => l.to_string(),
+            })
+            .collect();
+        let file = env.path("uncommented.toml");
+        fs::write(&file, edited.join("\n")).unwrap();
+        let out = agent(&env, &file, &["--check-config"]).output().unwrap();
+        assert!(out.status.success(), "line {}: {line}: {}", i + 1, stderr(&out));
+        tried += 1;
+    }
+    assert!(tried >= 10, "only {tried} commented keys found");
+
     let bad = env.path("bad.toml");
     fs::write(&bad, "[repository]\nurl = \"file:///x\"\n\n[[job]]\nname = \"v\"\ntype = \"volume\"\npath = \"/x\"\nschedule = \"every fortnight\"\n").unwrap();
     let out = agent(&env, &bad, &["--check-config"]).output().unwrap();
