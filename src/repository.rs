@@ -15,7 +15,7 @@
 //! snapshots/<64 hex>      one snapshot record (JSON in an envelope, sealed); the key is the
 //!                         (keyed) BLAKE3 of the record
 //! verify/<time>-<rand>    the record of one verification run (sealed JSON)
-//! sessions/<time>-<rand>  a running or ended backup session (sealed JSON), see [`crate::session`]
+//! sessions/<time>-<rand>  a running or ended backup session (sealed JSON), see crate::gc::session
 //! gc/plans/<id>           chunks and blob indexes condemned by a `gc` run (sealed CBOR)
 //! gc/sweeping/<id>        empty: a `gc` run is deleting what plan <id> condemned
 //! gc/done/<id>            empty: plan <id> is swept; see [`crate::gc`]
