@@ -26,6 +26,7 @@ pub mod repository;
 pub mod retention;
 pub mod snapshot;
 pub mod store;
+pub mod units;
 pub mod verify;
 pub mod volume;
 

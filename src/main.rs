@@ -17,6 +17,7 @@ use tresor::progress::Progress;
 use tresor::repository::{InitOptions, Repository};
 use tresor::snapshot::{self, Filter, Kind, Listed};
 use tresor::store::StoreOptions;
+use tresor::units;
 use tresor::volume::{self, BackupOptions, RestoreOptions};
 
 /// Exit code of a backup that completed but could not read every file (as restic does), or
@@ -129,8 +130,8 @@ struct VerifyArgs {
     #[arg(long)]
     read_data: bool,
     /// Read only a deterministic share: N/M (1/7 to 7/7 over a week read everything once) or P%.
-    #[arg(long, value_name = "SHARE", conflicts_with = "read_data")]
-    read_data_subset: Option<String>,
+    #[arg(long, value_name = "SHARE", conflicts_with = "read_data", value_parser = units::share)]
+    read_data_subset: Option<tresor::verify::Part>,
     /// Only this snapshot (id, unique prefix of 4+ hex digits, or name meaning its newest;
     /// repeatable).
     #[arg(long = "snapshot", value_name = "ID")]
@@ -142,11 +143,11 @@ struct VerifyArgs {
     #[arg(long)]
     host: Option<String>,
     /// Only snapshots taken since then: RFC 3339, YYYY-MM-DD, or an age like 7d or 12h.
-    #[arg(long)]
-    since: Option<String>,
+    #[arg(long, value_parser = units::since)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
     /// Check only shard I of N of the chunk space, so N hosts can verify one store together.
-    #[arg(long, value_name = "I/N")]
-    shard: Option<String>,
+    #[arg(long, value_name = "I/N", value_parser = units::shard)]
+    shard: Option<tresor::verify::Part>,
     /// Write the JSON report to FILE (stdout when FILE is left out).
     #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
     json: Option<PathBuf>,
@@ -209,13 +210,13 @@ struct InitArgs {
     #[command(flatten)]
     out: JsonFlag,
     /// Minimum chunk size (bytes, or with KiB/MiB).
-    #[arg(long, default_value = "256KiB", value_parser = parse_size)]
+    #[arg(long, default_value = "256KiB", value_parser = units::size)]
     chunk_min: u32,
     /// Average chunk size.
-    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "1MiB", value_parser = units::size)]
     chunk_avg: u32,
     /// Maximum chunk size.
-    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "4MiB", value_parser = units::size)]
     chunk_max: u32,
     /// zstd level (1-22), or "none".
     #[arg(long, default_value = "3")]
@@ -398,14 +399,14 @@ struct GcArgs {
     out: JsonFlag,
     /// Data younger than this is never condemned, and what a run condemns is deleted by the
     /// first run at least this much later (0s: in the same run, once no older backup runs).
-    #[arg(long, default_value = "1h")]
-    grace: String,
+    #[arg(long, default_value = "1h", value_parser = units::duration)]
+    grace: std::time::Duration,
     /// Report what would be condemned and deleted; change nothing.
     #[arg(long)]
     dry_run: bool,
     /// How long a sweep waits for running backups to declare chunks they reuse.
-    #[arg(long, default_value = "30s", hide = true)]
-    declare_window: String,
+    #[arg(long, default_value = "30s", hide = true, value_parser = units::duration)]
+    declare_window: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -427,8 +428,8 @@ struct ForgetArgs {
     #[arg(long, default_value_t = 0)]
     keep_yearly: usize,
     /// Keep everything taken within this long of the newest snapshot (30d, 12h).
-    #[arg(long)]
-    keep_within: Option<String>,
+    #[arg(long, value_parser = units::span)]
+    keep_within: Option<chrono::Duration>,
     #[arg(long, value_enum)]
     kind: Option<Kind>,
     #[arg(long)]
@@ -586,13 +587,10 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn gc(g: &Global, args: &GcArgs) -> anyhow::Result<ExitCode> {
-    let duration = |flag: &str, v: &str| {
-        tresor::agent::config::parse_duration(v).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
-    };
     let options = tresor::gc::GcOptions {
-        grace: duration("--grace", &args.grace)?,
+        grace: args.grace,
         dry_run: args.dry_run,
-        declare_window: duration("--declare-window", &args.declare_window)?,
+        declare_window: args.declare_window,
     };
     let repo = open(g).await?;
     let rt = tokio::runtime::Handle::current();
@@ -653,14 +651,7 @@ async fn gc(g: &Global, args: &GcArgs) -> anyhow::Result<ExitCode> {
 
 async fn forget(g: &Global, args: &ForgetArgs) -> anyhow::Result<ExitCode> {
     use tresor::retention::Policy;
-    let within = match &args.keep_within {
-        Some(w) => {
-            let d = tresor::agent::config::parse_duration(w)
-                .map_err(|e| anyhow::anyhow!("--keep-within: {e}"))?;
-            Some(chrono::Duration::from_std(d)?)
-        }
-        None => None,
-    };
+    let within = args.keep_within;
     let policy = Policy {
         last: args.keep_last,
         hourly: args.keep_hourly,
@@ -941,7 +932,7 @@ const EXIT_VERIFY_PROBLEMS: u8 = 1;
 const EXIT_VERIFY_FAILED: u8 = 2;
 
 async fn verify(g: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    use tresor::verify::{self, Part, VerifyOptions};
+    use tresor::verify::{self, VerifyOptions};
     let repo = open(g).await?;
     if args.status {
         let history = verify::status(&repo).await?;
@@ -976,19 +967,12 @@ async fn verify(g: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let read_data = match (&args.read_data_subset, args.read_data) {
-        (Some(share), _) => Some(Some(Part::parse(share)?)),
+    let read_data = match (args.read_data_subset, args.read_data) {
+        (Some(share), _) => Some(Some(share)),
         (None, true) => Some(None),
         (None, false) => None,
     };
-    let shard = match &args.shard {
-        Some(s) => {
-            let p = Part::parse(s)?;
-            anyhow::ensure!(p.n > 0, "--shard takes I/N, not a percentage");
-            Some(p)
-        }
-        None => None,
-    };
+    let shard = args.shard;
     let options = VerifyOptions {
         read_data,
         filter: Filter {
@@ -997,7 +981,7 @@ async fn verify(g: &Global, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             host: args.host.clone(),
         },
         snapshots: args.snapshots.clone(),
-        since: args.since.as_deref().map(parse_since).transpose()?,
+        since: args.since,
         shard,
     };
     let progress = Progress::new(!g.quiet && read_data.is_some(), "verify", None);
@@ -1091,27 +1075,6 @@ fn write_json(path: Option<&std::path::Path>, value: &serde_json::Value) -> anyh
         Some(p) => write_atomically(p, SHARED, text.as_bytes())?,
     }
     Ok(())
-}
-
-/// `2026-11-01`, RFC 3339, or an age such as `7d`, `12h`, `30m`.
-fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&chrono::Utc));
-    }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
-    }
-    let (num, unit) = s.split_at(s.len().saturating_sub(1));
-    let n: i64 = num
-        .parse()
-        .with_context(|| format!("--since {s:?}: use RFC 3339, YYYY-MM-DD or an age like 7d"))?;
-    let age = match unit {
-        "d" => chrono::Duration::days(n),
-        "h" => chrono::Duration::hours(n),
-        "m" => chrono::Duration::minutes(n),
-        _ => anyhow::bail!("--since {s:?}: the age unit must be d, h or m"),
-    };
-    Ok(chrono::Utc::now() - age)
 }
 
 /// Where the repository is and how to unlock it, from the global flags and the environment.
@@ -1509,20 +1472,4 @@ fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
-}
-
-/// Parses `4096`, `256KiB`, `1MiB`, `4M`.
-fn parse_size(s: &str) -> Result<u32, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
-    };
-    u32::try_from(n * mult).map_err(|_| format!("{s:?} is too large"))
 }

@@ -193,7 +193,10 @@ pub fn match_id<'a>(
         return Ok(None);
     }
     let lower = reference.to_ascii_lowercase();
-    let matching: Vec<&str> = ids.into_iter().filter(|id| id.starts_with(&lower)).collect();
+    let matching: Vec<&str> = ids
+        .into_iter()
+        .filter(|id| id.starts_with(&lower))
+        .collect();
     match matching.as_slice() {
         [] => Ok(None),
         [one] => Ok(Some(one)),

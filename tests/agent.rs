@@ -84,7 +84,13 @@ fn example_config_parses_and_errors_are_named() {
             .all(|b| b.is_ascii_lowercase() || b == b'_')
             .then(|| key.to_string())
     };
-    let table_of = |i: usize| lines[..=i].iter().rev().find(|l| l.starts_with('[')).copied();
+    let table_of = |i: usize| {
+        lines[..=i]
+            .iter()
+            .rev()
+            .find(|l| l.starts_with('['))
+            .copied()
+    };
     let mut tried = 0;
     for (i, line) in lines.iter().enumerate() {
         let Some(key) = line.strip_prefix("# ").and_then(key_of) else {
@@ -104,7 +110,12 @@ fn example_config_parses_and_errors_are_named() {
         let file = env.path("uncommented.toml");
         fs::write(&file, edited.join("\n")).unwrap();
         let out = agent(&env, &file, &["--check-config"]).output().unwrap();
-        assert!(out.status.success(), "line {}: {line}: {}", i + 1, stderr(&out));
+        assert!(
+            out.status.success(),
+            "line {}: {line}: {}",
+            i + 1,
+            stderr(&out)
+        );
         tried += 1;
     }
     assert!(tried >= 10, "only {tried} commented keys found");

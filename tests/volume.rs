@@ -85,7 +85,11 @@ fn sub_path_restore_and_snapshot_references() {
     ]);
     assert!(!err.status.success());
     assert!(stderr(&err).contains("nosuchvolume"), "{}", stderr(&err));
-    assert_eq!(err.status.code(), Some(2), "a reference that matches nothing is bad input");
+    assert_eq!(
+        err.status.code(),
+        Some(2),
+        "a reference that matches nothing is bad input"
+    );
 
     // One lookup everywhere: an upper-case prefix or the name work for every command.
     let upper = id[..6].to_ascii_uppercase();

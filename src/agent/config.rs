@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -150,10 +149,7 @@ impl JobKind {
         };
         let within = keep_within
             .as_deref()
-            .map(|w| {
-                parse_duration(w)
-                    .and_then(|d| chrono::Duration::from_std(d).map_err(|e| e.to_string()))
-            })
+            .map(crate::units::span)
             .transpose()
             .map_err(|e| ("keep_within", e))?;
         let policy = crate::retention::Policy {
@@ -261,7 +257,7 @@ impl AgentConfig {
                 ("retry_delay", &job.retry_delay),
             ] {
                 if let Some(v) = value {
-                    parse_duration(v).map_err(|e| at(&job.name, key, e))?;
+                    crate::units::duration(v).map_err(|e| at(&job.name, key, e))?;
                 }
             }
             match &job.kind {
@@ -297,8 +293,7 @@ impl AgentConfig {
                     read_data_subset: Some(s),
                     ..
                 } => {
-                    crate::verify::Part::parse(s)
-                        .map_err(|e| at(&job.name, "read_data_subset", e.to_string()))?;
+                    crate::units::share(s).map_err(|e| at(&job.name, "read_data_subset", e))?;
                 }
                 JobKind::Forget { .. } => {
                     job.kind
@@ -309,7 +304,7 @@ impl AgentConfig {
                     hook_timeout: Some(v),
                     ..
                 } => {
-                    parse_duration(v).map_err(|e| at(&job.name, "hook_timeout", e))?;
+                    crate::units::duration(v).map_err(|e| at(&job.name, "hook_timeout", e))?;
                 }
                 JobKind::Gc {
                     grace,
@@ -317,7 +312,7 @@ impl AgentConfig {
                 } => {
                     for (field, value) in [("grace", grace), ("declare_window", declare_window)] {
                         if let Some(v) = value {
-                            parse_duration(v).map_err(|e| at(&job.name, field, e))?;
+                            crate::units::duration(v).map_err(|e| at(&job.name, field, e))?;
                         }
                     }
                 }
@@ -331,29 +326,6 @@ impl AgentConfig {
     pub fn job(&self, name: &str) -> Option<&JobConfig> {
         self.jobs.iter().find(|j| j.name == name)
     }
-}
-
-/// `30s`, `5m`, `2h`, `1d` (and `500ms`).
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 2h"))?;
-    let secs = match unit.trim() {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" | "sec" => n,
-        "m" | "min" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {s:?} (use s, m, h or d)"
-            ))
-        }
-    };
-    Ok(Duration::from_secs(secs))
 }
 
 #[cfg(test)]
@@ -390,12 +362,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("paht"), "{err}");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert!(parse_duration("5 parsecs").is_err());
     }
 }

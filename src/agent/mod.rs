@@ -261,7 +261,7 @@ fn plan(
         if let Some(delay) = job
             .randomized_delay
             .as_deref()
-            .and_then(|d| config::parse_duration(d).ok())
+            .and_then(|d| crate::units::duration(d).ok())
         {
             let secs = delay.as_secs();
             if secs > 0 {
@@ -279,7 +279,7 @@ fn run_with_retries(ctx: &Context, rt: &Handle, name: &str) -> bool {
     let mut delay = job
         .retry_delay
         .as_deref()
-        .and_then(|d| config::parse_duration(d).ok())
+        .and_then(|d| crate::units::duration(d).ok())
         .unwrap_or(Duration::from_secs(30));
     let started = Instant::now();
     let mut attempt = 0;
@@ -495,7 +495,9 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             metrics_file,
         } => {
             let read = match (read_data_subset, read_data) {
-                (Some(s), _) => Some(Some(crate::verify::Part::parse(s)?)),
+                (Some(s), _) => Some(Some(crate::units::share(s).map_err(|e| {
+                    Error::Config(format!("job {}: read_data_subset: {e}", job.name))
+                })?)),
                 (None, true) => Some(None),
                 (None, false) => None,
             };
@@ -533,7 +535,7 @@ fn duration(
     default: Duration,
 ) -> Result<Duration> {
     match v {
-        Some(v) => config::parse_duration(v)
+        Some(v) => crate::units::duration(v)
             .map_err(|e| Error::Config(format!("job {}: {field}: {e}", job.name))),
         None => Ok(default),
     }

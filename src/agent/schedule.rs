@@ -35,7 +35,7 @@ impl Schedule {
             _ => {}
         }
         if let Some(d) = s.strip_prefix("every ") {
-            let d = super::config::parse_duration(d).map_err(|_| bad())?;
+            let d = crate::units::duration(d).map_err(|_| bad())?;
             if d.is_zero() {
                 return Err(bad());
             }
