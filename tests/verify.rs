@@ -49,7 +49,7 @@ fn chunk_of(env: &Env, snapshot: &str, kind: tresor::snapshot::Kind, path: &str)
     let rt = tokio::runtime::Runtime::new().unwrap();
     let repo = std::sync::Arc::new(env.open_repo(&rt));
     let snap = rt
-        .block_on(tresor::snapshot::resolve(&repo, snapshot, kind))
+        .block_on(tresor::snapshot::resolve(&repo, snapshot, Some(kind)))
         .unwrap();
     let mut found = None;
     let handle = rt.handle().clone();
