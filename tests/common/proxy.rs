@@ -155,12 +155,14 @@ fn handle(mut client: TcpStream, upstream: &str, faults: &Faults) -> std::io::Re
         if left > 0 {
             faults.too_many.store(left - 1, Ordering::SeqCst);
             let wait = faults.retry_after.load(Ordering::SeqCst);
-            client.write_all(format!("HTTP/1.1 429 Too Many Requests\r\nRetry-After: {wait}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())?;
+            // Noted before the answer goes out: the client may start waiting as soon as the
+            // bytes are sent, before this thread runs again.
             faults
                 .throttled
                 .lock()
                 .unwrap()
                 .insert(path, Instant::now());
+            client.write_all(format!("HTTP/1.1 429 Too Many Requests\r\nRetry-After: {wait}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())?;
             return Ok(());
         }
     }
