@@ -3,8 +3,6 @@
 //! editing `config`, a local user reading the repository or steering the chunk cache. Nothing
 //! may change outside the target, nothing private may become readable, nothing may be lost.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -12,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tresor::catalog::{write_entry, Entry, EntryKind};
 use tresor::chunker::Mode;
 use tresor::gc::Session;
@@ -185,7 +183,12 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
         let spy = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
             .arg(&attacker)
-            .args(["--exact", "race_attacker", "--ignored", "--nocapture"])
+            .args([
+                "--exact",
+                "hostile::race_attacker",
+                "--ignored",
+                "--nocapture",
+            ])
             .env("RACE_DIR", &home)
             .env("RACE_VICTIM", &victim)
             .env("RACE_EXCHANGE", if exchange { "1" } else { "" })

@@ -1,12 +1,10 @@
 //! Client-side encryption: the store sees no plaintext, tampering is detected and named, key
 //! slots open the same repository independently.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 const MARKER: &[u8] = b"TRESOR-PLAINTEXT-MARKER-7f3a9c";
 

@@ -1,8 +1,6 @@
 //! Helpers shared by the integration tests: running the real `tresor` binary against a real
 //! repository, and comparing trees byte for byte and by metadata.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;

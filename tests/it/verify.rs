@@ -1,12 +1,11 @@
 //! `tresor verify`: clean repositories pass, every kind of damage is found and attributed, and
 //! subsets and reports behave as documented.
 
-mod common;
-
 use std::fs;
 use std::path::PathBuf;
 
-use common::*;
+use crate::common;
+use crate::common::*;
 
 /// Two volumes sharing one file, and a block image.
 fn repo_with_snapshots() -> (Env, serde_json::Value, serde_json::Value) {

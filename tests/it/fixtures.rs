@@ -4,14 +4,12 @@
 //! gc-swept snapshot. Every one must open, list, restore byte for byte and verify with this
 //! build: a renamed field in a record or a changed envelope fails here, not in the field.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use sha2::Digest;
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -1,15 +1,14 @@
 //! Garbage collection: what it frees, and that it never frees what a backup relies on, on the
 //! local store and on real S3 servers (Garage, s3s-fs), with backups running at the same time.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common;
+use crate::common::s3::Kind;
+use crate::common::*;
 use bytes::Bytes;
-use common::s3::Kind;
-use common::*;
 use tresor::gc::{self, GcOptions, GcReport, Session};
 use tresor::id::ChunkId;
 use tresor::pipeline::{ChunkWriter, StreamWriter};

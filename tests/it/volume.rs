@@ -1,13 +1,11 @@
 //! Volume backup and restore through the real `tresor` binary on a real `file://` repository.
 
-mod common;
-
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn tree_round_trip_keeps_bytes_and_metadata() {

@@ -2,16 +2,14 @@
 //! systemd readiness through NOTIFY_SOCKET, SIGHUP with a broken config, SIGTERM during a large
 //! backup, config errors, and no secret in the logs.
 
-mod common;
-
 use std::fs;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::oci::*;
-use common::*;
+use crate::common::oci::*;
+use crate::common::*;
 
 fn write_config(env: &Env, jobs: &str) -> std::path::PathBuf {
     let path = env.path("agent.toml");

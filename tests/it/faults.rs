@@ -3,13 +3,12 @@
 //! error, the repository verifies after every attempt, and retrying (as the agent does)
 //! completes the backup.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use common::s3::Kind;
-use common::*;
+use crate::common;
+use crate::common::s3::Kind;
+use crate::common::*;
 use tresor::gc::Session;
 use tresor::repository::Repository;
 

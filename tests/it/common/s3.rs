@@ -23,7 +23,6 @@ pub enum Kind {
 /// A running S3 server with one bucket and one key that may read, write and delete.
 pub struct S3Server {
     child: Child,
-    pub kind: Kind,
     pub endpoint: String,
     pub region: &'static str,
     pub access_key: String,
@@ -93,7 +92,6 @@ impl S3Server {
         wait_listening(port, "s3s-fs");
         Some(S3Server {
             child,
-            kind: Kind::S3sFs,
             endpoint: format!("http://127.0.0.1:{port}"),
             region: "us-east-1",
             access_key,
@@ -187,7 +185,6 @@ api_bind_addr = "127.0.0.1:{admin_port}"
         ]);
         let server = S3Server {
             child,
-            kind: Kind::Garage,
             endpoint: format!("http://127.0.0.1:{s3_port}"),
             region: "garage",
             access_key,

@@ -1,10 +1,9 @@
 //! OCI images against a real registry (Debian's docker-registry on loopback), with images built
 //! as OCI layouts and pushed by skopeo: back up, restore elsewhere, compare digests.
 
-mod common;
-
-use common::oci::*;
-use common::*;
+use crate::common;
+use crate::common::oci::*;
+use crate::common::*;
 use std::sync::atomic::Ordering;
 
 struct Fixture {

@@ -1,13 +1,11 @@
 //! The foundation round trip on real S3 servers over HTTP on loopback: Garage, and s3s-fs (a
 //! second implementation, which unlike Garage enforces `If-None-Match`); see `common::s3`.
 
-mod common;
-
 use std::process::Command;
 
+use crate::common::s3::{Kind, S3Server, BUCKET};
+use crate::common::*;
 use bytes::Bytes;
-use common::s3::{Kind, S3Server, BUCKET};
-use common::*;
 
 #[test]
 fn round_trip_and_corruption_on_garage() {

@@ -1,0 +1,15 @@
+//! The integration tests, one binary (the helpers in `common` compile once): each module
+//! drives the real `tresor` binary, or the library, against real servers started on
+//! 127.0.0.1 (docker-registry, Garage, s3s-fs), one area each.
+
+mod agent;
+mod common;
+mod encryption;
+mod faults;
+mod fixtures;
+mod gc;
+mod hostile;
+mod oci;
+mod s3;
+mod verify;
+mod volume;
