@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::common;
 use crate::common::*;
@@ -425,5 +426,62 @@ fn corrupt_chunk_of_a_shared_image_blob_is_named_for_every_image() {
         expected.sort_unstable();
         assert_eq!(users, expected);
         assert_eq!(report["stats"]["chunks_corrupt"], 1);
+    }
+}
+
+/// A snapshot forgotten, and its data swept by gc on another host, while a verification runs
+/// (after it read the snapshot list, before it looks for chunks): its chunks are gone as they
+/// should be, which is no problem of the repository. The snapshots that remain are checked.
+#[test]
+fn a_snapshot_forgotten_and_swept_during_the_run_is_no_problem() {
+    let (env, web, _db) = repo_with_snapshots();
+    let gone_src = env.path("gone");
+    fs::create_dir_all(&gone_src).unwrap();
+    fs::write(gone_src.join("only-here.bin"), random_bytes(2 * MIB, 4242)).unwrap();
+    let before: std::collections::HashSet<PathBuf> = env.chunk_files().into_iter().collect();
+    let gone = env.backup("gone", &gone_src, &[]);
+    let unique: Vec<PathBuf> = env
+        .chunk_files()
+        .into_iter()
+        .filter(|c| !before.contains(c))
+        .collect();
+    assert!(!unique.is_empty());
+    let record = env.path(&format!("repo/snapshots/{}", gone["id"].as_str().unwrap()));
+    // Between the verification's passes: the record and the chunks only it used vanish.
+    let store = env.store().wrapped(move |inner| {
+        Arc::new(common::faults::FaultyStore::before_listing(inner, "chunks", move || {
+            fs::remove_file(&record).unwrap();
+            for c in &unique {
+                fs::remove_file(c).unwrap();
+            }
+        }))
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let key = fs::read(env.key_file()).unwrap();
+    let repo = Arc::new(
+        rt.block_on(tresor::repository::Repository::open(
+            store,
+            common::with_key(key),
+            common::no_prompt,
+        ))
+        .unwrap(),
+    );
+    for read_data in [None, Some(None)] {
+        let options = tresor::verify::VerifyOptions {
+            read_data,
+            ..Default::default()
+        };
+        let report = tresor::verify::verify(
+            &repo,
+            rt.handle(),
+            &options,
+            &tresor::progress::Progress::hidden(),
+        )
+        .unwrap();
+        assert!(report.ok, "{:?}", report.problems);
+        assert_eq!(report.stats.chunks_missing, 0);
+        let ids: Vec<&str> = report.snapshots.iter().map(|s| s.id.as_str()).collect();
+        assert!(ids.contains(&web["id"].as_str().unwrap()));
+        assert!(!ids.contains(&gone["id"].as_str().unwrap()), "{ids:?}");
     }
 }

@@ -19,7 +19,6 @@ use object_store::{
 /// - [`FaultyStore::append_only`]: a credential that may create and read but not delete: every
 ///   delete is refused the way an S3 server refuses it (403 Access Denied, which object_store
 ///   reports as `PermissionDenied`).
-#[derive(Debug)]
 pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     error_rate: f64,
@@ -28,6 +27,9 @@ pub struct FaultyStore {
     spared: std::sync::atomic::AtomicU64,
     state: std::sync::Mutex<u64>,
     pub injected: std::sync::atomic::AtomicU64,
+    /// Run once, before the first listing of this prefix: another host's work landing at that
+    /// moment (a forget and a gc sweep between a verification's passes).
+    before_list: std::sync::Mutex<Option<(String, Box<dyn FnOnce() + Send>)>>,
 }
 
 impl FaultyStore {
@@ -46,7 +48,19 @@ impl FaultyStore {
             spared: std::sync::atomic::AtomicU64::new(spared),
             state: std::sync::Mutex::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
             injected: std::sync::atomic::AtomicU64::new(0),
+            before_list: std::sync::Mutex::new(None),
         }
+    }
+
+    /// A store that runs `then` once, right before the first listing under `prefix`.
+    pub fn before_listing(
+        inner: Arc<dyn ObjectStore>,
+        prefix: &str,
+        then: impl FnOnce() + Send + 'static,
+    ) -> FaultyStore {
+        let store = FaultyStore::flaky(inner, 0, 0.0, 0.0, 0);
+        *store.before_list.lock().unwrap() = Some((prefix.to_string(), Box::new(then)));
+        store
     }
 
     pub fn append_only(inner: Arc<dyn ObjectStore>) -> FaultyStore {
@@ -96,6 +110,12 @@ impl FaultyStore {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
         Ok(())
+    }
+}
+
+impl fmt::Debug for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore({:?})", self.inner)
     }
 }
 
@@ -151,6 +171,14 @@ impl ObjectStore for FaultyStore {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        let mut hook = self.before_list.lock().unwrap();
+        let due = hook
+            .as_ref()
+            .is_some_and(|(p, _)| prefix.is_some_and(|l| l.as_ref().ends_with(p.as_str())));
+        if due {
+            let (_, then) = hook.take().expect("checked");
+            then();
+        }
         self.inner.list(prefix)
     }
 
