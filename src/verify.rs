@@ -507,7 +507,10 @@ pub fn verify(
     // When chunks are missing, one listing tells which snapshots are gone; they leave the
     // report, and a missing chunk that no remaining snapshot uses is no problem.
     let mut forgotten = 0;
-    if bad.values().any(|(kind, _)| *kind == ProblemKind::MissingChunk) {
+    if bad
+        .values()
+        .any(|(kind, _)| *kind == ProblemKind::MissingChunk)
+    {
         let live: HashSet<String> = rt.block_on(repo.list_snapshot_ids())?.into_iter().collect();
         forgotten = selected.len();
         selected.retain(|s| live.contains(&s.id));

@@ -117,6 +117,30 @@ pub(crate) enum Command {
     Verify(VerifyArgs),
 }
 
+/// Which snapshots a command takes: every flag given must match.
+#[derive(Args)]
+pub(crate) struct FilterArgs {
+    /// Only snapshots of this kind.
+    #[arg(long, value_enum)]
+    pub(crate) kind: Option<tresor::snapshot::Kind>,
+    /// Only snapshots of this name (a volume's name, or an image reference).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Only snapshots taken on this host.
+    #[arg(long)]
+    pub(crate) host: Option<String>,
+}
+
+impl FilterArgs {
+    pub(crate) fn to_filter(&self) -> tresor::snapshot::Filter {
+        tresor::snapshot::Filter {
+            kind: self.kind,
+            name: self.name.clone(),
+            host: self.host.clone(),
+        }
+    }
+}
+
 /// `--json` of commands that print a result.
 #[derive(Args)]
 pub(crate) struct JsonFlag {

@@ -3,7 +3,7 @@
 use clap::Args;
 use serde_json::json;
 use std::process::ExitCode;
-use tresor::snapshot::{self, Filter, Kind};
+use tresor::snapshot::{self, Kind};
 use tresor::units;
 
 use super::*;
@@ -12,21 +12,13 @@ use super::*;
 pub(crate) struct SnapshotsArgs {
     #[command(flatten)]
     pub(crate) out: JsonFlag,
-    #[arg(long, value_enum)]
-    pub(crate) kind: Option<Kind>,
-    #[arg(long)]
-    pub(crate) name: Option<String>,
-    #[arg(long)]
-    pub(crate) host: Option<String>,
+    #[command(flatten)]
+    pub(crate) filter: FilterArgs,
 }
 
 pub(crate) async fn snapshots(g: &Global, args: &SnapshotsArgs) -> anyhow::Result<ExitCode> {
     let repo = open(g).await?;
-    let filter = Filter {
-        kind: args.kind,
-        name: args.name.clone(),
-        host: args.host.clone(),
-    };
+    let filter = args.filter.to_filter();
     let listed = snapshot::list(&repo, &filter).await?;
     if g.json {
         let all: Vec<_> = listed.iter().map(snapshot_json).collect();
@@ -154,12 +146,8 @@ pub(crate) struct ForgetArgs {
     /// Keep everything taken within this long of the newest snapshot (30d, 12h).
     #[arg(long, value_parser = units::span)]
     pub(crate) keep_within: Option<chrono::Duration>,
-    #[arg(long, value_enum)]
-    pub(crate) kind: Option<Kind>,
-    #[arg(long)]
-    pub(crate) name: Option<String>,
-    #[arg(long)]
-    pub(crate) host: Option<String>,
+    #[command(flatten)]
+    pub(crate) filter: FilterArgs,
     /// Show what would go, remove nothing.
     #[arg(long)]
     pub(crate) dry_run: bool,
@@ -182,11 +170,7 @@ pub(crate) async fn forget(g: &Global, args: &ForgetArgs) -> anyhow::Result<Exit
         "give at least one --keep-* rule; forget never removes every snapshot of a source"
     );
     let repo = open(g).await?;
-    let filter = Filter {
-        kind: args.kind,
-        name: args.name.clone(),
-        host: args.host.clone(),
-    };
+    let filter = args.filter.to_filter();
     let (groups, removed) =
         tresor::retention::forget(&repo, &policy, &filter, args.dry_run).await?;
     if g.json {

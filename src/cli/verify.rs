@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use tresor::commands;
 use tresor::localfile::{write_atomically, SHARED};
 use tresor::progress::Progress;
-use tresor::snapshot::{Filter, Kind};
 use tresor::units;
 
 use super::*;
@@ -23,12 +22,8 @@ pub(crate) struct VerifyArgs {
     /// repeatable).
     #[arg(long = "snapshot", value_name = "ID")]
     pub(crate) snapshots: Vec<String>,
-    #[arg(long, value_enum)]
-    pub(crate) kind: Option<Kind>,
-    #[arg(long)]
-    pub(crate) name: Option<String>,
-    #[arg(long)]
-    pub(crate) host: Option<String>,
+    #[command(flatten)]
+    pub(crate) filter: FilterArgs,
     /// Only snapshots taken since then: RFC 3339, YYYY-MM-DD, or an age like 7d or 12h.
     #[arg(long, value_parser = units::since)]
     pub(crate) since: Option<chrono::DateTime<chrono::Utc>>,
@@ -95,11 +90,7 @@ pub(crate) async fn verify(g: &Global, args: &VerifyArgs) -> anyhow::Result<Exit
     let shard = args.shard;
     let options = VerifyOptions {
         read_data,
-        filter: Filter {
-            kind: args.kind,
-            name: args.name.clone(),
-            host: args.host.clone(),
-        },
+        filter: args.filter.to_filter(),
         snapshots: args.snapshots.clone(),
         since: args.since,
         shard,

@@ -449,12 +449,16 @@ fn a_snapshot_forgotten_and_swept_during_the_run_is_no_problem() {
     let record = env.path(&format!("repo/snapshots/{}", gone["id"].as_str().unwrap()));
     // Between the verification's passes: the record and the chunks only it used vanish.
     let store = env.store().wrapped(move |inner| {
-        Arc::new(common::faults::FaultyStore::before_listing(inner, "chunks", move || {
-            fs::remove_file(&record).unwrap();
-            for c in &unique {
-                fs::remove_file(c).unwrap();
-            }
-        }))
+        Arc::new(common::faults::FaultyStore::before_listing(
+            inner,
+            "chunks",
+            move || {
+                fs::remove_file(&record).unwrap();
+                for c in &unique {
+                    fs::remove_file(c).unwrap();
+                }
+            },
+        ))
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
     let key = fs::read(env.key_file()).unwrap();
