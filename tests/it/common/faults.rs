@@ -11,6 +11,9 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
 
+/// Work done once before a listing, see [`FaultyStore::before_listing`].
+type ListHook = Box<dyn FnOnce() + Send>;
+
 /// A store that misbehaves like a real one can.
 ///
 /// - [`FaultyStore::flaky`]: a congested or flaky link: after the first `spared` reads and
@@ -29,7 +32,7 @@ pub struct FaultyStore {
     pub injected: std::sync::atomic::AtomicU64,
     /// Run once, before the first listing of this prefix: another host's work landing at that
     /// moment (a forget and a gc sweep between a verification's passes).
-    before_list: std::sync::Mutex<Option<(String, Box<dyn FnOnce() + Send>)>>,
+    before_list: std::sync::Mutex<Option<(String, ListHook)>>,
 }
 
 impl FaultyStore {
