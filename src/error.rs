@@ -29,6 +29,23 @@ pub enum ErrorKind {
     Stopped,
 }
 
+impl ErrorKind {
+    /// The kind's name in metrics and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Config => "config",
+            ErrorKind::Repository => "repository",
+            ErrorKind::Store => "store",
+            ErrorKind::Integrity => "integrity",
+            ErrorKind::Io => "io",
+            ErrorKind::Unsafe => "unsafe",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Partial => "partial",
+            ErrorKind::Stopped => "stopped",
+        }
+    }
+}
+
 /// Errors of the tresor library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

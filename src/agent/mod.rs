@@ -50,6 +50,8 @@ struct JobMetrics {
     last_duration: f64,
     last_ok: bool,
     failures: u64,
+    /// Failed runs by the kind of their error ([`crate::ErrorKind::name`]).
+    failures_by_kind: BTreeMap<&'static str, u64>,
     bytes_read: u64,
     bytes_new: u64,
 }
@@ -314,6 +316,7 @@ fn run_with_retries(ctx: &Context, rt: &Handle, name: &str) -> bool {
             tracing::error!(job = name, "job failed: {e}");
             m.last_ok = false;
             m.failures += 1;
+            *m.failures_by_kind.entry(e.kind().name()).or_default() += 1;
             false
         }
     };
@@ -427,15 +430,21 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
                         outcome.bytes_new += l.snapshot.summary.chunks.bytes_new;
                         outcome.snapshots.push(l.id);
                     }
-                    Err(e) => failures.push((format!("{reference}: {e}"), e.is_retryable())),
+                    Err(e) => failures.push((reference, e)),
                 }
+            }
+            // One image that failed alone keeps its own error (and kind); several, or some
+            // among successes, make a partial failure.
+            if outcome.snapshots.is_empty() && failures.len() == 1 {
+                let (reference, e) = failures.pop().expect("one");
+                return Err(e.context(format!("job {}: image {reference}", job.name)));
             }
             if !failures.is_empty() {
                 return Err(Error::Partial {
                     what: format!("job {}", job.name),
                     total: outcome.snapshots.len() + failures.len(),
-                    transient: failures.iter().all(|(_, t)| *t),
-                    failures: failures.into_iter().map(|(f, _)| f).collect(),
+                    transient: failures.iter().all(|(_, e)| e.is_retryable()),
+                    failures: failures.iter().map(|(r, e)| format!("{r}: {e}")).collect(),
                 });
             }
         }
@@ -585,5 +594,17 @@ fn write_metrics(path: &Path, metrics: &BTreeMap<String, JobMetrics>) -> Result<
         "Share of the bytes read that were already stored.",
         &|m| (m.bytes_read > 0).then(|| 1.0 - m.bytes_new as f64 / m.bytes_read as f64),
     );
+    out.push_str(
+        "# HELP tresor_job_failures_by_kind Failed runs since the agent started, by the kind of error.\n\
+         # TYPE tresor_job_failures_by_kind gauge\n",
+    );
+    for (job, m) in metrics {
+        let job = job.replace('\\', "\\\\").replace('"', "\\\"");
+        for (kind, n) in &m.failures_by_kind {
+            out.push_str(&format!(
+                "tresor_job_failures_by_kind{{job=\"{job}\",kind=\"{kind}\"}} {n}\n"
+            ));
+        }
+    }
     write_atomically(path, SHARED, out.as_bytes())
 }

@@ -211,6 +211,18 @@ fn once_runs_every_job_and_reports_the_broken_one() {
             .unwrap()
     };
     assert!(ok("data") && ok("app") && !ok("broken"));
+    let failed_by = |job: &str, kind: &str| {
+        scrape.samples.iter().any(|s| {
+            s.metric == "tresor_job_failures_by_kind"
+                && s.labels.get("job") == Some(job)
+                && s.labels.get("kind") == Some(kind)
+                && matches!(s.value, prometheus_parse::Value::Gauge(v) if v == 1.0)
+        })
+    };
+    assert!(
+        failed_by("broken", "io") && failed_by("missing", "store"),
+        "{text}"
+    );
 
     // Without the broken jobs: exit 0, and the volume is not read again.
     let jobs = jobs
