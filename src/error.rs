@@ -137,6 +137,9 @@ pub enum Error {
         op: &'static str,
         reference: String,
         message: String,
+        /// The HTTP status the registry answered with; `None` for a broken connection or a
+        /// reply that broke the protocol.
+        status: Option<u16>,
         /// A server error, throttling or a broken connection: trying again may help.
         transient: bool,
     },
@@ -238,20 +241,15 @@ impl Error {
             ),
             Error::LeaseLost { .. } => Some("check the connection to the store, then run the backup again"),
             Error::AmbiguousSnapshot { .. } => Some("give more characters of the snapshot id"),
-            Error::Registry { message, .. } => {
-                let m = message.to_ascii_lowercase();
-                if m.contains("not authorized")
-                    || m.contains("unauthorized")
-                    || m.contains("401")
-                    || m.contains("authentication failure")
-                {
-                    Some("give credentials: --creds USER:PASSWORD, --authfile (docker config.json or containers auth.json), or log in with docker/podman/skopeo")
-                } else if m.contains("certificate") {
-                    Some("trust the registry's CA with --ca-file PEM (or --insecure for plain HTTP on a trusted network)")
-                } else {
-                    None
-                }
-            }
+            Error::Registry {
+                status, message, ..
+            } => match status {
+                Some(401 | 403) => Some("give credentials: --creds-file FILE (USER:PASSWORD), --authfile (docker config.json or containers auth.json), or log in with docker/podman/skopeo"),
+                Some(404) => Some("check the reference: the registry has no such repository, tag or digest"),
+                // No status: the connection itself failed, and TLS says why in its words.
+                None if message.to_ascii_lowercase().contains("certificate") => Some("trust the registry's CA with --ca-file PEM (or --insecure for plain HTTP on a trusted network)"),
+                _ => None,
+            },
             Error::SnapshotNotFound(_) => Some("list snapshots with `tresor snapshots`"),
             _ => None,
         }
@@ -280,5 +278,28 @@ mod tests {
         );
         assert!(e.hint().is_some());
         assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn registry_hints_come_from_the_status() {
+        let err = |status, message: &str| Error::Registry {
+            op: "pull manifest",
+            reference: "r.example/app:v1".into(),
+            message: message.into(),
+            status,
+            transient: false,
+        };
+        assert!(err(Some(401), "denied")
+            .hint()
+            .unwrap()
+            .contains("--creds-file"));
+        assert!(err(Some(404), "not there")
+            .hint()
+            .unwrap()
+            .contains("no such"));
+        // A message that merely mentions 401 decides nothing.
+        assert_eq!(err(Some(500), "upstream said 401").hint(), None);
+        let tls = err(None, "invalid peer certificate: UnknownIssuer");
+        assert!(tls.hint().unwrap().contains("--ca-file"));
     }
 }

@@ -111,6 +111,7 @@ impl Registry {
                 op: "ping",
                 reference: registry.clone(),
                 message: describe(&e),
+                status: None,
                 transient: true,
             })?;
         let challenge = response
@@ -230,10 +231,17 @@ fn negotiation_error(r: &Reference, e: OciDistributionError) -> Error {
             OciDistributionError::ServerError { code, .. } => *code == 429 || *code >= 500,
             _ => false,
         };
+    let status = match &e {
+        OciDistributionError::ServerError { code, .. } => Some(*code),
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => Some(401),
+        _ => None,
+    };
     Error::Registry {
         op: "authenticate",
         reference: r.whole(),
         message,
+        status,
         transient,
     }
 }

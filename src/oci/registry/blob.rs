@@ -125,6 +125,7 @@ impl<'a> BlobReader<'a> {
                         op: "pull blob",
                         reference: self.reference.whole(),
                         message: format!("after {} bytes: {}", self.offset, describe(&e)),
+                        status: None,
                         transient: true,
                     };
                     if self.breaks >= self.registry.attempts {

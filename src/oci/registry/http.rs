@@ -63,15 +63,16 @@ impl Registry {
         auth: Auth,
         build: impl FnOnce(&reqwest::Client) -> RequestBuilder,
     ) -> Try<Response> {
-        let fail = |message: String, transient: bool| Error::Registry {
+        let fail = |status: Option<StatusCode>, message: String, transient: bool| Error::Registry {
             op,
             reference: r.whole(),
             message,
+            status: status.map(|s| s.as_u16()),
             transient,
         };
         let mut request = build(&self.http)
             .build()
-            .map_err(|e| Failure::Fatal(fail(describe(&e), false)))?;
+            .map_err(|e| Failure::Fatal(fail(None, describe(&e), false)))?;
         if same_origin(&self.base(r), request.url()) {
             let value = match auth {
                 Auth::Given(value) => Some(value),
@@ -87,10 +88,10 @@ impl Registry {
                 let message = describe(&e);
                 // A certificate that does not verify will not verify on the next try either.
                 if message.to_ascii_lowercase().contains("certificate") {
-                    return Err(Failure::Fatal(fail(message, false)));
+                    return Err(Failure::Fatal(fail(None, message, false)));
                 }
                 return Err(Failure::Again {
-                    error: fail(message, true),
+                    error: fail(None, message, true),
                     after: None,
                 });
             }
@@ -104,7 +105,7 @@ impl Registry {
                 .map(str::to_string);
             let message = error_message(response).await;
             return Err(Failure::Unauthorized {
-                error: fail(message, false),
+                error: fail(Some(status), message, false),
                 challenge,
             });
         }
@@ -112,7 +113,7 @@ impl Registry {
             let after = retry_after(response.headers());
             let message = error_message(response).await;
             return Err(Failure::Again {
-                error: fail(message, true),
+                error: fail(Some(status), message, true),
                 after,
             });
         }
@@ -194,6 +195,7 @@ pub(super) fn registry_failure(op: &'static str, r: &Reference, message: String)
         op,
         reference: r.whole(),
         message,
+        status: None,
         transient: false,
     }
 }
@@ -205,14 +207,17 @@ pub(super) async fn expect(
     response: Response,
     ok: &[StatusCode],
 ) -> Try<Response> {
-    if ok.contains(&response.status()) {
+    let status = response.status();
+    if ok.contains(&status) {
         return Ok(response);
     }
-    Err(Failure::Fatal(registry_failure(
+    Err(Failure::Fatal(Error::Registry {
         op,
-        r,
-        error_message(response).await,
-    )))
+        reference: r.whole(),
+        message: error_message(response).await,
+        status: Some(status.as_u16()),
+        transient: false,
+    }))
 }
 
 /// The body, refused beyond `limit` bytes; a body that breaks off is worth another try.
@@ -242,6 +247,7 @@ pub(super) async fn read_limited(
                         op,
                         reference: r.whole(),
                         message: describe(&e),
+                        status: None,
                         transient: true,
                     },
                     after: None,

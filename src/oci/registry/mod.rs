@@ -202,6 +202,7 @@ impl Registry {
             op: "pull manifest",
             reference: r.whole(),
             message: "404 Not Found: the registry has no such manifest".into(),
+            status: Some(404),
             transient: false,
         })
     }
