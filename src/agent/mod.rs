@@ -43,6 +43,15 @@ struct Outcome {
     bytes_new: u64,
 }
 
+impl Outcome {
+    /// Counts a snapshot made.
+    fn add(&mut self, listed: &crate::snapshot::Listed) {
+        self.bytes_read += listed.snapshot.summary.bytes_read;
+        self.bytes_new += listed.snapshot.summary.chunks.bytes_new;
+        self.snapshots.push(listed.id.clone());
+    }
+}
+
 /// Per-job figures for the metrics file.
 #[derive(Clone, Debug, Default)]
 struct JobMetrics {
@@ -352,10 +361,15 @@ fn registry_for(ctx: &Context, source: &crate::oci::ImageSource) -> Result<Regis
     })
 }
 
+/// Runs one job (a workload: its members) once, with `tags` on the snapshots it makes.
 fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Result<Outcome> {
-    let repo = &ctx.repo;
-    let host = gethostname::gethostname().to_string_lossy().into_owned();
-    let mut outcome = Outcome::default();
+    let run = Run {
+        ctx,
+        rt,
+        job,
+        tags,
+        host: gethostname::gethostname().to_string_lossy().into_owned(),
+    };
     match &job.kind {
         JobKind::Volume {
             path,
@@ -365,175 +379,238 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             post,
             hook_timeout,
         } => {
-            let timeout = duration(job, "hook_timeout", hook_timeout, hook::DEFAULT_TIMEOUT)?;
-            let hook = |which, cmd: &String| hook::run(&job.name, which, cmd, timeout);
-            // The post hook runs whatever happened, so a snapshot made by the pre hook is
-            // always removed.
-            let pre_result = pre.as_ref().map(|cmd| hook("pre", cmd)).unwrap_or(Ok(()));
-            let result = pre_result
-                .map_err(|e| e.context(format!("job {}: pre hook failed; job skipped", job.name)))
-                .and_then(|()| {
-                    let options = crate::volume::BackupOptions {
-                        name: job.name.clone(),
-                        path: path.clone(),
-                        host: host.clone(),
-                        tags: tags.to_vec(),
-                        block: *block,
-                        strict: *strict,
-                        use_parent: true,
-                    };
-                    let command = format!("agent job {}", job.name);
-                    let cache = Some(ctx.cache_dir.as_path());
-                    let hidden = Progress::hidden();
-                    commands::backup::volume(repo, rt, cache, &options, &command, &hidden)
-                });
-            let post_result = post.as_ref().map(|cmd| hook("post", cmd));
-            let listed = result?;
-            if let Some(Err(e)) = post_result {
-                return Err(e.context(format!("job {}: post hook failed", job.name)));
-            }
-            outcome.bytes_read = listed.snapshot.summary.bytes_read;
-            outcome.bytes_new = listed.snapshot.summary.chunks.bytes_new;
-            outcome.snapshots.push(listed.id);
+            let hooks = [pre.as_deref(), post.as_deref()];
+            run.volume(path, *block, *strict, hooks, hook_timeout)
         }
         JobKind::Image {
             images,
             tags_regex,
             platforms,
-        } => {
-            let tag_filter = tags_regex
-                .as_deref()
-                .map(regex::Regex::new)
-                .transpose()
-                .map_err(|e| Error::Config(format!("job {}: tags_regex: {e}", job.name)))?;
-            let what = commands::backup::ImageBackup {
-                images,
-                tag_filter,
-                platforms,
-                host: &host,
-                tags,
-            };
-            let results = commands::backup::images(
-                repo,
-                rt,
-                Some(&ctx.cache_dir),
-                &what,
-                &format!("agent job {}", job.name),
-                |source| registry_for(ctx, source),
-                |_| Progress::hidden(),
-            )?;
-            let mut failures = Vec::new();
-            for (reference, result) in results.into_iter().flat_map(|(_, r)| r) {
-                match result {
-                    Ok(l) => {
-                        outcome.bytes_read += l.snapshot.summary.bytes_read;
-                        outcome.bytes_new += l.snapshot.summary.chunks.bytes_new;
-                        outcome.snapshots.push(l.id);
-                    }
-                    Err(e) => failures.push((reference, e)),
-                }
-            }
-            // One image that failed alone keeps its own error (and kind); several, or some
-            // among successes, make a partial failure.
-            if outcome.snapshots.is_empty() && failures.len() == 1 {
-                let (reference, e) = failures.pop().expect("one");
-                return Err(e.context(format!("job {}: image {reference}", job.name)));
-            }
-            if !failures.is_empty() {
-                return Err(Error::Partial {
-                    what: format!("job {}", job.name),
-                    total: outcome.snapshots.len() + failures.len(),
-                    transient: failures.iter().all(|(_, e)| e.is_retryable()),
-                    failures: failures.iter().map(|(r, e)| format!("{r}: {e}")).collect(),
-                });
-            }
-        }
-        JobKind::Workload { jobs } => {
-            let mut member_tags = tags.to_vec();
-            member_tags.push(format!("workload:{}", job.name));
-            for member in jobs {
-                let m = ctx.config.job(member).expect("checked at load");
-                let mut all = m.tags.clone();
-                all.extend(member_tags.iter().cloned());
-                let o = run_job(ctx, rt, m, &all)
-                    .map_err(|e| e.context(format!("workload {}", job.name)))?;
-                outcome.snapshots.extend(o.snapshots);
-                outcome.bytes_read += o.bytes_read;
-                outcome.bytes_new += o.bytes_new;
-            }
-        }
-        JobKind::Forget { .. } => {
-            let policy = job
-                .kind
-                .policy()
-                .map_err(|(field, e)| Error::Config(format!("job {}: {field}: {e}", job.name)))?;
-            let filter = crate::snapshot::Filter {
-                host: Some(host.clone()),
-                ..Default::default()
-            };
-            let (_, removed) =
-                rt.block_on(crate::retention::forget(repo, &policy, &filter, false))?;
-            tracing::info!(job = %job.name, "forgot {removed} snapshots of host {host}");
-        }
+        } => run.images(images, tags_regex.as_deref(), platforms),
+        JobKind::Workload { jobs } => run.workload(jobs),
+        JobKind::Forget { .. } => run.forget(),
         JobKind::Gc {
             grace,
             declare_window,
-        } => {
-            let options = crate::gc::GcOptions {
-                grace: duration(job, "grace", grace, std::time::Duration::from_secs(3600))?,
-                dry_run: false,
-                declare_window: duration(
-                    job,
-                    "declare_window",
-                    declare_window,
-                    crate::gc::DECLARE_WINDOW,
-                )?,
-            };
-            let report = crate::gc::run(repo, rt, &options)?;
-            let freed: u64 = report.swept.iter().map(|s| s.bytes_freed).sum();
-            tracing::info!(
-                job = %job.name,
-                "gc: {} plans swept, {freed} bytes freed, {} plans waiting",
-                report.swept.len(),
-                report.waiting.len()
-            );
-        }
+        } => run.gc(grace, declare_window),
         JobKind::Verify {
             read_data,
             read_data_subset,
             metrics_file,
-        } => {
-            let read = match (read_data_subset, read_data) {
-                (Some(s), _) => Some(Some(crate::units::share(s).map_err(|e| {
-                    Error::Config(format!("job {}: read_data_subset: {e}", job.name))
-                })?)),
-                (None, true) => Some(None),
-                (None, false) => None,
-            };
-            let options = crate::verify::VerifyOptions {
-                read_data: read,
-                ..Default::default()
-            };
-            let cache = Some(ctx.cache_dir.as_path());
-            let report = commands::verify::verify(repo, rt, cache, &options, &Progress::hidden())?;
-            if let Some(path) = metrics_file {
-                write_atomically(path, SHARED, crate::verify::metrics(&report).as_bytes())?;
-            }
-            outcome.bytes_read = report.stats.bytes_read;
-            if !report.ok {
-                return Err(Error::VerifyFailed {
-                    problems: report.problems.len(),
-                    broken: report
-                        .snapshots
-                        .iter()
-                        .filter(|s| !s.ok)
-                        .map(|s| s.id.clone())
-                        .collect(),
-                });
+        } => run.verify(
+            *read_data,
+            read_data_subset.as_deref(),
+            metrics_file.as_deref(),
+        ),
+    }
+}
+
+/// One run of one job: a function per job kind.
+struct Run<'a> {
+    ctx: &'a Context,
+    rt: &'a Handle,
+    job: &'a JobConfig,
+    tags: &'a [String],
+    /// This agent's host name, recorded in the snapshots.
+    host: String,
+}
+
+impl Run<'_> {
+    fn command(&self) -> String {
+        format!("agent job {}", self.job.name)
+    }
+
+    /// A volume, between its pre and post hooks; the post hook runs whatever happened, so a
+    /// snapshot made by the pre hook is always removed.
+    fn volume(
+        &self,
+        path: &Path,
+        block: bool,
+        strict: bool,
+        [pre, post]: [Option<&str>; 2],
+        hook_timeout: &Option<String>,
+    ) -> Result<Outcome> {
+        let job = self.job;
+        let timeout = duration(job, "hook_timeout", hook_timeout, hook::DEFAULT_TIMEOUT)?;
+        let hook = |which, cmd: &str| hook::run(&job.name, which, cmd, timeout);
+        let pre_result = pre.map(|cmd| hook("pre", cmd)).unwrap_or(Ok(()));
+        let result = pre_result
+            .map_err(|e| e.context(format!("job {}: pre hook failed; job skipped", job.name)))
+            .and_then(|()| {
+                let options = crate::volume::BackupOptions {
+                    name: job.name.clone(),
+                    path: path.to_path_buf(),
+                    host: self.host.clone(),
+                    tags: self.tags.to_vec(),
+                    block,
+                    strict,
+                    use_parent: true,
+                };
+                let cache = Some(self.ctx.cache_dir.as_path());
+                let hidden = Progress::hidden();
+                let repo = &self.ctx.repo;
+                commands::backup::volume(repo, self.rt, cache, &options, &self.command(), &hidden)
+            });
+        let post_result = post.map(|cmd| hook("post", cmd));
+        let listed = result?;
+        if let Some(Err(e)) = post_result {
+            return Err(e.context(format!("job {}: post hook failed", job.name)));
+        }
+        let mut outcome = Outcome::default();
+        outcome.add(&listed);
+        Ok(outcome)
+    }
+
+    /// Images in one session. One image that failed alone keeps its own error (and kind);
+    /// several, or some among successes, make a partial failure.
+    fn images(
+        &self,
+        images: &[String],
+        tags_regex: Option<&str>,
+        platforms: &[String],
+    ) -> Result<Outcome> {
+        let job = self.job;
+        let tag_filter = tags_regex
+            .map(regex::Regex::new)
+            .transpose()
+            .map_err(|e| Error::Config(format!("job {}: tags_regex: {e}", job.name)))?;
+        let what = commands::backup::ImageBackup {
+            images,
+            tag_filter,
+            platforms,
+            host: &self.host,
+            tags: self.tags,
+        };
+        let results = commands::backup::images(
+            &self.ctx.repo,
+            self.rt,
+            Some(&self.ctx.cache_dir),
+            &what,
+            &self.command(),
+            |source| registry_for(self.ctx, source),
+            |_| Progress::hidden(),
+        )?;
+        let mut outcome = Outcome::default();
+        let mut failures = Vec::new();
+        for (reference, result) in results.into_iter().flat_map(|(_, r)| r) {
+            match result {
+                Ok(l) => outcome.add(&l),
+                Err(e) => failures.push((reference, e)),
             }
         }
+        if outcome.snapshots.is_empty() && failures.len() == 1 {
+            let (reference, e) = failures.pop().expect("one");
+            return Err(e.context(format!("job {}: image {reference}", job.name)));
+        }
+        if !failures.is_empty() {
+            return Err(Error::Partial {
+                what: format!("job {}", job.name),
+                total: outcome.snapshots.len() + failures.len(),
+                transient: failures.iter().all(|(_, e)| e.is_retryable()),
+                failures: failures.iter().map(|(r, e)| format!("{r}: {e}")).collect(),
+            });
+        }
+        Ok(outcome)
     }
-    Ok(outcome)
+
+    /// The member jobs, each with the workload's tag.
+    fn workload(&self, jobs: &[String]) -> Result<Outcome> {
+        let mut member_tags = self.tags.to_vec();
+        member_tags.push(format!("workload:{}", self.job.name));
+        let mut outcome = Outcome::default();
+        for member in jobs {
+            let m = self.ctx.config.job(member).expect("checked at load");
+            let mut all = m.tags.clone();
+            all.extend(member_tags.iter().cloned());
+            let o = run_job(self.ctx, self.rt, m, &all)
+                .map_err(|e| e.context(format!("workload {}", self.job.name)))?;
+            outcome.snapshots.extend(o.snapshots);
+            outcome.bytes_read += o.bytes_read;
+            outcome.bytes_new += o.bytes_new;
+        }
+        Ok(outcome)
+    }
+
+    /// Retention of this host's snapshots.
+    fn forget(&self) -> Result<Outcome> {
+        let job = self.job;
+        let policy = job
+            .kind
+            .policy()
+            .map_err(|(field, e)| Error::Config(format!("job {}: {field}: {e}", job.name)))?;
+        let filter = crate::snapshot::Filter {
+            host: Some(self.host.clone()),
+            ..Default::default()
+        };
+        let forget = crate::retention::forget(&self.ctx.repo, &policy, &filter, false);
+        let (_, removed) = self.rt.block_on(forget)?;
+        tracing::info!(job = %job.name, "forgot {removed} snapshots of host {}", self.host);
+        Ok(Outcome::default())
+    }
+
+    fn gc(&self, grace: &Option<String>, declare_window: &Option<String>) -> Result<Outcome> {
+        let job = self.job;
+        let options = crate::gc::GcOptions {
+            grace: duration(job, "grace", grace, Duration::from_secs(3600))?,
+            dry_run: false,
+            declare_window: duration(
+                job,
+                "declare_window",
+                declare_window,
+                crate::gc::DECLARE_WINDOW,
+            )?,
+        };
+        let report = crate::gc::run(&self.ctx.repo, self.rt, &options)?;
+        let freed: u64 = report.swept.iter().map(|s| s.bytes_freed).sum();
+        tracing::info!(
+            job = %job.name,
+            "gc: {} plans swept, {freed} bytes freed, {} plans waiting",
+            report.swept.len(),
+            report.waiting.len()
+        );
+        Ok(Outcome::default())
+    }
+
+    fn verify(
+        &self,
+        read_data: bool,
+        read_data_subset: Option<&str>,
+        metrics_file: Option<&Path>,
+    ) -> Result<Outcome> {
+        let job = self.job;
+        let read = match (read_data_subset, read_data) {
+            (Some(s), _) => Some(Some(crate::units::share(s).map_err(|e| {
+                Error::Config(format!("job {}: read_data_subset: {e}", job.name))
+            })?)),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let options = crate::verify::VerifyOptions {
+            read_data: read,
+            ..Default::default()
+        };
+        let cache = Some(self.ctx.cache_dir.as_path());
+        let hidden = Progress::hidden();
+        let report = commands::verify::verify(&self.ctx.repo, self.rt, cache, &options, &hidden)?;
+        if let Some(path) = metrics_file {
+            write_atomically(path, SHARED, crate::verify::metrics(&report).as_bytes())?;
+        }
+        if !report.ok {
+            return Err(Error::VerifyFailed {
+                problems: report.problems.len(),
+                broken: report
+                    .snapshots
+                    .iter()
+                    .filter(|s| !s.ok)
+                    .map(|s| s.id.clone())
+                    .collect(),
+            });
+        }
+        Ok(Outcome {
+            bytes_read: report.stats.bytes_read,
+            ..Outcome::default()
+        })
+    }
 }
 
 /// A job's duration setting, or `default` when unset.
