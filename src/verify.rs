@@ -1,19 +1,22 @@
 //! Verification: prove that snapshots can be restored, and name the ones that cannot.
 //!
-//! A run has three passes.
+//! A run is a series of passes, each a method of the run:
 //! 1. **Structure**: every snapshot record is read and parsed, and every selected snapshot's
 //!    index (catalog or block ref list) is read, which checks its chunks on the way. This gives
 //!    the set of referenced data chunks.
-//! 2. **Existence and data**: one listing of `chunks/` (not one request per chunk) tells which
-//!    referenced chunks are missing and which stored chunks nothing references. With
-//!    `read_data`, each selected chunk is downloaded, decompressed, decrypted and re-hashed
-//!    once, however many snapshots use it, on all cores; nothing is written out. Index chunks
-//!    the first pass read are not fetched again.
-//!    On a full read, every OCI blob is instead reassembled from its chunks (read in order, which
-//!    checks each chunk too; several blobs at once) and checked against its sha256 digest, and
-//!    every stored manifest against its own: image chunks are read once, by this pass.
-//! 3. **Attribution**, only when something is broken: the indexes are walked again to name
-//!    every snapshot and file that uses a bad chunk.
+//! 2. **Existence**: one listing of `chunks/` (not one request per chunk) tells which
+//!    referenced chunks are missing and which stored chunks nothing references.
+//! 3. **Data**, with `read_data`: each selected chunk is downloaded, decompressed, decrypted and
+//!    re-hashed once, however many snapshots use it, on all cores; nothing is written out.
+//!    Index chunks the first pass read are not fetched again.
+//! 4. **Images**, on a full read: every OCI blob is reassembled from its chunks (read in order,
+//!    which checks each chunk too; several blobs at once) and checked against its sha256
+//!    digest, and every stored manifest against its own: image chunks are read once, by this
+//!    pass instead of the data pass.
+//! 5. **Attribution**, only when something is broken: the indexes are walked again to name
+//!    every snapshot and file that uses a bad chunk. Snapshots forgotten (and swept) since
+//!    the structure pass leave the report first: their chunks being gone is no problem.
+//! 6. **Record**: the report, and the run's record in `verify/`.
 //!
 //! Subsets and shards split the chunk id space deterministically: `--read-data-subset n/m`
 //! reads the chunks whose first 8 id bytes are `n-1` modulo `m`, so `1/7` to `7/7` over a week
@@ -254,91 +257,28 @@ pub fn verify(
 ) -> Result<Report> {
     let started = Instant::now();
     let time = Utc::now();
-    let mut problems = Vec::new();
-    let mut stats = Stats::default();
-
-    // Pass 1: records and indexes.
-    let loaded = rt.block_on(snapshot::load_all(repo))?;
-    let mut snaps = Vec::new();
-    for (id, s) in loaded {
-        match s {
-            Ok(snapshot) => snaps.push(Listed { id, snapshot }),
-            Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => {
-                stats.records_unreadable += 1;
-                problems.push(Problem {
-                    kind: ProblemKind::UnreadableRecord,
-                    object: format!("snapshots/{id}"),
-                    reason: e.to_string(),
-                    affects: vec![Affected {
-                        snapshot: id,
-                        name: "(unknown: the record is unreadable)".into(),
-                        path: None,
-                    }],
-                    more_affected: 0,
-                });
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let all_selected = options.snapshots.is_empty()
-        && options.since.is_none()
-        && options.filter.kind.is_none()
-        && options.filter.name.is_none()
-        && options.filter.host.is_none();
+    let mut run = Run {
+        repo,
+        rt,
+        options,
+        progress,
+        problems: Vec::new(),
+        stats: Stats::default(),
+        referenced: HashMap::new(),
+        index_read: HashSet::new(),
+        broken: HashSet::new(),
+        bad: BTreeMap::new(),
+        stored: HashMap::new(),
+    };
+    let snaps = run.records()?;
     let mut selected = select(snaps, options)?;
-    let in_shard = |id: &ChunkId| options.shard.is_none_or(|s| s.contains(shard_key(id)));
-
-    let mut referenced: HashMap<ChunkId, u32> = HashMap::new();
-    let mut broken: HashSet<String> = HashSet::new();
-    // Index chunks of walked snapshots were fetched, decrypted and hashed by the walk: the data
-    // pass counts them as read instead of fetching them again.
-    let mut index_read: HashSet<ChunkId> = HashSet::new();
-    for snap in &selected {
-        for r in &snap.snapshot.root {
-            if !r.is_zero() && in_shard(&r.id) {
-                referenced.insert(r.id, r.len);
-            }
-        }
-        let walked = walk_refs(repo, rt, snap, |_, r| {
-            if !r.is_zero() && in_shard(&r.id) {
-                referenced.insert(r.id, r.len);
-            }
-            Ok(())
-        });
-        if walked.is_ok() {
-            index_read.extend(
-                snap.snapshot
-                    .root
-                    .iter()
-                    .filter(|r| !r.is_zero() && in_shard(&r.id))
-                    .map(|r| r.id),
-            );
-        }
-        if let Err(e) = walked {
-            broken.insert(snap.id.clone());
-            problems.push(Problem {
-                kind: ProblemKind::UnreadableIndex,
-                object: format!("index of snapshot {}", snap.id),
-                reason: e.to_string(),
-                affects: vec![affected(snap, None)],
-                more_affected: 0,
-            });
-        }
-    }
-    stats.chunks_referenced = referenced.len() as u64;
-
-    // On a full read, image blobs are read whole in their own pass (their sha256 needs the
+    run.structure(&selected);
+    // On a full read, image blobs are read whole by their own pass (their sha256 needs the
     // bytes in order, and reading them checks their chunks too), so the data pass skips their
     // chunks rather than read them twice.
     let full_read = options.read_data == Some(None) && options.shard.is_none();
-    let images: Vec<(&Listed, crate::oci::ImageRecord)> = if full_read {
-        selected
-            .iter()
-            .filter(|s| {
-                s.snapshot.root_format == snapshot::RootFormat::Image && !broken.contains(&s.id)
-            })
-            .filter_map(|s| Some((s, crate::oci::load_record(repo, rt, s).ok()?)))
-            .collect()
+    let images = if full_read {
+        run.image_records(&selected)
     } else {
         Vec::new()
     };
@@ -348,50 +288,196 @@ pub fn verify(
         .filter(|r| !r.is_zero())
         .map(|r| r.id)
         .collect();
+    run.existence(options.selects_all())?;
+    if let Some(part) = options.read_data {
+        run.data(part, &image_chunks);
+    }
+    run.images(&images);
+    drop(images);
+    let forgotten = run.forgotten(&mut selected)?;
+    run.attribution(&selected, forgotten);
+    Ok(run.record(&selected, time, started))
+}
 
-    // Pass 2: existence from one listing, then data.
-    let stored: HashMap<ChunkId, u64> = rt
-        .block_on(repo.store().list(crate::repository::CHUNKS_PREFIX))?
-        .into_iter()
-        .filter_map(|(k, size)| Some((ChunkId::from_hex(k.rsplit('/').next()?)?, size)))
-        .collect();
-    let mut bad: BTreeMap<ChunkId, (ProblemKind, String)> = BTreeMap::new();
-    for id in referenced.keys() {
-        if !stored.contains_key(id) {
-            bad.insert(
-                *id,
-                (ProblemKind::MissingChunk, "missing from the store".into()),
-            );
+impl VerifyOptions {
+    /// Whether every snapshot is selected (only then are unreferenced chunks counted).
+    fn selects_all(&self) -> bool {
+        self.snapshots.is_empty()
+            && self.since.is_none()
+            && self.filter.kind.is_none()
+            && self.filter.name.is_none()
+            && self.filter.host.is_none()
+    }
+
+    /// How much data this run reads, as reports and records say it.
+    fn read_desc(&self) -> String {
+        match self.read_data {
+            None => "none".to_string(),
+            Some(None) => "all".to_string(),
+            Some(Some(p)) => p.describe(),
         }
     }
-    stats.chunks_missing = bad.len() as u64;
-    if all_selected {
-        for (id, size) in &stored {
-            if in_shard(id) && !referenced.contains_key(id) {
-                stats.chunks_unreferenced += 1;
-                stats.bytes_unreferenced += size;
+}
+
+/// One verification run: what the passes find, as they find it.
+struct Run<'a> {
+    repo: &'a Arc<Repository>,
+    rt: &'a Handle,
+    options: &'a VerifyOptions,
+    progress: &'a Progress,
+    problems: Vec<Problem>,
+    stats: Stats,
+    /// Chunks the selected snapshots reference (in this shard), with their lengths.
+    referenced: HashMap<ChunkId, u32>,
+    /// Index chunks the structure pass fetched, decrypted and hashed already: the data pass
+    /// counts them as read instead of fetching them again.
+    index_read: HashSet<ChunkId>,
+    /// Snapshots with a problem.
+    broken: HashSet<String>,
+    /// Chunks missing or unreadable, with why.
+    bad: BTreeMap<ChunkId, (ProblemKind, String)>,
+    /// Every stored chunk and its size, from one listing.
+    stored: HashMap<ChunkId, u64>,
+}
+
+impl Run<'_> {
+    fn in_shard(&self, id: &ChunkId) -> bool {
+        self.options.shard.is_none_or(|s| s.contains(shard_key(id)))
+    }
+
+    /// Structure, first half: every snapshot record read and parsed; an unreadable one is a
+    /// problem, the others are returned.
+    fn records(&mut self) -> Result<Vec<Listed>> {
+        let loaded = self.rt.block_on(snapshot::load_all(self.repo))?;
+        let mut snaps = Vec::new();
+        for (id, s) in loaded {
+            match s {
+                Ok(snapshot) => snaps.push(Listed { id, snapshot }),
+                Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => {
+                    self.stats.records_unreadable += 1;
+                    self.problems.push(Problem {
+                        kind: ProblemKind::UnreadableRecord,
+                        object: format!("snapshots/{id}"),
+                        reason: e.to_string(),
+                        affects: vec![Affected {
+                            snapshot: id,
+                            name: "(unknown: the record is unreadable)".into(),
+                            path: None,
+                        }],
+                        more_affected: 0,
+                    });
+                }
+                Err(e) => return Err(e),
             }
         }
+        Ok(snaps)
     }
-    let read_desc = match options.read_data {
-        None => "none".to_string(),
-        Some(None) => "all".to_string(),
-        Some(Some(p)) => p.describe(),
-    };
-    if let Some(part) = options.read_data {
-        let (walked, to_read): (Vec<ChunkRef>, Vec<ChunkRef>) = referenced
+
+    /// Structure, second half: every selected snapshot's index (catalog, ref list or image
+    /// record) read, which checks its chunks on the way, giving the referenced chunks.
+    fn structure(&mut self, selected: &[Listed]) {
+        for snap in selected {
+            for r in &snap.snapshot.root {
+                if !r.is_zero() && self.in_shard(&r.id) {
+                    self.referenced.insert(r.id, r.len);
+                }
+            }
+            let (referenced, shard) = (&mut self.referenced, self.options.shard);
+            let walked = walk_refs(self.repo, self.rt, snap, |_, r| {
+                if !r.is_zero() && shard.is_none_or(|s| s.contains(shard_key(&r.id))) {
+                    referenced.insert(r.id, r.len);
+                }
+                Ok(())
+            });
+            match walked {
+                Ok(()) => {
+                    let roots: Vec<ChunkId> = snap
+                        .snapshot
+                        .root
+                        .iter()
+                        .filter(|r| !r.is_zero() && self.in_shard(&r.id))
+                        .map(|r| r.id)
+                        .collect();
+                    self.index_read.extend(roots);
+                }
+                Err(e) => {
+                    self.broken.insert(snap.id.clone());
+                    self.problems.push(Problem {
+                        kind: ProblemKind::UnreadableIndex,
+                        object: format!("index of snapshot {}", snap.id),
+                        reason: e.to_string(),
+                        affects: vec![affected(snap, None)],
+                        more_affected: 0,
+                    });
+                }
+            }
+        }
+        self.stats.chunks_referenced = self.referenced.len() as u64;
+    }
+
+    /// The image records of the readable image snapshots, for the images pass.
+    fn image_records<'s>(
+        &self,
+        selected: &'s [Listed],
+    ) -> Vec<(&'s Listed, crate::oci::ImageRecord)> {
+        selected
+            .iter()
+            .filter(|s| {
+                s.snapshot.root_format == snapshot::RootFormat::Image
+                    && !self.broken.contains(&s.id)
+            })
+            .filter_map(|s| Some((s, crate::oci::load_record(self.repo, self.rt, s).ok()?)))
+            .collect()
+    }
+
+    /// Existence: one listing of `chunks/` says which referenced chunks are missing and, when
+    /// every snapshot is selected, which stored ones nothing references.
+    fn existence(&mut self, all_selected: bool) -> Result<()> {
+        self.stored = self
+            .rt
+            .block_on(self.repo.store().list(crate::repository::CHUNKS_PREFIX))?
+            .into_iter()
+            .filter_map(|(k, size)| Some((ChunkId::from_hex(k.rsplit('/').next()?)?, size)))
+            .collect();
+        for id in self.referenced.keys() {
+            if !self.stored.contains_key(id) {
+                self.bad.insert(
+                    *id,
+                    (ProblemKind::MissingChunk, "missing from the store".into()),
+                );
+            }
+        }
+        self.stats.chunks_missing = self.bad.len() as u64;
+        if all_selected {
+            for (id, size) in &self.stored {
+                if self.in_shard(id) && !self.referenced.contains_key(id) {
+                    self.stats.chunks_unreferenced += 1;
+                    self.stats.bytes_unreferenced += size;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Data: each selected chunk downloaded, decompressed, decrypted and re-hashed once, on
+    /// all cores; image chunks are left to the images pass, index chunks the structure pass
+    /// read are counted.
+    fn data(&mut self, part: Option<Part>, image_chunks: &HashSet<ChunkId>) {
+        let (walked, to_read): (Vec<ChunkRef>, Vec<ChunkRef>) = self
+            .referenced
             .iter()
             .filter(|(id, _)| {
-                stored.contains_key(id)
+                self.stored.contains_key(id)
                     && !image_chunks.contains(id)
                     && part.is_none_or(|p| p.contains(subset_key(id)))
             })
             .map(|(id, len)| ChunkRef { id: *id, len: *len })
-            .partition(|r| index_read.contains(&r.id));
+            .partition(|r| self.index_read.contains(&r.id));
         let read = AtomicU64::new(walked.len() as u64);
-        let bytes = AtomicU64::new(walked.iter().map(|r| stored[&r.id]).sum());
-        progress.inc(bytes.load(Ordering::Relaxed));
+        let bytes = AtomicU64::new(walked.iter().map(|r| self.stored[&r.id]).sum());
+        self.progress.inc(bytes.load(Ordering::Relaxed));
         let corrupt = Mutex::new(Vec::new());
+        let (repo, rt, stored, progress) = (self.repo, self.rt, &self.stored, self.progress);
         rt.block_on(
             futures::stream::iter(to_read)
                 .map(|r| {
@@ -410,127 +496,142 @@ pub fn verify(
                     async {}
                 }),
         );
-        stats.chunks_read = read.into_inner();
-        stats.bytes_read = bytes.into_inner();
+        self.stats.chunks_read = read.into_inner();
+        self.stats.bytes_read = bytes.into_inner();
         for (id, e) in corrupt.into_inner().expect("lock") {
-            record_unreadable(&mut bad, &mut stats, id, e);
+            record_unreadable(&mut self.bad, &mut self.stats, id, e);
         }
     }
 
-    // OCI blobs and manifests end to end: on a full read, every image blob is reassembled from
-    // its chunks and must hash to its digest (blobs in parallel, each read in order), and every
-    // stored manifest to its own.
-    let mut wrong: Vec<(String, String, Vec<&Listed>)> = Vec::new();
-    let mut blobs: BTreeMap<&str, (&crate::oci::StoredBlob, Vec<&Listed>)> = BTreeMap::new();
-    for (snap, record) in &images {
-        for m in &record.manifests {
-            let actual = crate::oci::registry::sha256_digest(&m.raw);
-            if actual != m.digest {
-                wrong.push((
-                    format!("manifest {}", m.digest),
-                    format!("stored bytes hash to {actual}"),
-                    vec![*snap],
-                ));
-            }
-        }
-        for blob in &record.blobs {
-            // A blob with a chunk missing from the store is reported through that chunk.
-            if blob.refs.iter().any(|r| bad.contains_key(&r.id)) {
-                continue;
-            }
-            blobs
-                .entry(&blob.digest)
-                .or_insert((blob, Vec::new()))
-                .1
-                .push(*snap);
-        }
-    }
-    let blobs: Vec<_> = blobs.into_values().collect();
-    let next = AtomicU64::new(0);
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
-    let digests: Vec<std::result::Result<String, (ChunkId, Box<Error>)>> = {
-        let results = Mutex::new(blobs.iter().map(|_| None).collect::<Vec<_>>());
-        std::thread::scope(|scope| {
-            for _ in 0..workers.min(blobs.len()) {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some((blob, _)) = blobs.get(i) else {
-                        return;
-                    };
-                    let digest = crate::oci::blob_digest(repo, rt, blob, progress);
-                    results.lock().expect("lock")[i] = Some(digest);
-                });
-            }
-        });
-        results
-            .into_inner()
-            .expect("lock")
-            .into_iter()
-            .map(|d| d.expect("every blob checked"))
-            .collect()
-    };
-    let mut image_read: HashSet<ChunkId> = HashSet::new();
-    for ((blob, users), digest) in blobs.iter().zip(digests) {
-        stats.blobs_checked += 1;
-        match digest {
-            Ok(actual) => {
-                image_read.extend(blob.refs.iter().filter(|r| !r.is_zero()).map(|r| r.id));
-                if actual != blob.digest {
+    /// Images, on a full read: every blob reassembled from its chunks must hash to its digest
+    /// (blobs in parallel, each read in order), every stored manifest to its own.
+    fn images(&mut self, images: &[(&Listed, crate::oci::ImageRecord)]) {
+        let mut wrong: Vec<(String, String, Vec<&Listed>)> = Vec::new();
+        let mut blobs: BTreeMap<&str, (&crate::oci::StoredBlob, Vec<&Listed>)> = BTreeMap::new();
+        for (snap, record) in images {
+            for m in &record.manifests {
+                let actual = crate::oci::registry::sha256_digest(&m.raw);
+                if actual != m.digest {
                     wrong.push((
-                        format!("blob {}", blob.digest),
-                        format!("its chunks assemble to {actual}"),
-                        users.clone(),
+                        format!("manifest {}", m.digest),
+                        format!("stored bytes hash to {actual}"),
+                        vec![*snap],
                     ));
                 }
             }
-            Err((id, e)) => record_unreadable(&mut bad, &mut stats, id, *e),
+            for blob in &record.blobs {
+                // A blob with a chunk missing from the store is reported through that chunk.
+                if blob.refs.iter().any(|r| self.bad.contains_key(&r.id)) {
+                    continue;
+                }
+                blobs
+                    .entry(&blob.digest)
+                    .or_insert((blob, Vec::new()))
+                    .1
+                    .push(*snap);
+            }
+        }
+        let blobs: Vec<_> = blobs.into_values().collect();
+        let next = AtomicU64::new(0);
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        let (repo, rt, progress) = (self.repo, self.rt, self.progress);
+        let digests: Vec<std::result::Result<String, (ChunkId, Box<Error>)>> = {
+            let results = Mutex::new(blobs.iter().map(|_| None).collect::<Vec<_>>());
+            std::thread::scope(|scope| {
+                for _ in 0..workers.min(blobs.len()) {
+                    scope.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some((blob, _)) = blobs.get(i) else {
+                            return;
+                        };
+                        let digest = crate::oci::blob_digest(repo, rt, blob, progress);
+                        results.lock().expect("lock")[i] = Some(digest);
+                    });
+                }
+            });
+            results
+                .into_inner()
+                .expect("lock")
+                .into_iter()
+                .map(|d| d.expect("every blob checked"))
+                .collect()
+        };
+        let mut image_read: HashSet<ChunkId> = HashSet::new();
+        for ((blob, users), digest) in blobs.iter().zip(digests) {
+            self.stats.blobs_checked += 1;
+            match digest {
+                Ok(actual) => {
+                    image_read.extend(blob.refs.iter().filter(|r| !r.is_zero()).map(|r| r.id));
+                    if actual != blob.digest {
+                        wrong.push((
+                            format!("blob {}", blob.digest),
+                            format!("its chunks assemble to {actual}"),
+                            users.clone(),
+                        ));
+                    }
+                }
+                Err((id, e)) => record_unreadable(&mut self.bad, &mut self.stats, id, *e),
+            }
+        }
+        self.stats.chunks_read += image_read.len() as u64;
+        self.stats.bytes_read += image_read
+            .iter()
+            .filter_map(|id| self.stored.get(id))
+            .sum::<u64>();
+        for (object, reason, users) in wrong {
+            self.broken.extend(users.iter().map(|s| s.id.clone()));
+            self.problems.push(Problem {
+                kind: ProblemKind::WrongDigest,
+                object,
+                reason,
+                affects: users.iter().map(|s| affected(s, None)).collect(),
+                more_affected: 0,
+            });
         }
     }
-    stats.chunks_read += image_read.len() as u64;
-    stats.bytes_read += image_read
-        .iter()
-        .filter_map(|id| stored.get(id))
-        .sum::<u64>();
-    for (object, reason, users) in wrong {
-        broken.extend(users.iter().map(|s| s.id.clone()));
-        problems.push(Problem {
-            kind: ProblemKind::WrongDigest,
-            object,
-            reason,
-            affects: users.iter().map(|s| affected(s, None)).collect(),
-            more_affected: 0,
-        });
-    }
 
-    // A snapshot forgotten, and its data swept by gc, since pass 1 read the list is no longer
-    // the repository's to restore: verification holds no session, so gc may run meanwhile.
-    // When chunks are missing, one listing tells which snapshots are gone; they leave the
-    // report, and a missing chunk that no remaining snapshot uses is no problem.
-    let mut forgotten = 0;
-    if bad
-        .values()
-        .any(|(kind, _)| *kind == ProblemKind::MissingChunk)
-    {
-        let live: HashSet<String> = rt.block_on(repo.list_snapshot_ids())?.into_iter().collect();
-        forgotten = selected.len();
+    /// A snapshot forgotten, and its data swept by gc, since the structure pass read the list
+    /// is no longer the repository's to restore: verification holds no session, so gc may run
+    /// meanwhile (ARCHITECTURE.md, "What runs during what"). When chunks are missing, one
+    /// listing tells which snapshots are gone; they leave `selected`. Returns how many.
+    fn forgotten(&mut self, selected: &mut Vec<Listed>) -> Result<usize> {
+        let missing = self
+            .bad
+            .values()
+            .any(|(kind, _)| *kind == ProblemKind::MissingChunk);
+        if !missing {
+            return Ok(0);
+        }
+        let live: HashSet<String> = self
+            .rt
+            .block_on(self.repo.list_snapshot_ids())?
+            .into_iter()
+            .collect();
+        let before = selected.len();
         selected.retain(|s| live.contains(&s.id));
-        forgotten -= selected.len();
-        broken.retain(|id| live.contains(id));
+        self.broken.retain(|id| live.contains(id));
+        Ok(before - selected.len())
     }
 
-    // Pass 3: who uses the bad chunks.
-    if !bad.is_empty() {
+    /// Attribution, only when something is broken: the indexes walked again to name every
+    /// snapshot and file that uses a bad chunk. A missing chunk that no remaining snapshot
+    /// uses, after some were forgotten meanwhile, is no problem.
+    fn attribution(&mut self, selected: &[Listed], forgotten: usize) {
+        if self.bad.is_empty() {
+            return;
+        }
         let mut users: BTreeMap<ChunkId, (Vec<Affected>, u64)> = BTreeMap::new();
-        for snap in &selected {
+        for snap in selected {
             let roots: Vec<ChunkId> = snap.snapshot.root.iter().map(|r| r.id).collect();
-            for id in roots.iter().filter(|id| bad.contains_key(id)) {
-                broken.insert(snap.id.clone());
+            for id in roots.iter().filter(|id| self.bad.contains_key(id)) {
+                self.broken.insert(snap.id.clone());
                 push_user(
                     users.entry(*id).or_default(),
                     affected(snap, Some("(index)".into())),
                 );
             }
-            let _ = walk_refs(repo, rt, snap, |path, r| {
+            let (bad, broken) = (&self.bad, &mut self.broken);
+            let _ = walk_refs(self.repo, self.rt, snap, |path, r| {
                 if bad.contains_key(&r.id) {
                     broken.insert(snap.id.clone());
                     let path = (!path.is_empty()
@@ -541,13 +642,13 @@ pub fn verify(
                 Ok(())
             });
         }
-        for (id, (kind, reason)) in bad {
+        for (id, (kind, reason)) in std::mem::take(&mut self.bad) {
             let (affects, more_affected) = users.remove(&id).unwrap_or_default();
             if forgotten > 0 && kind == ProblemKind::MissingChunk && affects.is_empty() {
-                stats.chunks_missing -= 1;
+                self.stats.chunks_missing -= 1;
                 continue;
             }
-            problems.push(Problem {
+            self.problems.push(Problem {
                 kind,
                 object: Repository::chunk_key(&id),
                 reason,
@@ -557,56 +658,57 @@ pub fn verify(
         }
     }
 
-    let snapshots: Vec<SnapshotStatus> = selected
-        .iter()
-        .map(|s| SnapshotStatus {
-            id: s.id.clone(),
-            kind: format!("{:?}", s.snapshot.kind).to_lowercase(),
-            name: s.snapshot.name.clone(),
-            host: s.snapshot.host.clone(),
-            time: s.snapshot.time,
-            ok: !broken.contains(&s.id),
-        })
-        .collect();
-    stats.snapshots_checked = snapshots.len() as u64;
-    stats.snapshots_broken = snapshots.iter().filter(|s| !s.ok).count() as u64;
-    stats.snapshots_ok = stats.snapshots_checked - stats.snapshots_broken;
-    let host = gethostname::gethostname().to_string_lossy().into_owned();
-    let report = Report {
-        time,
-        duration_ms: started.elapsed().as_millis() as u64,
-        repository: repo.store().url().to_string(),
-        host: host.clone(),
-        read_data: read_desc.clone(),
-        shard: options.shard.map(|s| s.describe()),
-        ok: problems.is_empty(),
-        stats,
-        snapshots,
-        problems,
-    };
-    let record = RunRecord {
-        time,
-        host,
-        read_data: read_desc,
-        shard: report.shard.clone(),
-        ok: report
-            .snapshots
+    /// Record: the report, and the run's record in `verify/` for [`status`].
+    fn record(mut self, selected: &[Listed], time: DateTime<Utc>, started: Instant) -> Report {
+        let snapshots: Vec<SnapshotStatus> = selected
             .iter()
-            .filter(|s| s.ok)
-            .map(|s| s.id.clone())
-            .collect(),
-        broken: report
-            .snapshots
-            .iter()
-            .filter(|s| !s.ok)
-            .map(|s| s.id.clone())
-            .collect(),
-    };
-    let json = serde_json::to_vec(&record).expect("record serialises");
-    if let Err(e) = rt.block_on(repo.put_verify_record(time, &json)) {
-        tracing::warn!("could not store the record of this verification run: {e}");
+            .map(|s| SnapshotStatus {
+                id: s.id.clone(),
+                kind: format!("{:?}", s.snapshot.kind).to_lowercase(),
+                name: s.snapshot.name.clone(),
+                host: s.snapshot.host.clone(),
+                time: s.snapshot.time,
+                ok: !self.broken.contains(&s.id),
+            })
+            .collect();
+        self.stats.snapshots_checked = snapshots.len() as u64;
+        self.stats.snapshots_broken = snapshots.iter().filter(|s| !s.ok).count() as u64;
+        self.stats.snapshots_ok = self.stats.snapshots_checked - self.stats.snapshots_broken;
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let report = Report {
+            time,
+            duration_ms: started.elapsed().as_millis() as u64,
+            repository: self.repo.store().url().to_string(),
+            host: host.clone(),
+            read_data: self.options.read_desc(),
+            shard: self.options.shard.map(|s| s.describe()),
+            ok: self.problems.is_empty(),
+            stats: self.stats,
+            snapshots,
+            problems: self.problems,
+        };
+        let ids = |ok: bool| {
+            report
+                .snapshots
+                .iter()
+                .filter(|s| s.ok == ok)
+                .map(|s| s.id.clone())
+                .collect()
+        };
+        let record = RunRecord {
+            time,
+            host,
+            read_data: report.read_data.clone(),
+            shard: report.shard.clone(),
+            ok: ids(true),
+            broken: ids(false),
+        };
+        let json = serde_json::to_vec(&record).expect("record serialises");
+        if let Err(e) = self.rt.block_on(self.repo.put_verify_record(time, &json)) {
+            tracing::warn!("could not store the record of this verification run: {e}");
+        }
+        report
     }
-    Ok(report)
 }
 
 /// Every data chunk ref of a snapshot with the file (or blob digest) that uses it.
