@@ -101,6 +101,38 @@ pub struct Identity {
     pub authenticated: bool,
 }
 
+impl Identity {
+    /// Refuses `config` at `url` when its id or encryption differs from this identity.
+    ///
+    /// # Errors
+    /// [`Error::Tampered`] saying what changed.
+    pub fn check(&self, url: &str, config: &RepoConfig) -> Result<()> {
+        let word = |encrypted: bool| {
+            if encrypted {
+                "encrypted"
+            } else {
+                "unencrypted"
+            }
+        };
+        let encrypted = config.encryption.is_some();
+        let reason = if self.id != config.id {
+            format!("its id is {}, this host knew it as {}", config.id, self.id)
+        } else if self.encrypted != encrypted {
+            format!(
+                "this host knew it as {}, its config now says {}",
+                word(self.encrypted),
+                word(encrypted)
+            )
+        } else {
+            return Ok(());
+        };
+        Err(Error::Tampered {
+            url: url.to_string(),
+            reason,
+        })
+    }
+}
+
 /// Each repository URL this host opened, with its [`Identity`] (`repositories.json` in the
 /// cache directory). [`Repository::open`] refuses a repository that differs from it.
 #[derive(Debug, Default)]

@@ -61,12 +61,49 @@ pub const SESSIONS_PREFIX: &str = "sessions";
 pub const GC_PREFIX: &str = "gc";
 const MAX_RECORD_LEN: usize = 64 << 20;
 
-fn encrypted_word(encrypted: bool) -> &'static str {
-    if encrypted {
-        "encrypted"
-    } else {
-        "unencrypted"
+/// Reads and parses the `config` of the repository in `store`: a tresor config, of a format
+/// this build reads, with a well-formed id and chunker.
+async fn read_config(store: &Store) -> Result<RepoConfig> {
+    let url = store.url();
+    let raw = store
+        .get_opt(CONFIG_KEY)
+        .await?
+        .ok_or_else(|| Error::NotARepository {
+            url: url.to_string(),
+            reason: "it has no `config` object",
+        })?;
+    let json = codec::decode(CONFIG_KEY, &raw, MAX_RECORD_LEN, None).map_err(|_| {
+        Error::NotARepository {
+            url: url.to_string(),
+            reason: "its `config` object is not a tresor config",
+        }
+    })?;
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
     }
+    let corrupt = |reason: String| Error::Corrupt {
+        object: format!("{url}/{CONFIG_KEY}"),
+        reason,
+    };
+    let v: Version = serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
+    if v.version > FORMAT_VERSION {
+        return Err(Error::UnsupportedFormat {
+            url: url.to_string(),
+            found: v.version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let config: RepoConfig = serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
+    // The id names a directory of the cache: nothing but what `init` makes may go there.
+    if config.id.len() != 32 || !config.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(corrupt(format!(
+            "repository id {:?} is not 32 hex digits",
+            config.id
+        )));
+    }
+    config.chunker.validate()?;
+    Ok(config)
 }
 
 /// A unique object name that sorts by `time`.
@@ -241,65 +278,11 @@ impl Repository {
         ask: impl FnOnce() -> Result<Secret>,
     ) -> Result<Repository> {
         let url = store.url().to_string();
-        let raw = store
-            .get_opt(CONFIG_KEY)
-            .await?
-            .ok_or_else(|| Error::NotARepository {
-                url: url.clone(),
-                reason: "it has no `config` object",
-            })?;
-        let json = codec::decode(CONFIG_KEY, &raw, MAX_RECORD_LEN, None).map_err(|_| {
-            Error::NotARepository {
-                url: url.clone(),
-                reason: "its `config` object is not a tresor config",
-            }
-        })?;
-        #[derive(Deserialize)]
-        struct Version {
-            version: u32,
-        }
-        let corrupt = |reason: String| Error::Corrupt {
-            object: format!("{url}/{CONFIG_KEY}"),
-            reason,
-        };
-        let v: Version = serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
-        if v.version > FORMAT_VERSION {
-            return Err(Error::UnsupportedFormat {
-                url,
-                found: v.version,
-                supported: FORMAT_VERSION,
-            });
-        }
-        let config: RepoConfig =
-            serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
-        // The id names a directory of the cache: nothing but what `init` makes may go there.
-        if config.id.len() != 32 || !config.id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(corrupt(format!(
-                "repository id {:?} is not 32 hex digits",
-                config.id
-            )));
-        }
-        config.chunker.validate()?;
-        let tampered = |reason: String| Error::Tampered {
-            url: url.clone(),
-            reason,
-        };
+        let config = read_config(&store).await?;
         let mut identities = crate::cache::Identities::load(options.cache_dir)?;
         let remembered = identities.get(&url).cloned();
         if let Some(known) = &remembered {
-            if known.id != config.id {
-                return Err(tampered(format!(
-                    "its id is {}, this host knew it as {}",
-                    config.id, known.id
-                )));
-            }
-            if known.encrypted != config.encryption.is_some() {
-                return Err(tampered(format!(
-                    "this host knew it as {}, its config now says {}",
-                    encrypted_word(known.encrypted),
-                    encrypted_word(config.encryption.is_some())
-                )));
-            }
+            known.check(&url, &config)?;
         }
         let mut repo = Repository {
             store,
@@ -308,62 +291,83 @@ impl Repository {
             slot: None,
         };
         match repo.config.encryption.clone() {
-            None => {
-                if options.secret.is_some() {
-                    return Err(tampered(
-                        "its config says it is unencrypted, but a password or key file was \
-                         given for it"
-                            .into(),
-                    ));
-                }
-                let slots = repo.store.list(KEYS_PREFIX).await?.len();
-                if slots > 0 || repo.config.mac.is_some() {
-                    return Err(tampered(format!(
-                        "its config says it is unencrypted, but the store holds {slots} key \
-                         slot(s){}",
-                        if repo.config.mac.is_some() {
-                            " and the config a MAC"
-                        } else {
-                            ""
-                        }
-                    )));
-                }
-            }
+            None => repo.check_unencrypted(options.secret.is_some()).await?,
             Some(name) => {
-                let Some(cipher) = Cipher::from_name(&name) else {
-                    return Err(Error::UnsupportedFormat {
-                        url,
-                        found: repo.config.version,
-                        supported: FORMAT_VERSION,
-                    }
-                    .context(format!("unknown cipher {name:?}")));
-                };
                 let secret = match options.secret {
                     Some(s) => s,
                     None => ask()?,
                 };
-                let (slot, key) = repo.unlock(&secret).await?;
-                let key = key.with_cipher(cipher);
-                if repo.config.mac.is_none() && !remembered.is_some_and(|k| k.authenticated) {
-                    tracing::warn!(
-                        "the config of {url} has no MAC (written by an older tresor): adding one"
-                    );
-                    repo.config.sign(&key);
-                    let json = serde_json::to_vec_pretty(&repo.config).expect("config serialises");
-                    repo.store
-                        .put(CONFIG_KEY, codec::encode(&json, None, None).into())
-                        .await?;
-                } else if !repo.config.mac_is_valid(&key) {
-                    return Err(tampered(
-                        "its MAC does not match its fields (changed or removed)".into(),
-                    ));
-                }
-                repo.key = Some(key);
-                repo.slot = Some(slot);
+                let authenticated = remembered.is_some_and(|k| k.authenticated);
+                repo.unlock_config(&name, &secret, authenticated).await?;
             }
         }
         identities.remember(&url, &repo.config)?;
         Ok(repo)
+    }
+
+    fn tampered(&self, reason: String) -> Error {
+        Error::Tampered {
+            url: self.store.url().to_string(),
+            reason,
+        }
+    }
+
+    /// A config that claims no encryption is believed only if no secret was given for the
+    /// repository and the store holds no key slot (nor the config a MAC).
+    async fn check_unencrypted(&self, secret_given: bool) -> Result<()> {
+        if secret_given {
+            return Err(self.tampered(
+                "its config says it is unencrypted, but a password or key file was given for it"
+                    .into(),
+            ));
+        }
+        let slots = self.store.list(KEYS_PREFIX).await?.len();
+        let mac = self.config.mac.is_some();
+        if slots > 0 || mac {
+            let and_mac = if mac { " and the config a MAC" } else { "" };
+            return Err(self.tampered(format!(
+                "its config says it is unencrypted, but the store holds {slots} key slot(s){and_mac}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Unlocks the master key with `secret` and checks the config's MAC with it. A config
+    /// without one (an older tresor wrote it) gets one, unless this host saw it `authenticated`.
+    async fn unlock_config(
+        &mut self,
+        cipher: &str,
+        secret: &Secret,
+        authenticated: bool,
+    ) -> Result<()> {
+        let url = self.store.url().to_string();
+        let Some(cipher) = Cipher::from_name(cipher) else {
+            return Err(Error::UnsupportedFormat {
+                url,
+                found: self.config.version,
+                supported: FORMAT_VERSION,
+            }
+            .context(format!("unknown cipher {cipher:?}")));
+        };
+        let (slot, key) = self.unlock(secret).await?;
+        let key = key.with_cipher(cipher);
+        if self.config.mac.is_none() && !authenticated {
+            tracing::warn!(
+                "the config of {url} has no MAC (written by an older tresor): adding one"
+            );
+            self.config.sign(&key);
+            let json = serde_json::to_vec_pretty(&self.config).expect("config serialises");
+            self.store
+                .put(CONFIG_KEY, codec::encode(&json, None, None).into())
+                .await?;
+        } else if !self.config.mac_is_valid(&key) {
+            return Err(
+                self.tampered("its MAC does not match its fields (changed or removed)".into())
+            );
+        }
+        self.key = Some(key);
+        self.slot = Some(slot);
+        Ok(())
     }
 
     async fn unlock(&self, secret: &Secret) -> Result<(String, MasterKey)> {
