@@ -2,10 +2,12 @@
 # The same ~2 GiB tree backed up to and restored from the local filesystem store and Garage on
 # loopback (single node, as in the tests), in encrypted repositories: MB/s and peak RSS per
 # step, then objects per GiB and, for Garage, S3 requests per GiB of each step (read from
-# Garage's own metrics).
+# Garage's own metrics); then restic on the same tree and stores, when it is installed.
 #
 #   benches/store.sh          # needs garage on PATH (.ci/run installs it under ~/.cache/tresor-ci/bin)
 #   TARGETS=garage GARAGE_COMPRESSION=1 benches/store.sh
+#   TREE=/mnt/bench/include benches/store.sh   # a tree of your own (a copy of /usr/include:
+#                                               # many small files) instead of the generated one
 #
 # Garage's own block compression defaults to none here: tresor's objects are already
 # compressed and sealed, so Garage's zstd would only spend CPU (GARAGE_COMPRESSION=1 shows it).
@@ -13,10 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BENCH_DIR="${BENCH_DIR:-/tmp/tresor-bench}"
-SRC="$BENCH_DIR/src"
+SRC="${TREE:-$BENCH_DIR/src}"
 export PATH="${TRESOR_CI_TOOLS:-$HOME/.cache/tresor-ci}/bin:$PATH"
 source benches/lib.sh
-make_tree "$SRC"
+[ -n "${TREE:-}" ] || make_tree "$SRC"
 BYTES=$(du -sb --apparent-size "$SRC" | cut -f1)
 GIB=$(awk -v b="$BYTES" 'BEGIN { print b / 1073741824 }')
 cargo build --release --quiet
@@ -90,3 +92,21 @@ for target in ${TARGETS:-local garage}; do
     echo "$target: $objects chunk objects, $(awk -v o="$objects" -v g="$GIB" 'BEGIN { printf "%.0f", o / g }') per GiB"
     rm -rf "$BENCH_DIR/restore"
 done
+
+# restic on the same tree and the same stores, in the same run.
+if command -v restic >/dev/null; then
+    export RESTIC_PASSWORD=tresor-bench
+    for target in ${TARGETS:-local garage}; do
+        rm -rf "$BENCH_DIR/restic-repo" "$BENCH_DIR/restore"
+        if [ $target = local ]; then
+            export RESTIC_REPOSITORY="$BENCH_DIR/restic-repo"
+        else
+            export RESTIC_REPOSITORY="s3:http://127.0.0.1:$S3_PORT/bench/restic"
+            export AWS_ACCESS_KEY_ID=$KEY_ID AWS_SECRET_ACCESS_KEY=$KEY_SECRET AWS_DEFAULT_REGION=garage
+        fi
+        restic init -q
+        run "restic $target: backup (first)" "$BYTES" restic -q backup "$SRC"
+        run "restic $target: restore" "$BYTES" restic -q restore latest --target "$BENCH_DIR/restore"
+        rm -rf "$BENCH_DIR/restore" "$BENCH_DIR/restic-repo"
+    done
+fi
