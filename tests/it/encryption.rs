@@ -2,27 +2,11 @@
 //! slots open the same repository independently.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::common::*;
 
 const MARKER: &[u8] = b"TRESOR-PLAINTEXT-MARKER-7f3a9c";
-
-fn all_objects(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
 
 #[test]
 fn store_never_sees_plaintext_or_plain_hashes() {
@@ -44,7 +28,7 @@ fn store_never_sees_plaintext_or_plain_hashes() {
         &["--tag", "TRESOR-PLAINTEXT-MARKER-7f3a9c"],
     );
 
-    let objects = all_objects(&env.path("repo"));
+    let objects = files_under(&env.path("repo"));
     assert!(objects.len() > 3);
     let plain_id = blake3::hash(small).to_hex().to_string();
     for object in &objects {

@@ -268,19 +268,10 @@ fn race_attacker() {
 
 /// Every file under `dir` whose bytes contain `needle`.
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
-                found.push(p);
-            }
-        }
-    }
-    found
+    files_under(dir)
+        .into_iter()
+        .filter(|p| fs::read(p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)))
+        .collect()
 }
 
 /// Whoever may write the store edits `config` (8-byte envelope header, then JSON) to switch
@@ -378,15 +369,7 @@ fn private_data_stays_private() {
     }
 
     // The file's only data chunk is the largest object (random data is stored uncompressed).
-    let chunk = env
-        .chunk_files()
-        .into_iter()
-        .max_by_key(|p| fs::metadata(p).unwrap().len())
-        .unwrap();
-    let mut bytes = fs::read(&chunk).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x01;
-    fs::write(&chunk, bytes).unwrap();
+    flip_middle_byte(&env.largest_chunk());
     let out = env.path("out");
     let res = env.tresor(&["restore", "volume", "p", "--to", out.to_str().unwrap()]);
     assert!(!res.status.success());
@@ -423,11 +406,7 @@ fn the_chunk_cache_heals_and_must_be_private() {
     let src = env.path("src");
     build_tree(&src);
     let first = env.backup("t", &src, &[]);
-    let chunk = env
-        .chunk_files()
-        .into_iter()
-        .max_by_key(|p| fs::metadata(p).unwrap().len())
-        .unwrap();
+    let chunk = env.largest_chunk();
     fs::remove_file(&chunk).unwrap();
     let verify = env.tresor(&["verify"]);
     assert!(!verify.status.success(), "verify missed the lost chunk");

@@ -191,15 +191,8 @@ fn corrupt_chunk_fails_restore_naming_chunk_and_file() {
     env.backup("v", &src, &[]);
 
     // The largest chunk object is victim.bin's data (random data is stored uncompressed).
-    let chunk = env
-        .chunk_files()
-        .into_iter()
-        .max_by_key(|p| fs::metadata(p).unwrap().len())
-        .unwrap();
-    let mut bytes = fs::read(&chunk).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x01;
-    fs::write(&chunk, bytes).unwrap();
+    let chunk = env.largest_chunk();
+    flip_middle_byte(&chunk);
 
     let out = env.path("out");
     let res = env.tresor(&["restore", "volume", "v", "--to", out.to_str().unwrap()]);

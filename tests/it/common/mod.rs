@@ -142,6 +142,14 @@ impl Env {
         self.json(&args)
     }
 
+    /// The largest stored chunk file: with random data in one file, that file's data.
+    pub fn largest_chunk(&self) -> PathBuf {
+        self.chunk_files()
+            .into_iter()
+            .max_by_key(|p| fs::metadata(p).unwrap().len())
+            .unwrap()
+    }
+
     /// Every stored chunk file of the repository.
     pub fn chunk_files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
@@ -386,4 +394,29 @@ pub fn with_key(key: Vec<u8>) -> tresor::repository::OpenOptions<'static> {
 /// The prompt of a test: there is none, the secret is given.
 pub fn no_prompt() -> tresor::Result<tresor::crypto::Secret> {
     panic!("the test gave a secret; nothing may prompt for one")
+}
+
+/// Every file under `root`, at any depth.
+pub fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Flips one bit in the middle of a stored object, as a failing disk or an attacker would.
+pub fn flip_middle_byte(path: &Path) {
+    let mut bytes = fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    fs::write(path, bytes).unwrap();
 }
