@@ -108,7 +108,8 @@ pub(crate) struct BackupVolumeArgs {
     /// Host name recorded in the snapshot [default: this host's name].
     #[arg(long)]
     pub(crate) host: Option<String>,
-    /// Read every file, ignoring the previous snapshot.
+    /// Read every file, ignoring the previous snapshot and the chunk cache (chunks lost from
+    /// the store are stored again).
     #[arg(long)]
     pub(crate) force: bool,
 }
