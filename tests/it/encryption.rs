@@ -276,33 +276,15 @@ fn systemd_credentials_and_unencrypted_repositories() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     // --encryption none stores plaintext objects and needs no key.
-    let plain = Env::empty();
-    let out = plain
-        .cmd()
-        .env_remove("TRESOR_KEY_FILE")
-        .args(["init", "--encryption", "none"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let plain = Env::unencrypted();
     let src = plain.path("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("f"), MARKER.repeat(3)).unwrap();
-    let out = plain
-        .cmd()
-        .env_remove("TRESOR_KEY_FILE")
-        .args(["backup", "volume", "v", src.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    plain.backup("v", &src, &[]);
     let id = blake3::hash(&MARKER.repeat(3)).to_hex().to_string();
     assert!(plain
         .path(&format!("repo/chunks/{}/{id}", &id[..2]))
         .is_file());
-    let out = plain
-        .cmd()
-        .env_remove("TRESOR_KEY_FILE")
-        .args(["key", "list"])
-        .output()
-        .unwrap();
+    let out = plain.tresor(&["key", "list"]);
     assert!(stderr(&out).contains("not encrypted"), "{}", stderr(&out));
 }

@@ -73,7 +73,7 @@ fn every_fixture_repository_opens_restores_and_verifies() {
                 .unwrap()
                 .display()
                 .to_string();
-            let env = Env::empty();
+            let mut env = Env::empty();
             // A copy: opening, verifying and restoring may write (verify records, the cache).
             let copied = Command::new("cp")
                 .arg("-a")
@@ -82,16 +82,12 @@ fn every_fixture_repository_opens_restores_and_verifies() {
                 .status()
                 .unwrap();
             assert!(copied.success());
-            let encrypted = fixture.join("key").exists();
-            if encrypted {
+            env.keyless = !fixture.join("key").exists();
+            if !env.keyless {
                 fs::copy(fixture.join("key"), env.key_file()).unwrap();
             }
             let run = |args: &[&str]| {
-                let mut c = env.cmd();
-                if !encrypted {
-                    c.env_remove("TRESOR_KEY_FILE");
-                }
-                let out = c.args(args).output().unwrap();
+                let out = env.tresor(args);
                 assert!(out.status.success(), "{case}: {args:?}: {}", stderr(&out));
                 out.stdout
             };

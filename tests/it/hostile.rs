@@ -453,14 +453,7 @@ fn the_chunk_cache_heals_and_must_be_private() {
 /// (`--restore-special`), and says what it withheld.
 #[test]
 fn special_files_from_an_unencrypted_repository_need_restore_special() {
-    let env = Env::empty();
-    let out = env
-        .cmd()
-        .env_remove("TRESOR_KEY_FILE")
-        .args(["init", "--encryption", "none"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let env = Env::unencrypted();
     let mut setuid = entry(b"su", EntryKind::File);
     setuid.mode = 0o4755;
     let mut null = entry(b"null", EntryKind::CharDevice);
@@ -473,12 +466,10 @@ fn special_files_from_an_unencrypted_repository_need_restore_special() {
         b"#!/bin/sh\n",
     );
     let restore = |to: &str, extra: &[&str]| {
-        let mut c = env.cmd();
-        c.env_remove("TRESOR_KEY_FILE")
-            .args(["restore", "volume", "forged", "--to"])
-            .arg(env.path(to))
-            .args(extra);
-        c.output().unwrap()
+        let to = env.path(to);
+        let mut args = vec!["restore", "volume", "forged", "--to", to.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        env.tresor(&args)
     };
     let out = restore("plain", &[]);
     assert!(out.status.success(), "{}", stderr(&out));

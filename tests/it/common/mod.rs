@@ -18,6 +18,8 @@ pub struct Env {
     pub repo: String,
     /// The S3 server the repository lives on, if not on the local filesystem.
     pub s3: Option<std::sync::Arc<s3::S3Server>>,
+    /// The repository has no key: commands get no key file.
+    pub keyless: bool,
 }
 
 impl Env {
@@ -40,7 +42,17 @@ impl Env {
             dir,
             repo,
             s3: None,
+            keyless: false,
         }
+    }
+
+    /// A fresh environment with an unencrypted `file://` repository (`--encryption none`).
+    pub fn unencrypted() -> Env {
+        let mut env = Env::empty();
+        env.keyless = true;
+        let out = env.tresor(&["init", "--encryption", "none"]);
+        assert!(out.status.success(), "init failed: {}", stderr(&out));
+        env
     }
 
     /// A fresh environment with an initialised repository on `backend`: the local filesystem
@@ -79,6 +91,9 @@ impl Env {
             .env_remove("TRESOR_PASSWORD_FILE")
             .env_remove("CREDENTIALS_DIRECTORY")
             .env_remove("RUST_LOG");
+        if self.keyless {
+            c.env_remove("TRESOR_KEY_FILE");
+        }
         if let Some(server) = &self.s3 {
             server.env(&mut c);
         }
