@@ -8,6 +8,8 @@
 #   TARGETS=garage GARAGE_COMPRESSION=1 benches/store.sh
 #   TREE=/mnt/bench/include benches/store.sh   # a tree of your own (a copy of /usr/include:
 #                                               # many small files) instead of the generated one
+#   LATENCY_MS=20 benches/store.sh              # Garage behind benches/latency-proxy.py: each
+#                                               # request costs 20 ms more, as a remote store
 #
 # Garage's own block compression defaults to none here: tresor's objects are already
 # compressed and sealed, so Garage's zstd would only spend CPU (GARAGE_COMPRESSION=1 shows it).
@@ -54,6 +56,15 @@ KEY_ID=GK0123456789abcdef01234567 KEY_SECRET=$(printf 'ab%.0s' $(seq 32))
 garage key import --yes -n bench "$KEY_ID" "$KEY_SECRET" >/dev/null
 garage bucket create bench >/dev/null
 garage bucket allow --read --write --owner bench --key bench >/dev/null
+S3_ENDPOINT_PORT=$S3_PORT
+if [ -n "${LATENCY_MS:-}" ]; then
+    S3_ENDPOINT_PORT=$(free_port)
+    python3 benches/latency-proxy.py "$S3_ENDPOINT_PORT" "$S3_PORT" "$LATENCY_MS" &
+    PROXY_PID=$!
+    trap 'kill $GARAGE_PID $PROXY_PID 2>/dev/null' EXIT
+    sleep 0.5
+    echo "Garage behind a proxy adding ${LATENCY_MS} ms per request"
+fi
 
 requests() {
     curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" |
@@ -75,7 +86,7 @@ for target in ${TARGETS:-local garage}; do
     if [ $target = local ]; then
         export TRESOR_REPO="file://$BENCH_DIR/store-repo"
     else
-        export TRESOR_REPO="s3://bench/repo" TRESOR_S3_ENDPOINT="http://127.0.0.1:$S3_PORT"
+        export TRESOR_REPO="s3://bench/repo" TRESOR_S3_ENDPOINT="http://127.0.0.1:$S3_ENDPOINT_PORT"
         export TRESOR_S3_ALLOW_HTTP=true TRESOR_S3_REGION=garage
         export AWS_ACCESS_KEY_ID=$KEY_ID AWS_SECRET_ACCESS_KEY=$KEY_SECRET
     fi
@@ -101,7 +112,7 @@ if command -v restic >/dev/null; then
         if [ $target = local ]; then
             export RESTIC_REPOSITORY="$BENCH_DIR/restic-repo"
         else
-            export RESTIC_REPOSITORY="s3:http://127.0.0.1:$S3_PORT/bench/restic"
+            export RESTIC_REPOSITORY="s3:http://127.0.0.1:$S3_ENDPOINT_PORT/bench/restic"
             export AWS_ACCESS_KEY_ID=$KEY_ID AWS_SECRET_ACCESS_KEY=$KEY_SECRET AWS_DEFAULT_REGION=garage
         fi
         restic init -q
