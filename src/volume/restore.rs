@@ -417,32 +417,7 @@ impl TreeWriter<'_> {
                 });
             }
             EntryKind::File => self.file(parent.as_fd(), name, &e, &shown)?,
-            EntryKind::Hardlink => {
-                let link = e.link.clone().unwrap_or_default();
-                catalog::validate_path(&link)?;
-                if selected(&link, &self.sub) {
-                    let mut source: Vec<&[u8]> = link.split(|b| *b == b'/').collect();
-                    let source_name = OsStr::from_bytes(source.pop().expect("validated"));
-                    let mut source_dir = rustix::io::dup(&self.root).map_err(errno(&shown))?;
-                    let mut source_path = self.target.clone();
-                    for c in source {
-                        source_path.push(OsStr::from_bytes(c));
-                        source_dir = open_dir(source_dir.as_fd(), c, false, &source_path)?;
-                    }
-                    remove_existing(parent.as_fd(), name, &shown)?;
-                    rustix::fs::linkat(
-                        &source_dir,
-                        source_name,
-                        &parent,
-                        name,
-                        rustix::fs::AtFlags::empty(),
-                    )
-                    .map_err(errno(&shown))?;
-                    self.report.files += 1;
-                } else {
-                    self.file(parent.as_fd(), name, &e, &shown)?;
-                }
-            }
+            EntryKind::Hardlink => self.hardlink(parent.as_fd(), name, &e, &shown)?,
             EntryKind::Symlink => {
                 let link = e.link.clone().unwrap_or_default();
                 remove_existing(parent.as_fd(), name, &shown)?;
@@ -455,31 +430,12 @@ impl TreeWriter<'_> {
                 fsmeta::apply(target, &e, e.mode, self.chown, &shown)?;
                 self.report.other_entries += 1;
             }
-            EntryKind::Fifo => {
-                remove_existing(parent.as_fd(), name, &shown)?;
-                let private = rustix::fs::Mode::from_raw_mode(0o600);
-                rustix::fs::mkfifoat(&parent, name, private).map_err(errno(&shown))?;
-                // Non-blocking: opening a FIFO's read end does not wait for a writer then.
-                let flags = OFlags::RDONLY | OFlags::NONBLOCK;
-                let fd = open_made(parent.as_fd(), name, flags, FileType::Fifo, &shown)?;
-                let mode = self.mode(&e);
-                fsmeta::apply(Target::Open(fd.as_fd()), &e, mode, self.chown, &shown)?;
-                self.report.other_entries += 1;
+            EntryKind::Fifo => self.node(parent.as_fd(), name, &e, &shown, FileType::Fifo)?,
+            EntryKind::CharDevice if self.chown && self.special => {
+                self.node(parent.as_fd(), name, &e, &shown, FileType::CharacterDevice)?
             }
-            EntryKind::CharDevice | EntryKind::BlockDevice if self.chown && self.special => {
-                remove_existing(parent.as_fd(), name, &shown)?;
-                let kind = if e.kind == EntryKind::CharDevice {
-                    FileType::CharacterDevice
-                } else {
-                    FileType::BlockDevice
-                };
-                let private = rustix::fs::Mode::from_raw_mode(0o600);
-                rustix::fs::mknodat(&parent, name, kind, private, e.rdev as _)
-                    .map_err(errno(&shown))?;
-                let fd = open_made(parent.as_fd(), name, OFlags::PATH, kind, &shown)?;
-                let mode = self.mode(&e);
-                fsmeta::apply(Target::PathOnly(fd.as_fd()), &e, mode, self.chown, &shown)?;
-                self.report.other_entries += 1;
+            EntryKind::BlockDevice if self.chown && self.special => {
+                self.node(parent.as_fd(), name, &e, &shown, FileType::BlockDevice)?
             }
             EntryKind::CharDevice | EntryKind::BlockDevice | EntryKind::Socket => {
                 let why = if e.kind == EntryKind::Socket {
@@ -494,6 +450,61 @@ impl TreeWriter<'_> {
                     .push(format!("{}: {why}", e.display_path()));
             }
         }
+        Ok(())
+    }
+
+    /// A hardlink to an entry restored before, or (when the restore leaves that entry out) a
+    /// file of its own.
+    fn hardlink(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        e: &Entry,
+        shown: &Path,
+    ) -> Result<()> {
+        let link = e.link.clone().unwrap_or_default();
+        catalog::validate_path(&link)?;
+        if !selected(&link, &self.sub) {
+            return self.file(dir, name, e, shown);
+        }
+        let mut source: Vec<&[u8]> = link.split(|b| *b == b'/').collect();
+        let source_name = OsStr::from_bytes(source.pop().expect("validated"));
+        let mut source_dir = rustix::io::dup(&self.root).map_err(errno(shown))?;
+        let mut source_path = self.target.clone();
+        for c in source {
+            source_path.push(OsStr::from_bytes(c));
+            source_dir = open_dir(source_dir.as_fd(), c, false, &source_path)?;
+        }
+        remove_existing(dir, name, shown)?;
+        let no_follow = rustix::fs::AtFlags::empty();
+        rustix::fs::linkat(&source_dir, source_name, dir, name, no_follow).map_err(errno(shown))?;
+        self.report.files += 1;
+        Ok(())
+    }
+
+    /// A FIFO or a device node, made private and given its metadata through a descriptor: a
+    /// FIFO opened non-blocking (its read end then waits for no writer), a device node never
+    /// opened (that can have side effects, or fail without a driver) but held `O_PATH`.
+    fn node(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        e: &Entry,
+        shown: &Path,
+        kind: FileType,
+    ) -> Result<()> {
+        remove_existing(dir, name, shown)?;
+        let private = rustix::fs::Mode::from_raw_mode(0o600);
+        rustix::fs::mknodat(dir, name, kind, private, e.rdev as _).map_err(errno(shown))?;
+        let mode = self.mode(e);
+        if kind == FileType::Fifo {
+            let fd = open_made(dir, name, OFlags::RDONLY | OFlags::NONBLOCK, kind, shown)?;
+            fsmeta::apply(Target::Open(fd.as_fd()), e, mode, self.chown, shown)?;
+        } else {
+            let fd = open_made(dir, name, OFlags::PATH, kind, shown)?;
+            fsmeta::apply(Target::PathOnly(fd.as_fd()), e, mode, self.chown, shown)?;
+        }
+        self.report.other_entries += 1;
         Ok(())
     }
 
