@@ -156,7 +156,17 @@ pub fn decode(
                 if cell.is_none() {
                     *cell = Some(zstd::bulk::Decompressor::new()?);
                 }
-                cell.as_mut().expect("set above").decompress(body, max_len)
+                // Room for what the frame says it holds (zstd records the size), not for the
+                // largest chunk: a buffer of `max_len` per small chunk in flight makes the heap
+                // grow with the number of fetches, not with their bytes. A frame that lies about
+                // its size fails to decompress, as a corrupt one should.
+                let capacity = zstd::zstd_safe::get_frame_content_size(body)
+                    .ok()
+                    .flatten()
+                    .map_or(max_len, |n| {
+                        usize::try_from(n).map_or(max_len, |n| n.min(max_len))
+                    });
+                cell.as_mut().expect("set above").decompress(body, capacity)
             })
             .map_err(|e| corrupt(format!("zstd payload does not decompress: {e}"))),
         c => Err(corrupt(format!("unknown compression {c}"))),
