@@ -180,7 +180,7 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
         for d in [&home, &home.join("sub")] {
             std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
         }
-        let spy = Command::new("setpriv")
+        let mut spy = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
             .arg(&attacker)
             .args([
@@ -196,6 +196,15 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // The restore starts only once the attacker watches, however slowly it started.
+        let mut said = String::new();
+        let mut lines = std::io::BufReader::new(spy.stdout.take().unwrap());
+        while !said.contains("WATCHING") {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut lines, &mut line).unwrap();
+            assert!(n > 0, "{case}: the attacker ended before watching: {said}");
+            said.push_str(&line);
+        }
         let out = env.tresor(&[
             "restore",
             "volume",
@@ -203,8 +212,8 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
             "--to",
             target.to_str().unwrap(),
         ]);
+        std::io::Read::read_to_string(&mut lines, &mut said).unwrap();
         let spied = spy.wait_with_output().unwrap();
-        let said = String::from_utf8_lossy(&spied.stdout);
         assert!(
             said.contains("SWAPPED in_time=true"),
             "{case}: the attacker did not swap while the restore was running: {said} {}",
@@ -241,6 +250,7 @@ fn race_attacker() {
                 .any(|e| e.file_name().to_string_lossy().contains(".tresor-"))
         })
     };
+    println!("WATCHING");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !writing(&home) {
         assert!(
