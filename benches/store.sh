@@ -91,10 +91,11 @@ for target in ${TARGETS:-local garage}; do
         export AWS_ACCESS_KEY_ID=$KEY_ID AWS_SECRET_ACCESS_KEY=$KEY_SECRET
     fi
     "$tresor" init >/dev/null 2>&1
-    for step in "backup (first)" "backup (unchanged)" restore; do
+    for step in "backup (first)" "backup (unchanged)" restore "verify --read-data"; do
         before=$(requests)
         case $step in
         restore) run "$target: $step" "$BYTES" "$tresor" -q restore volume bench --to "$BENCH_DIR/restore" ;;
+        verify*) run "$target: $step" "$BYTES" "$tresor" -q verify --read-data ;;
         *) run "$target: $step" "$BYTES" "$tresor" -q backup volume bench "$SRC" ;;
         esac
         [ $target = garage ] && echo "    S3 requests: $(delta "$before" "$(requests)" | per_gib)"
@@ -118,6 +119,7 @@ if command -v restic >/dev/null; then
         restic init -q
         run "restic $target: backup (first)" "$BYTES" restic -q backup "$SRC"
         run "restic $target: restore" "$BYTES" restic -q restore latest --target "$BENCH_DIR/restore"
+        run "restic $target: check --read-data" "$BYTES" restic -q check --read-data
         rm -rf "$BENCH_DIR/restore" "$BENCH_DIR/restic-repo"
     done
 fi

@@ -44,8 +44,10 @@ use crate::repository::Repository;
 use crate::snapshot::{self, Filter, Listed};
 use crate::volume;
 
-/// Chunks read concurrently.
-const READ_CONCURRENCY: usize = 16;
+/// Chunk reads in flight in the data pass, and their bytes at most: many small reads hide a
+/// remote store's latency, the bytes bound memory when chunks are large.
+const READ_CONCURRENCY: usize = 128;
+const READ_KIB: u32 = 64 << 10;
 /// Users of a bad chunk named in a report, per chunk.
 const MAX_AFFECTED: usize = 100;
 
@@ -478,12 +480,19 @@ impl Run<'_> {
         self.progress.inc(bytes.load(Ordering::Relaxed));
         let corrupt = Mutex::new(Vec::new());
         let (repo, rt, stored, progress) = (self.repo, self.rt, &self.stored, self.progress);
+        let budget = Arc::new(tokio::sync::Semaphore::new(READ_KIB as usize));
         rt.block_on(
             futures::stream::iter(to_read)
                 .map(|r| {
-                    let handle = pipeline::fetch(repo, rt, r);
                     let size = stored[&r.id];
-                    async move { (r, size, handle.await.expect("fetch task panicked")) }
+                    let budget = Arc::clone(&budget);
+                    async move {
+                        let kib = r.len.div_ceil(1024).clamp(1, READ_KIB);
+                        let held = budget.acquire_many_owned(kib).await.expect("never closed");
+                        let result = pipeline::fetch(repo, rt, r).await;
+                        drop(held);
+                        (r, size, result.expect("fetch task panicked"))
+                    }
                 })
                 .buffer_unordered(READ_CONCURRENCY)
                 .for_each(|(r, size, result)| {
