@@ -78,10 +78,11 @@ impl Access {
     }
 
     /// Creates the repository, encrypted with the given secret (or what `ask` gives) unless
-    /// `encrypted` is false.
+    /// `encrypted` is false, and remembers its identity in the cache: this host made it, so a
+    /// repository re-created here at the same URL is no stranger.
     ///
     /// # Errors
-    /// Those of [`Store::open`], [`Access::given_secret`] and [`Repository::init`].
+    /// Those of [`Store::open`], [`Access::given_secret`], [`Repository::init`] and the cache.
     pub async fn init(
         &self,
         options: InitOptions,
@@ -94,6 +95,9 @@ impl Access {
             (true, Some(s)) => Some(s),
             (true, None) => Some(ask()?),
         };
-        Repository::init(store, options, secret.as_ref()).await
+        let repo = Repository::init(store, options, secret.as_ref()).await?;
+        let mut identities = crate::cache::Identities::load(self.cache_dir())?;
+        identities.remember(repo.store().url(), repo.config())?;
+        Ok(repo)
     }
 }

@@ -511,3 +511,20 @@ fn special_files_from_an_unencrypted_repository_need_restore_special() {
     ));
     assert_eq!(null.rdev(), libc::makedev(1, 3));
 }
+
+/// The repository's identity is remembered where it is made: re-created on purpose at the same
+/// URL by this host, it opens; swapped by someone else, it is refused (above).
+#[test]
+fn a_repository_re_created_here_is_no_stranger() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"first life").unwrap();
+    env.backup("v", &src, &[]);
+    fs::remove_dir_all(env.path("repo")).unwrap();
+    fs::remove_file(env.key_file()).unwrap();
+    let out = env.tresor(&["init"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let again = env.backup("v", &src, &[]);
+    assert_eq!(again["summary"]["files_read"], 1);
+}
