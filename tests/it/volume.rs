@@ -315,6 +315,8 @@ fn unreadable_files_make_a_partial_snapshot_unless_strict() {
                     wrapped.env(k, v);
                 }
             }
+            // A cache is its user's own: root's (made by init) is refused to nobody.
+            wrapped.env("TRESOR_CACHE_DIR", env.path("nobody-cache"));
             c = wrapped;
         }
         c.args(args).output().unwrap()
