@@ -46,7 +46,9 @@ api_bind_addr = "127.0.0.1:$ADMIN_PORT"
 TOML
 chmod 600 "$G/garage.toml"
 garage() { command garage -c "$G/garage.toml" "$@"; }
-garage server >"$G/server.log" 2>&1 &
+# Started without the function above: $! must be garage itself, or the trap below kills only
+# a subshell and leaves the server running after the benchmark.
+command garage -c "$G/garage.toml" server >"$G/server.log" 2>&1 &
 GARAGE_PID=$!
 trap 'kill $GARAGE_PID 2>/dev/null' EXIT
 until garage status >/dev/null 2>&1; do sleep 0.2; done
