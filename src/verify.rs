@@ -120,6 +120,11 @@ fn subset_key(id: &ChunkId) -> u64 {
     u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
 }
 
+/// Whether `id` is in `shard` (every id is when there is none).
+fn in_shard(shard: Option<Part>, id: &ChunkId) -> bool {
+    shard.is_none_or(|s| s.contains(shard_key(id)))
+}
+
 fn shard_key(id: &ChunkId) -> u64 {
     u64::from_le_bytes(id.0[8..16].try_into().expect("8 bytes"))
 }
@@ -344,7 +349,7 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn in_shard(&self, id: &ChunkId) -> bool {
-        self.options.shard.is_none_or(|s| s.contains(shard_key(id)))
+        in_shard(self.options.shard, id)
     }
 
     /// Structure, first half: every snapshot record read and parsed; an unreadable one is a
@@ -386,7 +391,7 @@ impl Run<'_> {
             }
             let (referenced, shard) = (&mut self.referenced, self.options.shard);
             let walked = walk_refs(self.repo, self.rt, snap, |_, r| {
-                if !r.is_zero() && shard.is_none_or(|s| s.contains(shard_key(&r.id))) {
+                if !r.is_zero() && in_shard(shard, &r.id) {
                     referenced.insert(r.id, r.len);
                 }
                 Ok(())
