@@ -19,7 +19,7 @@ use std::io::BufRead;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::id::ChunkRef;
+use crate::id::{ChunkId, ChunkRef};
 
 /// What an entry is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,9 +66,35 @@ pub struct Entry {
     pub rdev: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub xattrs: Vec<Xattr>,
-    /// File content (also kept on hardlinks, so a partial restore can write them alone).
+    /// File content (also kept on hardlinks, so a partial restore can write them alone): the
+    /// file's own chunk stream. Empty for a format-2 file held in the payload ([`Entry::slice`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub content: Vec<ChunkRef>,
+    /// Format 2: where a file smaller than an average chunk has its `size` bytes in the
+    /// snapshot's payload streams ([`crate::volume::payload`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slice: Option<Slice>,
+    /// Format 2: the content id of a file held in the payload, so that a file with the same
+    /// bytes (touched, or on another host) reuses its slice instead of being stored again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<ChunkId>,
+}
+
+/// Which of a snapshot's two payload streams a [`Slice`] is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// The bytes this backup read and appended, chunked as one content-defined stream.
+    Fresh,
+    /// Whole chunks of earlier snapshots' payloads, taken again for files that did not change.
+    Reused,
+}
+
+/// A file's place in a payload stream: its bytes start `offset` bytes into the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    pub stream: Stream,
+    pub offset: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -231,6 +257,8 @@ mod tests {
             rdev: 0,
             xattrs: vec![],
             content: vec![],
+            slice: None,
+            hash: None,
         }
     }
 

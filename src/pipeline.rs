@@ -266,6 +266,11 @@ impl<'a> StreamWriter<'a> {
             .push(data, &mut |chunk| writer.write(chunk).map(|r| refs.push(r)))
     }
 
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.len
+    }
+
     /// Ends the stream and returns its refs and length. The chunks may still be uploading:
     /// see [`ChunkWriter::flush`].
     pub fn finish(mut self) -> Result<(Vec<ChunkRef>, u64)> {

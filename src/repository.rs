@@ -40,8 +40,10 @@ use crate::error::{Error, Result};
 use crate::id::ChunkId;
 use crate::store::Store;
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes for new repositories, and the newest it reads.
+/// Version 2 added the payload of tree snapshots ([`crate::volume::payload`]); a version-1
+/// repository is still read and written as version 1.
+pub const FORMAT_VERSION: u32 = 2;
 const CONFIG_KEY: &str = "config";
 /// Store prefix of chunk objects.
 pub const CHUNKS_PREFIX: &str = "chunks";
@@ -491,6 +493,12 @@ impl Repository {
     pub fn chunk_key(id: &ChunkId) -> String {
         let hex = id.to_hex();
         format!("{CHUNKS_PREFIX}/{}/{hex}", &hex[..2])
+    }
+
+    /// The repository's format version: 1 stores every file as its own chunk stream, 2 keeps
+    /// small files in the payload of their snapshot.
+    pub fn format(&self) -> u32 {
+        self.config.version
     }
 
     /// The id a chunk of `data` gets in this repository.

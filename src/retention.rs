@@ -179,6 +179,7 @@ mod tests {
                 partial: false,
                 root_format: RootFormat::Tree,
                 root: vec![],
+                payload: None,
                 parent: None,
                 summary: Summary::default(),
                 image: None,

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::id::ChunkRef;
 use crate::pipeline::WriteSummary;
 use crate::repository::Repository;
+use crate::volume::payload::Payload;
 
 /// Record format version.
 pub const RECORD_VERSION: u32 = 1;
@@ -88,6 +89,9 @@ pub struct Snapshot {
     pub partial: bool,
     pub root_format: RootFormat,
     pub root: Vec<ChunkRef>,
+    /// Format 2 trees: where small files keep their bytes ([`crate::volume::payload`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Payload>,
     /// The snapshot used to detect unchanged files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
@@ -109,6 +113,15 @@ pub struct Listed {
 }
 
 impl Snapshot {
+    /// The chunks of its index: the catalog or ref list `root`, and a payload's ref lists.
+    pub fn index_refs(&self) -> impl Iterator<Item = &ChunkRef> {
+        let payload = self
+            .payload
+            .iter()
+            .flat_map(|p| p.fresh.iter().chain(&p.reused));
+        self.root.iter().chain(payload)
+    }
+
     /// Stores the record. Everything it references must be stored and synced already.
     pub async fn save(&self, repo: &Repository) -> Result<String> {
         let json = serde_json::to_vec(self).expect("snapshot serialises");
@@ -238,17 +251,17 @@ pub async fn resolve(
         .ok_or_else(|| Error::SnapshotNotFound(reference.to_string()))
 }
 
-/// The newest snapshot of `kind` with this name and host, if any (the parent of a new backup).
+/// The newest snapshot of `kind` with this name, from `host` or from any host, if any.
 pub async fn latest(
     repo: &Arc<Repository>,
     kind: Kind,
     name: &str,
-    host: &str,
+    host: Option<&str>,
 ) -> Result<Option<Listed>> {
     let filter = Filter {
         kind: Some(kind),
         name: Some(name.to_string()),
-        host: Some(host.to_string()),
+        host: host.map(str::to_string),
     };
     Ok(list(repo, &filter).await?.pop())
 }

@@ -384,7 +384,7 @@ impl Run<'_> {
     /// record) read, which checks its chunks on the way, giving the referenced chunks.
     fn structure(&mut self, selected: &[Listed]) {
         for snap in selected {
-            for r in &snap.snapshot.root {
+            for r in snap.snapshot.index_refs() {
                 if !r.is_zero() && self.in_shard(&r.id) {
                     self.referenced.insert(r.id, r.len);
                 }
@@ -400,8 +400,7 @@ impl Run<'_> {
                 Ok(()) => {
                     let roots: Vec<ChunkId> = snap
                         .snapshot
-                        .root
-                        .iter()
+                        .index_refs()
                         .filter(|r| !r.is_zero() && self.in_shard(&r.id))
                         .map(|r| r.id)
                         .collect();
@@ -636,7 +635,7 @@ impl Run<'_> {
         }
         let mut users: BTreeMap<ChunkId, (Vec<Affected>, u64)> = BTreeMap::new();
         for snap in selected {
-            let roots: Vec<ChunkId> = snap.snapshot.root.iter().map(|r| r.id).collect();
+            let roots: Vec<ChunkId> = snap.snapshot.index_refs().map(|r| r.id).collect();
             for id in roots.iter().filter(|id| self.bad.contains_key(id)) {
                 self.broken.insert(snap.id.clone());
                 push_user(

@@ -288,7 +288,7 @@ fn referenced(repo: &Arc<Repository>, rt: &Handle, snaps: &[Listed]) -> Result<R
 fn add_refs(repo: &Arc<Repository>, rt: &Handle, snap: &Listed, r: &mut Referenced) -> Result<()> {
     let live = |c: &&crate::id::ChunkRef| !c.is_zero();
     r.chunks
-        .extend(snap.snapshot.root.iter().filter(live).map(|c| c.id));
+        .extend(snap.snapshot.index_refs().filter(live).map(|c| c.id));
     match snap.snapshot.root_format {
         RootFormat::Image => {
             for blob in &crate::oci::load_record(repo, rt, snap)?.blobs {

@@ -246,6 +246,7 @@ fn backup_one(
         partial: false,
         root_format: RootFormat::Image,
         root,
+        payload: None,
         parent: None,
         summary,
         image: Some(ImageInfo {

@@ -7,15 +7,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::catalog::{self, Entry, EntryKind, PreviousCatalog};
+use crate::catalog::{self, Entry, EntryKind, PreviousCatalog, Slice};
 use crate::chunker::Mode;
 use crate::error::{Error, Result};
-use crate::id::ChunkRef;
+use crate::id::{ChunkId, ChunkRef};
 use crate::pipeline::{ChunkWriter, StreamReader, StreamWriter};
 use crate::progress::Progress;
 use crate::snapshot::Summary;
 
 use super::fsmeta::{self, Names};
+use super::payload::{self, Payload, PayloadIndex, PayloadWriter};
 
 const READ_BUF: usize = 1 << 20;
 /// Threads that read ahead of the walker, and how far: on a cold disk a small file costs a
@@ -32,29 +33,47 @@ const MAX_RECORDED_ERRORS: usize = 100;
 /// What a tree walk produced.
 pub struct TreeResult {
     pub catalog: Vec<ChunkRef>,
+    /// Format 2: where the small files are.
+    pub payload: Option<Payload>,
     pub summary: Summary,
     pub errors: Vec<String>,
 }
 
+/// An earlier snapshot a backup builds on.
+pub struct Reference {
+    pub catalog: PreviousCatalog<StreamReader>,
+    /// Its payload, when its small files' slices may be reused (format 2, within the padding
+    /// budget).
+    pub payload: Option<PayloadIndex>,
+    /// This host's parent: a file with the same size, mtime, ctime and inode is unchanged and
+    /// not read. Otherwise (another host's snapshot) files are read, and only a small file with
+    /// the same content id reuses its slice.
+    pub trusted: bool,
+}
+
 /// Walks `root` depth-first in sorted order, storing file contents through `writer` and the
-/// catalog as its own stream. Files unchanged since `previous` (same size, mtime, ctime and inode)
-/// are not read again. With `strict`, the first unreadable entry aborts the walk.
+/// catalog as its own stream; with `payload` (format 2), files smaller than an average chunk
+/// go to the snapshot's payload. Files unchanged since `reference` are not read again. With
+/// `strict`, the first unreadable entry aborts the walk.
 pub fn backup_tree(
     writer: &ChunkWriter,
     root: &Path,
-    previous: Option<PreviousCatalog<StreamReader>>,
+    reference: Option<Reference>,
+    payload: bool,
     strict: bool,
     progress: &Progress,
 ) -> Result<TreeResult> {
     // Contents are worth reading ahead only when every file will be read: an incremental run
     // opens no unchanged file, so it warms only their metadata.
-    let read_contents = previous.is_none();
+    let read_contents = !reference.as_ref().is_some_and(|r| r.trusted);
     let (tx, rx) = std::sync::mpsc::sync_channel::<PathBuf>(PREFETCH_AHEAD);
     let rx = std::sync::Mutex::new(rx);
     let mut walker = Walker {
         writer,
         catalog: StreamWriter::new(writer, Mode::ContentDefined),
-        previous,
+        payload: payload.then(|| PayloadWriter::new(writer)),
+        small: u64::from(writer.repo().config().chunker.avg_size),
+        reference,
         hardlinks: HashMap::new(),
         names: Names::default(),
         summary: Summary::default(),
@@ -75,8 +94,13 @@ pub fn backup_tree(
     });
     walked?;
     let (catalog, _) = walker.catalog.finish()?;
+    let payload = match walker.payload {
+        Some(p) => Some(p.finish(writer)?),
+        None => None,
+    };
     Ok(TreeResult {
         catalog,
+        payload,
         summary: walker.summary,
         errors: walker.errors,
     })
@@ -85,9 +109,12 @@ pub fn backup_tree(
 struct Walker<'a> {
     writer: &'a ChunkWriter,
     catalog: StreamWriter<'a>,
-    previous: Option<PreviousCatalog<StreamReader>>,
+    payload: Option<PayloadWriter<'a>>,
+    /// Files smaller than this go to the payload.
+    small: u64,
+    reference: Option<Reference>,
     /// (device, inode) of files with several links -> the first path and its content.
-    hardlinks: HashMap<(u64, u64), (Vec<u8>, Vec<ChunkRef>)>,
+    hardlinks: HashMap<(u64, u64), (Vec<u8>, Content)>,
     names: Names,
     summary: Summary,
     errors: Vec<String>,
@@ -195,55 +222,125 @@ impl Walker<'_> {
             if let Some((first, content)) = self.hardlinks.get(&key) {
                 entry.kind = EntryKind::Hardlink;
                 entry.link = Some(first.clone());
-                entry.content = content.clone();
+                content.clone().set(entry);
                 self.summary.logical_bytes += entry.size;
                 return Ok(true);
             }
         }
-        let unchanged = match &mut self.previous {
-            Some(prev) => prev.find(&entry.path)?.filter(|p| {
-                p.kind == EntryKind::File
-                    && p.size == entry.size
-                    && p.mtime_ns == entry.mtime_ns
-                    && p.ctime_ns == entry.ctime_ns
-                    && p.ino == entry.ino
-                    && self.writer.session().refs_usable(&p.content)
-            }),
+        let before = match &mut self.reference {
+            Some(r) => r.catalog.find(&entry.path)?,
             None => None,
         };
-        match unchanged {
-            Some(prev) => {
-                entry.content = prev.content;
+        let before = before.filter(|p| p.kind == EntryKind::File);
+        let unchanged = before.as_ref().is_some_and(|p| {
+            self.reference.as_ref().is_some_and(|r| r.trusted)
+                && p.size == entry.size
+                && p.mtime_ns == entry.mtime_ns
+                && p.ctime_ns == entry.ctime_ns
+                && p.ino == entry.ino
+        });
+        let kept = match &before {
+            Some(p) if unchanged => self.keep(p)?,
+            _ => None,
+        };
+        let content = match kept {
+            Some(content) => {
                 self.progress.inc(entry.size);
+                content
             }
-            None => match self.read_file(abs) {
+            None => match self.read_file(abs, entry.size, before.as_ref()) {
                 Ok((content, len)) => {
-                    entry.content = content;
                     entry.size = len;
                     self.summary.files_read += 1;
                     self.summary.bytes_read += len;
+                    content
                 }
                 Err(e) => {
                     self.skip(&entry.path, e)?;
                     return Ok(false);
                 }
             },
-        }
+        };
+        content.clone().set(entry);
         self.summary.logical_bytes += entry.size;
         if md.nlink() > 1 {
-            self.hardlinks
-                .insert(key, (entry.path.clone(), entry.content.clone()));
+            self.hardlinks.insert(key, (entry.path.clone(), content));
         }
         Ok(true)
     }
 
-    fn read_file(&mut self, abs: &Path) -> Result<(Vec<ChunkRef>, u64)> {
+    /// The content of an unchanged file, taken from its entry `before` without reading it;
+    /// `None` when it cannot be (a gc run condemned a chunk, or the padding budget is spent).
+    fn keep(&mut self, before: &Entry) -> Result<Option<Content>> {
+        let session = self.writer.session();
+        if let Some(slice) = before.slice {
+            return self.reuse_slice(before, slice);
+        }
+        Ok(session
+            .refs_usable(&before.content)
+            .then(|| Content::Stream(before.content.clone())))
+    }
+
+    /// A slice of the reference's payload for `before`'s bytes, if they may be reused.
+    fn reuse_slice(&mut self, before: &Entry, slice: Slice) -> Result<Option<Content>> {
+        let (
+            Some(payload),
+            Some(Reference {
+                payload: Some(index),
+                ..
+            }),
+        ) = (&mut self.payload, &self.reference)
+        else {
+            return Ok(None);
+        };
+        let session = self.writer.session();
+        Ok(payload
+            .reuse(index, slice, before.size, session)?
+            .map(|slice| Content::Slice(slice, before.hash)))
+    }
+
+    /// Reads a file: a small one (format 2) into the payload, unless an entry `before` it held
+    /// the same bytes; any other as its own chunk stream. Returns the content and its length.
+    fn read_file(
+        &mut self,
+        abs: &Path,
+        size: u64,
+        before: Option<&Entry>,
+    ) -> Result<(Content, u64)> {
         let mut file = File::options()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(abs)
             .map_err(|e| Error::io(abs, e))?;
+        let mut head = Vec::new();
+        if self.payload.is_some() && size < self.small {
+            // The file may have grown since its metadata was read: at `small` bytes it is no
+            // longer small, and the rest streams after what was read.
+            (&mut file)
+                .take(self.small)
+                .read_to_end(&mut head)
+                .map_err(|e| Error::io(abs, e))?;
+            self.progress.inc(head.len() as u64);
+            if (head.len() as u64) < self.small {
+                let len = head.len() as u64;
+                if head.is_empty() {
+                    return Ok((Content::Stream(Vec::new()), 0));
+                }
+                let hash = self.writer.repo().chunk_id(&head);
+                if let Some(before) = before.filter(|b| b.hash == Some(hash) && b.size == len) {
+                    if let Some(content) = before
+                        .slice
+                        .map_or(Ok(None), |slice| self.reuse_slice(before, slice))?
+                    {
+                        return Ok((content, len));
+                    }
+                }
+                let payload = self.payload.as_mut().expect("checked above");
+                return Ok((Content::Slice(payload.append(&head)?, Some(hash)), len));
+            }
+        }
         let mut stream = StreamWriter::new(self.writer, Mode::ContentDefined);
+        stream.write_all(&head)?;
         loop {
             let n = match file.read(&mut self.buf) {
                 Ok(0) => break,
@@ -254,7 +351,8 @@ impl Walker<'_> {
             stream.write_all(&self.buf[..n])?;
             self.progress.inc(n as u64);
         }
-        stream.finish()
+        let (refs, len) = stream.finish()?;
+        Ok((Content::Stream(refs), len))
     }
 
     /// An entry that could not be read and is left out of the snapshot.
@@ -279,6 +377,27 @@ impl Walker<'_> {
             self.errors.push(e.to_string());
         }
         Ok(())
+    }
+}
+
+/// Where a file's bytes are.
+#[derive(Clone)]
+enum Content {
+    /// Its own chunk stream (format 1, or a file of at least an average chunk).
+    Stream(Vec<ChunkRef>),
+    /// A slice of the payload, with the content id.
+    Slice(Slice, Option<ChunkId>),
+}
+
+impl Content {
+    fn set(self, entry: &mut Entry) {
+        match self {
+            Content::Stream(refs) => entry.content = refs,
+            Content::Slice(slice, hash) => {
+                entry.slice = Some(slice);
+                entry.hash = hash;
+            }
+        }
     }
 }
 
@@ -312,11 +431,7 @@ pub fn backup_block(
         progress.inc(n as u64);
     }
     let (refs, len) = data.finish()?;
-    let mut list = StreamWriter::new(writer, Mode::ContentDefined);
-    for r in &refs {
-        list.write_all(&r.encode())?;
-    }
-    let (root, _) = list.finish()?;
+    let root = payload::store_ref_list(writer, &refs)?;
     let summary = Summary {
         logical_bytes: len,
         files: 1,

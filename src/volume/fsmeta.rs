@@ -92,6 +92,8 @@ pub fn entry_from(path: Vec<u8>, md: &Metadata, names: &mut Names) -> Entry {
         },
         xattrs: Vec::new(),
         content: Vec::new(),
+        slice: None,
+        hash: None,
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod backup;
 mod fsmeta;
+pub mod payload;
 mod restore;
 
 use std::path::PathBuf;
@@ -17,6 +18,9 @@ use std::time::Instant;
 use tokio::runtime::Handle;
 
 pub use restore::{RestoreOptions, RestoreReport};
+
+use backup::Reference;
+use payload::PayloadIndex;
 
 use crate::catalog::{CatalogReader, PreviousCatalog};
 use crate::error::{Error, Result};
@@ -60,36 +64,33 @@ pub fn backup(
     let source = std::fs::canonicalize(&options.path).map_err(|e| Error::io(&options.path, e))?;
     let md = std::fs::metadata(&source).map_err(|e| Error::io(&source, e))?;
     let writer = ChunkWriter::new(Arc::clone(session), rt.clone(), DEFAULT_IN_FLIGHT);
-    let (root_format, root, mut summary, errors, parent) = if md.is_dir() && !options.block {
-        let parent = if options.use_parent {
-            rt.block_on(snapshot::latest(
-                repo,
-                Kind::Volume,
-                &options.name,
-                &options.host,
-            ))?
-            .filter(|p| p.snapshot.root_format == RootFormat::Tree)
+    let (root_format, root, payload, mut summary, errors, parent) = if md.is_dir() && !options.block
+    {
+        let format2 = repo.format() >= 2;
+        let reference = if options.use_parent {
+            reference(repo, rt, &options.name, &options.host, format2)?
         } else {
             None
         };
-        let previous = match &parent {
-            Some(p) => {
-                let stream =
-                    StreamReader::new(Arc::clone(repo), rt.clone(), p.snapshot.root.clone(), 4);
-                Some(PreviousCatalog::new(CatalogReader::new(
-                    stream,
-                    p.id.clone(),
-                ))?)
-            }
-            None => None,
-        };
-        let tree = backup::backup_tree(&writer, &source, previous, options.strict, progress)?;
+        let parent = reference
+            .as_ref()
+            .filter(|(_, r)| r.trusted)
+            .map(|(p, _)| p.id.clone());
+        let tree = backup::backup_tree(
+            &writer,
+            &source,
+            reference.map(|(_, r)| r),
+            format2,
+            options.strict,
+            progress,
+        )?;
         (
             RootFormat::Tree,
             tree.catalog,
+            tree.payload,
             tree.summary,
             tree.errors,
-            parent.map(|p| p.id),
+            parent,
         )
     } else if md.is_dir() {
         return Err(Error::Config(format!(
@@ -98,7 +99,7 @@ pub fn backup(
         )));
     } else {
         let (root, summary) = backup::backup_block(&writer, &source, progress)?;
-        (RootFormat::Block, root, summary, Vec::new(), None)
+        (RootFormat::Block, root, None, summary, Vec::new(), None)
     };
     writer.flush()?;
     rt.block_on(repo.sync())?;
@@ -115,6 +116,7 @@ pub fn backup(
         partial: summary.errors > 0,
         root_format,
         root,
+        payload,
         parent,
         summary,
         image: None,
@@ -123,6 +125,66 @@ pub fn backup(
     session.check_lease()?;
     let id = rt.block_on(snapshot.save(repo))?;
     Ok(Listed { id, snapshot })
+}
+
+/// The snapshot a tree backup builds on: the newest of this name and host (its unchanged files
+/// are not read); failing that, in format 2, the newest of this name from any host (a file
+/// with the same bytes reuses its slice of the payload, so a second host's first backup
+/// stores only what differs).
+fn reference(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    name: &str,
+    host: &str,
+    format2: bool,
+) -> Result<Option<(Listed, Reference)>> {
+    let trees = |host: Option<&str>| -> Result<Option<Listed>> {
+        Ok(rt
+            .block_on(snapshot::latest(repo, Kind::Volume, name, host))?
+            .filter(|p| p.snapshot.root_format == RootFormat::Tree))
+    };
+    let (snap, trusted) = match trees(Some(host))? {
+        Some(p) => (p, true),
+        None if format2 => match trees(None)? {
+            Some(p) => (p, false),
+            None => return Ok(None),
+        },
+        None => return Ok(None),
+    };
+    let stream = StreamReader::new(Arc::clone(repo), rt.clone(), snap.snapshot.root.clone(), 4);
+    let catalog = PreviousCatalog::new(CatalogReader::new(stream, snap.id.clone()))?;
+    let payload = match &snap.snapshot.payload {
+        Some(p) if p.within_budget() => Some(PayloadIndex::load(repo, rt, &snap.id, p)?),
+        Some(p) => {
+            tracing::info!(
+                "snapshot {} keeps {} bytes of older chunks for its small files (over the \
+                 padding budget): reading small files again",
+                &snap.id[..8],
+                p.padding
+            );
+            None
+        }
+        None => None,
+    };
+    Ok(Some((
+        snap,
+        Reference {
+            catalog,
+            payload,
+            trusted,
+        },
+    )))
+}
+
+/// A catalog entry pointing into a payload that the snapshot does not have.
+fn sliced_without_payload(snap: &Listed, entry: &crate::catalog::Entry) -> Error {
+    Error::Corrupt {
+        object: format!("catalog of snapshot {}", snap.id),
+        reason: format!(
+            "{} is in a payload, and the snapshot has none",
+            entry.display_path()
+        ),
+    }
 }
 
 fn not_a_volume(snap: &Listed) -> Error {
@@ -147,10 +209,22 @@ pub fn walk_refs(
     let mut stream = StreamReader::new(Arc::clone(repo), rt.clone(), snap.snapshot.root.clone(), 4);
     match snap.snapshot.root_format {
         RootFormat::Tree => {
+            let payload = match &snap.snapshot.payload {
+                Some(p) => Some(PayloadIndex::load(repo, rt, &snap.id, p)?),
+                None => None,
+            };
             let mut catalog = CatalogReader::new(stream, snap.id.clone());
             while let Some(entry) = catalog.next_entry()? {
                 for r in &entry.content {
                     f(&entry.path, r)?;
+                }
+                if let Some(slice) = entry.slice {
+                    let Some(payload) = &payload else {
+                        return Err(sliced_without_payload(snap, &entry));
+                    };
+                    for piece in payload.pieces(slice, entry.size)? {
+                        f(&entry.path, &piece.chunk)?;
+                    }
                 }
             }
         }

@@ -33,7 +33,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
-use crate::catalog::{self, CatalogReader, Entry, EntryKind};
+use crate::catalog::{self, CatalogReader, Entry, EntryKind, Stream};
 use crate::error::{Error, Result};
 use crate::id::ChunkRef;
 use crate::pipeline::{self, StreamReader};
@@ -44,6 +44,7 @@ use crate::snapshot::Listed;
 use rustix::fs::{FileType, OFlags};
 
 use super::fsmeta::{self, Target};
+use super::payload::{PayloadIndex, Piece};
 
 /// Chunks fetched ahead of the writer, at most: enough requests in flight to hide a store's
 /// latency when chunks are small (a tree of small files from S3: 24 in flight restored 7,911
@@ -119,9 +120,28 @@ pub struct RestoreOptions {
 }
 
 enum Msg {
-    Entry(Entry),
-    Chunk(ChunkRef, Option<JoinHandle<Result<Bytes>>>),
+    /// An entry, and how many [`Msg::Part`]s of its content follow it.
+    Entry(Entry, usize),
+    Part(Part),
     Failed(Error),
+}
+
+/// `take` bytes of a chunk from `skip` on: all of a file's own chunk, or its share of a
+/// payload chunk.
+struct Part {
+    chunk: ChunkRef,
+    data: Data,
+    skip: u32,
+    take: u32,
+}
+
+enum Data {
+    /// All zeros: nothing to fetch.
+    Zero,
+    /// Being fetched; a payload chunk is kept for the files after this one that start in it.
+    Fetch(JoinHandle<Result<Bytes>>, Option<Stream>),
+    /// The payload chunk kept from the last part of this stream.
+    Kept(Stream),
 }
 
 /// Restores the tree snapshot `snap` into `target`.
@@ -160,15 +180,14 @@ pub fn restore_tree(
     let (tx, rx) = sync_channel(FETCH_AHEAD);
     let budget = Arc::new(Budget::default());
     let reader = {
-        let (repo, rt, root, id, sub, budget) = (
+        let (repo, rt, snap, sub, budget) = (
             Arc::clone(&repo),
             rt.clone(),
-            snap.snapshot.root.clone(),
-            snap.id.clone(),
+            snap.clone(),
             sub.clone(),
             Arc::clone(&budget),
         );
-        std::thread::spawn(move || read_catalog(repo, rt, root, id, sub, tx, &budget))
+        std::thread::spawn(move || read_catalog(repo, rt, &snap, sub, tx, &budget))
     };
     let mut writer = TreeWriter {
         target: target.to_path_buf(),
@@ -187,6 +206,8 @@ pub fn restore_tree(
             ..RestoreReport::default()
         },
         progress,
+        parts: 0,
+        kept: [None, None],
     };
     let result = writer.run();
     // Unblock the reader if the writer stopped early.
@@ -207,14 +228,25 @@ fn selected(path: &[u8], sub: &Option<Vec<u8>>) -> bool {
 fn read_catalog(
     repo: Arc<Repository>,
     rt: Handle,
-    root: Vec<ChunkRef>,
-    id: String,
+    snap: &Listed,
     sub: Option<Vec<u8>>,
     tx: SyncSender<Msg>,
     budget: &Budget,
 ) {
-    let stream = StreamReader::new(Arc::clone(&repo), rt.clone(), root, 4);
-    let mut reader = CatalogReader::new(stream, id);
+    let payload = match &snap.snapshot.payload {
+        Some(p) => match PayloadIndex::load(&repo, &rt, &snap.id, p) {
+            Ok(index) => Some(index),
+            Err(e) => {
+                let _ = tx.send(Msg::Failed(e));
+                return;
+            }
+        },
+        None => None,
+    };
+    // The payload chunk each stream's last part used, which the writer keeps.
+    let mut last: [Option<usize>; 2] = [None, None];
+    let stream = StreamReader::new(Arc::clone(&repo), rt.clone(), snap.snapshot.root.clone(), 4);
+    let mut reader = CatalogReader::new(stream, snap.id.clone());
     loop {
         let entry = match reader.next_entry() {
             Ok(Some(e)) => e,
@@ -232,22 +264,74 @@ fn read_catalog(
             EntryKind::Hardlink => !entry.link.as_ref().is_some_and(|l| selected(l, &sub)),
             _ => false,
         };
-        let content = if wants_content {
-            entry.content.clone()
-        } else {
-            Vec::new()
+        // Each part with its payload chunk (stream, index), if it is one.
+        let parts: Vec<(Part, Option<(Stream, usize)>)> = match (wants_content, entry.slice) {
+            (false, _) => Vec::new(),
+            (true, None) => entry
+                .content
+                .iter()
+                .map(|&chunk| (Part::whole(chunk), None))
+                .collect(),
+            (true, Some(slice)) => {
+                let pieces = match &payload {
+                    Some(payload) => payload.pieces(slice, entry.size),
+                    None => Err(super::sliced_without_payload(snap, &entry)),
+                };
+                match pieces {
+                    Ok(pieces) => pieces
+                        .into_iter()
+                        .map(|p| (Part::of(&p), Some((p.stream, p.index))))
+                        .collect(),
+                    Err(e) => {
+                        let shown = entry.display_path();
+                        let _ = tx.send(Msg::Failed(e.context(format!("restoring {shown}"))));
+                        return;
+                    }
+                }
+            }
         };
-        if tx.send(Msg::Entry(entry)).is_err() {
+        if tx.send(Msg::Entry(entry, parts.len())).is_err() {
             return;
         }
-        for r in content {
-            if !r.is_zero() && !budget.take(r.len.into()) {
+        for (mut part, place) in parts {
+            part.data = match place {
+                _ if part.chunk.is_zero() => Data::Zero,
+                Some((stream, index)) if last[stream as usize] == Some(index) => Data::Kept(stream),
+                _ => {
+                    if !budget.take(part.chunk.len.into()) {
+                        return;
+                    }
+                    if let Some((stream, index)) = place {
+                        last[stream as usize] = Some(index);
+                    }
+                    Data::Fetch(pipeline::fetch(&repo, &rt, part.chunk), place.map(|p| p.0))
+                }
+            };
+            if tx.send(Msg::Part(part)).is_err() {
                 return;
             }
-            let fetch = (!r.is_zero()).then(|| pipeline::fetch(&repo, &rt, r));
-            if tx.send(Msg::Chunk(r, fetch)).is_err() {
-                return;
-            }
+        }
+    }
+}
+
+impl Part {
+    /// All of a file's own chunk.
+    fn whole(chunk: ChunkRef) -> Part {
+        Part {
+            chunk,
+            data: Data::Zero,
+            skip: 0,
+            take: chunk.len,
+        }
+    }
+
+    /// A file's share of a payload chunk.
+    fn of(piece: &Piece) -> Part {
+        Part {
+            chunk: piece.chunk,
+            data: Data::Zero,
+            skip: piece.skip,
+            take: piece.take,
         }
     }
 }
@@ -278,6 +362,10 @@ struct TreeWriter<'a> {
     open: Vec<OpenDir>,
     report: RestoreReport,
     progress: &'a Progress,
+    /// Parts of the current entry's content still to come.
+    parts: usize,
+    /// The payload chunk last fetched in each stream, for the files that start in it.
+    kept: [Option<Bytes>; 2],
 }
 
 /// Directories are made private and get their real mode once their children are written.
@@ -313,13 +401,14 @@ impl TreeWriter<'_> {
     fn entries(&mut self) -> Result<()> {
         while let Ok(msg) = self.rx.recv() {
             match msg {
-                Msg::Entry(e) => {
+                Msg::Entry(e, parts) => {
                     let shown = e.display_path();
+                    self.parts = parts;
                     self.entry(e)
                         .map_err(|err| err.context(format!("restoring {shown}")))?
                 }
                 Msg::Failed(e) => return Err(e),
-                Msg::Chunk(..) => unreachable!("chunks follow their entry"),
+                Msg::Part(..) => unreachable!("parts follow their entry"),
             }
         }
         Ok(())
@@ -540,27 +629,45 @@ impl TreeWriter<'_> {
 
     fn write_file(&mut self, file: &mut File, e: &Entry, shown: &Path) -> Result<()> {
         let mut written: u64 = 0;
-        for _ in 0..e.content.len() {
-            let (r, fetch) = match self.rx.recv() {
-                Ok(Msg::Chunk(r, fetch)) => (r, fetch),
+        for _ in 0..std::mem::take(&mut self.parts) {
+            let part = match self.rx.recv() {
+                Ok(Msg::Part(part)) => part,
                 Ok(Msg::Failed(err)) => return Err(err),
-                _ => unreachable!("a file's chunks follow it"),
+                _ => unreachable!("a file's parts follow it"),
             };
-            match fetch {
-                None => {
-                    file.seek(SeekFrom::Current(r.len as i64))
+            let data = match part.data {
+                Data::Zero => {
+                    file.seek(SeekFrom::Current(part.take.into()))
                         .map_err(|err| Error::io(shown, err))?;
+                    None
                 }
-                Some(h) => {
+                Data::Fetch(h, stream) => {
                     let data = pipeline::wait(&self.rt, h);
-                    self.budget.give(r.len.into());
-                    file.write_all(&data?)
-                        .map_err(|err| Error::io(shown, err))?;
+                    self.budget.give(part.chunk.len.into());
+                    let data = data?;
                     self.report.chunks_verified += 1;
+                    if let Some(stream) = stream {
+                        self.kept[stream as usize] = Some(data.clone());
+                    }
+                    Some(data)
                 }
+                Data::Kept(stream) => Some(self.kept[stream as usize].clone().ok_or_else(
+                    || Error::Corrupt {
+                        object: format!("catalog entry {}", e.display_path()),
+                        reason: "starts in a payload chunk that was never read".into(),
+                    },
+                )?),
+            };
+            if let Some(data) = data {
+                let (skip, take) = (part.skip as usize, part.take as usize);
+                let bytes = data.get(skip..skip + take).ok_or_else(|| Error::Corrupt {
+                    object: format!("catalog entry {}", e.display_path()),
+                    reason: format!("its part of chunk {} is out of the chunk", part.chunk.id),
+                })?;
+                file.write_all(bytes).map_err(|err| Error::io(shown, err))?;
             }
-            written += r.len as u64;
-            self.progress.inc(r.len as u64);
+            written += u64::from(part.take);
+            self.progress.inc(part.take.into());
         }
         if written != e.size {
             return Err(Error::Corrupt {

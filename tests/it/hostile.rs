@@ -34,6 +34,8 @@ fn entry(path: &[u8], kind: EntryKind) -> Entry {
         rdev: 0,
         xattrs: vec![],
         content: vec![],
+        slice: None,
+        hash: None,
     }
 }
 
@@ -71,6 +73,7 @@ fn craft(env: &Env, name: &str, entries: Vec<Entry>, payload: &[u8]) {
         partial: false,
         root_format: RootFormat::Tree,
         root,
+        payload: None,
         parent: None,
         summary: Summary::default(),
         image: None,

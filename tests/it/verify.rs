@@ -341,6 +341,7 @@ fn image_blob_that_reassembles_wrong_is_named_on_full_read() {
         partial: false,
         root_format: RootFormat::Image,
         root,
+        payload: None,
         parent: None,
         summary: Summary::default(),
         image: Some(ImageInfo {
