@@ -367,7 +367,9 @@ impl Rng {
 /// `writers` agents back up into one encrypted repository on Garage at once, each forgetting
 /// its older snapshots, while gc runs in a loop. Contents come from a shared pool, so chunks
 /// are deduplicated across hosts, condemned when no snapshot uses them, and needed again later:
-/// the case gc must never get wrong. Set `TRESOR_TEST_SEED` to replay a run.
+/// the case gc must never get wrong. Small files come from a shared pool too: their bytes are
+/// in payload chunks that later snapshots reuse (format 2). Set `TRESOR_TEST_SEED` to replay a
+/// run.
 fn many_writers_with_gc(writers: u64, rounds: u64) {
     let seed = std::env::var("TRESOR_TEST_SEED")
         .ok()
@@ -385,6 +387,14 @@ fn many_writers_with_gc(writers: u64, rounds: u64) {
     let pool: Vec<Vec<u8>> = (0..8)
         .map(|i| random_bytes((1 << 20) * (1 + i as usize % 3), seed ^ ((i + 1) * 7919)))
         .collect();
+    let small_pool: Vec<Vec<u8>> = (0..300u64)
+        .map(|i| {
+            random_bytes(
+                1024 + (i as usize * 7919) % (15 << 10),
+                seed ^ (i + 1) << 20,
+            )
+        })
+        .collect();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let gc_runs = std::thread::scope(|s| {
         let gc = s.spawn(|| {
@@ -400,13 +410,21 @@ fn many_writers_with_gc(writers: u64, rounds: u64) {
         });
         let workers: Vec<_> = (0..writers)
             .map(|w| {
-                let (env, pool) = (&env, &pool);
+                let (env, pool, small_pool) = (&env, &pool, &small_pool);
                 s.spawn(move || {
                     let mut rng = Rng(seed.wrapping_add(w + 1) | 1);
                     let dir = env.path(&format!("host{w}"));
                     for round in 0..rounds {
-                        for (i, blob) in pool.iter().enumerate() {
-                            let path = dir.join(format!("pool{i}"));
+                        let big = pool
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| (format!("pool{i}"), b));
+                        let small = small_pool
+                            .iter()
+                            .enumerate()
+                            .map(|(i, b)| (format!("small/{i:03}"), b));
+                        for (name, blob) in big.chain(small) {
+                            let path = dir.join(name);
                             if rng.next() % 2 == 0 {
                                 if !path.exists() {
                                     write_file(&path, blob);

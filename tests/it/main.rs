@@ -11,5 +11,6 @@ mod gc;
 mod hostile;
 mod oci;
 mod s3;
+mod small_files;
 mod verify;
 mod volume;
