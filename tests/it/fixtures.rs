@@ -86,6 +86,16 @@ fn every_fixture_repository_opens_restores_and_verifies() {
             if !env.keyless {
                 fs::copy(fixture.join("key"), env.key_file()).unwrap();
             }
+            // The repository is of the format its directory names.
+            let config = fs::read(fixture.join("repo/config")).unwrap();
+            let at = config.iter().position(|&b| b == b'{').unwrap();
+            let config: serde_json::Value = serde_json::from_slice(&config[at..]).unwrap();
+            let format_dir = format.file_name().unwrap().to_str().unwrap();
+            assert_eq!(
+                format!("format-{}", config["version"]),
+                format_dir,
+                "{case}: config version"
+            );
             let run = |args: &[&str]| {
                 let out = env.tresor(args);
                 assert!(out.status.success(), "{case}: {args:?}: {}", stderr(&out));
