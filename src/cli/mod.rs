@@ -276,6 +276,11 @@ pub(crate) fn snapshot_json(l: &Listed) -> serde_json::Value {
         "new_bytes": s.summary.chunks.bytes_new,
         "stored_bytes": s.summary.chunks.bytes_uploaded,
         "summary": s.summary,
+        "payload": s.payload.as_ref().map(|p| json!({
+            "fresh_bytes": p.fresh_len,
+            "reused_bytes": p.reused_len,
+            "padding_bytes": p.padding,
+        })),
         "image": s.image,
         "errors": s.errors,
     })

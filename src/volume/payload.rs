@@ -256,3 +256,78 @@ impl<'a> PayloadWriter<'a> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::ChunkId;
+
+    fn index(lens: &[u32]) -> PayloadIndex {
+        let mut fresh = StreamIndex::default();
+        let mut end = 0;
+        for (i, &len) in lens.iter().enumerate() {
+            end += u64::from(len);
+            fresh.refs.push(ChunkRef {
+                id: ChunkId([i as u8 + 1; 32]),
+                len,
+            });
+            fresh.ends.push(end);
+        }
+        PayloadIndex {
+            fresh,
+            reused: StreamIndex::default(),
+            snapshot: "s1".into(),
+        }
+    }
+
+    fn at(offset: u64) -> Slice {
+        Slice {
+            stream: Stream::Fresh,
+            offset,
+        }
+    }
+
+    #[test]
+    fn a_slice_maps_to_the_chunks_that_hold_it() {
+        let index = index(&[100, 50, 200]);
+        let parts = |offset, size| -> Vec<(usize, u32, u32)> {
+            index
+                .pieces(at(offset), size)
+                .unwrap()
+                .iter()
+                .map(|p| (p.index, p.skip, p.take))
+                .collect()
+        };
+        assert_eq!(parts(0, 100), [(0, 0, 100)]);
+        assert_eq!(parts(100, 10), [(1, 0, 10)]);
+        assert_eq!(parts(90, 70), [(0, 90, 10), (1, 0, 50), (2, 0, 10)]);
+        assert_eq!(parts(340, 10), [(2, 190, 10)]);
+    }
+
+    #[test]
+    fn a_slice_past_the_end_is_corrupt_and_named() {
+        let index = index(&[100]);
+        for (offset, size) in [(95, 10), (u64::MAX, 2), (0, 101)] {
+            let err = index.pieces(at(offset), size).unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+            assert!(err.to_string().contains("s1"), "{err}");
+        }
+        let reused = Slice {
+            stream: Stream::Reused,
+            offset: 0,
+        };
+        assert!(index.pieces(reused, 1).is_err());
+    }
+
+    #[test]
+    fn the_padding_budget_is_a_tenth_of_the_payload() {
+        let payload = |padding| Payload {
+            fresh_len: 600,
+            reused_len: 400,
+            padding,
+            ..Payload::default()
+        };
+        assert!(payload(100).within_budget());
+        assert!(!payload(101).within_budget());
+    }
+}

@@ -117,6 +117,14 @@ fn every_fixture_repository_opens_restores_and_verifies() {
                 1,
                 "{case}: the forgotten snapshot is listed"
             );
+            // From format 2 on, the small files of a tree are in its payload.
+            let tree_snap = snaps.iter().find(|s| s["name"] == "tree").unwrap();
+            let fresh = tree_snap["payload"]["fresh_bytes"].as_u64();
+            assert_eq!(
+                fresh.is_some(),
+                config["version"] != 1,
+                "{case}: {tree_snap}"
+            );
 
             let tree = env.path("tree");
             run(&["restore", "volume", "tree", "--to", tree.to_str().unwrap()]);

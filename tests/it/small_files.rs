@@ -187,6 +187,12 @@ fn deleted_small_files_are_reclaimed_once_the_padding_budget_is_passed() {
     // bytes become padding, about half of what the snapshot references.
     let second = env.backup("v", &src, &[]);
     assert_eq!(second["summary"]["files_read"], 0);
+    let padding = second["payload"]["padding_bytes"].as_u64().unwrap();
+    let reused = second["payload"]["reused_bytes"].as_u64().unwrap();
+    assert!(
+        padding * 3 > reused,
+        "padding {padding} of {reused} reused bytes"
+    );
     // That passes the budget: the next backup reads the small files again into a fresh stream,
     // and once the older snapshots are forgotten gc frees the old chunks.
     let third = env.backup("v", &src, &[]);
