@@ -37,3 +37,45 @@ make_tree() {
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
+
+# start_garage DIR: a single-node Garage on 127.0.0.1 with its data under DIR, killed when the
+# script exits. Sets S3_PORT, ADMIN_PORT, GARAGE_PID, KEY_ID and KEY_SECRET (a key named
+# bench), and defines `garage` (the CLI on this node). Buckets are the caller's.
+start_garage() {
+    G=$1
+    rm -rf "$G" && mkdir -p "$G"
+    S3_PORT=$(free_port) RPC_PORT=$(free_port) ADMIN_PORT=$(free_port)
+    cat >"$G/garage.toml" <<TOML
+metadata_dir = "$G/meta"
+data_dir = "$G/data"
+db_engine = "sqlite"
+replication_factor = 1
+compression_level = "${GARAGE_COMPRESSION:-none}"
+rpc_bind_addr = "127.0.0.1:$RPC_PORT"
+rpc_public_addr = "127.0.0.1:$RPC_PORT"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$S3_PORT"
+[admin]
+api_bind_addr = "127.0.0.1:$ADMIN_PORT"
+TOML
+    chmod 600 "$G/garage.toml"
+    garage() { command garage -c "$G/garage.toml" "$@"; }
+    # Started without the function above: $! must be garage itself, or the trap kills only a
+    # subshell and leaves the server running after the benchmark.
+    command garage -c "$G/garage.toml" server >"$G/server.log" 2>&1 &
+    GARAGE_PID=$!
+    trap 'kill $GARAGE_PID 2>/dev/null' EXIT
+    until garage status >/dev/null 2>&1; do sleep 0.2; done
+    garage layout assign -z dc1 -c 100G "$(garage node id -q 2>/dev/null | cut -d@ -f1)" >/dev/null
+    garage layout apply --version 1 >/dev/null
+    KEY_ID=GK0123456789abcdef01234567 KEY_SECRET=$(printf 'ab%.0s' $(seq 32))
+    garage key import --yes -n bench "$KEY_ID" "$KEY_SECRET" >/dev/null
+}
+
+# requests: Garage's S3 request counters so far, as `Endpoint=count ...`.
+requests() {
+    curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" |
+        awk '/^api_s3_request_counter/ { split($1, a, "\""); n[a[2]] += $2 } END { for (k in n) printf "%s=%d ", k, n[k] }'
+}

@@ -26,36 +26,7 @@ GIB=$(awk -v b="$BYTES" 'BEGIN { print b / 1073741824 }')
 cargo build --release --quiet
 tresor="$PWD/target/release/tresor"
 
-G="$BENCH_DIR/garage"
-rm -rf "$G" && mkdir -p "$G"
-S3_PORT=$(free_port) RPC_PORT=$(free_port) ADMIN_PORT=$(free_port)
-cat >"$G/garage.toml" <<TOML
-metadata_dir = "$G/meta"
-data_dir = "$G/data"
-db_engine = "sqlite"
-replication_factor = 1
-compression_level = "${GARAGE_COMPRESSION:-none}"
-rpc_bind_addr = "127.0.0.1:$RPC_PORT"
-rpc_public_addr = "127.0.0.1:$RPC_PORT"
-rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:$S3_PORT"
-[admin]
-api_bind_addr = "127.0.0.1:$ADMIN_PORT"
-TOML
-chmod 600 "$G/garage.toml"
-garage() { command garage -c "$G/garage.toml" "$@"; }
-# Started without the function above: $! must be garage itself, or the trap below kills only
-# a subshell and leaves the server running after the benchmark.
-command garage -c "$G/garage.toml" server >"$G/server.log" 2>&1 &
-GARAGE_PID=$!
-trap 'kill $GARAGE_PID 2>/dev/null' EXIT
-until garage status >/dev/null 2>&1; do sleep 0.2; done
-garage layout assign -z dc1 -c 100G "$(garage node id -q 2>/dev/null | cut -d@ -f1)" >/dev/null
-garage layout apply --version 1 >/dev/null
-KEY_ID=GK0123456789abcdef01234567 KEY_SECRET=$(printf 'ab%.0s' $(seq 32))
-garage key import --yes -n bench "$KEY_ID" "$KEY_SECRET" >/dev/null
+start_garage "$BENCH_DIR/garage"
 garage bucket create bench >/dev/null
 garage bucket allow --read --write --owner bench --key bench >/dev/null
 S3_ENDPOINT_PORT=$S3_PORT
@@ -68,10 +39,6 @@ if [ -n "${LATENCY_MS:-}" ]; then
     echo "Garage behind a proxy adding ${LATENCY_MS} ms per request"
 fi
 
-requests() {
-    curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" |
-        awk '/^api_s3_request_counter/ { split($1, a, "\""); n[a[2]] += $2 } END { for (k in n) printf "%s=%d ", k, n[k] }'
-}
 per_gib() { awk -v g="$GIB" '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); printf "%s %.0f/GiB  ", kv[1], kv[2] / g } print "" }'; }
 delta() {
     # delta BEFORE AFTER: per-endpoint difference of two `requests` outputs.
