@@ -1,28 +1,27 @@
 #!/usr/bin/env python3
-"""A TCP proxy on 127.0.0.1 that adds latency, standing in for a store far away: the first
-bytes of each message (after the connection was quiet for a moment) wait DELAY_MS/2 in each
-direction, so a request and its response cost DELAY_MS more, while bytes within a message flow
-at full speed. For benches only (no netem in this VM).
+"""A TCP proxy on 127.0.0.1 that adds latency, standing in for a store far away: each time the
+conversation on a connection turns (the first bytes of a request after a response, of a
+response after a request), those bytes wait DELAY_MS/2, so a request and its response cost
+DELAY_MS more, while the rest of a message flows at full speed however the proxy is
+scheduled. For benches only (no netem in this VM).
 
     benches/latency-proxy.py LISTEN_PORT UPSTREAM_PORT DELAY_MS
 """
 import asyncio
 import sys
-import time
-
-QUIET = 0.002  # seconds without bytes that end a message
 
 
-async def pipe(reader, writer, delay):
-    last = 0.0
+
+async def pipe(reader, writer, delay, turn, side):
+    # `turn[0]` is the side that sent last on this connection: a gap within a message (a busy
+    # proxy, a slow disk) is not a new round trip, a change of side is.
     try:
         while data := await reader.read(1 << 16):
-            now = time.monotonic()
-            if now - last > QUIET:
+            if turn[0] != side:
+                turn[0] = side
                 await asyncio.sleep(delay)
             writer.write(data)
             await writer.drain()
-            last = time.monotonic()
     except (ConnectionError, asyncio.CancelledError):
         pass
     finally:
@@ -38,7 +37,11 @@ async def main(listen, upstream, delay_ms):
         except ConnectionError:
             client_w.close()
             return
-        await asyncio.gather(pipe(client_r, server_w, half), pipe(server_r, client_w, half))
+        turn = [None]
+        await asyncio.gather(
+            pipe(client_r, server_w, half, turn, "client"),
+            pipe(server_r, client_w, half, turn, "server"),
+        )
 
     server = await asyncio.start_server(handle, "127.0.0.1", listen)
     async with server:

@@ -53,26 +53,40 @@ const FETCH_AHEAD: usize = 256;
 /// Bytes of chunks fetched ahead of the writer, at most: what bounds memory when chunks are
 /// large.
 const BYTES_AHEAD: u64 = 64 << 20;
+/// Messages (entries and their parts) the reader may be ahead of the writer. Far more than
+/// [`FETCH_AHEAD`]: in format 2 a hundred small files may share one payload chunk, and a queue
+/// counted in entries would let only a few chunks be in flight (a 51,550-file tree behind
+/// 20 ms per request restored in 5.6 s with 256 messages, against 2.7 s with no latency).
+const MESSAGES_AHEAD: usize = 16 << 10;
 
-/// Bytes fetched and not yet written: the reader waits before a fetch that would pass
-/// [`BYTES_AHEAD`] (one chunk always goes, however large), the writer gives them back.
+/// Chunks fetched and not yet written: the reader waits before a fetch that would pass
+/// [`FETCH_AHEAD`] chunks or [`BYTES_AHEAD`] bytes (one chunk always goes, however large), the
+/// writer gives them back.
 #[derive(Default)]
 struct Budget {
-    state: std::sync::Mutex<(u64, bool)>,
+    state: std::sync::Mutex<InFlight>,
     changed: std::sync::Condvar,
 }
 
+#[derive(Default)]
+struct InFlight {
+    chunks: usize,
+    bytes: u64,
+    closed: bool,
+}
+
 impl Budget {
-    /// Waits until `n` more bytes fit; `false` once the writer has stopped.
+    /// Waits until a chunk of `n` bytes fits; `false` once the writer has stopped.
     fn take(&self, n: u64) -> bool {
         let mut state = self.state.lock().expect("budget lock");
         loop {
-            let (used, closed) = *state;
-            if closed {
+            if state.closed {
                 return false;
             }
-            if used == 0 || used + n <= BYTES_AHEAD {
-                state.0 += n;
+            let fits = state.chunks < FETCH_AHEAD && state.bytes + n <= BYTES_AHEAD;
+            if state.chunks == 0 || fits {
+                state.chunks += 1;
+                state.bytes += n;
                 return true;
             }
             state = self.changed.wait(state).expect("budget lock");
@@ -80,13 +94,16 @@ impl Budget {
     }
 
     fn give(&self, n: u64) {
-        self.state.lock().expect("budget lock").0 -= n;
+        let mut state = self.state.lock().expect("budget lock");
+        state.chunks -= 1;
+        state.bytes -= n;
+        drop(state);
         self.changed.notify_all();
     }
 
     /// The writer stopped: the reader must not wait for it.
     fn close(&self) {
-        self.state.lock().expect("budget lock").1 = true;
+        self.state.lock().expect("budget lock").closed = true;
         self.changed.notify_all();
     }
 }
@@ -177,7 +194,7 @@ pub fn restore_tree(
         rustix::fs::Mode::empty(),
     )
     .map_err(errno(target))?;
-    let (tx, rx) = sync_channel(FETCH_AHEAD);
+    let (tx, rx) = sync_channel(MESSAGES_AHEAD);
     let budget = Arc::new(Budget::default());
     let reader = {
         let (repo, rt, snap, sub, budget) = (
