@@ -93,6 +93,9 @@ pub enum Error {
         reason: String,
     },
 
+    #[error("container engine: {what}: {reason}")]
+    Engine { what: String, reason: String },
+
     #[error("no key slot of {url} opens with the given password or key file")]
     WrongKey { url: String },
 
@@ -203,7 +206,7 @@ impl Error {
             Error::Partial { .. } => ErrorKind::Partial,
             Error::Stopped { .. } => ErrorKind::Stopped,
             Error::Missing { .. } | Error::Corrupt { .. } => ErrorKind::Integrity,
-            Error::Io { .. } | Error::Hook { .. } => ErrorKind::Io,
+            Error::Io { .. } | Error::Hook { .. } | Error::Engine { .. } => ErrorKind::Io,
             Error::UnsafePath { .. } => ErrorKind::Unsafe,
             Error::SnapshotNotFound(_) | Error::AmbiguousSnapshot { .. } => ErrorKind::NotFound,
             Error::Context { .. } => unreachable!("root() strips context"),
@@ -251,6 +254,9 @@ impl Error {
                 _ => None,
             },
             Error::SnapshotNotFound(_) => Some("list snapshots with `tresor snapshots`"),
+            Error::Engine { .. } => Some(
+                "check that the Docker Engine (or Podman's API service) runs and that DOCKER_HOST points at its socket",
+            ),
             _ => None,
         }
     }

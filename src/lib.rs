@@ -29,5 +29,6 @@ pub mod store;
 pub mod units;
 pub mod verify;
 pub mod volume;
+pub mod workload;
 
 pub use error::{Error, ErrorKind, Result};

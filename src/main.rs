@@ -108,6 +108,8 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init(a) => a.out.json,
         Command::Backup(BackupCommand::Volume(a)) => a.out.json,
         Command::Backup(BackupCommand::Image(a)) => a.out.json,
+        Command::Backup(BackupCommand::Workload(a)) => a.out.json,
+        Command::Restore(RestoreCommand::Workload(a)) => a.out.json,
         Command::Restore(RestoreCommand::Image(a)) => a.out.json,
         Command::Ls(a) => a.out.json,
         Command::Agent(_) | Command::Protect(_) => false,
@@ -131,6 +133,12 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(args) => cli::verify::verify(g, args).await,
         Command::Backup(BackupCommand::Image(args)) => cli::backup::backup_image(g, args).await,
         Command::Restore(RestoreCommand::Image(args)) => cli::restore::restore_image(g, args).await,
+        Command::Backup(BackupCommand::Workload(args)) => {
+            cli::workload::backup_workload(g, args).await
+        }
+        Command::Restore(RestoreCommand::Workload(args)) => {
+            cli::workload::restore_workload(g, args).await
+        }
         Command::Ls(args) => cli::snapshots::ls(g, args).await,
         Command::Agent(args) => cli::agent::agent(args).await,
         Command::Forget(args) => cli::snapshots::forget(g, args).await,

@@ -29,6 +29,8 @@ pub const RECORD_VERSION: u32 = 1;
 pub enum Kind {
     Volume,
     Image,
+    /// A compose workload: its record names the image and volume snapshots it is made of.
+    Workload,
 }
 
 /// How the root ref list is to be read.
@@ -41,6 +43,8 @@ pub enum RootFormat {
     Block,
     /// An OCI image record ([`crate::oci::ImageRecord`]).
     Image,
+    /// A workload record ([`crate::workload::WorkloadRecord`]).
+    Workload,
 }
 
 /// What an image snapshot shows in listings.

@@ -733,6 +733,9 @@ fn walk_refs(
 ) -> Result<()> {
     match snap.snapshot.root_format {
         snapshot::RootFormat::Image => crate::oci::walk_refs(repo, rt, snap, f),
+        // The record is read (its chunks checked) for its members; they are snapshots of
+        // their own, verified as such.
+        snapshot::RootFormat::Workload => crate::workload::load_record(repo, rt, snap).map(drop),
         _ => volume::walk_refs(repo, rt, snap, f),
     }
 }

@@ -18,6 +18,9 @@ pub(crate) enum BackupCommand {
     Volume(BackupVolumeArgs),
     /// Back up OCI images (all platforms, signatures, SBOMs) from a registry.
     Image(BackupImageArgs),
+    /// Back up a compose workload as one: its images, named volumes and bind mounts, compose
+    /// files and .env, with its containers stopped (or paused) for a consistent copy.
+    Workload(super::workload::BackupWorkloadArgs),
 }
 
 #[derive(Args)]

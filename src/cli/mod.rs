@@ -11,6 +11,7 @@ pub(crate) mod key;
 pub(crate) mod restore;
 pub(crate) mod snapshots;
 pub(crate) mod verify;
+pub(crate) mod workload;
 
 pub(crate) use agent::{AgentArgs, LogFormat};
 pub(crate) use backup::{BackupCommand, RegistryArgs};

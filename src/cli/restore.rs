@@ -15,6 +15,9 @@ pub(crate) enum RestoreCommand {
     Volume(RestoreVolumeArgs),
     /// Restore an image snapshot into a registry or an OCI layout, with the same digests.
     Image(RestoreImageArgs),
+    /// Bring a workload up elsewhere: images into a registry, volumes into the engine, a
+    /// rewritten compose file, and (--up) the project started and healthy.
+    Workload(super::workload::RestoreWorkloadArgs),
 }
 
 #[derive(Args)]

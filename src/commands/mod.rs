@@ -8,3 +8,4 @@
 pub mod backup;
 pub mod open;
 pub mod verify;
+pub mod workload;

@@ -297,6 +297,8 @@ fn add_refs(repo: &Arc<Repository>, rt: &Handle, snap: &Listed, r: &mut Referenc
             }
             Ok(())
         }
+        // Its members are snapshots of their own; the record is all its root holds.
+        RootFormat::Workload => Ok(()),
         _ => crate::volume::walk_refs(repo, rt, snap, |_, c| {
             if !c.is_zero() {
                 r.chunks.insert(c.id);

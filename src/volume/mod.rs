@@ -188,8 +188,9 @@ fn sliced_without_payload(snap: &Listed, entry: &crate::catalog::Entry) -> Error
 }
 
 fn not_a_volume(snap: &Listed) -> Error {
+    let kind = format!("{:?}", snap.snapshot.kind).to_lowercase();
     Error::Config(format!(
-        "snapshot {} is an image snapshot; use `restore image`",
+        "snapshot {} is a {kind} snapshot; use `restore {kind}`",
         &snap.id[..8]
     ))
 }
@@ -234,7 +235,7 @@ pub fn walk_refs(
                 f(b"", &ChunkRef::decode(&rec))?;
             }
         }
-        RootFormat::Image => return Err(not_a_volume(snap)),
+        RootFormat::Image | RootFormat::Workload => return Err(not_a_volume(snap)),
     }
     Ok(())
 }
@@ -264,6 +265,6 @@ pub fn restore(
         RootFormat::Block => {
             restore::restore_block(Arc::clone(repo), rt.clone(), snap, target, progress)
         }
-        RootFormat::Image => Err(not_a_volume(snap)),
+        RootFormat::Image | RootFormat::Workload => Err(not_a_volume(snap)),
     }
 }

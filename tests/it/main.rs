@@ -14,3 +14,4 @@ mod s3;
 mod small_files;
 mod verify;
 mod volume;
+mod workload;

@@ -1,0 +1,191 @@
+//! `tresor backup workload` and `tresor restore workload`.
+
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tresor::commands::workload::{WorkloadBackup, WorkloadRestore};
+use tresor::snapshot::{self, Kind};
+use tresor::workload::Consistency;
+
+use super::backup::RegistryArgs;
+use super::*;
+
+#[derive(Args)]
+pub(crate) struct BackupWorkloadArgs {
+    #[command(flatten)]
+    pub(crate) out: JsonFlag,
+    /// Workload name; snapshots of one name form its history.
+    pub(crate) name: String,
+    /// Compose file (repeatable, in order, as `docker compose -f`).
+    #[arg(long = "compose", required = true)]
+    pub(crate) compose: Vec<PathBuf>,
+    /// Env file for the compose tool [default: .env beside the first compose file].
+    #[arg(long)]
+    pub(crate) env_file: Option<PathBuf>,
+    /// Compose project name [default: as compose names it].
+    #[arg(long)]
+    pub(crate) project_name: Option<String>,
+    /// How volumes are made consistent while copied.
+    #[arg(long, value_enum, default_value = "stop")]
+    pub(crate) consistency: Consistency,
+    /// Tag for the snapshots (repeatable).
+    #[arg(long = "tag")]
+    pub(crate) tags: Vec<String>,
+    /// Host name recorded in the snapshots [default: this host's name].
+    #[arg(long)]
+    pub(crate) host: Option<String>,
+    #[command(flatten)]
+    pub(crate) registry: RegistryArgs,
+}
+
+#[derive(Args)]
+pub(crate) struct RestoreWorkloadArgs {
+    #[command(flatten)]
+    pub(crate) out: JsonFlag,
+    /// Snapshot id, unique id prefix, or workload name (its newest snapshot).
+    pub(crate) snapshot: String,
+    /// HOST[:PORT][/PREFIX]: the registry the images go to, as PREFIX/REPO.
+    #[arg(long = "registry")]
+    pub(crate) target_registry: String,
+    /// Name of the new compose project [default: the original one].
+    #[arg(long)]
+    pub(crate) project: Option<String>,
+    /// Directory for the rewritten compose.yaml, .env and bind-mounted paths.
+    #[arg(long)]
+    pub(crate) to: PathBuf,
+    /// Start the project and wait until every service runs and is healthy.
+    #[arg(long)]
+    pub(crate) up: bool,
+    /// Replace the contents of volumes that exist and are not empty.
+    #[arg(long)]
+    pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) registry: RegistryArgs,
+}
+
+pub(crate) async fn backup_workload(
+    g: &Global,
+    args: &BackupWorkloadArgs,
+) -> anyhow::Result<ExitCode> {
+    let repo = open(g).await?;
+    let rt = tokio::runtime::Handle::current();
+    let cache = cache_dir(g);
+    let env_file = args.env_file.clone().or_else(|| {
+        let beside = args.compose.first()?.parent()?.join(".env");
+        beside.exists().then_some(beside)
+    });
+    let what = WorkloadBackup {
+        name: args.name.clone(),
+        compose_files: args.compose.clone(),
+        env_file,
+        project: args.project_name.clone(),
+        consistency: args.consistency,
+        host: args.host.clone().unwrap_or_else(host_name),
+        tags: args.tags.clone(),
+    };
+    let registry = |source: &tresor::oci::ImageSource| {
+        args.registry
+            .registry(g, &[source.registry_host().unwrap_or_default()])
+    };
+    let listed = tokio::task::block_in_place(|| {
+        tresor::commands::workload::backup(&repo, &rt, cache.as_deref(), &what, registry)
+    })?;
+    let record =
+        tokio::task::block_in_place(|| tresor::workload::load_record(&repo, &rt, &listed))?;
+    if g.json {
+        let mut out = snapshot_json(&listed);
+        out["workload"] = serde_json::to_value(&record)?;
+        // The files' bytes are in the snapshot; the report names them.
+        out["workload"]["compose_files"] = serde_json::json!(record
+            .compose_files
+            .iter()
+            .map(|f| &f.name)
+            .collect::<Vec<_>>());
+        out["workload"]["env_file"] = serde_json::json!(record.env_file.as_ref().map(|f| &f.name));
+        out["workload"]["config"] = serde_json::Value::Null;
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "snapshot {} of workload {} (project {}) saved: {} images, {} volumes, {} bind mounts; consistency {:?}, downtime {:.1}s",
+            &listed.id[..8],
+            listed.snapshot.name,
+            record.project,
+            record.services.len(),
+            record.volumes.len(),
+            record.binds.len(),
+            record.consistency,
+            record.downtime_ms as f64 / 1000.0
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn restore_workload(
+    g: &Global,
+    args: &RestoreWorkloadArgs,
+) -> anyhow::Result<ExitCode> {
+    let repo = open(g).await?;
+    let snap = snapshot::resolve(&repo, &args.snapshot, Some(Kind::Workload)).await?;
+    let host = args.target_registry.split('/').next().unwrap_or_default();
+    let registry = args.registry.registry(g, &[host])?;
+    let what = WorkloadRestore {
+        registry: args.target_registry.clone(),
+        project: args.project.clone(),
+        to: args.to.clone(),
+        up: args.up,
+        force: args.force,
+    };
+    let rt = tokio::runtime::Handle::current();
+    let report = tokio::task::block_in_place(|| {
+        tresor::commands::workload::restore(&repo, &rt, &snap, &what, &registry)
+    })?;
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for i in &report.images {
+            println!(
+                "image  {:<12} {} -> {} {}",
+                i.service,
+                i.source,
+                i.target,
+                if i.digest_equal {
+                    "digest equal"
+                } else {
+                    "DIGEST DIFFERS"
+                }
+            );
+        }
+        for v in &report.volumes {
+            println!(
+                "volume {:<12} -> {}: {} files, {}, {} chunks verified",
+                v.name,
+                v.to,
+                v.files,
+                human_bytes(v.bytes),
+                v.chunks_verified
+            );
+        }
+        let p = &report.phases;
+        println!(
+            "phases: images {:.1}s, volumes {:.1}s, start {:.1}s, healthy {:.1}s; recovery time {:.1}s",
+            p.images_ms as f64 / 1000.0,
+            p.volumes_ms as f64 / 1000.0,
+            p.start_ms as f64 / 1000.0,
+            p.healthy_ms as f64 / 1000.0,
+            p.total_ms as f64 / 1000.0
+        );
+        if report.complete {
+            println!(
+                "twin complete: project {} from {}",
+                report.project, report.compose_file
+            );
+        } else {
+            println!("twin INCOMPLETE: {}", report.missing.join("; "));
+        }
+    }
+    Ok(if report.complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,561 @@
+//! Workloads: `backup workload` (members first, the workload record last) and `restore
+//! workload` (images into a registry, volumes into the engine, a rewritten compose file, and
+//! the project started), with the report that gives the recovery time. See
+//! [`crate::workload`] for what a workload snapshot holds.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::runtime::Handle;
+
+use crate::chunker::Mode;
+use crate::error::{Error, Result};
+use crate::gc::Session;
+use crate::oci::registry::Registry;
+use crate::oci::{ImageSource, ImageTarget};
+use crate::pipeline::{ChunkWriter, StreamWriter, DEFAULT_IN_FLIGHT};
+use crate::progress::Progress;
+use crate::repository::Repository;
+use crate::snapshot::{self, Kind, Listed, RootFormat, Snapshot, Summary, RECORD_VERSION};
+use crate::volume::{BackupOptions, RestoreOptions};
+use crate::workload::compose::{self, Compose, Mount};
+use crate::workload::engine::{Container, Engine};
+use crate::workload::{
+    load_record, BindMember, Consistency, KeptFile, ServiceMember, VolumeMember, WorkloadRecord,
+};
+
+/// What [`backup`] backs up.
+pub struct WorkloadBackup {
+    pub name: String,
+    pub compose_files: Vec<PathBuf>,
+    pub env_file: Option<PathBuf>,
+    pub project: Option<String>,
+    pub consistency: Consistency,
+    pub host: String,
+    pub tags: Vec<String>,
+}
+
+/// How long the containers may take to be healthy again.
+const HEALTHY_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn kept(path: &Path) -> Result<KeptFile> {
+    Ok(KeptFile {
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        bytes: std::fs::read(path).map_err(|e| Error::io(path, e))?,
+    })
+}
+
+/// Backs up a compose workload: its images, then its volumes and bind mounts under
+/// `consistency`, then the workload record. Containers stopped or paused are started again
+/// whatever happens. Blocking.
+///
+/// # Errors
+/// The first member that failed, named; errors of the compose tool and the engine.
+pub fn backup(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    cache_dir: Option<&Path>,
+    what: &WorkloadBackup,
+    registry: impl Fn(&ImageSource) -> Result<Registry>,
+) -> Result<Listed> {
+    let started = Instant::now();
+    let compose = Compose::find()?;
+    let project = compose.config(
+        &what.compose_files,
+        what.env_file.as_deref(),
+        what.project.as_deref(),
+    )?;
+    let engine = Engine::connect(rt)?;
+    let mut tags = what.tags.clone();
+    tags.push(format!("workload:{}", what.name));
+    let command = format!("backup workload {}", what.name);
+
+    // Images first: they need no downtime.
+    let mut services = Vec::new();
+    let with_images: Vec<_> = project
+        .services
+        .iter()
+        .filter_map(|s| s.image.as_ref().map(|i| (s, format!("docker://{i}"))))
+        .collect();
+    let refs: Vec<String> = with_images.iter().map(|(_, r)| r.clone()).collect();
+    let images = crate::commands::backup::ImageBackup {
+        images: &refs,
+        tag_filter: None,
+        platforms: &[],
+        host: &what.host,
+        tags: &tags,
+    };
+    let results = super::backup::images(repo, rt, cache_dir, &images, &command, &registry, |_| {
+        Progress::new(false, "", None)
+    })?;
+    for ((service, reference), (_, listed)) in with_images.iter().zip(results) {
+        let member = |e: Error| e.context(format!("service {} (image {reference})", service.name));
+        let Some((_, result)) = listed.into_iter().next() else {
+            return Err(member(Error::Config(
+                "the registry has no such image".into(),
+            )));
+        };
+        let snap = result.map_err(member)?;
+        services.push(ServiceMember {
+            name: service.name.clone(),
+            image: service.image.clone().unwrap_or_default(),
+            digest: snap
+                .snapshot
+                .image
+                .as_ref()
+                .map(|i| i.digest.clone())
+                .unwrap_or_default(),
+            snapshot: snap.id,
+        });
+    }
+
+    // The volumes and bind mounts, and the services that mount them.
+    let mut volume_keys: Vec<String> = Vec::new();
+    let mut binds: Vec<PathBuf> = Vec::new();
+    let mut mounting: Vec<&str> = Vec::new();
+    for s in &project.services {
+        for m in &s.mounts {
+            match m {
+                Mount::Volume { key, .. } if !volume_keys.contains(key) => {
+                    volume_keys.push(key.clone())
+                }
+                Mount::Bind { source, .. } if !binds.contains(source) => binds.push(source.clone()),
+                _ => {}
+            }
+            if !mounting.contains(&s.name.as_str()) {
+                mounting.push(&s.name);
+            }
+        }
+    }
+    let mut volumes = Vec::new();
+    for key in &volume_keys {
+        let engine_name = &project.volumes[key];
+        let info = engine.volume(engine_name)?.ok_or_else(|| Error::Engine {
+            what: format!("volume {key}"),
+            reason: format!(
+                "the engine has no volume {engine_name}: start the project once (`up`) first"
+            ),
+        })?;
+        volumes.push((key.clone(), info));
+    }
+    // Containers of the mounting services, in dependency order.
+    let containers: Vec<Container> = {
+        let all = engine.project_containers(&project.name)?;
+        project
+            .services
+            .iter()
+            .filter(|s| mounting.contains(&s.name.as_str()))
+            .flat_map(|s| all.iter().filter(|c| c.service == s.name && c.running))
+            .cloned()
+            .collect()
+    };
+
+    let backup_tree = |name: String, path: &Path| -> Result<Listed> {
+        let options = BackupOptions {
+            name,
+            path: path.to_path_buf(),
+            host: what.host.clone(),
+            tags: tags.clone(),
+            block: false,
+            strict: true,
+            use_parent: true,
+        };
+        let progress = Progress::new(false, "", None);
+        super::backup::volume(repo, rt, cache_dir, &options, &command, &progress)
+    };
+    let copy = || -> Result<(Vec<VolumeMember>, Vec<BindMember>)> {
+        let mut vm = Vec::new();
+        for (key, info) in &volumes {
+            let snap = backup_tree(format!("{}/{key}", what.name), Path::new(&info.mountpoint))
+                .map_err(|e| e.context(format!("volume {key}")))?;
+            vm.push(VolumeMember {
+                key: key.clone(),
+                engine: info.clone(),
+                snapshot: snap.id,
+            });
+        }
+        let mut bm = Vec::new();
+        for source in &binds {
+            let snap = backup_tree(format!("{}/bind:{}", what.name, source.display()), source)
+                .map_err(|e| e.context(format!("bind mount {}", source.display())))?;
+            bm.push(BindMember {
+                source: source.clone(),
+                snapshot: snap.id,
+            });
+        }
+        Ok((vm, bm))
+    };
+
+    let capture_started = chrono::Utc::now();
+    let quiesced = Instant::now();
+    let (copied, downtime) = match what.consistency {
+        Consistency::Stop => {
+            let mut stopped = Vec::new();
+            let mut result = Ok(());
+            for c in containers.iter().rev() {
+                if let Err(e) = engine.stop(c) {
+                    result = Err(e);
+                    break;
+                }
+                stopped.push(c);
+            }
+            let copied = result.and_then(|()| copy());
+            // Started again whatever happened, in dependency order.
+            let mut restart = Ok(());
+            for c in stopped.iter().rev() {
+                if let Err(e) = engine.start(c) {
+                    restart = restart.and(Err(e));
+                }
+            }
+            let restart =
+                restart.and_then(|()| engine.wait_healthy(&project.name, HEALTHY_TIMEOUT));
+            let downtime = quiesced.elapsed();
+            (copied.and_then(|c| restart.map(|()| c)), downtime)
+        }
+        Consistency::Pause => {
+            let mut paused = Vec::new();
+            let mut result = Ok(());
+            for c in &containers {
+                if let Err(e) = engine.pause(c) {
+                    result = Err(e);
+                    break;
+                }
+                paused.push(c);
+            }
+            let copied = result.and_then(|()| copy());
+            let mut thaw = Ok(());
+            for c in paused {
+                if let Err(e) = engine.unpause(c) {
+                    thaw = thaw.and(Err(e));
+                }
+            }
+            let downtime = quiesced.elapsed();
+            (copied.and_then(|c| thaw.map(|()| c)), downtime)
+        }
+        Consistency::None => (copy(), Duration::ZERO),
+    };
+    let capture_ended = chrono::Utc::now();
+    let (volumes, binds) = copied?;
+
+    let record = WorkloadRecord {
+        project: project.name.clone(),
+        compose_files: what
+            .compose_files
+            .iter()
+            .map(|f| kept(f))
+            .collect::<Result<_>>()?,
+        env_file: what.env_file.as_deref().map(kept).transpose()?,
+        config: serde_yaml::to_string(&project.config)
+            .map_err(|e| Error::Config(format!("cannot print the compose project: {e}")))?,
+        services,
+        volumes,
+        binds,
+        consistency: what.consistency,
+        capture_started,
+        capture_ended,
+        downtime_ms: downtime.as_millis() as u64,
+    };
+    save(repo, rt, cache_dir, what, &record, &command, started)
+}
+
+/// Stores the workload record and its snapshot record, last.
+fn save(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    cache_dir: Option<&Path>,
+    what: &WorkloadBackup,
+    record: &WorkloadRecord,
+    command: &str,
+    started: Instant,
+) -> Result<Listed> {
+    let session = Arc::new(rt.block_on(Session::start(Arc::clone(repo), cache_dir, command))?);
+    let result = (|| {
+        let writer = ChunkWriter::new(Arc::clone(&session), rt.clone(), DEFAULT_IN_FLIGHT);
+        let mut stream = StreamWriter::new(&writer, Mode::ContentDefined);
+        ciborium::into_writer(record, &mut stream).map_err(|e| match e {
+            ciborium::ser::Error::Io(io) => crate::pipeline::from_io(io),
+            other => Error::Config(format!("cannot encode workload record: {other}")),
+        })?;
+        let (root, _) = stream.finish()?;
+        writer.flush()?;
+        rt.block_on(repo.sync())?;
+        let mut summary = Summary {
+            files: record.members().count() as u64,
+            chunks: writer.stats().summary(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            ..Summary::default()
+        };
+        for id in record.members() {
+            let member = rt.block_on(snapshot::resolve(repo, id, None))?;
+            summary.logical_bytes += member.snapshot.summary.logical_bytes;
+        }
+        let snapshot = Snapshot {
+            version: RECORD_VERSION,
+            kind: Kind::Workload,
+            name: what.name.clone(),
+            source: format!("compose:{}", record.project),
+            host: what.host.clone(),
+            time: chrono::Utc::now(),
+            tags: what.tags.clone(),
+            partial: false,
+            root_format: RootFormat::Workload,
+            root,
+            payload: None,
+            parent: None,
+            summary,
+            image: None,
+            errors: Vec::new(),
+        };
+        session.check_lease()?;
+        let id = rt.block_on(snapshot.save(repo))?;
+        Ok(Listed { id, snapshot })
+    })();
+    rt.block_on(session.finish(result.is_ok()));
+    result
+}
+
+/// What [`restore`] does.
+pub struct WorkloadRestore {
+    /// `HOST[:PORT][/PREFIX]`: images go to `HOST/PREFIX/REPO`.
+    pub registry: String,
+    /// The new project's name [default: the original one].
+    pub project: Option<String>,
+    /// Where the rewritten compose file, `.env` and bind-mounted paths go.
+    pub to: PathBuf,
+    /// Start the project and wait until it is healthy.
+    pub up: bool,
+    /// Replace existing non-empty volumes.
+    pub force: bool,
+}
+
+/// One image of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageOutcome {
+    pub service: String,
+    pub source: String,
+    pub target: String,
+    pub digest: String,
+    pub digest_equal: bool,
+}
+
+/// One volume or bind mount of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct VolumeOutcome {
+    pub name: String,
+    pub to: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub chunks_verified: u64,
+}
+
+/// Milliseconds of each phase.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Phases {
+    pub images_ms: u64,
+    pub volumes_ms: u64,
+    pub start_ms: u64,
+    pub healthy_ms: u64,
+    /// The recovery time: from the start of the restore until the project is healthy (or
+    /// until its files are written, without `--up`).
+    pub total_ms: u64,
+}
+
+/// The rehydration report.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadReport {
+    pub snapshot: String,
+    pub project: String,
+    pub compose_file: String,
+    pub images: Vec<ImageOutcome>,
+    pub volumes: Vec<VolumeOutcome>,
+    pub started: bool,
+    pub phases: Phases,
+    /// Empty when the twin is complete.
+    pub missing: Vec<String>,
+    pub complete: bool,
+}
+
+/// `HOST/PREFIX/REPO` for image `source` (`HOST/REPO[:TAG|@DIGEST]`) under `registry`.
+fn target_repository(registry: &str, source: &str) -> String {
+    let without_host = source.split_once('/').map_or(source, |(_, rest)| rest);
+    let repo = without_host
+        .split_once('@')
+        .map_or(without_host, |(r, _)| r);
+    let repo = match repo.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => repo,
+    };
+    format!("{}/{repo}", registry.trim_end_matches('/'))
+}
+
+/// Restores workload snapshot `snap` as project `what.project`. Blocking.
+///
+/// # Errors
+/// Errors of the members' restores (named), of the engine and the compose tool; a volume that
+/// exists and is not empty without `force`.
+pub fn restore(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    snap: &Listed,
+    what: &WorkloadRestore,
+    registry: &Registry,
+) -> Result<WorkloadReport> {
+    let started = Instant::now();
+    let record = load_record(repo, rt, snap)?;
+    let project = compose::normalize_name(what.project.as_deref().unwrap_or(&record.project));
+    let engine = Engine::connect(rt)?;
+    let quiet = Progress::new(false, "", None);
+    let mut missing = Vec::new();
+
+    let mut images = Vec::new();
+    let mut rewritten_images = BTreeMap::new();
+    for s in &record.services {
+        let member = rt.block_on(snapshot::resolve(repo, &s.snapshot, Some(Kind::Image)))?;
+        let target_repo = target_repository(&what.registry, &s.image);
+        let target = ImageTarget::parse(&format!("docker://{target_repo}"))?;
+        let report = crate::oci::restore(repo, rt, registry, &member, &target, &quiet)
+            .map_err(|e| e.context(format!("service {} (image {})", s.name, s.image)))?;
+        if !report.ok {
+            missing.push(format!("image of service {}: digests differ", s.name));
+        }
+        rewritten_images.insert(s.name.clone(), format!("{target_repo}@{}", s.digest));
+        images.push(ImageOutcome {
+            service: s.name.clone(),
+            source: s.image.clone(),
+            target: format!("{target_repo}@{}", s.digest),
+            digest: s.digest.clone(),
+            digest_equal: report.ok,
+        });
+    }
+    let images_ms = started.elapsed().as_millis() as u64;
+
+    let mut volumes = Vec::new();
+    let mut engine_names = BTreeMap::new();
+    let options = RestoreOptions {
+        subpath: None,
+        chown: true,
+        special: false,
+    };
+    for v in &record.volumes {
+        let name = format!("{project}_{}", v.key);
+        if let Some(existing) = engine.volume(&name)? {
+            let empty = std::fs::read_dir(&existing.mountpoint)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+            if !empty && !what.force {
+                return Err(Error::Config(format!(
+                    "volume {name} exists and is not empty; give --force to replace its contents"
+                )));
+            }
+        }
+        let info = match engine.volume(&name)? {
+            Some(info) => info,
+            None => engine.create_volume(&name, &v.engine, &project, &v.key)?,
+        };
+        let member = rt.block_on(snapshot::resolve(repo, &v.snapshot, Some(Kind::Volume)))?;
+        let report = crate::volume::restore(
+            repo,
+            rt,
+            &member,
+            Path::new(&info.mountpoint),
+            &options,
+            &quiet,
+        )
+        .map_err(|e| e.context(format!("volume {}", v.key)))?;
+        engine_names.insert(v.key.clone(), name.clone());
+        volumes.push(VolumeOutcome {
+            name: v.key.clone(),
+            to: format!("engine volume {name}"),
+            files: report.files,
+            bytes: report.bytes_written,
+            chunks_verified: report.chunks_verified,
+        });
+    }
+    let mut binds = BTreeMap::new();
+    for (i, b) in record.binds.iter().enumerate() {
+        let to = what.to.join("binds").join(i.to_string());
+        let member = rt.block_on(snapshot::resolve(repo, &b.snapshot, Some(Kind::Volume)))?;
+        let report = crate::volume::restore(repo, rt, &member, &to, &options, &quiet)
+            .map_err(|e| e.context(format!("bind mount {}", b.source.display())))?;
+        binds.insert(b.source.clone(), to.clone());
+        volumes.push(VolumeOutcome {
+            name: b.source.display().to_string(),
+            to: to.display().to_string(),
+            files: report.files,
+            bytes: report.bytes_written,
+            chunks_verified: report.chunks_verified,
+        });
+    }
+    let volumes_ms = started.elapsed().as_millis() as u64 - images_ms;
+
+    let config: serde_yaml::Value =
+        serde_yaml::from_str(&record.config).map_err(|e| Error::Corrupt {
+            object: format!("workload record of snapshot {}", snap.id),
+            reason: format!("its compose project does not parse: {e}"),
+        })?;
+    let rewritten = compose::rewrite(&config, &rewritten_images, &binds, &engine_names);
+    let compose_file = what.to.join("compose.yaml");
+    let yaml = serde_yaml::to_string(&rewritten)
+        .map_err(|e| Error::Config(format!("cannot print the compose project: {e}")))?;
+    crate::localfile::write_atomically(&compose_file, crate::localfile::SHARED, yaml.as_bytes())?;
+    let mut env = record
+        .env_file
+        .as_ref()
+        .map(|e| e.bytes.clone())
+        .unwrap_or_default();
+    if !env.is_empty() && !env.ends_with(b"\n") {
+        env.push(b'\n');
+    }
+    env.extend_from_slice(format!("COMPOSE_PROJECT_NAME={project}\n").as_bytes());
+    crate::localfile::write_atomically(&what.to.join(".env"), crate::localfile::SHARED, &env)?;
+
+    let mut phases = Phases {
+        images_ms,
+        volumes_ms,
+        ..Phases::default()
+    };
+    if what.up {
+        let before = Instant::now();
+        Compose::find()?.up(&compose_file, &project)?;
+        phases.start_ms = before.elapsed().as_millis() as u64;
+        let before = Instant::now();
+        engine.wait_healthy(&project, HEALTHY_TIMEOUT)?;
+        phases.healthy_ms = before.elapsed().as_millis() as u64;
+    }
+    phases.total_ms = started.elapsed().as_millis() as u64;
+    Ok(WorkloadReport {
+        snapshot: snap.id.clone(),
+        project,
+        compose_file: compose_file.display().to_string(),
+        images,
+        volumes,
+        started: what.up,
+        phases,
+        complete: missing.is_empty(),
+        missing,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_go_under_the_target_registry_and_prefix() {
+        let t = |r, s| target_repository(r, s);
+        assert_eq!(
+            t("127.0.0.1:6000/dr", "127.0.0.1:5000/shop/web:1"),
+            "127.0.0.1:6000/dr/shop/web"
+        );
+        assert_eq!(
+            t("reg.example/", "reg.old:5000/app@sha256:ab"),
+            "reg.example/app"
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! Workload twins: a compose project backed up as one unit and brought up elsewhere.
+//!
+//! A workload snapshot's root is one CBOR [`WorkloadRecord`]: the compose files and `.env` as
+//! bytes, the project as the compose tool normalized it, and its members: every service's
+//! image (an image snapshot, by digest), every named volume (a tree snapshot, with the
+//! engine's labels and driver options) and every bind-mounted host path (a tree snapshot).
+//! Members are ordinary snapshots made first; the workload record is written last, and only
+//! when every member succeeded, so nothing claims to be a complete twin that is not. The
+//! operations are in [`crate::commands::workload`]; [`compose`] runs the compose tool and
+//! [`engine`] speaks to the container engine.
+
+pub mod compose;
+pub mod engine;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+
+use crate::error::{Error, Result};
+use crate::pipeline::StreamReader;
+use crate::repository::Repository;
+use crate::snapshot::Listed;
+
+/// How the volumes of a workload are made consistent while they are copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Stop the containers that mount them, copy, start them again (downtime recorded).
+    Stop,
+    /// Freeze those containers during the copy.
+    Pause,
+    /// Copy live, recorded as such.
+    None,
+}
+
+/// A service and its image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceMember {
+    pub name: String,
+    /// The image reference in the compose file.
+    pub image: String,
+    /// The manifest digest backed up.
+    pub digest: String,
+    /// The image snapshot.
+    pub snapshot: String,
+}
+
+/// A named volume of the project.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeMember {
+    /// Its key in the compose file.
+    pub key: String,
+    pub engine: engine::VolumeInfo,
+    /// The tree snapshot of its data.
+    pub snapshot: String,
+}
+
+/// A host path bind-mounted by a service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BindMember {
+    pub source: PathBuf,
+    pub snapshot: String,
+}
+
+/// A file given to the compose tool, kept byte for byte.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeptFile {
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+/// The root of a workload snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    /// The compose project name.
+    pub project: String,
+    pub compose_files: Vec<KeptFile>,
+    pub env_file: Option<KeptFile>,
+    /// The project as the compose tool printed it (`config`).
+    pub config: String,
+    pub services: Vec<ServiceMember>,
+    pub volumes: Vec<VolumeMember>,
+    pub binds: Vec<BindMember>,
+    pub consistency: Consistency,
+    /// From the start of the first volume copy to the end of the last.
+    pub capture_started: DateTime<Utc>,
+    pub capture_ended: DateTime<Utc>,
+    /// How long containers were stopped or paused.
+    pub downtime_ms: u64,
+}
+
+impl WorkloadRecord {
+    /// Every member snapshot's id.
+    pub fn members(&self) -> impl Iterator<Item = &str> {
+        let services = self.services.iter().map(|s| s.snapshot.as_str());
+        let volumes = self.volumes.iter().map(|v| v.snapshot.as_str());
+        let binds = self.binds.iter().map(|b| b.snapshot.as_str());
+        services.chain(volumes).chain(binds)
+    }
+}
+
+/// Reads the record of workload snapshot `snap` (its chunks are checked on the way).
+///
+/// # Errors
+/// Chunk read errors; [`Error::Corrupt`] when the record does not decode.
+pub fn load_record(repo: &Arc<Repository>, rt: &Handle, snap: &Listed) -> Result<WorkloadRecord> {
+    let stream = StreamReader::new(Arc::clone(repo), rt.clone(), snap.snapshot.root.clone(), 2);
+    ciborium::from_reader(stream).map_err(|e| match e {
+        ciborium::de::Error::Io(io) => crate::pipeline::from_io(io),
+        other => Error::Corrupt {
+            object: format!("workload record of snapshot {}", snap.id),
+            reason: other.to_string(),
+        },
+    })
+}

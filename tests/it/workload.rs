@@ -1,0 +1,230 @@
+//! Workload twins against the real Docker Engine, the compose tool and docker-registry: a
+//! compose project of an image built here (`FROM scratch` with this machine's static busybox),
+//! a named volume written continuously and a bind mount, backed up with its containers
+//! stopped, then brought up elsewhere after the site is gone.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::oci::TestRegistry;
+use crate::common::*;
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn docker(args: &[&str]) -> String {
+    sh(Command::new("docker").args(args))
+}
+
+/// Builds `tag` from scratch: busybox with its applets, and pushes it.
+fn build_image(dir: &Path, tag: &str) {
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    // Relative links: `busybox --install` would point them at this host's path of busybox.
+    for applet in sh(Command::new("/bin/busybox").arg("--list")).lines() {
+        if !bin.join(applet).exists() {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+    }
+    fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY bin /bin\nENV PATH=/bin\n",
+    )
+    .unwrap();
+    docker(&["build", "-q", "-t", tag, dir.to_str().unwrap()]);
+    docker(&["push", tag]);
+}
+
+/// The running containers of a compose project, by service.
+fn running(project: &str) -> Vec<String> {
+    let out = docker(&[
+        "ps",
+        "--filter",
+        &format!("label=com.docker.compose.project={project}"),
+        "--format",
+        "{{.Label \"com.docker.compose.service\"}}",
+    ]);
+    let mut services: Vec<String> = out.lines().map(str::to_string).collect();
+    services.sort();
+    services
+}
+
+fn compose(dir: &Path, project: &str, args: &[&str]) -> String {
+    sh(Command::new("docker-compose")
+        .arg("-f")
+        .arg(dir.join("compose.yaml"))
+        .args(["-p", project])
+        .args(args))
+}
+
+/// Removes what a run left: the projects, their volumes, the images.
+struct Cleanup(Vec<(std::path::PathBuf, String)>, Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for (dir, project) in &self.0 {
+            let _ = Command::new("docker-compose")
+                .arg("-f")
+                .arg(dir.join("compose.yaml"))
+                .args(["-p", project, "down", "-v", "-t", "1"])
+                .output();
+        }
+        for image in &self.1 {
+            let _ = Command::new("docker").args(["rmi", "-f", image]).output();
+        }
+    }
+}
+
+/// The counter and the number of lines of the log in a copy of the data volume.
+fn counter_and_log(dir: &Path) -> (u64, u64) {
+    let n = fs::read_to_string(dir.join("n")).unwrap();
+    let lines = fs::read_to_string(dir.join("log")).unwrap().lines().count() as u64;
+    (n.trim().parse().unwrap(), lines)
+}
+
+#[test]
+fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
+    let env = Env::new();
+    let source = TestRegistry::start(&env.path("registry-a"));
+    let image = format!("{}/shop/app:1", source.host);
+    let mut cleanup = Cleanup(Vec::new(), vec![image.clone()]);
+    build_image(&env.path("build"), &image);
+
+    let site = env.path("shop");
+    fs::create_dir_all(site.join("www")).unwrap();
+    fs::write(site.join("www/index.html"), "the shop\n").unwrap();
+    // The counter and its log are written one after the other: only a copy taken while the
+    // writer is stopped is sure to see them agree.
+    let counter = "n=$$(cat /data/n 2>/dev/null || echo 0); while true; do n=$$((n+1)); \
+                   echo $$n >> /data/log; echo $$n > /data/n; sleep 0.02; done";
+    fs::write(
+        site.join("compose.yaml"),
+        format!(
+            r#"version: "3.7"
+services:
+  counter:
+    image: {image}
+    command: ["sh", "-c", "{counter}"]
+    volumes: ["data:/data"]
+  web:
+    image: {image}
+    command: ["httpd", "-f", "-p", "8080", "-h", "/www"]
+    volumes: ["./www:/www:ro"]
+    depends_on: [counter]
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8080/index.html"]
+      interval: 1s
+      retries: 30
+volumes:
+  data: {{}}
+"#
+        ),
+    )
+    .unwrap();
+    cleanup.0.push((site.clone(), "shop".into()));
+    compose(&site, "shop", &["up", "-d"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mountpoint = docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", "shop_data"]);
+    let data = Path::new(mountpoint.trim()).to_path_buf();
+    while !data.join("n").exists() {
+        assert!(Instant::now() < deadline, "the counter never wrote");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let backup = env.json(&[
+        "backup",
+        "workload",
+        "shop",
+        "--compose",
+        site.join("compose.yaml").to_str().unwrap(),
+        "--project-name",
+        "shop",
+        "--insecure",
+    ]);
+    let workload = &backup["workload"];
+    assert_eq!(workload["consistency"], "stop");
+    assert!(workload["downtime_ms"].as_u64().unwrap() > 0, "{backup}");
+    assert_eq!(workload["volumes"].as_array().unwrap().len(), 1, "{backup}");
+    assert_eq!(workload["binds"].as_array().unwrap().len(), 1, "{backup}");
+    let digest = workload["services"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(digest.starts_with("sha256:"), "{backup}");
+    assert_eq!(
+        running("shop"),
+        ["counter", "web"],
+        "containers after the backup"
+    );
+
+    // The copy is consistent: the counter and the log agree.
+    let copy = env.path("copy");
+    let volume_snap = workload["volumes"][0]["snapshot"].as_str().unwrap();
+    env.restore(volume_snap, &copy, &[]);
+    let (n, lines) = counter_and_log(&copy);
+    assert!(n > 0 && n == lines, "counter {n}, log {lines} lines");
+    let listed = env.json(&["snapshots", "--kind", "workload"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    // The site is gone: containers, volumes, images and the source registry.
+    compose(&site, "shop", &["down", "-v", "-t", "1"]);
+    docker(&["rmi", "-f", &image]);
+    drop(source);
+    fs::remove_dir_all(env.path("registry-a")).unwrap();
+
+    let target = TestRegistry::start(&env.path("registry-b"));
+    let dr = env.path("dr");
+    cleanup.0.push((dr.clone(), "shop-dr".into()));
+    let report = env.json(&[
+        "restore",
+        "workload",
+        "shop",
+        "--registry",
+        &format!("{}/dr", target.host),
+        "--project",
+        "shop-dr",
+        "--to",
+        dr.to_str().unwrap(),
+        "--up",
+        "--insecure",
+    ]);
+    cleanup
+        .1
+        .push(format!("{}/dr/shop/app@{digest}", target.host));
+    assert_eq!(report["complete"], true, "{report}");
+    for i in report["images"].as_array().unwrap() {
+        assert_eq!(i["digest"], digest.as_str(), "{report}");
+        assert_eq!(i["digest_equal"], true, "{report}");
+    }
+    assert!(
+        report["phases"]["total_ms"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(running("shop-dr"), ["counter", "web"], "{report}");
+    let served = docker(&[
+        "exec",
+        "shop-dr_web_1",
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        "http://127.0.0.1:8080/index.html",
+    ]);
+    assert_eq!(served, "the shop\n");
+    // The restored volume holds the data of the backup, and the counter goes on from there.
+    let mountpoint = docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", "shop-dr_data"]);
+    let log = fs::read_to_string(Path::new(mountpoint.trim()).join("log")).unwrap();
+    let first: Vec<&str> = log.lines().take(lines as usize).collect();
+    let expected: Vec<String> = (1..=lines).map(|i| i.to_string()).collect();
+    assert_eq!(first, expected);
+}
