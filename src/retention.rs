@@ -3,8 +3,9 @@
 //! Snapshots are grouped by source (host, kind, name). In each group, a snapshot is kept if
 //! any rule keeps it: the newest `last` ones; the newest snapshot of each of the newest
 //! `hourly` hours, `daily` days, `weekly` ISO weeks, `monthly` months and `yearly` years that
-//! have one; every snapshot taken within `within` of the group's newest one; and every
-//! protected snapshot. The rest may be forgotten. Buckets use UTC. [`apply`] is a pure
+//! have one; every snapshot taken within `within` of the group's newest one; every
+//! protected snapshot; and every member of a workload snapshot that stays. The rest may be
+//! forgotten. Buckets use UTC. [`apply`] is a pure
 //! function of the snapshot list, so it is tested on dates alone; [`forget`] carries it out.
 
 use std::collections::{BTreeMap, HashSet};
@@ -73,7 +74,8 @@ pub async fn forget(
 ) -> Result<(Vec<Group>, usize)> {
     let listed = crate::snapshot::list(repo, filter).await?;
     let protected = repo.protected_ids().await?;
-    let groups = apply(policy, &listed, &protected);
+    let mut groups = apply(policy, &listed, &protected);
+    keep_workload_members(repo, &mut groups).await?;
     let mut removed = 0;
     for d in groups.iter().flat_map(|g| &g.snapshots).filter(|d| !d.keep) {
         if !dry_run {
@@ -85,6 +87,43 @@ pub async fn forget(
 }
 
 /// Maps a time to its hour, day, week, month or year.
+/// Keeps every member of a workload snapshot that stays (whether or not `forget` selected the
+/// workload): forgetting one would leave a twin that cannot be brought up.
+async fn keep_workload_members(repo: &Arc<Repository>, groups: &mut [Group]) -> Result<()> {
+    let leaving: HashSet<String> = groups
+        .iter()
+        .flat_map(|g| &g.snapshots)
+        .filter(|d| !d.keep)
+        .map(|d| d.id.clone())
+        .collect();
+    if leaving.is_empty() {
+        return Ok(());
+    }
+    let workloads = Filter {
+        kind: Some(Kind::Workload),
+        ..Filter::default()
+    };
+    let mut members = HashSet::new();
+    for w in crate::snapshot::list(repo, &workloads).await? {
+        if leaving.contains(&w.id) {
+            continue;
+        }
+        let (repo, rt) = (Arc::clone(repo), tokio::runtime::Handle::current());
+        let record =
+            tokio::task::spawn_blocking(move || crate::workload::load_record(&repo, &rt, &w))
+                .await
+                .expect("workload record reader panicked")?;
+        members.extend(record.members().map(str::to_string));
+    }
+    for d in groups.iter_mut().flat_map(|g| &mut g.snapshots) {
+        if !d.keep && members.contains(&d.id) {
+            d.keep = true;
+            d.reasons.push("workload");
+        }
+    }
+    Ok(())
+}
+
 type BucketOf = fn(&DateTime<Utc>) -> i64;
 
 /// Applies `policy` to `snapshots`; `protected` ids are always kept.
