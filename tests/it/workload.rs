@@ -219,6 +219,10 @@ volumes:
     cleanup
         .1
         .push(format!("{}/dr/shop/app@{digest}", target.host));
+    eprintln!(
+        "downtime {} ms; restore phases {}",
+        workload["downtime_ms"], report["phases"]
+    );
     assert_eq!(report["complete"], true, "{report}");
     for i in report["images"].as_array().unwrap() {
         assert_eq!(i["digest"], digest.as_str(), "{report}");
