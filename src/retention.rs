@@ -113,7 +113,7 @@ async fn keep_workload_members(repo: &Arc<Repository>, groups: &mut [Group]) -> 
             tokio::task::spawn_blocking(move || crate::workload::load_record(&repo, &rt, &w))
                 .await
                 .expect("workload record reader panicked")?;
-        members.extend(record.members().map(str::to_string));
+        members.extend(record.members().into_iter().map(str::to_string));
     }
     for d in groups.iter_mut().flat_map(|g| &mut g.snapshots) {
         if !d.keep && members.contains(&d.id) {

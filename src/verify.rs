@@ -157,6 +157,10 @@ pub enum ProblemKind {
     CorruptChunk,
     /// An OCI blob or manifest does not hash to its digest (checked on a full read).
     WrongDigest,
+    /// A workload names a member snapshot that the repository does not have.
+    MissingMember,
+    /// A workload's member snapshot has a problem of its own.
+    BrokenMember,
 }
 
 /// A snapshot and file that a problem affects.
@@ -278,7 +282,9 @@ pub fn verify(
         stored: HashMap::new(),
     };
     let snaps = run.records()?;
+    let all = snaps.clone();
     let mut selected = select(snaps, options)?;
+    let workloads = run.members(&all, &mut selected);
     run.structure(&selected);
     // On a full read, image blobs are read whole by their own pass (their sha256 needs the
     // bytes in order, and reading them checks their chunks too), so the data pass skips their
@@ -303,6 +309,7 @@ pub fn verify(
     drop(images);
     let forgotten = run.forgotten(&mut selected)?;
     run.attribution(&selected, forgotten);
+    run.broken_members(&selected, &workloads);
     Ok(run.record(&selected, time, started))
 }
 
@@ -378,6 +385,70 @@ impl Run<'_> {
             }
         }
         Ok(snaps)
+    }
+
+    /// Workloads: each selected workload's members are selected too, so that verifying a twin
+    /// checks all of it; a member the repository lacks is a problem. Returns each workload's
+    /// members.
+    fn members(
+        &mut self,
+        all: &[Listed],
+        selected: &mut Vec<Listed>,
+    ) -> Vec<(String, Vec<String>)> {
+        let mut out = Vec::new();
+        let workloads: Vec<Listed> = selected
+            .iter()
+            .filter(|s| s.snapshot.kind == crate::snapshot::Kind::Workload)
+            .cloned()
+            .collect();
+        for w in workloads {
+            // An unreadable record is reported by the structure pass.
+            let Ok(record) = crate::workload::load_record(self.repo, self.rt, &w) else {
+                continue;
+            };
+            let members: Vec<String> = record.members().into_iter().map(str::to_string).collect();
+            for id in &members {
+                match all.iter().find(|s| &s.id == id) {
+                    Some(m) if !selected.iter().any(|s| &s.id == id) => selected.push(m.clone()),
+                    Some(_) => {}
+                    None => {
+                        self.broken.insert(w.id.clone());
+                        self.problems.push(Problem {
+                            kind: ProblemKind::MissingMember,
+                            object: format!("snapshot {id}"),
+                            reason: "the workload names it as a member; the repository has no such snapshot".into(),
+                            affects: vec![affected(&w, None)],
+                            more_affected: 0,
+                        });
+                    }
+                }
+            }
+            out.push((w.id, members));
+        }
+        out
+    }
+
+    /// Workloads, last: one whose member is broken is broken too.
+    fn broken_members(&mut self, selected: &[Listed], workloads: &[(String, Vec<String>)]) {
+        for (id, members) in workloads {
+            let Some(w) = selected.iter().find(|s| &s.id == id) else {
+                continue;
+            };
+            let broken: Vec<&String> = members
+                .iter()
+                .filter(|m| self.broken.contains(*m))
+                .collect();
+            for m in broken {
+                self.broken.insert(id.clone());
+                self.problems.push(Problem {
+                    kind: ProblemKind::BrokenMember,
+                    object: format!("snapshot {m}"),
+                    reason: "a member of the workload cannot be restored whole".into(),
+                    affects: vec![affected(w, None)],
+                    more_affected: 0,
+                });
+            }
+        }
     }
 
     /// Structure, second half: every selected snapshot's index (catalog, ref list or image

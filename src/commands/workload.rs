@@ -76,14 +76,14 @@ pub fn backup(
     tags.push(format!("workload:{}", what.name));
     let command = format!("backup workload {}", what.name);
 
-    // Images first: they need no downtime.
-    let mut services = Vec::new();
-    let with_images: Vec<_> = project
-        .services
-        .iter()
-        .filter_map(|s| s.image.as_ref().map(|i| (s, format!("docker://{i}"))))
-        .collect();
-    let refs: Vec<String> = with_images.iter().map(|(_, r)| r.clone()).collect();
+    // Images first: they need no downtime. Services sharing an image share its snapshot.
+    let mut refs: Vec<String> = Vec::new();
+    for image in project.services.iter().filter_map(|s| s.image.as_ref()) {
+        let reference = format!("docker://{image}");
+        if !refs.contains(&reference) {
+            refs.push(reference);
+        }
+    }
     let images = crate::commands::backup::ImageBackup {
         images: &refs,
         tag_filter: None,
@@ -94,24 +94,39 @@ pub fn backup(
     let results = super::backup::images(repo, rt, cache_dir, &images, &command, &registry, |_| {
         Progress::new(false, "", None)
     })?;
-    for ((service, reference), (_, listed)) in with_images.iter().zip(results) {
-        let member = |e: Error| e.context(format!("service {} (image {reference})", service.name));
+    let mut by_image = BTreeMap::new();
+    for (reference, listed) in results {
+        let image = reference.trim_start_matches("docker://").to_string();
+        let users: Vec<&str> = project
+            .services
+            .iter()
+            .filter(|s| s.image.as_deref() == Some(image.as_str()))
+            .map(|s| s.name.as_str())
+            .collect();
+        let member = |e: Error| e.context(format!("service {} (image {image})", users.join(", ")));
         let Some((_, result)) = listed.into_iter().next() else {
             return Err(member(Error::Config(
                 "the registry has no such image".into(),
             )));
         };
         let snap = result.map_err(member)?;
+        by_image.insert(image, snap);
+    }
+    let mut services = Vec::new();
+    for s in &project.services {
+        let Some(snap) = s.image.as_ref().and_then(|i| by_image.get(i)) else {
+            continue;
+        };
         services.push(ServiceMember {
-            name: service.name.clone(),
-            image: service.image.clone().unwrap_or_default(),
+            name: s.name.clone(),
+            image: s.image.clone().unwrap_or_default(),
             digest: snap
                 .snapshot
                 .image
                 .as_ref()
                 .map(|i| i.digest.clone())
                 .unwrap_or_default(),
-            snapshot: snap.id,
+            snapshot: snap.id.clone(),
         });
     }
 
@@ -286,7 +301,7 @@ fn save(
         writer.flush()?;
         rt.block_on(repo.sync())?;
         let mut summary = Summary {
-            files: record.members().count() as u64,
+            files: record.members().len() as u64,
             chunks: writer.stats().summary(),
             duration_ms: started.elapsed().as_millis() as u64,
             ..Summary::default()

@@ -94,12 +94,15 @@ pub struct WorkloadRecord {
 }
 
 impl WorkloadRecord {
-    /// Every member snapshot's id.
-    pub fn members(&self) -> impl Iterator<Item = &str> {
+    /// Every member snapshot's id, once (services sharing an image share its snapshot).
+    pub fn members(&self) -> Vec<&str> {
         let services = self.services.iter().map(|s| s.snapshot.as_str());
         let volumes = self.volumes.iter().map(|v| v.snapshot.as_str());
         let binds = self.binds.iter().map(|b| b.snapshot.as_str());
-        services.chain(volumes).chain(binds)
+        let mut ids: Vec<&str> = services.chain(volumes).chain(binds).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 }
 

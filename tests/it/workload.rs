@@ -193,6 +193,14 @@ volumes:
     env.backup("shop/data", &site.join("www"), &[]);
     let forgot = env.json(&["forget", "--name", "shop/data", "--keep-last", "1"]);
     assert_eq!(forgot["removed"], 0, "{forgot}");
+    // Verifying the workload verifies its members too.
+    let verified = env.json(&["verify", "--snapshot", "shop", "--read-data"]);
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(
+        verified["snapshots"].as_array().unwrap().len(),
+        4,
+        "{verified}"
+    );
 
     // The site is gone: containers, volumes, images and the source registry.
     compose(&site, "shop", &["down", "-v", "-t", "1"]);
@@ -249,4 +257,13 @@ volumes:
     let first: Vec<&str> = log.lines().take(lines as usize).collect();
     let expected: Vec<String> = (1..=lines).map(|i| i.to_string()).collect();
     assert_eq!(first, expected);
+
+    // A member lost from the store: verify names it and fails the workload.
+    fs::remove_file(env.path(&format!("repo/snapshots/{volume_snap}"))).unwrap();
+    let out = env.tresor(&["verify", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let problem = &report["problems"][0];
+    assert_eq!(problem["kind"], "missing_member", "{report}");
+    assert_eq!(problem["affects"][0]["name"], "shop", "{report}");
 }
