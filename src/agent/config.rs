@@ -62,6 +62,10 @@ pub struct RegistryConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+fn default_consistency() -> crate::workload::Consistency {
+    crate::workload::Consistency::Stop
+}
+
 /// What a job does.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -91,8 +95,28 @@ pub enum JobKind {
         #[serde(default)]
         platforms: Vec<String>,
     },
-    /// Other jobs taken together, so a whole service can be restored as one.
-    Workload { jobs: Vec<String> },
+    /// A service as one unit: a compose project (`compose`), backed up with `tresor backup
+    /// workload`; or, the older form, other jobs taken together (`jobs`), tagged alike.
+    Workload {
+        #[serde(default)]
+        jobs: Vec<String>,
+        #[serde(default)]
+        compose: Vec<PathBuf>,
+        #[serde(default)]
+        env_file: Option<PathBuf>,
+        #[serde(default)]
+        project: Option<String>,
+        #[serde(default = "default_consistency")]
+        consistency: crate::workload::Consistency,
+        /// Shell command run once the containers are stopped or paused, before the copy.
+        #[serde(default)]
+        pre: Option<String>,
+        /// Shell command run after the copy, whatever happened, before they start again.
+        #[serde(default)]
+        post: Option<String>,
+        #[serde(default)]
+        hook_timeout: Option<String>,
+    },
     /// Retention of this host's snapshots, by the rules of `tresor forget` (at least one).
     Forget {
         #[serde(default)]
@@ -261,7 +285,15 @@ impl AgentConfig {
                 }
             }
             match &job.kind {
-                JobKind::Workload { jobs } => {
+                JobKind::Workload { jobs, compose, .. } => {
+                    if jobs.is_empty() == compose.is_empty() {
+                        return Err(at(
+                            &job.name,
+                            "compose",
+                            "give either `compose` (a compose project) or `jobs` (other jobs)"
+                                .to_string(),
+                        ));
+                    }
                     for member in jobs {
                         match self.jobs.iter().find(|j| &j.name == member) {
                             None => {

@@ -133,7 +133,7 @@ pub async fn run_once(path: &Path) -> Result<usize> {
         .jobs
         .iter()
         .filter_map(|j| match &j.kind {
-            JobKind::Workload { jobs } => Some(jobs.clone()),
+            JobKind::Workload { jobs, .. } => Some(jobs.clone()),
             _ => None,
         })
         .flatten()
@@ -167,6 +167,8 @@ async fn stop_job(handle: tokio::task::JoinHandle<bool>) {
     if tokio::time::timeout(STOP_GRACE, handle).await.is_err() {
         hook::stop_all();
     }
+    // A workload job that did not finish may have left its containers stopped or paused.
+    crate::workload::engine::resume_all().await;
 }
 
 /// Runs the agent as a service until SIGTERM.
@@ -387,7 +389,24 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             tags_regex,
             platforms,
         } => run.images(images, tags_regex.as_deref(), platforms),
-        JobKind::Workload { jobs } => run.workload(jobs),
+        JobKind::Workload { jobs, compose, .. } if compose.is_empty() => run.workload(jobs),
+        JobKind::Workload {
+            compose,
+            env_file,
+            project,
+            consistency,
+            pre,
+            post,
+            hook_timeout,
+            ..
+        } => run.compose_workload(
+            compose,
+            env_file,
+            project,
+            *consistency,
+            [pre.as_deref(), post.as_deref()],
+            hook_timeout,
+        ),
         JobKind::Forget { .. } => run.forget(),
         JobKind::Gc {
             grace,
@@ -456,6 +475,47 @@ impl Run<'_> {
         if let Some(Err(e)) = post_result {
             return Err(e.context(format!("job {}: post hook failed", job.name)));
         }
+        let mut outcome = Outcome::default();
+        outcome.add(&listed);
+        Ok(outcome)
+    }
+
+    /// A compose project as one workload snapshot (see [`commands::workload::backup`]); the
+    /// hooks run while its containers are stopped or paused.
+    fn compose_workload(
+        &self,
+        compose: &[std::path::PathBuf],
+        env_file: &Option<std::path::PathBuf>,
+        project: &Option<String>,
+        consistency: crate::workload::Consistency,
+        [pre, post]: [Option<&str>; 2],
+        hook_timeout: &Option<String>,
+    ) -> Result<Outcome> {
+        let job = self.job;
+        let timeout = duration(job, "hook_timeout", hook_timeout, hook::DEFAULT_TIMEOUT)?;
+        let pre_hook = pre.map(|cmd| move || hook::run(&job.name, "pre", cmd, timeout));
+        let post_hook = post.map(|cmd| move || hook::run(&job.name, "post", cmd, timeout));
+        let what = commands::workload::WorkloadBackup {
+            name: job.name.clone(),
+            compose_files: compose.to_vec(),
+            env_file: env_file.clone(),
+            project: project.clone(),
+            consistency,
+            host: self.host.clone(),
+            tags: self.tags.to_vec(),
+            pre: pre_hook.as_ref().map(|h| h as commands::workload::Hook<'_>),
+            post: post_hook
+                .as_ref()
+                .map(|h| h as commands::workload::Hook<'_>),
+        };
+        let listed = commands::workload::backup(
+            &self.ctx.repo,
+            self.rt,
+            Some(&self.ctx.cache_dir),
+            &what,
+            |source| registry_for(self.ctx, source),
+        )
+        .map_err(|e| e.context(format!("job {}", job.name)))?;
         let mut outcome = Outcome::default();
         outcome.add(&listed);
         Ok(outcome)

@@ -82,14 +82,36 @@ pub(crate) async fn backup_workload(
         consistency: args.consistency,
         host: args.host.clone().unwrap_or_else(host_name),
         tags: args.tags.clone(),
+        pre: None,
+        post: None,
     };
+    // SIGTERM or Ctrl-C while containers are stopped or paused: start them again, then exit
+    // as stopped (the snapshots made so far stay; no workload record claims a twin).
+    let guard = tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        eprintln!("{name}: starting the workload's containers again, then stopping");
+        tresor::workload::engine::resume_all().await;
+        std::process::exit(143);
+    });
     let registry = |source: &tresor::oci::ImageSource| {
         args.registry
             .registry(g, &[source.registry_host().unwrap_or_default()])
     };
     let listed = tokio::task::block_in_place(|| {
         tresor::commands::workload::backup(&repo, &rt, cache.as_deref(), &what, registry)
-    })?;
+    });
+    guard.abort();
+    let listed = listed?;
     let record =
         tokio::task::block_in_place(|| tresor::workload::load_record(&repo, &rt, &listed))?;
     if g.json {

@@ -27,8 +27,12 @@ use crate::workload::{
     load_record, BindMember, Consistency, KeptFile, ServiceMember, VolumeMember, WorkloadRecord,
 };
 
+/// A host hook of a workload backup (an LVM, btrfs or ZFS snapshot, say), run by the front
+/// end: the agent's hooks have a clean environment and a timeout.
+pub type Hook<'a> = &'a (dyn Fn() -> Result<()> + Sync);
+
 /// What [`backup`] backs up.
-pub struct WorkloadBackup {
+pub struct WorkloadBackup<'a> {
     pub name: String,
     pub compose_files: Vec<PathBuf>,
     pub env_file: Option<PathBuf>,
@@ -36,6 +40,10 @@ pub struct WorkloadBackup {
     pub consistency: Consistency,
     pub host: String,
     pub tags: Vec<String>,
+    /// Run once the containers are stopped or paused, before the copy; failing skips it.
+    pub pre: Option<Hook<'a>>,
+    /// Run after the copy, whatever happened, before the containers start again.
+    pub post: Option<Hook<'a>>,
 }
 
 /// How long the containers may take to be healthy again.
@@ -61,7 +69,7 @@ pub fn backup(
     repo: &Arc<Repository>,
     rt: &Handle,
     cache_dir: Option<&Path>,
-    what: &WorkloadBackup,
+    what: &WorkloadBackup<'_>,
     registry: impl Fn(&ImageSource) -> Result<Registry>,
 ) -> Result<Listed> {
     let started = Instant::now();
@@ -184,7 +192,7 @@ pub fn backup(
         let progress = Progress::new(false, "", None);
         super::backup::volume(repo, rt, cache_dir, &options, &command, &progress)
     };
-    let copy = || -> Result<(Vec<VolumeMember>, Vec<BindMember>)> {
+    let copy_members = || -> Result<(Vec<VolumeMember>, Vec<BindMember>)> {
         let mut vm = Vec::new();
         for (key, info) in &volumes {
             let snap = backup_tree(format!("{}/{key}", what.name), Path::new(&info.mountpoint))
@@ -205,6 +213,12 @@ pub fn backup(
             });
         }
         Ok((vm, bm))
+    };
+    let copy = || {
+        let pre = what.pre.map_or(Ok(()), |hook| hook());
+        let copied = pre.and_then(|()| copy_members());
+        let post = what.post.map_or(Ok(()), |hook| hook());
+        copied.and_then(|c| post.map(|()| c))
     };
 
     let capture_started = chrono::Utc::now();
@@ -284,7 +298,7 @@ fn save(
     repo: &Arc<Repository>,
     rt: &Handle,
     cache_dir: Option<&Path>,
-    what: &WorkloadBackup,
+    what: &WorkloadBackup<'_>,
     record: &WorkloadRecord,
     command: &str,
     started: Instant,

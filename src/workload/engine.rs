@@ -21,6 +21,58 @@ pub const PROJECT_LABEL: &str = "com.docker.compose.project";
 const SERVICE_LABEL: &str = "com.docker.compose.service";
 const VOLUME_LABEL: &str = "com.docker.compose.volume";
 
+/// Containers this process stopped or paused and has not started again, with whether they
+/// were paused: whoever ends the process early (SIGTERM) calls [`resume_all`] first, so a
+/// workload is never left down by a backup that did not finish.
+static QUIESCED: std::sync::Mutex<Vec<(String, bool)>> = std::sync::Mutex::new(Vec::new());
+
+fn quiesced(id: &str, paused: bool) {
+    QUIESCED
+        .lock()
+        .expect("quiesced list")
+        .push((id.to_string(), paused));
+}
+
+fn resumed(id: &str) {
+    QUIESCED
+        .lock()
+        .expect("quiesced list")
+        .retain(|(c, _)| c != id);
+}
+
+/// Starts (or unpauses) every container this process stopped (or paused) and has not yet
+/// resumed. For the signal paths of the CLI and the agent; errors are logged.
+pub async fn resume_all() {
+    let list: Vec<(String, bool)> = std::mem::take(&mut *QUIESCED.lock().expect("quiesced list"));
+    if list.is_empty() {
+        return;
+    }
+    let docker = match Docker::connect_with_defaults() {
+        Ok(d) => match d.negotiate_version().await {
+            Ok(d) => d,
+            Err(e) => return tracing::error!("cannot reach the engine to restart containers: {e}"),
+        },
+        Err(e) => return tracing::error!("cannot reach the engine to restart containers: {e}"),
+    };
+    // Started again in the order they were stopped, reversed: dependencies first.
+    for (id, paused) in list.into_iter().rev() {
+        let result = if paused {
+            docker.unpause_container(&id).await
+        } else {
+            docker
+                .start_container(&id, None::<StartContainerOptions>)
+                .await
+        };
+        match result {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => tracing::warn!("container {id} started again: the backup was stopped"),
+            Err(e) => tracing::error!("container {id} could not be started again: {e}"),
+        }
+    }
+}
+
 /// A connection to the engine.
 pub struct Engine {
     docker: Docker,
@@ -103,17 +155,19 @@ impl Engine {
             .collect())
     }
 
-    /// Stops a container (SIGTERM, then SIGKILL after 10 s).
+    /// Stops a container: its stop signal, then SIGKILL after its stop timeout (compose's
+    /// `stop_grace_period`).
     ///
     /// # Errors
     /// [`Error::Engine`].
     pub fn stop(&self, c: &Container) -> Result<()> {
-        let options = StopContainerOptions {
-            t: Some(10),
-            ..Default::default()
-        };
+        // Noted before the call: a SIGTERM while the engine stops it must start it again.
+        quiesced(&c.id, false);
         self.rt
-            .block_on(self.docker.stop_container(&c.id, Some(options)))
+            .block_on(
+                self.docker
+                    .stop_container(&c.id, None::<StopContainerOptions>),
+            )
             .map_err(engine_error(format!("stopping service {}", c.service)))
     }
 
@@ -122,12 +176,20 @@ impl Engine {
     /// # Errors
     /// [`Error::Engine`].
     pub fn start(&self, c: &Container) -> Result<()> {
-        self.rt
-            .block_on(
-                self.docker
-                    .start_container(&c.id, None::<StartContainerOptions>),
-            )
-            .map_err(engine_error(format!("starting service {}", c.service)))
+        let started = self.rt.block_on(
+            self.docker
+                .start_container(&c.id, None::<StartContainerOptions>),
+        );
+        match started {
+            // 304: running already (a signal path started it first).
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => {}
+            Err(e) => return Err(engine_error(format!("starting service {}", c.service))(e)),
+        }
+        resumed(&c.id);
+        Ok(())
     }
 
     /// Freezes a container's processes.
@@ -135,6 +197,7 @@ impl Engine {
     /// # Errors
     /// [`Error::Engine`].
     pub fn pause(&self, c: &Container) -> Result<()> {
+        quiesced(&c.id, true);
         self.rt
             .block_on(self.docker.pause_container(&c.id))
             .map_err(engine_error(format!("pausing service {}", c.service)))
@@ -147,7 +210,9 @@ impl Engine {
     pub fn unpause(&self, c: &Container) -> Result<()> {
         self.rt
             .block_on(self.docker.unpause_container(&c.id))
-            .map_err(engine_error(format!("unpausing service {}", c.service)))
+            .map_err(engine_error(format!("unpausing service {}", c.service)))?;
+        resumed(&c.id);
+        Ok(())
     }
 
     /// A named volume, if it exists.

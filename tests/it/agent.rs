@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::common::oci::*;
 use crate::common::*;
 
-fn write_config(env: &Env, jobs: &str) -> std::path::PathBuf {
+pub(crate) fn write_config(env: &Env, jobs: &str) -> std::path::PathBuf {
     let path = env.path("agent.toml");
     fs::write(
         &path,
@@ -27,7 +27,7 @@ fn write_config(env: &Env, jobs: &str) -> std::path::PathBuf {
     path
 }
 
-fn agent(env: &Env, config: &Path, args: &[&str]) -> std::process::Command {
+pub(crate) fn agent(env: &Env, config: &Path, args: &[&str]) -> std::process::Command {
     let mut c = env.cmd();
     c.env_remove("TRESOR_KEY_FILE")
         .args(["agent", "--config", config.to_str().unwrap()])
@@ -36,7 +36,7 @@ fn agent(env: &Env, config: &Path, args: &[&str]) -> std::process::Command {
 }
 
 /// Kills the agent if a test fails while it runs.
-struct Guard(Child);
+pub(crate) struct Guard(pub(crate) Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -45,7 +45,7 @@ impl Drop for Guard {
     }
 }
 
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -59,7 +59,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
-fn signal(child: &Child, sig: i32) {
+pub(crate) fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::agent::{agent, signal, wait_exit, write_config, Guard};
 use crate::common::oci::TestRegistry;
 use crate::common::*;
 
@@ -69,25 +70,27 @@ fn compose(dir: &Path, project: &str, args: &[&str]) -> String {
 
 /// Removes what a run left: the projects, their volumes (the twin's are external to its
 /// compose file, so `down -v` keeps them), the images.
-struct Cleanup(Vec<(std::path::PathBuf, String)>, Vec<String>);
-
-const VOLUMES: [&str; 2] = ["shop_data", "shop-dr_data"];
+struct Cleanup {
+    projects: Vec<(std::path::PathBuf, String)>,
+    images: Vec<String>,
+    volumes: Vec<String>,
+}
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for (dir, project) in &self.0 {
+        for (dir, project) in &self.projects {
             let _ = Command::new("docker-compose")
                 .arg("-f")
                 .arg(dir.join("compose.yaml"))
                 .args(["-p", project, "down", "-v", "-t", "1"])
                 .output();
         }
-        for image in &self.1 {
+        for image in &self.images {
             let _ = Command::new("docker").args(["rmi", "-f", image]).output();
         }
         let _ = Command::new("docker")
             .args(["volume", "rm", "-f"])
-            .args(VOLUMES)
+            .args(&self.volumes)
             .output();
     }
 }
@@ -99,40 +102,56 @@ fn counter_and_log(dir: &Path) -> (u64, u64) {
     (n.trim().parse().unwrap(), lines)
 }
 
-#[test]
-fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
-    let env = Env::new();
-    // Left by a run that was killed before its cleanup.
-    let _ = Command::new("docker")
-        .args(["volume", "rm", "-f"])
-        .args(VOLUMES)
-        .output();
-    let source = TestRegistry::start(&env.path("registry-a"));
-    let image = format!("{}/shop/app:1", source.host);
-    let mut cleanup = Cleanup(Vec::new(), vec![image.clone()]);
-    build_image(&env.path("build"), &image);
+/// A running compose project `project` (each test its own, as tests run at once): a counter
+/// writing to the named volume `data`, a web service with a healthcheck serving a bind mount,
+/// of an image pushed to its own registry.
+struct Site {
+    source: Option<TestRegistry>,
+    image: String,
+    dir: std::path::PathBuf,
+    project: String,
+    cleanup: Cleanup,
+}
 
-    let site = env.path("shop");
-    fs::create_dir_all(site.join("www")).unwrap();
-    fs::write(site.join("www/index.html"), "the shop\n").unwrap();
-    // The counter and its log are written one after the other: only a copy taken while the
-    // writer is stopped is sure to see them agree.
-    let counter = "n=$$(cat /data/n 2>/dev/null || echo 0); while true; do n=$$((n+1)); \
-                   echo $$n >> /data/log; echo $$n > /data/n; sleep 0.02; done";
-    fs::write(
-        site.join("compose.yaml"),
-        format!(
-            r#"version: "3.7"
+impl Site {
+    fn start(env: &Env, project: &str) -> Site {
+        let volumes = vec![format!("{project}_data"), format!("{project}-dr_data")];
+        // Left by a run that was killed before its cleanup.
+        let _ = Command::new("docker")
+            .args(["volume", "rm", "-f"])
+            .args(&volumes)
+            .output();
+        let source = TestRegistry::start(&env.path("registry-a"));
+        let image = format!("{}/{project}/app:1", source.host);
+        let mut cleanup = Cleanup {
+            projects: Vec::new(),
+            images: vec![image.clone()],
+            volumes,
+        };
+        build_image(&env.path("build"), &image);
+        let dir = env.path(project);
+        fs::create_dir_all(dir.join("www")).unwrap();
+        fs::write(dir.join("www/index.html"), "the shop\n").unwrap();
+        // The counter and its log are written one after the other: only a copy taken while
+        // the writer is stopped is sure to see them agree.
+        let counter = "n=$$(cat /data/n 2>/dev/null || echo 0); while true; do n=$$((n+1)); \
+                       echo $$n >> /data/log; echo $$n > /data/n; sleep 0.02; done";
+        fs::write(
+            dir.join("compose.yaml"),
+            format!(
+                r#"version: "3.7"
 services:
   counter:
     image: {image}
     command: ["sh", "-c", "{counter}"]
     volumes: ["data:/data"]
+    stop_grace_period: 1s
   web:
     image: {image}
     command: ["httpd", "-f", "-p", "8080", "-h", "/www"]
     volumes: ["./www:/www:ro"]
     depends_on: [counter]
+    stop_grace_period: 1s
     healthcheck:
       test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8080/index.html"]
       interval: 1s
@@ -140,18 +159,39 @@ services:
 volumes:
   data: {{}}
 "#
-        ),
-    )
-    .unwrap();
-    cleanup.0.push((site.clone(), "shop".into()));
-    compose(&site, "shop", &["up", "-d"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mountpoint = docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", "shop_data"]);
-    let data = Path::new(mountpoint.trim()).to_path_buf();
-    while !data.join("n").exists() {
-        assert!(Instant::now() < deadline, "the counter never wrote");
-        std::thread::sleep(Duration::from_millis(100));
+            ),
+        )
+        .unwrap();
+        cleanup.projects.push((dir.clone(), project.into()));
+        compose(&dir, project, &["up", "-d"]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mountpoint = docker(&[
+            "volume",
+            "inspect",
+            "-f",
+            "{{.Mountpoint}}",
+            &format!("{project}_data"),
+        ]);
+        let data = Path::new(mountpoint.trim()).to_path_buf();
+        while !data.join("n").exists() {
+            assert!(Instant::now() < deadline, "the counter never wrote");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Site {
+            source: Some(source),
+            image,
+            dir,
+            project: project.into(),
+            cleanup,
+        }
     }
+}
+
+#[test]
+fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
+    let env = Env::new();
+    let mut shop = Site::start(&env, "shop");
+    let (site, image) = (shop.dir.clone(), shop.image.clone());
 
     let backup = env.json(&[
         "backup",
@@ -205,12 +245,12 @@ volumes:
     // The site is gone: containers, volumes, images and the source registry.
     compose(&site, "shop", &["down", "-v", "-t", "1"]);
     docker(&["rmi", "-f", &image]);
-    drop(source);
+    drop(shop.source.take());
     fs::remove_dir_all(env.path("registry-a")).unwrap();
 
     let target = TestRegistry::start(&env.path("registry-b"));
     let dr = env.path("dr");
-    cleanup.0.push((dr.clone(), "shop-dr".into()));
+    shop.cleanup.projects.push((dr.clone(), "shop-dr".into()));
     let report = env.json(&[
         "restore",
         "workload",
@@ -224,8 +264,8 @@ volumes:
         "--up",
         "--insecure",
     ]);
-    cleanup
-        .1
+    shop.cleanup
+        .images
         .push(format!("{}/dr/shop/app@{digest}", target.host));
     eprintln!(
         "downtime {} ms; restore phases {}",
@@ -266,4 +306,45 @@ volumes:
     let problem = &report["problems"][0];
     assert_eq!(problem["kind"], "missing_member", "{report}");
     assert_eq!(problem["affects"][0]["name"], "shop", "{report}");
+}
+
+#[test]
+fn sigterm_to_the_agent_mid_backup_starts_the_containers_again() {
+    let env = Env::new();
+    let site = Site::start(&env, "shop2");
+    let marker = env.path("quiesced");
+    // The pre hook runs once the containers are stopped, and holds the backup there.
+    let config = write_config(
+        &env,
+        &format!(
+            "[registries.\"{}\"]\ninsecure = true\n\n[[job]]\nname = \"shop2\"\ntype = \"workload\"\ncompose = [\"{}\"]\nproject = \"shop2\"\nconsistency = \"stop\"\npre = \"touch {}; sleep 600\"\n",
+            site.source.as_ref().unwrap().host,
+            site.dir.join("compose.yaml").display(),
+            marker.display()
+        ),
+    );
+    let mut child = Guard(
+        agent(&env, &config, &["--once"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the backup never quiesced the project"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(running(&site.project).is_empty(), "stopped for the copy");
+    signal(&child.0, libc::SIGTERM);
+    wait_exit(
+        &mut child.0,
+        tresor::agent::STOP_GRACE + Duration::from_secs(10),
+    );
+    assert_eq!(running(&site.project), ["counter", "web"]);
+    let workloads = env.json(&["snapshots", "--kind", "workload"]);
+    assert_eq!(workloads.as_array().unwrap().len(), 0, "{workloads}");
 }
