@@ -390,6 +390,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("nope"), "{err}");
+        for body in ["", "jobs = [\"v\"]\ncompose = [\"/c.yaml\"]\n"] {
+            let err = parse(&format!("[repository]\nurl = \"x\"\n[[job]]\nname = \"w\"\ntype = \"workload\"\n{body}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("either `compose`"), "{err}");
+        }
         let err = parse("[repository]\nurl = \"x\"\n[[job]]\nname = \"v\"\ntype = \"volume\"\npath = \"/x\"\npaht = 1\n")
             .unwrap_err()
             .to_string();
