@@ -108,6 +108,12 @@ pub enum JobKind {
         project: Option<String>,
         #[serde(default = "default_consistency")]
         consistency: crate::workload::Consistency,
+        /// With `consistency = "exec"`: `SERVICE=COMMAND` run in the service before the copy.
+        #[serde(default)]
+        exec_before: Vec<String>,
+        /// With `consistency = "exec"`: `SERVICE=COMMAND` run after the copy, whatever happened.
+        #[serde(default)]
+        exec_after: Vec<String>,
         /// Shell command run once the containers are stopped or paused, before the copy.
         #[serde(default)]
         pre: Option<String>,
@@ -391,9 +397,11 @@ mod tests {
             .to_string();
         assert!(err.contains("nope"), "{err}");
         for body in ["", "jobs = [\"v\"]\ncompose = [\"/c.yaml\"]\n"] {
-            let err = parse(&format!("[repository]\nurl = \"x\"\n[[job]]\nname = \"w\"\ntype = \"workload\"\n{body}"))
-                .unwrap_err()
-                .to_string();
+            let err = parse(&format!(
+                "[repository]\nurl = \"x\"\n[[job]]\nname = \"w\"\ntype = \"workload\"\n{body}"
+            ))
+            .unwrap_err()
+            .to_string();
             assert!(err.contains("either `compose`"), "{err}");
         }
         let err = parse("[repository]\nurl = \"x\"\n[[job]]\nname = \"v\"\ntype = \"volume\"\npath = \"/x\"\npaht = 1\n")

@@ -390,23 +390,7 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             platforms,
         } => run.images(images, tags_regex.as_deref(), platforms),
         JobKind::Workload { jobs, compose, .. } if compose.is_empty() => run.workload(jobs),
-        JobKind::Workload {
-            compose,
-            env_file,
-            project,
-            consistency,
-            pre,
-            post,
-            hook_timeout,
-            ..
-        } => run.compose_workload(
-            compose,
-            env_file,
-            project,
-            *consistency,
-            [pre.as_deref(), post.as_deref()],
-            hook_timeout,
-        ),
+        JobKind::Workload { .. } => run.compose_workload(),
         JobKind::Forget { .. } => run.forget(),
         JobKind::Gc {
             grace,
@@ -482,17 +466,31 @@ impl Run<'_> {
 
     /// A compose project as one workload snapshot (see [`commands::workload::backup`]); the
     /// hooks run while its containers are stopped or paused.
-    fn compose_workload(
-        &self,
-        compose: &[std::path::PathBuf],
-        env_file: &Option<std::path::PathBuf>,
-        project: &Option<String>,
-        consistency: crate::workload::Consistency,
-        [pre, post]: [Option<&str>; 2],
-        hook_timeout: &Option<String>,
-    ) -> Result<Outcome> {
+    fn compose_workload(&self) -> Result<Outcome> {
         let job = self.job;
+        let JobKind::Workload {
+            compose,
+            env_file,
+            project,
+            consistency,
+            exec_before,
+            exec_after,
+            pre,
+            post,
+            hook_timeout,
+            ..
+        } = &job.kind
+        else {
+            unreachable!("called for workload jobs")
+        };
+        let (pre, post) = (pre.as_deref(), post.as_deref());
         let timeout = duration(job, "hook_timeout", hook_timeout, hook::DEFAULT_TIMEOUT)?;
+        let execs = |list: &Vec<String>| -> Result<Vec<(String, String)>> {
+            list.iter()
+                .map(|s| commands::workload::parse_exec(s))
+                .collect::<Result<_>>()
+                .map_err(|e| e.context(format!("job {}", job.name)))
+        };
         let pre_hook = pre.map(|cmd| move || hook::run(&job.name, "pre", cmd, timeout));
         let post_hook = post.map(|cmd| move || hook::run(&job.name, "post", cmd, timeout));
         let what = commands::workload::WorkloadBackup {
@@ -500,13 +498,15 @@ impl Run<'_> {
             compose_files: compose.to_vec(),
             env_file: env_file.clone(),
             project: project.clone(),
-            consistency,
+            consistency: *consistency,
             host: self.host.clone(),
             tags: self.tags.to_vec(),
             pre: pre_hook.as_ref().map(|h| h as commands::workload::Hook<'_>),
             post: post_hook
                 .as_ref()
                 .map(|h| h as commands::workload::Hook<'_>),
+            exec_before: execs(exec_before)?,
+            exec_after: execs(exec_after)?,
         };
         let listed = commands::workload::backup(
             &self.ctx.repo,

@@ -28,6 +28,13 @@ pub(crate) struct BackupWorkloadArgs {
     /// How volumes are made consistent while copied.
     #[arg(long, value_enum, default_value = "stop")]
     pub(crate) consistency: Consistency,
+    /// With --consistency exec: SERVICE=COMMAND run inside the service before the copy (a
+    /// database dump into its volume, say); a failure fails the workload (repeatable).
+    #[arg(long, value_name = "SERVICE=COMMAND", value_parser = exec_arg)]
+    pub(crate) exec_before: Vec<(String, String)>,
+    /// With --consistency exec: SERVICE=COMMAND run after the copy, whatever happened.
+    #[arg(long, value_name = "SERVICE=COMMAND", value_parser = exec_arg)]
+    pub(crate) exec_after: Vec<(String, String)>,
     /// Tag for the snapshots (repeatable).
     #[arg(long = "tag")]
     pub(crate) tags: Vec<String>,
@@ -63,6 +70,10 @@ pub(crate) struct RestoreWorkloadArgs {
     pub(crate) registry: RegistryArgs,
 }
 
+fn exec_arg(s: &str) -> Result<(String, String), String> {
+    tresor::commands::workload::parse_exec(s).map_err(|e| e.to_string())
+}
+
 pub(crate) async fn backup_workload(
     g: &Global,
     args: &BackupWorkloadArgs,
@@ -84,6 +95,8 @@ pub(crate) async fn backup_workload(
         tags: args.tags.clone(),
         pre: None,
         post: None,
+        exec_before: args.exec_before.clone(),
+        exec_after: args.exec_after.clone(),
     };
     // SIGTERM or Ctrl-C while containers are stopped or paused: start them again, then exit
     // as stopped (the snapshots made so far stay; no workload record claims a twin).

@@ -44,6 +44,25 @@ pub struct WorkloadBackup<'a> {
     pub pre: Option<Hook<'a>>,
     /// Run after the copy, whatever happened, before the containers start again.
     pub post: Option<Hook<'a>>,
+    /// With [`Consistency::Exec`]: `(service, command)` run inside the service's container
+    /// before the copy (a failure fails the workload) and after it (whatever happened).
+    pub exec_before: Vec<(String, String)>,
+    pub exec_after: Vec<(String, String)>,
+}
+
+/// Parses `SERVICE=COMMAND`, a command to exec in a service.
+///
+/// # Errors
+/// [`Error::Config`] naming the value.
+pub fn parse_exec(s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((service, cmd)) if !service.is_empty() && !cmd.trim().is_empty() => {
+            Ok((service.to_string(), cmd.to_string()))
+        }
+        _ => Err(Error::Config(format!(
+            "{s:?}: write SERVICE=COMMAND, e.g. db=\"pg_dump -f /var/lib/postgresql/data/dump.sql\""
+        ))),
+    }
 }
 
 /// How long the containers may take to be healthy again.
@@ -73,6 +92,12 @@ pub fn backup(
     registry: impl Fn(&ImageSource) -> Result<Registry>,
 ) -> Result<Listed> {
     let started = Instant::now();
+    let has_exec = !what.exec_before.is_empty() || !what.exec_after.is_empty();
+    if has_exec != (what.consistency == Consistency::Exec) {
+        return Err(Error::Config(
+            "commands to exec go with --consistency exec, and it needs at least one".into(),
+        ));
+    }
     let compose = Compose::find()?;
     let project = compose.config(
         &what.compose_files,
@@ -266,6 +291,29 @@ pub fn backup(
             }
             let downtime = quiesced.elapsed();
             (copied.and_then(|c| thaw.map(|()| c)), downtime)
+        }
+        Consistency::Exec => {
+            let all = engine.project_containers(&project.name)?;
+            let container = |service: &str| {
+                all.iter()
+                    .find(|c| c.service == service && c.running)
+                    .ok_or_else(|| Error::Engine {
+                        what: format!("service {service}"),
+                        reason: "has no running container to exec in".into(),
+                    })
+            };
+            let before = what
+                .exec_before
+                .iter()
+                .try_for_each(|(service, cmd)| engine.exec(container(service)?, cmd));
+            let copied = before.and_then(|()| copy());
+            let mut after = Ok(());
+            for (service, cmd) in &what.exec_after {
+                if let Err(e) = container(service).and_then(|c| engine.exec(c, cmd)) {
+                    after = after.and(Err(e));
+                }
+            }
+            (copied.and_then(|c| after.map(|()| c)), Duration::ZERO)
         }
         Consistency::None => (copy(), Duration::ZERO),
     };

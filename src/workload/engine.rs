@@ -215,6 +215,58 @@ impl Engine {
         Ok(())
     }
 
+    /// Runs `cmd` with `sh -c` inside a container, logging its output.
+    ///
+    /// # Errors
+    /// [`Error::Engine`] naming the service and the command when it cannot run or exits
+    /// non-zero.
+    pub fn exec(&self, c: &Container, cmd: &str) -> Result<()> {
+        use bollard::exec::{CreateExecOptions, StartExecResults};
+        use futures::StreamExt;
+        let what = format!("exec in service {} ({cmd:?})", c.service);
+        self.rt.block_on(async {
+            let created = self
+                .docker
+                .create_exec(
+                    &c.id,
+                    CreateExecOptions {
+                        cmd: Some(vec!["sh", "-c", cmd]),
+                        attach_stdout: Some(true),
+                        attach_stderr: Some(true),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(engine_error(what.clone()))?;
+            let started = self
+                .docker
+                .start_exec(&created.id, None)
+                .await
+                .map_err(engine_error(what.clone()))?;
+            if let StartExecResults::Attached { mut output, .. } = started {
+                while let Some(line) = output.next().await {
+                    let line = line.map_err(engine_error(what.clone()))?;
+                    tracing::info!(service = %c.service, "exec: {}", line.to_string().trim_end());
+                }
+            }
+            let inspected = self
+                .docker
+                .inspect_exec(&created.id)
+                .await
+                .map_err(engine_error(what.clone()))?;
+            match inspected.exit_code {
+                Some(0) => Ok(()),
+                code => Err(Error::Engine {
+                    what,
+                    reason: format!(
+                        "exited with {}",
+                        code.map_or("no status".into(), |c| c.to_string())
+                    ),
+                }),
+            }
+        })
+    }
+
     /// A named volume, if it exists.
     ///
     /// # Errors

@@ -32,6 +32,9 @@ pub enum Consistency {
     Stop,
     /// Freeze those containers during the copy.
     Pause,
+    /// Run commands inside services before the copy (a database dump into the volume, say)
+    /// and after it; the copy is live otherwise.
+    Exec,
     /// Copy live, recorded as such.
     None,
 }

@@ -348,3 +348,66 @@ fn sigterm_to_the_agent_mid_backup_starts_the_containers_again() {
     let workloads = env.json(&["snapshots", "--kind", "workload"]);
     assert_eq!(workloads.as_array().unwrap().len(), 0, "{workloads}");
 }
+
+#[test]
+fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
+    let env = Env::new();
+    let site = Site::start(&env, "shop3");
+    let compose_file = site.dir.join("compose.yaml");
+    let backup = |extra: &[&str]| {
+        let mut args = vec![
+            "backup",
+            "workload",
+            "shop3",
+            "--compose",
+            compose_file.to_str().unwrap(),
+            "--project-name",
+            "shop3",
+            "--insecure",
+            "--consistency",
+            "exec",
+        ];
+        args.extend_from_slice(extra);
+        env.tresor(&args)
+    };
+    let mountpoint = docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", "shop3_data"]);
+    let data = Path::new(mountpoint.trim()).to_path_buf();
+
+    // A failing command: no workload snapshot, the service and command named, the after
+    // command run anyway, the containers never stopped.
+    let out = backup(&[
+        "--exec-before",
+        "counter=echo dumped > /data/dump",
+        "--exec-before",
+        "web=exit 7",
+        "--exec-after",
+        "counter=rm /data/dump",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("service web") && err.contains("exited with 7"),
+        "{err}"
+    );
+    assert!(!data.join("dump").exists(), "the after command did not run");
+    assert_eq!(running(&site.project), ["counter", "web"]);
+    let workloads = env.json(&["snapshots", "--kind", "workload"]);
+    assert_eq!(workloads.as_array().unwrap().len(), 0, "{workloads}");
+
+    // A dump made inside the service before the copy is in the snapshot.
+    let out = backup(&[
+        "--exec-before",
+        "counter=echo dumped > /data/dump",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(snap["workload"]["consistency"], "exec");
+    let copy = env.path("copy");
+    env.restore(
+        snap["workload"]["volumes"][0]["snapshot"].as_str().unwrap(),
+        &copy,
+        &[],
+    );
+    assert_eq!(fs::read_to_string(copy.join("dump")).unwrap(), "dumped\n");
+}
