@@ -63,9 +63,14 @@ pub(crate) struct RestoreWorkloadArgs {
     /// Start the project and wait until every service runs and is healthy.
     #[arg(long)]
     pub(crate) up: bool,
-    /// Replace the contents of volumes that exist and are not empty.
+    /// Replace the contents of volumes that exist and are not empty, and restore while a
+    /// project of that name exists.
     #[arg(long)]
     pub(crate) force: bool,
+    /// Print the plan (what goes where, bytes to move, blobs the target has, volumes that
+    /// exist) and change nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
     #[command(flatten)]
     pub(crate) registry: RegistryArgs,
 }
@@ -169,6 +174,7 @@ pub(crate) async fn restore_workload(
         to: args.to.clone(),
         up: args.up,
         force: args.force,
+        dry_run: args.dry_run,
     };
     let rt = tokio::runtime::Handle::current();
     let report = tokio::task::block_in_place(|| {
@@ -176,6 +182,33 @@ pub(crate) async fn restore_workload(
     })?;
     if g.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.dry_run {
+        println!(
+            "plan (nothing changed): project {} from {}",
+            report.project, report.compose_file
+        );
+        for i in &report.images {
+            println!(
+                "image  {:<12} {} -> {}: {} blobs, {} there already, {} to upload",
+                i.service,
+                i.source,
+                i.target,
+                i.blobs,
+                i.blobs_present,
+                human_bytes(i.bytes_to_move)
+            );
+        }
+        for v in &report.volumes {
+            println!(
+                "volume {:<12} -> {}{}: {} files, {}",
+                v.name,
+                v.to,
+                if v.existed { " (exists)" } else { "" },
+                v.files,
+                human_bytes(v.bytes)
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
     } else {
         for i in &report.images {
             println!(
@@ -218,7 +251,7 @@ pub(crate) async fn restore_workload(
             println!("twin INCOMPLETE: {}", report.missing.join("; "));
         }
     }
-    Ok(if report.complete {
+    Ok(if report.complete || report.dry_run {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

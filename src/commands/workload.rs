@@ -407,8 +407,10 @@ pub struct WorkloadRestore {
     pub to: PathBuf,
     /// Start the project and wait until it is healthy.
     pub up: bool,
-    /// Replace existing non-empty volumes.
+    /// Replace existing non-empty volumes, and restore while a project of that name runs.
     pub force: bool,
+    /// Only say what would be done: change nothing.
+    pub dry_run: bool,
 }
 
 /// One image of the report.
@@ -418,7 +420,13 @@ pub struct ImageOutcome {
     pub source: String,
     pub target: String,
     pub digest: String,
+    /// Whether the target serves the image under the source digest (false in a dry run).
     pub digest_equal: bool,
+    pub blobs: u64,
+    /// Blobs the target had already (or, in a dry run, has).
+    pub blobs_present: u64,
+    /// Bytes uploaded (or, in a dry run, to upload).
+    pub bytes_to_move: u64,
 }
 
 /// One volume or bind mount of the report.
@@ -426,6 +434,8 @@ pub struct ImageOutcome {
 pub struct VolumeOutcome {
     pub name: String,
     pub to: String,
+    /// Whether the engine volume or directory existed before.
+    pub existed: bool,
     pub files: u64,
     pub bytes: u64,
     pub chunks_verified: u64,
@@ -446,6 +456,8 @@ pub struct Phases {
 /// The rehydration report.
 #[derive(Clone, Debug, Serialize)]
 pub struct WorkloadReport {
+    /// Nothing was changed: the report is the plan.
+    pub dry_run: bool,
     pub snapshot: String,
     pub project: String,
     pub compose_file: String,
@@ -492,22 +504,55 @@ pub fn restore(
 
     let mut images = Vec::new();
     let mut rewritten_images = BTreeMap::new();
+    let running = engine.project_containers(&project)?;
+    if !running.is_empty() && !what.force && !what.dry_run {
+        return Err(Error::Config(format!(
+            "a compose project named {project} exists on this engine; give another --project, or --force"
+        )));
+    }
     for s in &record.services {
         let member = rt.block_on(snapshot::resolve(repo, &s.snapshot, Some(Kind::Image)))?;
         let target_repo = target_repository(&what.registry, &s.image);
         let target = ImageTarget::parse(&format!("docker://{target_repo}"))?;
-        let report = crate::oci::restore(repo, rt, registry, &member, &target, &quiet)
-            .map_err(|e| e.context(format!("service {} (image {})", s.name, s.image)))?;
-        if !report.ok {
-            missing.push(format!("image of service {}: digests differ", s.name));
-        }
+        let named = |e: Error| e.context(format!("service {} (image {})", s.name, s.image));
+        let outcome = if what.dry_run {
+            let ImageTarget::Registry { reference, .. } = &target else {
+                unreachable!("a docker:// target")
+            };
+            let blobs = crate::oci::load_record(repo, rt, &member)?.blobs;
+            let mut present = 0;
+            let mut to_move = 0;
+            for b in &blobs {
+                // A registry that cannot answer is taken as not holding the blob.
+                if rt
+                    .block_on(registry.has_blob(reference, &b.digest))
+                    .unwrap_or(false)
+                {
+                    present += 1;
+                } else {
+                    to_move += b.size;
+                }
+            }
+            (false, blobs.len() as u64, present, to_move)
+        } else {
+            let report =
+                crate::oci::restore(repo, rt, registry, &member, &target, &quiet).map_err(named)?;
+            if !report.ok {
+                missing.push(format!("image of service {}: digests differ", s.name));
+            }
+            let blobs = report.blobs_pushed + report.blobs_skipped + report.blobs_mounted;
+            (report.ok, blobs, report.blobs_skipped, report.bytes_pushed)
+        };
         rewritten_images.insert(s.name.clone(), format!("{target_repo}@{}", s.digest));
         images.push(ImageOutcome {
             service: s.name.clone(),
             source: s.image.clone(),
             target: format!("{target_repo}@{}", s.digest),
             digest: s.digest.clone(),
-            digest_equal: report.ok,
+            digest_equal: outcome.0,
+            blobs: outcome.1,
+            blobs_present: outcome.2,
+            bytes_to_move: outcome.3,
         });
     }
     let images_ms = started.elapsed().as_millis() as u64;
@@ -521,21 +566,34 @@ pub fn restore(
     };
     for v in &record.volumes {
         let name = format!("{project}_{}", v.key);
-        if let Some(existing) = engine.volume(&name)? {
+        let member = rt.block_on(snapshot::resolve(repo, &v.snapshot, Some(Kind::Volume)))?;
+        let existing = engine.volume(&name)?;
+        if let Some(existing) = &existing {
             let empty = std::fs::read_dir(&existing.mountpoint)
                 .map(|mut d| d.next().is_none())
                 .unwrap_or(false);
-            if !empty && !what.force {
+            if !empty && !what.force && !what.dry_run {
                 return Err(Error::Config(format!(
                     "volume {name} exists and is not empty; give --force to replace its contents"
                 )));
             }
         }
-        let info = match engine.volume(&name)? {
+        engine_names.insert(v.key.clone(), name.clone());
+        if what.dry_run {
+            volumes.push(VolumeOutcome {
+                name: v.key.clone(),
+                to: format!("engine volume {name}"),
+                existed: existing.is_some(),
+                files: member.snapshot.summary.files,
+                bytes: member.snapshot.summary.logical_bytes,
+                chunks_verified: 0,
+            });
+            continue;
+        }
+        let info = match existing.clone() {
             Some(info) => info,
             None => engine.create_volume(&name, &v.engine, &project, &v.key)?,
         };
-        let member = rt.block_on(snapshot::resolve(repo, &v.snapshot, Some(Kind::Volume)))?;
         let report = crate::volume::restore(
             repo,
             rt,
@@ -545,10 +603,10 @@ pub fn restore(
             &quiet,
         )
         .map_err(|e| e.context(format!("volume {}", v.key)))?;
-        engine_names.insert(v.key.clone(), name.clone());
         volumes.push(VolumeOutcome {
             name: v.key.clone(),
             to: format!("engine volume {name}"),
+            existed: existing.is_some(),
             files: report.files,
             bytes: report.bytes_written,
             chunks_verified: report.chunks_verified,
@@ -558,12 +616,25 @@ pub fn restore(
     for (i, b) in record.binds.iter().enumerate() {
         let to = what.to.join("binds").join(i.to_string());
         let member = rt.block_on(snapshot::resolve(repo, &b.snapshot, Some(Kind::Volume)))?;
+        binds.insert(b.source.clone(), to.clone());
+        let existed = to.exists();
+        if what.dry_run {
+            volumes.push(VolumeOutcome {
+                name: b.source.display().to_string(),
+                to: to.display().to_string(),
+                existed,
+                files: member.snapshot.summary.files,
+                bytes: member.snapshot.summary.logical_bytes,
+                chunks_verified: 0,
+            });
+            continue;
+        }
         let report = crate::volume::restore(repo, rt, &member, &to, &options, &quiet)
             .map_err(|e| e.context(format!("bind mount {}", b.source.display())))?;
-        binds.insert(b.source.clone(), to.clone());
         volumes.push(VolumeOutcome {
             name: b.source.display().to_string(),
             to: to.display().to_string(),
+            existed,
             files: report.files,
             bytes: report.bytes_written,
             chunks_verified: report.chunks_verified,
@@ -578,6 +649,20 @@ pub fn restore(
         })?;
     let rewritten = compose::rewrite(&config, &rewritten_images, &binds, &engine_names);
     let compose_file = what.to.join("compose.yaml");
+    if what.dry_run {
+        return Ok(WorkloadReport {
+            dry_run: true,
+            snapshot: snap.id.clone(),
+            project,
+            compose_file: compose_file.display().to_string(),
+            images,
+            volumes,
+            started: false,
+            phases: Phases::default(),
+            missing,
+            complete: false,
+        });
+    }
     let yaml = serde_yaml::to_string(&rewritten)
         .map_err(|e| Error::Config(format!("cannot print the compose project: {e}")))?;
     crate::localfile::write_atomically(&compose_file, crate::localfile::SHARED, yaml.as_bytes())?;
@@ -607,6 +692,7 @@ pub fn restore(
     }
     phases.total_ms = started.elapsed().as_millis() as u64;
     Ok(WorkloadReport {
+        dry_run: false,
         snapshot: snap.id.clone(),
         project,
         compose_file: compose_file.display().to_string(),

@@ -250,6 +250,37 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
 
     let target = TestRegistry::start(&env.path("registry-b"));
     let dr = env.path("dr");
+    let catalog = || {
+        sh(Command::new("curl")
+            .arg("-s")
+            .arg(format!("http://{}/v2/_catalog", target.host)))
+    };
+    let catalog_before = catalog();
+    // A dry run says what would happen and changes nothing.
+    let plan = env.json(&[
+        "restore",
+        "workload",
+        "shop",
+        "--registry",
+        &format!("{}/dr", target.host),
+        "--project",
+        "shop-dr",
+        "--to",
+        dr.to_str().unwrap(),
+        "--up",
+        "--insecure",
+        "--dry-run",
+    ]);
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    let image_plan = &plan["images"][0];
+    assert_eq!(image_plan["blobs_present"], 0, "{plan}");
+    assert!(image_plan["bytes_to_move"].as_u64().unwrap() > 0, "{plan}");
+    assert_eq!(plan["volumes"][0]["existed"], false, "{plan}");
+    assert_eq!(catalog(), catalog_before, "the dry run pushed something");
+    let volumes = docker(&["volume", "ls", "-q"]);
+    assert!(!volumes.lines().any(|v| v == "shop-dr_data"), "{volumes}");
+    assert!(running("shop-dr").is_empty());
+    assert!(!dr.join("compose.yaml").exists());
     shop.cleanup.projects.push((dr.clone(), "shop-dr".into()));
     let report = env.json(&[
         "restore",
