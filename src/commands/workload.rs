@@ -65,6 +65,15 @@ pub fn parse_exec(s: &str) -> Result<(String, String)> {
     }
 }
 
+/// A private temporary directory (removed when dropped) beside the cache, or in the system's.
+fn tempdir_for(cache_dir: Option<&Path>) -> Result<tempfile::TempDir> {
+    let parent = cache_dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
+    tempfile::Builder::new()
+        .prefix("tresor-export-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))
+}
+
 /// How long the containers may take to be healthy again.
 const HEALTHY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -109,13 +118,28 @@ pub fn backup(
     tags.push(format!("workload:{}", what.name));
     let command = format!("backup workload {}", what.name);
 
-    // Images first: they need no downtime. Services sharing an image share its snapshot.
+    // Images first: they need no downtime. Services sharing an image share its snapshot. An
+    // image only in the engine is exported into an OCI layout first.
+    let exports = tempdir_for(cache_dir)?;
     let mut refs: Vec<String> = Vec::new();
+    let mut sources: BTreeMap<String, String> = BTreeMap::new();
     for image in project.services.iter().filter_map(|s| s.image.as_ref()) {
-        let reference = format!("docker://{image}");
-        if !refs.contains(&reference) {
-            refs.push(reference);
+        if sources.contains_key(image) {
+            continue;
         }
+        let reference = if engine.image_only_here(image)? {
+            let dir = crate::workload::export::dir_for(exports.path(), image);
+            let archive = dir.with_extension("tar");
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            engine.export(image, &archive)?;
+            let layout = crate::workload::export::to_layout(image, &archive, &dir)?;
+            std::fs::remove_file(&archive).map_err(|e| Error::io(&archive, e))?;
+            layout
+        } else {
+            format!("docker://{image}")
+        };
+        sources.insert(image.clone(), reference.clone());
+        refs.push(reference);
     }
     let images = crate::commands::backup::ImageBackup {
         images: &refs,
@@ -129,7 +153,11 @@ pub fn backup(
     })?;
     let mut by_image = BTreeMap::new();
     for (reference, listed) in results {
-        let image = reference.trim_start_matches("docker://").to_string();
+        let image = sources
+            .iter()
+            .find(|(_, r)| **r == reference)
+            .map(|(i, _)| i.clone())
+            .unwrap_or_default();
         let users: Vec<&str> = project
             .services
             .iter()
@@ -470,9 +498,14 @@ pub struct WorkloadReport {
     pub complete: bool,
 }
 
-/// `HOST/PREFIX/REPO` for image `source` (`HOST/REPO[:TAG|@DIGEST]`) under `registry`.
+/// `HOST/PREFIX/REPO` for image `source` (`[HOST/]REPO[:TAG|@DIGEST]`) under `registry`.
 fn target_repository(registry: &str, source: &str) -> String {
-    let without_host = source.split_once('/').map_or(source, |(_, rest)| rest);
+    // As the engine reads a reference: a first component with a dot or a colon, or
+    // `localhost`, is a registry host.
+    let without_host = match source.split_once('/') {
+        Some((host, rest)) if host.contains(['.', ':']) || host == "localhost" => rest,
+        _ => source,
+    };
     let repo = without_host
         .split_once('@')
         .map_or(without_host, |(r, _)| r);
@@ -719,6 +752,10 @@ mod tests {
         assert_eq!(
             t("reg.example/", "reg.old:5000/app@sha256:ab"),
             "reg.example/app"
+        );
+        assert_eq!(
+            t("reg.example/dr", "shop-local/web:1"),
+            "reg.example/dr/shop-local/web"
         );
     }
 }

@@ -4,6 +4,7 @@
 //! (`DOCKER_HOST`, else the local socket). Blocking calls, for the command layer's threads.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bollard::models::{HealthStatusEnum, VolumeCreateRequest};
@@ -264,6 +265,38 @@ impl Engine {
                     ),
                 }),
             }
+        })
+    }
+
+    /// Whether `image` exists in the engine only (built or loaded here, never pushed or
+    /// pulled: no repository digest). An image the engine does not have is not "only" here.
+    ///
+    /// # Errors
+    /// [`Error::Engine`] for anything but "no such image".
+    pub fn image_only_here(&self, image: &str) -> Result<bool> {
+        match self.rt.block_on(self.docker.inspect_image(image)) {
+            Ok(i) => Ok(i.repo_digests.unwrap_or_default().is_empty()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(e) => Err(engine_error(format!("inspecting image {image}"))(e)),
+        }
+    }
+
+    /// Writes the engine's export of `image` (`docker save` format) to `file`.
+    ///
+    /// # Errors
+    /// [`Error::Engine`]; I/O errors on `file`.
+    pub fn export(&self, image: &str, file: &Path) -> Result<()> {
+        use futures::StreamExt;
+        let mut out = std::fs::File::create(file).map_err(|e| Error::io(file, e))?;
+        self.rt.block_on(async {
+            let mut stream = self.docker.export_image(image);
+            while let Some(bytes) = stream.next().await {
+                let bytes = bytes.map_err(engine_error(format!("exporting image {image}")))?;
+                std::io::Write::write_all(&mut out, &bytes).map_err(|e| Error::io(file, e))?;
+            }
+            Ok(())
         })
     }
 

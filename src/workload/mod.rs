@@ -11,6 +11,7 @@
 
 pub mod compose;
 pub mod engine;
+pub mod export;
 
 use std::path::PathBuf;
 use std::sync::Arc;

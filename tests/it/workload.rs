@@ -26,8 +26,9 @@ fn docker(args: &[&str]) -> String {
     sh(Command::new("docker").args(args))
 }
 
-/// Builds `tag` from scratch: busybox with its applets, and pushes it.
-fn build_image(dir: &Path, tag: &str) {
+/// Builds `tag` from scratch: busybox with its applets, and pushes it; and `local`, the same
+/// with a label, which stays in the engine only (built here, never pushed).
+fn build_image(dir: &Path, tag: &str, local: &str) {
     let bin = dir.join("bin");
     fs::create_dir_all(&bin).unwrap();
     fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
@@ -44,6 +45,12 @@ fn build_image(dir: &Path, tag: &str) {
     .unwrap();
     docker(&["build", "-q", "-t", tag, dir.to_str().unwrap()]);
     docker(&["push", tag]);
+    fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY bin /bin\nENV PATH=/bin\nLABEL built=here\n",
+    )
+    .unwrap();
+    docker(&["build", "-q", "-t", local, dir.to_str().unwrap()]);
 }
 
 /// The running containers of a compose project, by service.
@@ -123,12 +130,13 @@ impl Site {
             .output();
         let source = TestRegistry::start(&env.path("registry-a"));
         let image = format!("{}/{project}/app:1", source.host);
+        let local = format!("{project}-local/web:1");
         let mut cleanup = Cleanup {
             projects: Vec::new(),
-            images: vec![image.clone()],
+            images: vec![image.clone(), local.clone()],
             volumes,
         };
-        build_image(&env.path("build"), &image);
+        build_image(&env.path("build"), &image, &local);
         let dir = env.path(project);
         fs::create_dir_all(dir.join("www")).unwrap();
         fs::write(dir.join("www/index.html"), "the shop\n").unwrap();
@@ -147,7 +155,7 @@ services:
     volumes: ["data:/data"]
     stop_grace_period: 1s
   web:
-    image: {image}
+    image: {local}
     command: ["httpd", "-f", "-p", "8080", "-h", "/www"]
     volumes: ["./www:/www:ro"]
     depends_on: [counter]
@@ -213,6 +221,19 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
         .unwrap()
         .to_string();
     assert!(digest.starts_with("sha256:"), "{backup}");
+    // The web image was only in the engine: exported, it is a member like the other.
+    assert_eq!(
+        workload["services"][1]["image"], "shop-local/web:1",
+        "{backup}"
+    );
+    let web_digest = workload["services"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        web_digest.starts_with("sha256:") && web_digest != digest,
+        "{backup}"
+    );
     assert_eq!(
         running("shop"),
         ["counter", "web"],
@@ -238,13 +259,13 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
     assert_eq!(verified["ok"], true, "{verified}");
     assert_eq!(
         verified["snapshots"].as_array().unwrap().len(),
-        4,
+        5,
         "{verified}"
     );
 
     // The site is gone: containers, volumes, images and the source registry.
     compose(&site, "shop", &["down", "-v", "-t", "1"]);
-    docker(&["rmi", "-f", &image]);
+    docker(&["rmi", "-f", &image, "shop-local/web:1"]);
     drop(shop.source.take());
     fs::remove_dir_all(env.path("registry-a")).unwrap();
 
@@ -295,16 +316,19 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
         "--up",
         "--insecure",
     ]);
-    shop.cleanup
-        .images
-        .push(format!("{}/dr/shop/app@{digest}", target.host));
+    shop.cleanup.images.extend([
+        format!("{}/dr/shop/app@{digest}", target.host),
+        format!("{}/dr/shop-local/web@{web_digest}", target.host),
+    ]);
     eprintln!(
         "downtime {} ms; restore phases {}",
         workload["downtime_ms"], report["phases"]
     );
     assert_eq!(report["complete"], true, "{report}");
-    for i in report["images"].as_array().unwrap() {
-        assert_eq!(i["digest"], digest.as_str(), "{report}");
+    let images = report["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{report}");
+    for (i, expected) in images.iter().zip([&digest, &web_digest]) {
+        assert_eq!(i["digest"], expected.as_str(), "{report}");
         assert_eq!(i["digest_equal"], true, "{report}");
     }
     assert!(
