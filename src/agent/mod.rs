@@ -540,6 +540,7 @@ impl Run<'_> {
             platforms,
             host: &self.host,
             tags: self.tags,
+            name: None,
         };
         let results = commands::backup::images(
             &self.ctx.repo,

@@ -141,6 +141,7 @@ pub(crate) async fn backup_image(g: &Global, args: &BackupImageArgs) -> anyhow::
             platforms: &args.platform,
             host: &host,
             tags: &args.snapshot_tags,
+            name: None,
         };
         commands::backup::images(
             &repo,

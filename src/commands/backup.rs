@@ -45,6 +45,8 @@ pub struct ImageBackup<'a> {
     pub platforms: &'a [String],
     pub host: &'a str,
     pub tags: &'a [String],
+    /// The snapshots' name instead of the reference's (see [`ImageBackupOptions::name`]).
+    pub name: Option<&'a str>,
 }
 
 /// One image reference's outcome: the tag or digest it stood for, and its snapshot.
@@ -79,6 +81,7 @@ pub fn images(
                 platforms: what.platforms.to_vec(),
                 host: what.host.to_string(),
                 tags: what.tags.to_vec(),
+                name: what.name.map(str::to_string),
             };
             let bar = progress(image);
             let results = crate::oci::backup(&session, rt, &registry, &options, &bar)?;

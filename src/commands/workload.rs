@@ -119,59 +119,51 @@ pub fn backup(
     let command = format!("backup workload {}", what.name);
 
     // Images first: they need no downtime. Services sharing an image share its snapshot. An
-    // image only in the engine is exported into an OCI layout first.
+    // image only in the engine is exported into an OCI layout first, and its snapshot is
+    // named by its engine reference.
     let exports = tempdir_for(cache_dir)?;
-    let mut refs: Vec<String> = Vec::new();
-    let mut sources: BTreeMap<String, String> = BTreeMap::new();
+    let mut by_image = BTreeMap::new();
     for image in project.services.iter().filter_map(|s| s.image.as_ref()) {
-        if sources.contains_key(image) {
+        if by_image.contains_key(image) {
             continue;
         }
-        let reference = if engine.image_only_here(image)? {
+        let (reference, name) = if engine.image_only_here(image)? {
             let dir = crate::workload::export::dir_for(exports.path(), image);
             let archive = dir.with_extension("tar");
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             engine.export(image, &archive)?;
             let layout = crate::workload::export::to_layout(image, &archive, &dir)?;
             std::fs::remove_file(&archive).map_err(|e| Error::io(&archive, e))?;
-            layout
+            (layout, Some(format!("engine:{image}")))
         } else {
-            format!("docker://{image}")
+            (format!("docker://{image}"), None)
         };
-        sources.insert(image.clone(), reference.clone());
-        refs.push(reference);
-    }
-    let images = crate::commands::backup::ImageBackup {
-        images: &refs,
-        tag_filter: None,
-        platforms: &[],
-        host: &what.host,
-        tags: &tags,
-    };
-    let results = super::backup::images(repo, rt, cache_dir, &images, &command, &registry, |_| {
-        Progress::new(false, "", None)
-    })?;
-    let mut by_image = BTreeMap::new();
-    for (reference, listed) in results {
-        let image = sources
-            .iter()
-            .find(|(_, r)| **r == reference)
-            .map(|(i, _)| i.clone())
-            .unwrap_or_default();
         let users: Vec<&str> = project
             .services
             .iter()
-            .filter(|s| s.image.as_deref() == Some(image.as_str()))
+            .filter(|s| s.image.as_ref() == Some(image))
             .map(|s| s.name.as_str())
             .collect();
         let member = |e: Error| e.context(format!("service {} (image {image})", users.join(", ")));
-        let Some((_, result)) = listed.into_iter().next() else {
+        let refs = [reference];
+        let one = crate::commands::backup::ImageBackup {
+            images: &refs,
+            tag_filter: None,
+            platforms: &[],
+            host: &what.host,
+            tags: &tags,
+            name: name.as_deref(),
+        };
+        let results = super::backup::images(repo, rt, cache_dir, &one, &command, &registry, |_| {
+            Progress::new(false, "", None)
+        })
+        .map_err(member)?;
+        let Some((_, result)) = results.into_iter().flat_map(|(_, r)| r).next() else {
             return Err(member(Error::Config(
                 "the registry has no such image".into(),
             )));
         };
-        let snap = result.map_err(member)?;
-        by_image.insert(image, snap);
+        by_image.insert(image.clone(), result.map_err(member)?);
     }
     let mut services = Vec::new();
     for s in &project.services {

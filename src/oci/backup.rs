@@ -38,6 +38,9 @@ pub struct ImageBackupOptions {
     pub host: String,
     /// Tags of the snapshots.
     pub tags: Vec<String>,
+    /// The snapshot's name, instead of the reference shown (an image exported from the engine
+    /// into a temporary layout is named by its engine reference).
+    pub name: Option<String>,
 }
 
 /// Backs up every image the source names within backup `session`: one snapshot per image
@@ -235,7 +238,7 @@ fn backup_one(
     let snapshot = Snapshot {
         version: RECORD_VERSION,
         kind: Kind::Image,
-        name: shown.to_string(),
+        name: options.name.clone().unwrap_or_else(|| shown.to_string()),
         source: match source {
             Source::Registry { .. } => format!("docker://{shown}"),
             Source::Layout { .. } => shown.to_string(),
