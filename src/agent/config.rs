@@ -114,6 +114,9 @@ pub enum JobKind {
         /// With `consistency = "exec"`: `SERVICE=COMMAND` run after the copy, whatever happened.
         #[serde(default)]
         exec_after: Vec<String>,
+        /// The engine's API socket (Podman's, say) [default: DOCKER_HOST, else the local one].
+        #[serde(default)]
+        engine_socket: Option<PathBuf>,
         /// Shell command run once the containers are stopped or paused, before the copy.
         #[serde(default)]
         pre: Option<String>,

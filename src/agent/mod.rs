@@ -475,6 +475,7 @@ impl Run<'_> {
             consistency,
             exec_before,
             exec_after,
+            engine_socket,
             pre,
             post,
             hook_timeout,
@@ -507,6 +508,7 @@ impl Run<'_> {
                 .map(|h| h as commands::workload::Hook<'_>),
             exec_before: execs(exec_before)?,
             exec_after: execs(exec_after)?,
+            engine_socket: engine_socket.clone(),
         };
         let listed = commands::workload::backup(
             &self.ctx.repo,

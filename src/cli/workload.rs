@@ -35,6 +35,10 @@ pub(crate) struct BackupWorkloadArgs {
     /// With --consistency exec: SERVICE=COMMAND run after the copy, whatever happened.
     #[arg(long, value_name = "SERVICE=COMMAND", value_parser = exec_arg)]
     pub(crate) exec_after: Vec<(String, String)>,
+    /// The container engine's API socket, e.g. Podman's /run/podman/podman.sock [default:
+    /// DOCKER_HOST, else /var/run/docker.sock].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) engine_socket: Option<PathBuf>,
     /// Tag for the snapshots (repeatable).
     #[arg(long = "tag")]
     pub(crate) tags: Vec<String>,
@@ -71,6 +75,10 @@ pub(crate) struct RestoreWorkloadArgs {
     /// exist) and change nothing.
     #[arg(long)]
     pub(crate) dry_run: bool,
+    /// The container engine's API socket, e.g. Podman's /run/podman/podman.sock [default:
+    /// DOCKER_HOST, else /var/run/docker.sock].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) engine_socket: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) registry: RegistryArgs,
 }
@@ -102,6 +110,7 @@ pub(crate) async fn backup_workload(
         post: None,
         exec_before: args.exec_before.clone(),
         exec_after: args.exec_after.clone(),
+        engine_socket: args.engine_socket.clone(),
     };
     // SIGTERM or Ctrl-C while containers are stopped or paused: start them again, then exit
     // as stopped (the snapshots made so far stay; no workload record claims a twin).
@@ -175,6 +184,7 @@ pub(crate) async fn restore_workload(
         up: args.up,
         force: args.force,
         dry_run: args.dry_run,
+        engine_socket: args.engine_socket.clone(),
     };
     let rt = tokio::runtime::Handle::current();
     let report = tokio::task::block_in_place(|| {

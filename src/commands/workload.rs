@@ -48,6 +48,8 @@ pub struct WorkloadBackup<'a> {
     /// before the copy (a failure fails the workload) and after it (whatever happened).
     pub exec_before: Vec<(String, String)>,
     pub exec_after: Vec<(String, String)>,
+    /// The engine's API socket [default: as the docker CLI finds it].
+    pub engine_socket: Option<PathBuf>,
 }
 
 /// Parses `SERVICE=COMMAND`, a command to exec in a service.
@@ -113,7 +115,7 @@ pub fn backup(
         what.env_file.as_deref(),
         what.project.as_deref(),
     )?;
-    let engine = Engine::connect(rt)?;
+    let engine = Engine::connect(rt, what.engine_socket.as_deref())?;
     let mut tags = what.tags.clone();
     tags.push(format!("workload:{}", what.name));
     let command = format!("backup workload {}", what.name);
@@ -431,6 +433,8 @@ pub struct WorkloadRestore {
     pub force: bool,
     /// Only say what would be done: change nothing.
     pub dry_run: bool,
+    /// The engine's API socket [default: as the docker CLI finds it].
+    pub engine_socket: Option<PathBuf>,
 }
 
 /// One image of the report.
@@ -523,7 +527,7 @@ pub fn restore(
     let started = Instant::now();
     let record = load_record(repo, rt, snap)?;
     let project = compose::normalize_name(what.project.as_deref().unwrap_or(&record.project));
-    let engine = Engine::connect(rt)?;
+    let engine = Engine::connect(rt, what.engine_socket.as_deref())?;
     let quiet = Progress::new(false, "", None);
     let mut missing = Vec::new();
 

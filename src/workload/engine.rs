@@ -41,6 +41,9 @@ fn resumed(id: &str) {
         .retain(|(c, _)| c != id);
 }
 
+/// The socket the last [`Engine::connect`] used, for [`resume_all`].
+static SOCKET: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
 /// Starts (or unpauses) every container this process stopped (or paused) and has not yet
 /// resumed. For the signal paths of the CLI and the agent; errors are logged.
 pub async fn resume_all() {
@@ -48,7 +51,14 @@ pub async fn resume_all() {
     if list.is_empty() {
         return;
     }
-    let docker = match Docker::connect_with_defaults() {
+    let socket = SOCKET.lock().expect("socket").clone();
+    let connected = match socket {
+        Some(path) => {
+            Docker::connect_with_socket(&path.to_string_lossy(), 120, bollard::API_DEFAULT_VERSION)
+        }
+        None => Docker::connect_with_defaults(),
+    };
+    let docker = match connected {
         Ok(d) => match d.negotiate_version().await {
             Ok(d) => d,
             Err(e) => return tracing::error!("cannot reach the engine to restart containers: {e}"),
@@ -109,16 +119,27 @@ fn engine_error(what: impl Into<String>) -> impl FnOnce(bollard::errors::Error) 
 }
 
 impl Engine {
-    /// Connects to the engine and agrees on an API version with it.
+    /// Connects to the engine at `socket` (a Unix socket path, e.g. Podman's
+    /// `/run/podman/podman.sock`), or where the docker CLI would (`DOCKER_HOST`, else the local
+    /// socket), and agrees on an API version with it.
     ///
     /// # Errors
     /// [`Error::Engine`] when no engine answers.
-    pub fn connect(rt: &Handle) -> Result<Engine> {
-        let docker = Docker::connect_with_defaults().map_err(engine_error("connect"))?;
+    pub fn connect(rt: &Handle, socket: Option<&Path>) -> Result<Engine> {
+        let docker = match socket {
+            Some(path) => Docker::connect_with_socket(
+                &path.to_string_lossy(),
+                120,
+                bollard::API_DEFAULT_VERSION,
+            ),
+            None => Docker::connect_with_defaults(),
+        }
+        .map_err(engine_error("connect"))?;
         // bollard speaks the newest API it knows; an older engine refuses that.
         let docker = rt
             .block_on(docker.negotiate_version())
             .map_err(engine_error("connect"))?;
+        *SOCKET.lock().expect("socket") = socket.map(Path::to_path_buf);
         Ok(Engine {
             docker,
             rt: rt.clone(),

@@ -421,6 +421,9 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
             "--insecure",
             "--consistency",
             "exec",
+            // The engine named explicitly, as Podman's socket would be.
+            "--engine-socket",
+            "/var/run/docker.sock",
         ];
         args.extend_from_slice(extra);
         env.tresor(&args)
