@@ -108,6 +108,10 @@ pub enum JobKind {
         project: Option<String>,
         #[serde(default = "default_consistency")]
         consistency: crate::workload::Consistency,
+        /// Volumes (by their key in the compose file) copied in another mode, e.g.
+        /// `{ cache = "none" }`.
+        #[serde(default)]
+        volume_consistency: std::collections::BTreeMap<String, crate::workload::Consistency>,
         /// With `consistency = "exec"`: `SERVICE=COMMAND` run in the service before the copy.
         #[serde(default)]
         exec_before: Vec<String>,

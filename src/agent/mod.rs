@@ -473,6 +473,7 @@ impl Run<'_> {
             env_file,
             project,
             consistency,
+            volume_consistency,
             exec_before,
             exec_after,
             engine_socket,
@@ -506,6 +507,10 @@ impl Run<'_> {
             post: post_hook
                 .as_ref()
                 .map(|h| h as commands::workload::Hook<'_>),
+            volume_modes: volume_consistency
+                .iter()
+                .map(|(k, m)| (k.clone(), *m))
+                .collect(),
             exec_before: execs(exec_before)?,
             exec_after: execs(exec_after)?,
             engine_socket: engine_socket.clone(),

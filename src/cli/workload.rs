@@ -28,6 +28,10 @@ pub(crate) struct BackupWorkloadArgs {
     /// How volumes are made consistent while copied.
     #[arg(long, value_enum, default_value = "stop")]
     pub(crate) consistency: Consistency,
+    /// KEY=MODE: a volume (its key in the compose file) copied in another mode than
+    /// --consistency: stop, pause or none (repeatable).
+    #[arg(long, value_name = "KEY=MODE", value_parser = volume_mode_arg)]
+    pub(crate) volume_consistency: Vec<(String, Consistency)>,
     /// With --consistency exec: SERVICE=COMMAND run inside the service before the copy (a
     /// database dump into its volume, say); a failure fails the workload (repeatable).
     #[arg(long, value_name = "SERVICE=COMMAND", value_parser = exec_arg)]
@@ -83,6 +87,14 @@ pub(crate) struct RestoreWorkloadArgs {
     pub(crate) registry: RegistryArgs,
 }
 
+fn volume_mode_arg(s: &str) -> Result<(String, Consistency), String> {
+    use clap::ValueEnum;
+    let (key, mode) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: write KEY=MODE, e.g. cache=none"))?;
+    Ok((key.to_string(), Consistency::from_str(mode, true)?))
+}
+
 fn exec_arg(s: &str) -> Result<(String, String), String> {
     tresor::commands::workload::parse_exec(s).map_err(|e| e.to_string())
 }
@@ -108,6 +120,7 @@ pub(crate) async fn backup_workload(
         tags: args.tags.clone(),
         pre: None,
         post: None,
+        volume_modes: args.volume_consistency.clone(),
         exec_before: args.exec_before.clone(),
         exec_after: args.exec_after.clone(),
         engine_socket: args.engine_socket.clone(),

@@ -44,6 +44,9 @@ pub struct WorkloadBackup<'a> {
     pub pre: Option<Hook<'a>>,
     /// Run after the copy, whatever happened, before the containers start again.
     pub post: Option<Hook<'a>>,
+    /// Modes of single volumes (by their key in the compose file), over `consistency`; not
+    /// with [`Consistency::Exec`].
+    pub volume_modes: Vec<(String, Consistency)>,
     /// With [`Consistency::Exec`]: `(service, command)` run inside the service's container
     /// before the copy (a failure fails the workload) and after it (whatever happened).
     pub exec_before: Vec<(String, String)>,
@@ -64,6 +67,20 @@ pub fn parse_exec(s: &str) -> Result<(String, String)> {
         _ => Err(Error::Config(format!(
             "{s:?}: write SERVICE=COMMAND, e.g. db=\"pg_dump -f /var/lib/postgresql/data/dump.sql\""
         ))),
+    }
+}
+
+/// The stricter of two modes: stop, then pause, then none.
+fn strictest(a: Consistency, b: Consistency) -> Consistency {
+    let rank = |m| match m {
+        Consistency::Stop => 3,
+        Consistency::Pause => 2,
+        Consistency::Exec | Consistency::None => 1,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
     }
 }
 
@@ -103,6 +120,16 @@ pub fn backup(
     registry: impl Fn(&ImageSource) -> Result<Registry>,
 ) -> Result<Listed> {
     let started = Instant::now();
+    if what.consistency == Consistency::Exec && !what.volume_modes.is_empty()
+        || what
+            .volume_modes
+            .iter()
+            .any(|(_, m)| *m == Consistency::Exec)
+    {
+        return Err(Error::Config(
+            "a volume's own consistency (stop, pause or none) goes with a workload in stop, pause or none mode".into(),
+        ));
+    }
     let has_exec = !what.exec_before.is_empty() || !what.exec_after.is_empty();
     if has_exec != (what.consistency == Consistency::Exec) {
         return Err(Error::Config(
@@ -186,21 +213,39 @@ pub fn backup(
     }
 
     // The volumes and bind mounts, and the services that mount them.
+    // Each mounting service gets the strictest mode of what it mounts (a volume's own mode,
+    // else the workload's): stop before pause before none.
     let mut volume_keys: Vec<String> = Vec::new();
     let mut binds: Vec<PathBuf> = Vec::new();
-    let mut mounting: Vec<&str> = Vec::new();
+    let mut mounting: BTreeMap<&str, Consistency> = BTreeMap::new();
+    for (key, _) in &what.volume_modes {
+        if !project.volumes.contains_key(key) {
+            return Err(Error::Config(format!(
+                "--volume-consistency {key}: the project has no volume {key}"
+            )));
+        }
+    }
     for s in &project.services {
         for m in &s.mounts {
-            match m {
-                Mount::Volume { key, .. } if !volume_keys.contains(key) => {
-                    volume_keys.push(key.clone())
+            let mode = match m {
+                Mount::Volume { key, .. } => {
+                    if !volume_keys.contains(key) {
+                        volume_keys.push(key.clone());
+                    }
+                    what.volume_modes
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .map_or(what.consistency, |(_, m)| *m)
                 }
-                Mount::Bind { source, .. } if !binds.contains(source) => binds.push(source.clone()),
-                _ => {}
-            }
-            if !mounting.contains(&s.name.as_str()) {
-                mounting.push(&s.name);
-            }
+                Mount::Bind { source, .. } => {
+                    if !binds.contains(source) {
+                        binds.push(source.clone());
+                    }
+                    what.consistency
+                }
+            };
+            let slot = mounting.entry(s.name.as_str()).or_insert(mode);
+            *slot = strictest(*slot, mode);
         }
     }
     let mut volumes = Vec::new();
@@ -214,15 +259,18 @@ pub fn backup(
         })?;
         volumes.push((key.clone(), info));
     }
-    // Containers of the mounting services, in dependency order.
-    let containers: Vec<Container> = {
+    // Containers of the mounting services, in dependency order, with their mode.
+    let containers: Vec<(Container, Consistency)> = {
         let all = engine.project_containers(&project.name)?;
         project
             .services
             .iter()
-            .filter(|s| mounting.contains(&s.name.as_str()))
-            .flat_map(|s| all.iter().filter(|c| c.service == s.name && c.running))
-            .cloned()
+            .filter_map(|s| mounting.get(s.name.as_str()).map(|m| (s, *m)))
+            .flat_map(|(s, m)| {
+                all.iter()
+                    .filter(|c| c.service == s.name && c.running)
+                    .map(move |c| (c.clone(), m))
+            })
             .collect()
     };
 
@@ -271,48 +319,43 @@ pub fn backup(
     let capture_started = chrono::Utc::now();
     let quiesced = Instant::now();
     let (copied, downtime) = match what.consistency {
-        Consistency::Stop => {
-            let mut stopped = Vec::new();
+        Consistency::Stop | Consistency::Pause | Consistency::None => {
+            // Dependents first, then the copy, then everything back in dependency order,
+            // whatever happened.
+            let mut quiesced_list = Vec::new();
             let mut result = Ok(());
-            for c in containers.iter().rev() {
-                if let Err(e) = engine.stop(c) {
+            for (c, mode) in containers.iter().rev() {
+                let done = match mode {
+                    Consistency::Stop => engine.stop(c),
+                    Consistency::Pause => engine.pause(c),
+                    _ => continue,
+                };
+                if let Err(e) = done {
                     result = Err(e);
                     break;
                 }
-                stopped.push(c);
+                quiesced_list.push((c, *mode));
             }
             let copied = result.and_then(|()| copy());
-            // Started again whatever happened, in dependency order.
-            let mut restart = Ok(());
-            for c in stopped.iter().rev() {
-                if let Err(e) = engine.start(c) {
-                    restart = restart.and(Err(e));
+            let mut resume = Ok(());
+            for (c, mode) in quiesced_list.iter().rev() {
+                let done = match mode {
+                    Consistency::Stop => engine.start(c),
+                    _ => engine.unpause(c),
+                };
+                if let Err(e) = done {
+                    resume = resume.and(Err(e));
                 }
             }
-            let restart =
-                restart.and_then(|()| engine.wait_healthy(&project.name, HEALTHY_TIMEOUT));
-            let downtime = quiesced.elapsed();
-            (copied.and_then(|c| restart.map(|()| c)), downtime)
-        }
-        Consistency::Pause => {
-            let mut paused = Vec::new();
-            let mut result = Ok(());
-            for c in &containers {
-                if let Err(e) = engine.pause(c) {
-                    result = Err(e);
-                    break;
-                }
-                paused.push(c);
+            if quiesced_list.iter().any(|(_, m)| *m == Consistency::Stop) {
+                resume = resume.and_then(|()| engine.wait_healthy(&project.name, HEALTHY_TIMEOUT));
             }
-            let copied = result.and_then(|()| copy());
-            let mut thaw = Ok(());
-            for c in paused {
-                if let Err(e) = engine.unpause(c) {
-                    thaw = thaw.and(Err(e));
-                }
-            }
-            let downtime = quiesced.elapsed();
-            (copied.and_then(|c| thaw.map(|()| c)), downtime)
+            let downtime = if quiesced_list.is_empty() {
+                Duration::ZERO
+            } else {
+                quiesced.elapsed()
+            };
+            (copied.and_then(|c| resume.map(|()| c)), downtime)
         }
         Consistency::Exec => {
             let all = engine.project_containers(&project.name)?;
@@ -337,7 +380,6 @@ pub fn backup(
             }
             (copied.and_then(|c| after.map(|()| c)), Duration::ZERO)
         }
-        Consistency::None => (copy(), Duration::ZERO),
     };
     let capture_ended = chrono::Utc::now();
     let (volumes, binds) = copied?;
@@ -356,6 +398,7 @@ pub fn backup(
         volumes,
         binds,
         consistency: what.consistency,
+        volume_consistency: what.volume_modes.iter().cloned().collect(),
         capture_started,
         capture_ended,
         downtime_ms: downtime.as_millis() as u64,

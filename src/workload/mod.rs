@@ -90,6 +90,9 @@ pub struct WorkloadRecord {
     pub volumes: Vec<VolumeMember>,
     pub binds: Vec<BindMember>,
     pub consistency: Consistency,
+    /// Volumes (by key) copied in another mode than the workload's.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub volume_consistency: std::collections::BTreeMap<String, Consistency>,
     /// From the start of the first volume copy to the end of the last.
     pub capture_started: DateTime<Utc>,
     pub capture_ended: DateTime<Utc>,

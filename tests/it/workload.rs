@@ -468,4 +468,40 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
         &[],
     );
     assert_eq!(fs::read_to_string(copy.join("dump")).unwrap(), "dumped\n");
+
+    // A live workload, but its data volume paused for its copy: consistent, and back running.
+    let out = env.tresor(&[
+        "backup",
+        "workload",
+        "shop3",
+        "--compose",
+        compose_file.to_str().unwrap(),
+        "--project-name",
+        "shop3",
+        "--insecure",
+        "--consistency",
+        "none",
+        "--volume-consistency",
+        "data=pause",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        snap["workload"]["volume_consistency"]["data"], "pause",
+        "{snap}"
+    );
+    assert!(
+        snap["workload"]["downtime_ms"].as_u64().unwrap() > 0,
+        "{snap}"
+    );
+    let paused_copy = env.path("paused-copy");
+    env.restore(
+        snap["workload"]["volumes"][0]["snapshot"].as_str().unwrap(),
+        &paused_copy,
+        &[],
+    );
+    let (n, lines) = counter_and_log(&paused_copy);
+    assert!(n > 0 && n == lines, "counter {n}, log {lines} lines");
+    assert_eq!(running(&site.project), ["counter", "web"]);
 }
