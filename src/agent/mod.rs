@@ -498,6 +498,8 @@ impl Run<'_> {
         let what = commands::workload::WorkloadBackup {
             name: job.name.clone(),
             compose_files: compose.to_vec(),
+            images: Vec::new(),
+            volumes: Vec::new(),
             env_file: env_file.clone(),
             project: project.clone(),
             consistency: *consistency,

@@ -17,17 +17,24 @@ pub(crate) struct BackupWorkloadArgs {
     /// Workload name; snapshots of one name form its history.
     pub(crate) name: String,
     /// Compose file (repeatable, in order, as `docker compose -f`).
-    #[arg(long = "compose", required = true)]
+    #[arg(long = "compose", required_unless_present_any = ["image", "volume"])]
     pub(crate) compose: Vec<PathBuf>,
+    /// Without --compose: an image of the workload, HOST/REPO[:TAG|@DIGEST] (repeatable).
+    #[arg(long, conflicts_with = "compose")]
+    pub(crate) image: Vec<String>,
+    /// Without --compose: a volume of the workload, NAME=PATH (a directory or block device;
+    /// repeatable).
+    #[arg(long, value_name = "NAME=PATH", value_parser = volume_arg, conflicts_with = "compose")]
+    pub(crate) volume: Vec<(String, PathBuf)>,
     /// Env file for the compose tool [default: .env beside the first compose file].
     #[arg(long)]
     pub(crate) env_file: Option<PathBuf>,
     /// Compose project name [default: as compose names it].
     #[arg(long)]
     pub(crate) project_name: Option<String>,
-    /// How volumes are made consistent while copied.
-    #[arg(long, value_enum, default_value = "stop")]
-    pub(crate) consistency: Consistency,
+    /// How volumes are made consistent while copied [default: stop; none without --compose].
+    #[arg(long, value_enum)]
+    pub(crate) consistency: Option<Consistency>,
     /// KEY=MODE: a volume (its key in the compose file) copied in another mode than
     /// --consistency: stop, pause or none (repeatable).
     #[arg(long, value_name = "KEY=MODE", value_parser = volume_mode_arg)]
@@ -87,6 +94,15 @@ pub(crate) struct RestoreWorkloadArgs {
     pub(crate) registry: RegistryArgs,
 }
 
+fn volume_arg(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("{s:?}: write NAME=PATH, e.g. data=/srv/app/data")),
+    }
+}
+
 fn volume_mode_arg(s: &str) -> Result<(String, Consistency), String> {
     use clap::ValueEnum;
     let (key, mode) = s
@@ -113,9 +129,15 @@ pub(crate) async fn backup_workload(
     let what = WorkloadBackup {
         name: args.name.clone(),
         compose_files: args.compose.clone(),
+        images: args.image.clone(),
+        volumes: args.volume.clone(),
         env_file,
         project: args.project_name.clone(),
-        consistency: args.consistency,
+        consistency: args.consistency.unwrap_or(if args.compose.is_empty() {
+            Consistency::None
+        } else {
+            Consistency::Stop
+        }),
         host: args.host.clone().unwrap_or_else(host_name),
         tags: args.tags.clone(),
         pre: None,

@@ -31,10 +31,15 @@ use crate::workload::{
 /// end: the agent's hooks have a clean environment and a timeout.
 pub type Hook<'a> = &'a (dyn Fn() -> Result<()> + Sync);
 
-/// What [`backup`] backs up.
+/// What [`backup`] backs up: a compose project, or (no compose files) images and paths given
+/// by hand.
 pub struct WorkloadBackup<'a> {
     pub name: String,
     pub compose_files: Vec<PathBuf>,
+    /// Without compose files: image references (`HOST/REPO[:TAG|@DIGEST]`).
+    pub images: Vec<String>,
+    /// Without compose files: `(name, path)` of each volume, a directory or block device.
+    pub volumes: Vec<(String, PathBuf)>,
     pub env_file: Option<PathBuf>,
     pub project: Option<String>,
     pub consistency: Consistency,
@@ -136,13 +141,36 @@ pub fn backup(
             "commands to exec go with --consistency exec, and it needs at least one".into(),
         ));
     }
-    let compose = Compose::find()?;
-    let project = compose.config(
-        &what.compose_files,
-        what.env_file.as_deref(),
-        what.project.as_deref(),
-    )?;
-    let engine = Engine::connect(rt, what.engine_socket.as_deref())?;
+    let explicit = what.compose_files.is_empty();
+    if explicit && (what.images.is_empty() && what.volumes.is_empty()) {
+        return Err(Error::Config(
+            "a workload is a compose project (--compose) or images and volumes (--image, --volume)"
+                .into(),
+        ));
+    }
+    if explicit && what.consistency != Consistency::None {
+        return Err(Error::Config(
+            "a workload given by --image and --volume has no containers to stop: its volumes are copied as they are (snapshot them in a pre hook)".into(),
+        ));
+    }
+    let (project, engine) = if explicit {
+        let project = crate::workload::compose::Project::explicit(
+            &compose::normalize_name(&what.name),
+            &what.images,
+            &what.volumes,
+        );
+        (project, None)
+    } else {
+        let project = Compose::find()?.config(
+            &what.compose_files,
+            what.env_file.as_deref(),
+            what.project.as_deref(),
+        )?;
+        (
+            project,
+            Some(Engine::connect(rt, what.engine_socket.as_deref())?),
+        )
+    };
     let mut tags = what.tags.clone();
     tags.push(format!("workload:{}", what.name));
     let command = format!("backup workload {}", what.name);
@@ -156,7 +184,11 @@ pub fn backup(
         if by_image.contains_key(image) {
             continue;
         }
-        let (reference, name) = if engine.image_only_here(image)? {
+        let only_here = match &engine {
+            Some(engine) => engine.image_only_here(image)?.then_some(engine),
+            None => None,
+        };
+        let (reference, name) = if let Some(engine) = only_here {
             let dir = crate::workload::export::dir_for(exports.path(), image);
             let archive = dir.with_extension("tar");
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -251,6 +283,9 @@ pub fn backup(
     let mut volumes = Vec::new();
     for key in &volume_keys {
         let engine_name = &project.volumes[key];
+        let engine = engine
+            .as_ref()
+            .expect("named volumes come from a compose project");
         let info = engine.volume(engine_name)?.ok_or_else(|| Error::Engine {
             what: format!("volume {key}"),
             reason: format!(
@@ -261,7 +296,10 @@ pub fn backup(
     }
     // Containers of the mounting services, in dependency order, with their mode.
     let containers: Vec<(Container, Consistency)> = {
-        let all = engine.project_containers(&project.name)?;
+        let all = match &engine {
+            Some(engine) => engine.project_containers(&project.name)?,
+            None => Vec::new(),
+        };
         project
             .services
             .iter()
@@ -300,11 +338,19 @@ pub fn backup(
         }
         let mut bm = Vec::new();
         for source in &binds {
-            let snap = backup_tree(format!("{}/bind:{}", what.name, source.display()), source)
-                .map_err(|e| e.context(format!("bind mount {}", source.display())))?;
+            let named = what.volumes.iter().find(|(_, p)| p == source);
+            let (snapshot_name, shown) = match named {
+                Some((n, _)) => (format!("{}/{n}", what.name), format!("volume {n}")),
+                None => (
+                    format!("{}/bind:{}", what.name, source.display()),
+                    format!("bind mount {}", source.display()),
+                ),
+            };
+            let snap = backup_tree(snapshot_name, source).map_err(|e| e.context(shown))?;
             bm.push(BindMember {
                 source: source.clone(),
                 snapshot: snap.id,
+                name: named.map(|(n, _)| n.clone()),
             });
         }
         Ok((vm, bm))
@@ -318,8 +364,9 @@ pub fn backup(
 
     let capture_started = chrono::Utc::now();
     let quiesced = Instant::now();
-    let (copied, downtime) = match what.consistency {
-        Consistency::Stop | Consistency::Pause | Consistency::None => {
+    let (copied, downtime) = match (&engine, what.consistency) {
+        (None, _) => (copy(), Duration::ZERO),
+        (Some(engine), Consistency::Stop | Consistency::Pause | Consistency::None) => {
             // Dependents first, then the copy, then everything back in dependency order,
             // whatever happened.
             let mut quiesced_list = Vec::new();
@@ -357,7 +404,7 @@ pub fn backup(
             };
             (copied.and_then(|c| resume.map(|()| c)), downtime)
         }
-        Consistency::Exec => {
+        (Some(engine), Consistency::Exec) => {
             let all = engine.project_containers(&project.name)?;
             let container = |service: &str| {
                 all.iter()
@@ -570,18 +617,32 @@ pub fn restore(
     let started = Instant::now();
     let record = load_record(repo, rt, snap)?;
     let project = compose::normalize_name(what.project.as_deref().unwrap_or(&record.project));
-    let engine = Engine::connect(rt, what.engine_socket.as_deref())?;
+    // A workload given by hand has no project to run: its images and volumes come back, and
+    // no engine is needed.
+    let explicit = record.compose_files.is_empty();
+    if explicit && what.up {
+        return Err(Error::Config(format!(
+            "workload {} was given by --image and --volume: it has no compose project to start",
+            snap.snapshot.name
+        )));
+    }
+    let engine = if explicit {
+        None
+    } else {
+        let engine = Engine::connect(rt, what.engine_socket.as_deref())?;
+        let running = engine.project_containers(&project)?;
+        if !running.is_empty() && !what.force && !what.dry_run {
+            return Err(Error::Config(format!(
+                "a compose project named {project} exists on this engine; give another --project, or --force"
+            )));
+        }
+        Some(engine)
+    };
     let quiet = Progress::new(false, "", None);
     let mut missing = Vec::new();
 
     let mut images = Vec::new();
     let mut rewritten_images = BTreeMap::new();
-    let running = engine.project_containers(&project)?;
-    if !running.is_empty() && !what.force && !what.dry_run {
-        return Err(Error::Config(format!(
-            "a compose project named {project} exists on this engine; give another --project, or --force"
-        )));
-    }
     for s in &record.services {
         let member = rt.block_on(snapshot::resolve(repo, &s.snapshot, Some(Kind::Image)))?;
         let target_repo = target_repository(&what.registry, &s.image);
@@ -631,12 +692,17 @@ pub fn restore(
 
     let mut volumes = Vec::new();
     let mut engine_names = BTreeMap::new();
+    // As `restore volume`: device nodes and setuid bits only from a repository that nobody
+    // without the key could have written.
     let options = RestoreOptions {
         subpath: None,
         chown: true,
-        special: false,
+        special: repo.is_encrypted(),
     };
     for v in &record.volumes {
+        let engine = engine
+            .as_ref()
+            .expect("named volumes come from a compose project");
         let name = format!("{project}_{}", v.key);
         let member = rt.block_on(snapshot::resolve(repo, &v.snapshot, Some(Kind::Volume)))?;
         let existing = engine.volume(&name)?;
@@ -686,7 +752,10 @@ pub fn restore(
     }
     let mut binds = BTreeMap::new();
     for (i, b) in record.binds.iter().enumerate() {
-        let to = what.to.join("binds").join(i.to_string());
+        let to = match &b.name {
+            Some(name) => what.to.join("volumes").join(name),
+            None => what.to.join("binds").join(i.to_string()),
+        };
         let member = rt.block_on(snapshot::resolve(repo, &b.snapshot, Some(Kind::Volume)))?;
         binds.insert(b.source.clone(), to.clone());
         let existed = to.exists();
@@ -714,6 +783,27 @@ pub fn restore(
     }
     let volumes_ms = started.elapsed().as_millis() as u64 - images_ms;
 
+    if explicit {
+        let total_ms = started.elapsed().as_millis() as u64;
+        return Ok(WorkloadReport {
+            dry_run: what.dry_run,
+            snapshot: snap.id.clone(),
+            project,
+            compose_file: String::new(),
+            images,
+            volumes,
+            started: false,
+            phases: Phases {
+                images_ms,
+                volumes_ms,
+                total_ms,
+                ..Phases::default()
+            },
+            complete: missing.is_empty() && !what.dry_run,
+            missing,
+        });
+    }
+    let engine = engine.expect("a compose workload has an engine");
     let config: serde_yaml::Value =
         serde_yaml::from_str(&record.config).map_err(|e| Error::Corrupt {
             object: format!("workload record of snapshot {}", snap.id),

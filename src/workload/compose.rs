@@ -233,6 +233,41 @@ impl Project {
     }
 }
 
+impl Project {
+    /// The project of a workload given by hand (`--image`, `--volume NAME=PATH`): a service
+    /// per image, named by it, and the paths as bind mounts of no service, each with its name
+    /// as the target.
+    pub fn explicit(name: &str, images: &[String], volumes: &[(String, PathBuf)]) -> Project {
+        let mut services: Vec<Service> = images
+            .iter()
+            .map(|i| Service {
+                name: i.clone(),
+                image: Some(i.clone()),
+                depends_on: Vec::new(),
+                mounts: Vec::new(),
+            })
+            .collect();
+        services.push(Service {
+            name: String::new(),
+            image: None,
+            depends_on: Vec::new(),
+            mounts: volumes
+                .iter()
+                .map(|(n, p)| Mount::Bind {
+                    source: p.clone(),
+                    target: n.clone(),
+                })
+                .collect(),
+        });
+        Project {
+            name: name.to_string(),
+            config: Value::Null,
+            services,
+            volumes: BTreeMap::new(),
+        }
+    }
+}
+
 /// A service's mount in the short (`SRC:TARGET[:MODE]`) or long (`type:`) form; `None` for
 /// anonymous volumes and tmpfs, which hold nothing to keep.
 fn parse_mount(m: &Value, volumes: &BTreeMap<String, String>) -> Option<Mount> {

@@ -62,11 +62,14 @@ pub struct VolumeMember {
     pub snapshot: String,
 }
 
-/// A host path bind-mounted by a service.
+/// A host path bind-mounted by a service, or a volume given by hand (`--volume NAME=PATH`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BindMember {
     pub source: PathBuf,
     pub snapshot: String,
+    /// The name of a volume given by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// A file given to the compose tool, kept byte for byte.
@@ -77,7 +80,9 @@ pub struct KeptFile {
     pub bytes: Vec<u8>,
 }
 
-/// The root of a workload snapshot.
+/// The root of a workload snapshot. A workload given by hand has no compose files and an
+/// empty project; its images are services named by their reference and its volumes are bind
+/// members with a name.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkloadRecord {
     /// The compose project name.

@@ -505,3 +505,67 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
     assert!(n > 0 && n == lines, "counter {n}, log {lines} lines");
     assert_eq!(running(&site.project), ["counter", "web"]);
 }
+
+#[test]
+fn a_workload_given_by_hand_comes_back_without_compose_or_engine() {
+    use crate::common::oci::{push, Layout};
+    let env = Env::new();
+    let source = TestRegistry::start(&env.path("registry-a"));
+    let mut layout = Layout::new(&env.path("layout"));
+    let layer = layout.layer(&[("hello.txt", b"hello\n".to_vec())]);
+    let app = layout.image("amd64", &[layer]);
+    layout.tag("v1", &app);
+    push(&layout, "v1", &source.host, "manual/app");
+    let data = env.path("data");
+    build_tree(&data);
+
+    let image = format!("{}/manual/app:v1", source.host);
+    let backup = env.json(&[
+        "backup",
+        "workload",
+        "manual",
+        "--image",
+        &image,
+        "--volume",
+        &format!("data={}", data.display()),
+        "--insecure",
+    ]);
+    let workload = &backup["workload"];
+    assert_eq!(workload["consistency"], "none", "{backup}");
+    assert_eq!(workload["binds"][0]["name"], "data", "{backup}");
+    let digest = workload["services"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let target = TestRegistry::start(&env.path("registry-b"));
+    let out = env.path("out");
+    let restore = |extra: &[&str]| {
+        let mut args = vec![
+            "restore".to_string(),
+            "workload".into(),
+            "manual".into(),
+            "--registry".into(),
+            format!("{}/dr", target.host),
+            "--to".into(),
+            out.display().to_string(),
+            "--insecure".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let up: Vec<String> = restore(&["--up"]);
+    let refused = env.tresor(&up.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("no compose project"),
+        "{}",
+        stderr(&refused)
+    );
+    let args = restore(&[]);
+    let report = env.json(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(report["complete"], true, "{report}");
+    assert_eq!(report["images"][0]["digest"], digest.as_str(), "{report}");
+    assert_eq!(report["images"][0]["digest_equal"], true, "{report}");
+    assert_same_tree(&data, &out.join("volumes/data"));
+}
