@@ -277,21 +277,26 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
             .arg(format!("http://{}/v2/_catalog", target.host)))
     };
     let catalog_before = catalog();
+    let registry_dr = format!("{}/dr", target.host);
+    let restore_args = |extra: &'static str| {
+        let mut args = vec![
+            "restore",
+            "workload",
+            "shop",
+            "--registry",
+            &registry_dr,
+            "--project",
+            "shop-dr",
+            "--to",
+            dr.to_str().unwrap(),
+            "--up",
+            "--insecure",
+        ];
+        args.extend((!extra.is_empty()).then_some(extra));
+        args
+    };
     // A dry run says what would happen and changes nothing.
-    let plan = env.json(&[
-        "restore",
-        "workload",
-        "shop",
-        "--registry",
-        &format!("{}/dr", target.host),
-        "--project",
-        "shop-dr",
-        "--to",
-        dr.to_str().unwrap(),
-        "--up",
-        "--insecure",
-        "--dry-run",
-    ]);
+    let plan = env.json(&restore_args("--dry-run"));
     assert_eq!(plan["dry_run"], true, "{plan}");
     let image_plan = &plan["images"][0];
     assert_eq!(image_plan["blobs_present"], 0, "{plan}");
@@ -303,19 +308,7 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
     assert!(running("shop-dr").is_empty());
     assert!(!dr.join("compose.yaml").exists());
     shop.cleanup.projects.push((dr.clone(), "shop-dr".into()));
-    let report = env.json(&[
-        "restore",
-        "workload",
-        "shop",
-        "--registry",
-        &format!("{}/dr", target.host),
-        "--project",
-        "shop-dr",
-        "--to",
-        dr.to_str().unwrap(),
-        "--up",
-        "--insecure",
-    ]);
+    let report = env.json(&restore_args(""));
     shop.cleanup.images.extend([
         format!("{}/dr/shop/app@{digest}", target.host),
         format!("{}/dr/shop-local/web@{web_digest}", target.host),
