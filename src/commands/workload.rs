@@ -19,7 +19,7 @@ use crate::oci::{ImageSource, ImageTarget};
 use crate::pipeline::{ChunkWriter, StreamWriter, DEFAULT_IN_FLIGHT};
 use crate::progress::Progress;
 use crate::repository::Repository;
-use crate::snapshot::{self, Kind, Listed, RootFormat, Snapshot, Summary, RECORD_VERSION};
+use crate::snapshot::{Kind, Listed, RootFormat, Snapshot, Summary, RECORD_VERSION};
 use crate::volume::{BackupOptions, RestoreOptions};
 use crate::workload::compose::{self, Compose, Mount};
 use crate::workload::engine::{Container, Engine};
@@ -312,6 +312,13 @@ pub fn backup(
             .collect()
     };
 
+    // The bytes the workload's members describe, for its summary.
+    let logical = std::cell::Cell::new(
+        by_image
+            .values()
+            .map(|s| s.snapshot.summary.logical_bytes)
+            .sum::<u64>(),
+    );
     let backup_tree = |name: String, path: &Path| -> Result<Listed> {
         let options = BackupOptions {
             name,
@@ -323,7 +330,9 @@ pub fn backup(
             use_parent: true,
         };
         let progress = Progress::new(false, "", None);
-        super::backup::volume(repo, rt, cache_dir, &options, &command, &progress)
+        let snap = super::backup::volume(repo, rt, cache_dir, &options, &command, &progress)?;
+        logical.set(logical.get() + snap.snapshot.summary.logical_bytes);
+        Ok(snap)
     };
     let copy_members = || -> Result<(Vec<VolumeMember>, Vec<BindMember>)> {
         let mut vm = Vec::new();
@@ -450,7 +459,8 @@ pub fn backup(
         capture_ended,
         downtime_ms: downtime.as_millis() as u64,
     };
-    save(repo, rt, cache_dir, what, &record, &command, started)
+    let logical = logical.get();
+    save(repo, rt, cache_dir, what, &record, logical, started)
 }
 
 /// Stores the workload record and its snapshot record, last.
@@ -460,10 +470,11 @@ fn save(
     cache_dir: Option<&Path>,
     what: &WorkloadBackup<'_>,
     record: &WorkloadRecord,
-    command: &str,
+    logical_bytes: u64,
     started: Instant,
 ) -> Result<Listed> {
-    let session = Arc::new(rt.block_on(Session::start(Arc::clone(repo), cache_dir, command))?);
+    let command = format!("backup workload {}", what.name);
+    let session = Arc::new(rt.block_on(Session::start(Arc::clone(repo), cache_dir, &command))?);
     let result = (|| {
         let writer = ChunkWriter::new(Arc::clone(&session), rt.clone(), DEFAULT_IN_FLIGHT);
         let mut stream = StreamWriter::new(&writer, Mode::ContentDefined);
@@ -474,16 +485,13 @@ fn save(
         let (root, _) = stream.finish()?;
         writer.flush()?;
         rt.block_on(repo.sync())?;
-        let mut summary = Summary {
+        let summary = Summary {
+            logical_bytes,
             files: record.members().len() as u64,
             chunks: writer.stats().summary(),
             duration_ms: started.elapsed().as_millis() as u64,
             ..Summary::default()
         };
-        for id in record.members() {
-            let member = rt.block_on(snapshot::resolve(repo, id, None))?;
-            summary.logical_bytes += member.snapshot.summary.logical_bytes;
-        }
         let snapshot = Snapshot {
             version: RECORD_VERSION,
             kind: Kind::Workload,
@@ -584,6 +592,34 @@ pub struct WorkloadReport {
     pub complete: bool,
 }
 
+/// A member snapshot, by the id its workload record holds (one GET: no listing), of `kind`.
+///
+/// # Errors
+/// Store errors; [`Error::Corrupt`] for a member of another kind.
+fn member(repo: &Arc<Repository>, rt: &Handle, id: &str, kind: Kind) -> Result<Listed> {
+    // The record is input: only a snapshot id may name a store key.
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::Corrupt {
+            object: format!("member {id:?}"),
+            reason: "a workload member must be a snapshot id (64 hex digits)".into(),
+        });
+    }
+    let snapshot = rt.block_on(Snapshot::load(repo, id))?;
+    if snapshot.kind != kind {
+        return Err(Error::Corrupt {
+            object: format!("snapshot {id}"),
+            reason: format!(
+                "a workload names it as a {kind:?} member; it is a {:?} snapshot",
+                snapshot.kind
+            ),
+        });
+    }
+    Ok(Listed {
+        id: id.to_string(),
+        snapshot,
+    })
+}
+
 /// `HOST/PREFIX/REPO` for image `source` (`[HOST/]REPO[:TAG|@DIGEST]`) under `registry`.
 fn target_repository(registry: &str, source: &str) -> String {
     // As the engine reads a reference: a first component with a dot or a colon, or
@@ -644,7 +680,7 @@ pub fn restore(
     let mut images = Vec::new();
     let mut rewritten_images = BTreeMap::new();
     for s in &record.services {
-        let member = rt.block_on(snapshot::resolve(repo, &s.snapshot, Some(Kind::Image)))?;
+        let member = member(repo, rt, &s.snapshot, Kind::Image)?;
         let target_repo = target_repository(&what.registry, &s.image);
         let target = ImageTarget::parse(&format!("docker://{target_repo}"))?;
         let named = |e: Error| e.context(format!("service {} (image {})", s.name, s.image));
@@ -704,7 +740,7 @@ pub fn restore(
             .as_ref()
             .expect("named volumes come from a compose project");
         let name = format!("{project}_{}", v.key);
-        let member = rt.block_on(snapshot::resolve(repo, &v.snapshot, Some(Kind::Volume)))?;
+        let member = member(repo, rt, &v.snapshot, Kind::Volume)?;
         let existing = engine.volume(&name)?;
         if let Some(existing) = &existing {
             let empty = std::fs::read_dir(&existing.mountpoint)
@@ -756,7 +792,7 @@ pub fn restore(
             Some(name) => what.to.join("volumes").join(name),
             None => what.to.join("binds").join(i.to_string()),
         };
-        let member = rt.block_on(snapshot::resolve(repo, &b.snapshot, Some(Kind::Volume)))?;
+        let member = member(repo, rt, &b.snapshot, Kind::Volume)?;
         binds.insert(b.source.clone(), to.clone());
         let existed = to.exists();
         if what.dry_run {

@@ -261,35 +261,39 @@ impl Walker<'_> {
                 }
             },
         };
-        content.clone().set(entry);
-        self.summary.logical_bytes += entry.size;
         if md.nlink() > 1 {
-            self.hardlinks.insert(key, (entry.path.clone(), content));
+            self.hardlinks
+                .insert(key, (entry.path.clone(), content.clone()));
         }
+        content.set(entry);
+        self.summary.logical_bytes += entry.size;
         Ok(true)
     }
 
     /// The content of an unchanged file, taken from its entry `before` without reading it;
     /// `None` when it cannot be (a gc run condemned a chunk, or the padding budget is spent).
     fn keep(&mut self, before: &Entry) -> Result<Option<Content>> {
-        let session = self.writer.session();
-        if let Some(slice) = before.slice {
-            return self.reuse_slice(before, slice);
+        if before.slice.is_some() {
+            return self.reuse_slice(before);
         }
-        Ok(session
+        Ok(self
+            .writer
+            .session()
             .refs_usable(&before.content)
             .then(|| Content::Stream(before.content.clone())))
     }
 
-    /// A slice of the reference's payload for `before`'s bytes, if they may be reused.
-    fn reuse_slice(&mut self, before: &Entry, slice: Slice) -> Result<Option<Content>> {
+    /// A slice of the reference's payload for `before`'s bytes, if it has one and it may be
+    /// reused.
+    fn reuse_slice(&mut self, before: &Entry) -> Result<Option<Content>> {
         let (
+            Some(slice),
             Some(payload),
             Some(Reference {
                 payload: Some(index),
                 ..
             }),
-        ) = (&mut self.payload, &self.reference)
+        ) = (before.slice, &mut self.payload, &self.reference)
         else {
             return Ok(None);
         };
@@ -328,10 +332,7 @@ impl Walker<'_> {
                 }
                 let hash = self.writer.repo().chunk_id(&head);
                 if let Some(before) = before.filter(|b| b.hash == Some(hash) && b.size == len) {
-                    if let Some(content) = before
-                        .slice
-                        .map_or(Ok(None), |slice| self.reuse_slice(before, slice))?
-                    {
+                    if let Some(content) = self.reuse_slice(before)? {
                         return Ok((content, len));
                     }
                 }

@@ -176,17 +176,6 @@ fn reference(
     )))
 }
 
-/// A catalog entry pointing into a payload that the snapshot does not have.
-fn sliced_without_payload(snap: &Listed, entry: &crate::catalog::Entry) -> Error {
-    Error::Corrupt {
-        object: format!("catalog of snapshot {}", snap.id),
-        reason: format!(
-            "{} is in a payload, and the snapshot has none",
-            entry.display_path()
-        ),
-    }
-}
-
 fn not_a_volume(snap: &Listed) -> Error {
     let kind = format!("{:?}", snap.snapshot.kind).to_lowercase();
     Error::Config(format!(
@@ -219,13 +208,8 @@ pub fn walk_refs(
                 for r in &entry.content {
                     f(&entry.path, r)?;
                 }
-                if let Some(slice) = entry.slice {
-                    let Some(payload) = &payload else {
-                        return Err(sliced_without_payload(snap, &entry));
-                    };
-                    for piece in payload.pieces(slice, entry.size)? {
-                        f(&entry.path, &piece.chunk)?;
-                    }
+                for piece in payload::pieces_of(payload.as_ref(), &snap.id, &entry)? {
+                    f(&entry.path, &piece.chunk)?;
                 }
             }
         }

@@ -173,6 +173,29 @@ impl PayloadIndex {
     }
 }
 
+/// The payload chunks holding `entry`'s bytes (none for an entry without a slice), from the
+/// payload index of snapshot `snapshot`, if it has one.
+///
+/// # Errors
+/// [`Error::Corrupt`] for a slice outside the payload, or in a snapshot without one.
+pub fn pieces_of(
+    index: Option<&PayloadIndex>,
+    snapshot: &str,
+    entry: &crate::catalog::Entry,
+) -> Result<Vec<Piece>> {
+    match (entry.slice, index) {
+        (None, _) => Ok(Vec::new()),
+        (Some(slice), Some(index)) => index.pieces(slice, entry.size),
+        (Some(_), None) => Err(Error::Corrupt {
+            object: format!("catalog of snapshot {snapshot}"),
+            reason: format!(
+                "{} is in a payload, and the snapshot has none",
+                entry.display_path()
+            ),
+        }),
+    }
+}
+
 /// Writes the payload of a new snapshot.
 pub struct PayloadWriter<'a> {
     fresh: StreamWriter<'a>,

@@ -289,12 +289,8 @@ fn read_catalog(
                 .iter()
                 .map(|&chunk| (Part::whole(chunk), None))
                 .collect(),
-            (true, Some(slice)) => {
-                let pieces = match &payload {
-                    Some(payload) => payload.pieces(slice, entry.size),
-                    None => Err(super::sliced_without_payload(snap, &entry)),
-                };
-                match pieces {
+            (true, Some(_)) => {
+                match super::payload::pieces_of(payload.as_ref(), &snap.id, &entry) {
                     Ok(pieces) => pieces
                         .into_iter()
                         .map(|p| (Part::of(&p), Some((p.stream, p.index))))

@@ -412,8 +412,6 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
             "--project-name",
             "shop3",
             "--insecure",
-            "--consistency",
-            "exec",
             // The engine named explicitly, as Podman's socket would be.
             "--engine-socket",
             "/var/run/docker.sock",
@@ -427,6 +425,8 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
     // A failing command: no workload snapshot, the service and command named, the after
     // command run anyway, the containers never stopped.
     let out = backup(&[
+        "--consistency",
+        "exec",
         "--exec-before",
         "counter=echo dumped > /data/dump",
         "--exec-before",
@@ -447,6 +447,8 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
 
     // A dump made inside the service before the copy is in the snapshot.
     let out = backup(&[
+        "--consistency",
+        "exec",
         "--exec-before",
         "counter=echo dumped > /data/dump",
         "--json",
@@ -463,15 +465,7 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
     assert_eq!(fs::read_to_string(copy.join("dump")).unwrap(), "dumped\n");
 
     // A live workload, but its data volume paused for its copy: consistent, and back running.
-    let out = env.tresor(&[
-        "backup",
-        "workload",
-        "shop3",
-        "--compose",
-        compose_file.to_str().unwrap(),
-        "--project-name",
-        "shop3",
-        "--insecure",
+    let out = backup(&[
         "--consistency",
         "none",
         "--volume-consistency",
