@@ -99,10 +99,16 @@ pub struct Identity {
     pub encrypted: bool,
     /// Its config carried a MAC.
     pub authenticated: bool,
+    /// [`RepoConfig::fingerprint`] of its whole config as last opened (absent in files of an
+    /// older tresor): a repository's config never changes after `init` but for the owner's
+    /// `key upgrade-config`, so any other change is someone else's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 impl Identity {
-    /// Refuses `config` at `url` when its id or encryption differs from this identity.
+    /// Refuses `config` at `url` when its id, encryption or any field differs from this
+    /// identity.
     ///
     /// # Errors
     /// [`Error::Tampered`] saying what changed.
@@ -123,6 +129,13 @@ impl Identity {
                 word(self.encrypted),
                 word(encrypted)
             )
+        } else if self
+            .config
+            .as_ref()
+            .is_some_and(|known| *known != config.fingerprint())
+        {
+            "its config changed since this host last opened it (chunker, compression, format or MAC)"
+                .to_string()
         } else {
             return Ok(());
         };
@@ -181,6 +194,7 @@ impl Identities {
             id: config.id.clone(),
             encrypted: config.encryption.is_some(),
             authenticated: config.mac.is_some(),
+            config: Some(config.fingerprint()),
         };
         let Some(file) = &self.file else {
             return Ok(());

@@ -85,6 +85,11 @@ fn compress(payload: &[u8], level: i32) -> Option<Vec<u8>> {
     })
 }
 
+/// Whether `data` is an envelope whose payload is sealed (read from its header alone).
+pub fn is_sealed(data: &[u8]) -> bool {
+    data.len() >= HEADER_LEN && &data[..4] == MAGIC && data[6] != 0
+}
+
 /// Associated data of a sealed object: its header and its store key.
 fn aad(header: &[u8], object: &str) -> Vec<u8> {
     let mut aad = header.to_vec();

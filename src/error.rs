@@ -68,6 +68,9 @@ pub enum Error {
     #[error("the config of repository {url} is not the one it was created with: {reason}; refusing to open it")]
     Tampered { url: String, reason: String },
 
+    #[error("repository {url} says it is unencrypted, and this host has never opened it; refusing to take the store's word for it")]
+    UnencryptedUnconfirmed { url: String },
+
     #[error("{what}: {} of {total} failed: {}", failures.len(), failures.join("; "))]
     Partial {
         what: String,
@@ -162,6 +165,12 @@ pub enum Error {
 
     #[error("refusing unsafe path {path:?}: {reason}")]
     UnsafePath { path: String, reason: &'static str },
+
+    #[error("refusing {object}: {reason}")]
+    UnsafeRecord { object: String, reason: String },
+
+    #[error("project {project} asks for access to this host:\n  {}", lines.join("\n  "))]
+    HostAccess { project: String, lines: Vec<String> },
 }
 
 impl Error {
@@ -192,7 +201,9 @@ impl Error {
     /// The class of this error.
     pub fn kind(&self) -> ErrorKind {
         match self.root() {
-            Error::Config(_) | Error::WrongKey { .. } => ErrorKind::Config,
+            Error::Config(_) | Error::WrongKey { .. } | Error::UnencryptedUnconfirmed { .. } => {
+                ErrorKind::Config
+            }
             Error::NotARepository { .. }
             | Error::AlreadyInitialized { .. }
             | Error::UnsupportedFormat { .. } => ErrorKind::Repository,
@@ -207,7 +218,9 @@ impl Error {
             Error::Stopped { .. } => ErrorKind::Stopped,
             Error::Missing { .. } | Error::Corrupt { .. } => ErrorKind::Integrity,
             Error::Io { .. } | Error::Hook { .. } | Error::Engine { .. } => ErrorKind::Io,
-            Error::UnsafePath { .. } => ErrorKind::Unsafe,
+            Error::UnsafePath { .. } | Error::UnsafeRecord { .. } | Error::HostAccess { .. } => {
+                ErrorKind::Unsafe
+            }
             Error::SnapshotNotFound(_) | Error::AmbiguousSnapshot { .. } => ErrorKind::NotFound,
             Error::Context { .. } => unreachable!("root() strips context"),
         }
@@ -238,6 +251,9 @@ impl Error {
             Error::Tampered { .. } => Some(
                 "someone with write access to the store changed `config` or its key slots: restore them from a copy and audit the store's access; if the repository was re-created on purpose, remove its line from repositories.json in the cache directory",
             ),
+            Error::UnencryptedUnconfirmed { .. } => Some(
+                "if it was made with `init --encryption none`, say so: --expect-unencrypted (TRESOR_EXPECT_UNENCRYPTED=1; agent.toml: repository.expect_unencrypted = true); if it should be encrypted, its config was stripped: give its key (the open then fails naming the change)",
+            ),
             Error::Store { .. } => Some("check the store's endpoint, credentials and permissions"),
             Error::DeleteRefused { .. } => Some(
                 "agents may hold append-only credentials; run `forget` and `gc` from an admin host with a credential that may delete",
@@ -254,6 +270,12 @@ impl Error {
                 _ => None,
             },
             Error::SnapshotNotFound(_) => Some("list snapshots with `tresor snapshots`"),
+            Error::UnsafeRecord { .. } => Some(
+                "no tresor writes such a record: someone with write access to the store may have forged it; audit the store",
+            ),
+            Error::HostAccess { .. } => Some(
+                "the workload record decides what runs here: review each line (`--dry-run` prints them), then give --allow-host-access if this host should grant them",
+            ),
             Error::Engine { .. } => Some(
                 "check that the Docker Engine (or Podman's API service) runs and that DOCKER_HOST points at its socket",
             ),

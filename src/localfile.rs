@@ -18,17 +18,19 @@ pub const SHARED: u32 = 0o644;
 /// Mode of files only their owner may read (caches, state).
 pub const PRIVATE: u32 = 0o600;
 
+/// A random name for a temporary file: short, so that it fits in a directory whatever the name
+/// of the file it becomes (a legal name may take all of `NAME_MAX`, 255 bytes).
+pub fn temp_name() -> String {
+    format!(".tresor-tmp-{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
 /// A new, empty file beside `path` under a random name, created exclusively (never through a
 /// symlink or over an existing file) with `mode` (less the umask).
 ///
 /// # Errors
 /// [`Error::Io`] naming the temporary path.
 pub fn create_temp(path: &Path, mode: u32) -> Result<(File, PathBuf)> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(
-        ".{name}.tresor-tmp-{}",
-        hex::encode(rand::random::<[u8; 8]>())
-    ));
+    let tmp = path.with_file_name(temp_name());
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -67,6 +69,41 @@ pub fn write_atomically(path: &Path, mode: u32, data: &[u8]) -> Result<()> {
     replace_with(path, mode, |f| {
         f.write_all(data).map_err(|e| Error::io(path, e))
     })
+}
+
+/// Writes `data` as the file `name` of the open directory `dir` (a temporary file made with
+/// `O_EXCL | O_NOFOLLOW` and `mode`, renamed into place): below a directory others may write
+/// in, nothing is reached by path. `shown` names the file in errors.
+///
+/// # Errors
+/// [`Error::Io`] naming `shown`.
+pub fn write_at(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &str,
+    mode: u32,
+    data: &[u8],
+    shown: &Path,
+) -> Result<()> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let io = |e: rustix::io::Errno| Error::io(shown, e.into());
+    let tmp = temp_name();
+    let fd = rustix::fs::openat(
+        dir,
+        tmp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )
+    .map_err(io)?;
+    let mut file = File::from(fd);
+    let result = file
+        .write_all(data)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io(shown, e))
+        .and_then(|()| rustix::fs::renameat(dir, tmp.as_str(), dir, name).map_err(io));
+    if result.is_err() {
+        let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+    }
+    result
 }
 
 #[cfg(test)]

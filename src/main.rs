@@ -117,7 +117,11 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gc(a) => a.out.json,
         Command::Snapshots(a) => a.out.json,
         Command::Restore(RestoreCommand::Volume(a)) => a.out.json,
-        Command::Key(KeyCommand::List(out) | KeyCommand::Remove { out, .. }) => out.json,
+        Command::Key(
+            KeyCommand::List(out)
+            | KeyCommand::Remove { out, .. }
+            | KeyCommand::UpgradeConfig { out, .. },
+        ) => out.json,
         Command::Key(KeyCommand::Add(a) | KeyCommand::Passwd(a)) => a.out.json,
         Command::Verify(a) => a.json.is_some(),
     };

@@ -138,6 +138,13 @@ pub struct RepoConfig {
 }
 
 impl RepoConfig {
+    /// BLAKE3 of the whole config as parsed (its MAC included), remembered by each host that
+    /// opens the repository ([`crate::cache::Identity`]).
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_vec(self).expect("config serialises");
+        blake3::hash(&json).to_hex().to_string()
+    }
+
     /// The bytes the MAC covers: the config's fields as parsed, without the MAC.
     fn canonical(&self) -> Vec<u8> {
         let unsigned = RepoConfig {
@@ -170,6 +177,14 @@ pub struct OpenOptions<'a> {
     pub secret: Option<Secret>,
     /// Where [`crate::cache::Identities`] are kept; `None` remembers nothing.
     pub cache_dir: Option<&'a std::path::Path>,
+    /// The operator says the repository is unencrypted (`--expect-unencrypted`). Without it, a
+    /// config that claims no encryption is believed only on a host that remembers the
+    /// repository as unencrypted: a fresh host is not talked out of encryption by the store.
+    pub expect_unencrypted: bool,
+    /// Sign an encrypted config that has no MAC (`tresor key upgrade-config`, the owner's
+    /// explicit step for a repository made before configs were authenticated). Without it such
+    /// a config is refused.
+    pub upgrade_config: bool,
 }
 
 /// Options of [`Repository::init`].
@@ -266,8 +281,11 @@ impl Repository {
     /// the cache directory remembers of this store URL, so that whoever may write the store
     /// cannot switch encryption off or swap the repository.
     ///
-    /// An encrypted config written before configs were authenticated gets its MAC on this open
-    /// (a warning says so), unless the cache remembers it with one: then it was removed.
+    /// A config that claims no encryption is believed only when this host remembers the
+    /// repository as unencrypted or the operator said so (`expect_unencrypted`), and never
+    /// while the store holds sealed objects. An encrypted config without a MAC is signed only
+    /// with `upgrade_config` (and never when the cache remembers it with one: then it was
+    /// removed).
     ///
     /// # Errors
     /// [`Error::NotARepository`] when there is no config, [`Error::UnsupportedFormat`] for a newer
@@ -293,18 +311,32 @@ impl Repository {
             slot: None,
         };
         match repo.config.encryption.clone() {
-            None => repo.check_unencrypted(options.secret.is_some()).await?,
+            None => {
+                let confirmed = remembered.is_some() || options.expect_unencrypted;
+                repo.check_unencrypted(options.secret.is_some(), confirmed)
+                    .await?;
+            }
             Some(name) => {
                 let secret = match options.secret {
                     Some(s) => s,
                     None => ask()?,
                 };
                 let authenticated = remembered.is_some_and(|k| k.authenticated);
-                repo.unlock_config(&name, &secret, authenticated).await?;
+                repo.unlock_config(&name, &secret, authenticated, options.upgrade_config)
+                    .await?;
             }
         }
         identities.remember(&url, &repo.config)?;
         Ok(repo)
+    }
+
+    /// The config of the repository in `store`, parsed but neither authenticated nor checked
+    /// against this host's memory: for showing it (`key upgrade-config --dry-run`).
+    ///
+    /// # Errors
+    /// As [`Repository::open`] before any check.
+    pub async fn peek_config(store: &Store) -> Result<RepoConfig> {
+        read_config(store).await
     }
 
     fn tampered(&self, reason: String) -> Error {
@@ -315,8 +347,9 @@ impl Repository {
     }
 
     /// A config that claims no encryption is believed only if no secret was given for the
-    /// repository and the store holds no key slot (nor the config a MAC).
-    async fn check_unencrypted(&self, secret_given: bool) -> Result<()> {
+    /// repository, this host remembers it as unencrypted or the operator said it is
+    /// (`confirmed`), and the store holds no key slot, no MAC and no sealed object.
+    async fn check_unencrypted(&self, secret_given: bool, confirmed: bool) -> Result<()> {
         if secret_given {
             return Err(self.tampered(
                 "its config says it is unencrypted, but a password or key file was given for it"
@@ -331,16 +364,49 @@ impl Repository {
                 "its config says it is unencrypted, but the store holds {slots} key slot(s){and_mac}"
             )));
         }
+        if !confirmed {
+            return Err(Error::UnencryptedUnconfirmed {
+                url: self.store.url().to_string(),
+            });
+        }
+        if let Some(key) = self.sealed_object().await? {
+            return Err(self.tampered(format!(
+                "its config says it is unencrypted, but {key} is sealed"
+            )));
+        }
         Ok(())
     }
 
+    /// A sealed object among a sample of the store (a few snapshot records and session
+    /// records, and the chunks of one of the 256 prefixes), if there is one: a repository
+    /// whose encryption was stripped from its config still holds them, and plaintext must
+    /// never be added beside them. Checked when a host first trusts an unencrypted config.
+    async fn sealed_object(&self) -> Result<Option<String>> {
+        const SAMPLE: usize = 4;
+        for prefix in [SNAPSHOTS_PREFIX, SESSIONS_PREFIX, "chunks/00"] {
+            let mut keys = self.store.list(prefix).await?;
+            keys.sort();
+            for (key, _) in keys.into_iter().take(SAMPLE) {
+                if let Some(raw) = self.store.get_opt(&key).await? {
+                    if codec::is_sealed(&raw) {
+                        return Ok(Some(key));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Unlocks the master key with `secret` and checks the config's MAC with it. A config
-    /// without one (an older tresor wrote it) gets one, unless this host saw it `authenticated`.
+    /// without one (an older tresor wrote it) gets one with `upgrade` (the owner's explicit
+    /// `key upgrade-config`), unless this host saw it `authenticated`; otherwise it is refused:
+    /// whoever may write the store could have stripped the MAC to change a field.
     async fn unlock_config(
         &mut self,
         cipher: &str,
         secret: &Secret,
         authenticated: bool,
+        upgrade: bool,
     ) -> Result<()> {
         let url = self.store.url().to_string();
         let Some(cipher) = Cipher::from_name(cipher) else {
@@ -353,10 +419,15 @@ impl Repository {
         };
         let (slot, key) = self.unlock(secret).await?;
         let key = key.with_cipher(cipher);
+        if self.config.mac.is_none() && !authenticated && !upgrade {
+            return Err(self.tampered(
+                "its config has no MAC; if an older tresor made it, check its fields \
+                 (`tresor key upgrade-config --dry-run`) and sign them with `tresor key upgrade-config`"
+                    .into(),
+            ));
+        }
         if self.config.mac.is_none() && !authenticated {
-            tracing::warn!(
-                "the config of {url} has no MAC (written by an older tresor): adding one"
-            );
+            tracing::warn!("the config of {url} has no MAC: signing its fields as they are");
             self.config.sign(&key);
             let json = serde_json::to_vec_pretty(&self.config).expect("config serialises");
             self.store
@@ -721,7 +792,7 @@ mod tests {
     fn given(secret: Secret) -> OpenOptions<'static> {
         OpenOptions {
             secret: Some(secret),
-            cache_dir: None,
+            ..OpenOptions::default()
         }
     }
 
@@ -817,10 +888,72 @@ mod tests {
             Repository::init(store.clone(), InitOptions::default(), None).await,
             Err(Error::AlreadyInitialized { .. })
         ));
-        let repo = Repository::open(store, OpenOptions::default(), no_secret)
+        let repo = Repository::open(store, unencrypted(), no_secret)
             .await
             .unwrap();
         assert_eq!(repo.config().chunker, ChunkerParams::default());
+    }
+
+    /// As a host that was told the repository is unencrypted (`--expect-unencrypted`).
+    fn unencrypted() -> OpenOptions<'static> {
+        OpenOptions {
+            expect_unencrypted: true,
+            ..OpenOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fresh_host_is_not_talked_out_of_encryption() {
+        let store = encrypted().await;
+        let repo = Repository::open(store.clone(), given(key_file("k")), no_secret)
+            .await
+            .unwrap();
+        repo.put_snapshot(b"{}").await.unwrap();
+        // The store operator strips encryption, the MAC and every key slot.
+        edit_config(&store, |c| {
+            let c = c.as_object_mut().unwrap();
+            c.remove("encryption");
+            c.remove("mac");
+        })
+        .await;
+        for (key, _) in store.list(KEYS_PREFIX).await.unwrap() {
+            store.delete(&key).await.unwrap();
+        }
+        // A host with no memory of it, given no secret, does not take the store's word.
+        let err = Repository::open(store.clone(), OpenOptions::default(), no_secret)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::UnencryptedUnconfirmed { .. }) && err.hint().is_some(),
+            "{err}"
+        );
+        // Told it is unencrypted, it still finds the sealed records.
+        assert_tampered(
+            Repository::open(store, unencrypted(), no_secret).await,
+            "is sealed",
+        );
+    }
+
+    #[tokio::test]
+    async fn a_remembered_unencrypted_config_may_not_change() {
+        let cache = tempfile::tempdir().unwrap();
+        let options = || OpenOptions {
+            cache_dir: Some(cache.path()),
+            expect_unencrypted: true,
+            ..OpenOptions::default()
+        };
+        let store = memory();
+        Repository::init(store.clone(), InitOptions::default(), None)
+            .await
+            .unwrap();
+        Repository::open(store.clone(), options(), no_secret)
+            .await
+            .unwrap();
+        edit_config(&store, |c| c["compression_level"] = serde_json::Value::Null).await;
+        assert_tampered(
+            Repository::open(store, options(), no_secret).await,
+            "changed since this host last opened it",
+        );
     }
 
     #[tokio::test]
@@ -977,6 +1110,7 @@ mod tests {
         let options = || OpenOptions {
             secret: Some(key_file("k")),
             cache_dir: Some(cache.path()),
+            ..OpenOptions::default()
         };
         let store = encrypted().await;
         Repository::open(store.clone(), options(), no_secret)
@@ -989,7 +1123,7 @@ mod tests {
         .await;
         assert_tampered(
             Repository::open(store.clone(), options(), no_secret).await,
-            "MAC does not match",
+            "changed since this host last opened it",
         );
         // Another repository (a new id) at the same URL, encrypted or not, is refused.
         let other = memory();
@@ -1005,16 +1139,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_config_without_mac_from_an_older_build_gets_one() {
+    async fn a_config_without_mac_is_signed_only_by_the_owners_upgrade() {
         let store = encrypted().await;
+        // Stripped and changed: every host refuses it, the one that made it included.
         edit_config(&store, |c| {
             c.as_object_mut().unwrap().remove("mac");
+            c["compression_level"] = serde_json::Value::Null;
         })
         .await;
-        let repo = Repository::open(store.clone(), given(key_file("k")), no_secret)
+        assert_tampered(
+            Repository::open(store.clone(), given(key_file("k")), no_secret).await,
+            "has no MAC",
+        );
+        let upgrade = OpenOptions {
+            upgrade_config: true,
+            ..given(key_file("k"))
+        };
+        let repo = Repository::open(store.clone(), upgrade, no_secret)
             .await
             .unwrap();
         assert!(repo.config().mac.is_some());
+        assert_eq!(repo.config().compression_level, None, "signed as shown");
         edit_config(&store, |c| c["compression_level"] = serde_json::json!(1)).await;
         assert_tampered(
             Repository::open(store, given(key_file("k")), no_secret).await,
@@ -1029,7 +1174,7 @@ mod tests {
             .await
             .unwrap();
         edit_config(&store, |c| c["id"] = serde_json::json!("/etc/cron.d")).await;
-        let err = Repository::open(store, OpenOptions::default(), no_secret)
+        let err = Repository::open(store, unencrypted(), no_secret)
             .await
             .unwrap_err();
         assert!(

@@ -45,6 +45,9 @@ pub struct RepositoryConfig {
     pub s3_region: Option<String>,
     #[serde(default)]
     pub s3_allow_http: bool,
+    /// The repository is unencrypted (`init --encryption none`); see `--expect-unencrypted`.
+    #[serde(default)]
+    pub expect_unencrypted: bool,
 }
 
 /// Settings of one registry host (`host[:port]`).

@@ -100,6 +100,7 @@ impl Context {
             password: None,
             credentials: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
             cache_dir: Some(cache_dir.clone()),
+            expect_unencrypted: r.expect_unencrypted,
         };
         let repo = access
             .open(|| {
@@ -355,6 +356,7 @@ fn registry_for(ctx: &Context, source: &crate::oci::ImageSource) -> Result<Regis
             Vec::new()
         },
         creds: None,
+        host_creds: Vec::new(),
         creds_file: settings.creds_file,
         auth_file: settings.auth_file,
         ca_file: settings.ca_file,

@@ -28,6 +28,13 @@ pub(crate) struct RegistryArgs {
     /// Speak plain HTTP to the registries named in this command (loopback, trusted networks).
     #[arg(long)]
     pub(crate) insecure: bool,
+    /// Speak plain HTTP to this registry (HOST[:PORT], repeatable): for registries a compose
+    /// file names rather than the command.
+    #[arg(long, value_name = "HOST")]
+    pub(crate) insecure_registry: Vec<String>,
+    /// HOST=FILE: USER:PASSWORD in FILE, for that registry only (repeatable).
+    #[arg(long, value_name = "HOST=FILE", value_parser = host_file_arg)]
+    pub(crate) registry_creds: Vec<(String, PathBuf)>,
     /// USER:PASSWORD for the registries [default: docker config.json / containers auth.json].
     /// On the command line it is readable by every local user: prefer --creds-file or the
     /// environment variable.
@@ -44,18 +51,42 @@ pub(crate) struct RegistryArgs {
     pub(crate) ca_file: Option<PathBuf>,
 }
 
+fn host_file_arg(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((host, file)) if !host.is_empty() && !file.is_empty() => {
+            Ok((host.to_string(), PathBuf::from(file)))
+        }
+        _ => Err(format!(
+            "{s:?}: write HOST=FILE, e.g. registry.example:5000=/etc/tresor/reg.creds"
+        )),
+    }
+}
+
 impl RegistryArgs {
+    /// Refuses the flags that apply to every registry when the registries are not the ones
+    /// the command names (a compose project's): plain HTTP or a password would reach hosts
+    /// the operator never named.
+    pub(crate) fn only_per_host(&self) -> tresor::Result<()> {
+        if self.insecure || self.creds.is_some() || self.creds_file.is_some() {
+            return Err(tresor::Error::Config(
+                "the compose file names the registries: give --insecure-registry HOST and --registry-creds HOST=FILE (or --authfile) per registry instead of --insecure, --creds or --creds-file".into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn registry(
         &self,
         g: &Global,
         hosts: &[&str],
     ) -> tresor::Result<tresor::oci::registry::Registry> {
+        let mut insecure = self.insecure_registry.clone();
+        if self.insecure {
+            insecure.extend(hosts.iter().map(|h| h.to_string()));
+        }
         let options = tresor::oci::registry::RegistryOptions {
-            insecure: if self.insecure {
-                hosts.iter().map(|h| h.to_string()).collect()
-            } else {
-                Vec::new()
-            },
+            insecure,
+            host_creds: self.registry_creds.clone(),
             creds: self.creds.clone(),
             creds_file: self.creds_file.clone(),
             auth_file: self.authfile.clone(),

@@ -25,6 +25,16 @@ pub(crate) enum KeyCommand {
     },
     /// Replace the passphrase or key file used now by a new one.
     Passwd(NewKeyArgs),
+    /// Sign the config of a repository made before configs carried a MAC (every other command
+    /// refuses such a config, since whoever may write the store could have stripped the MAC
+    /// to change a field). Check the fields it prints first: they are what gets signed.
+    UpgradeConfig {
+        /// Print the config's fields and sign nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
 }
 
 #[derive(Args)]
@@ -55,7 +65,40 @@ pub(crate) fn new_secret(args: &NewKeyArgs) -> anyhow::Result<Secret> {
     )
 }
 
+/// `key upgrade-config`: the config's fields, and (unless `dry_run`) the repository opened with
+/// them signed.
+async fn upgrade_config(g: &Global, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let access = access(g)?;
+    let config = if dry_run {
+        let store = tresor::store::Store::open(&access.url, &access.store, false)?;
+        Repository::peek_config(&store).await?
+    } else {
+        let repo = access
+            .open_upgrading(|| ask_secret(&access.url, false))
+            .await?;
+        repo.config().clone()
+    };
+    let shown = serde_json::to_value(&config)?;
+    if g.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "signed": !dry_run, "config": shown }))?
+        );
+    } else {
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        if dry_run {
+            println!("(dry run: nothing signed)");
+        } else {
+            println!("the config of {} carries a MAC", access.url);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) async fn key(g: &Global, cmd: &KeyCommand) -> anyhow::Result<ExitCode> {
+    if let KeyCommand::UpgradeConfig { dry_run, .. } = cmd {
+        return upgrade_config(g, *dry_run).await;
+    }
     let repo = open(g).await?;
     anyhow::ensure!(
         repo.is_encrypted(),
@@ -121,6 +164,7 @@ pub(crate) async fn key(g: &Global, cmd: &KeyCommand) -> anyhow::Result<ExitCode
                 &format!("replaced key slot {} by {}", &old[..8], &id[..8]),
             )?;
         }
+        KeyCommand::UpgradeConfig { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -76,6 +76,10 @@ pub(crate) struct Global {
     /// Keep no local cache (every run lists the store).
     #[arg(long, global = true)]
     pub(crate) no_cache: bool,
+    /// The repository is unencrypted (made with `init --encryption none`): needed on a host
+    /// that has not opened it before, so the store alone cannot switch encryption off.
+    #[arg(long, env = "TRESOR_EXPECT_UNENCRYPTED", global = true)]
+    pub(crate) expect_unencrypted: bool,
     /// Set from the subcommand's own `--json`.
     #[arg(skip)]
     pub(crate) json: bool,
@@ -183,6 +187,7 @@ pub(crate) fn access(g: &Global) -> anyhow::Result<Access> {
         password: std::env::var("TRESOR_PASSWORD").ok().map(Zeroizing::new),
         credentials: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
         cache_dir: cache_dir(g),
+        expect_unencrypted: g.expect_unencrypted,
     })
 }
 

@@ -143,6 +143,13 @@ pub(crate) async fn restore_volume(
         for s in &report.skipped {
             eprintln!("skipped: {s}");
         }
+        for f in &report.failed {
+            eprintln!("FAILED: {f}");
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_PARTIAL)
+    })
 }

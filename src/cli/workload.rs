@@ -90,6 +90,12 @@ pub(crate) struct RestoreWorkloadArgs {
     /// DOCKER_HOST, else /var/run/docker.sock].
     #[arg(long, value_name = "PATH")]
     pub(crate) engine_socket: Option<PathBuf>,
+    /// Grant what the project asks of this host: privileges, host namespaces, bind mounts of
+    /// host paths, the engine socket, volume drivers and options from the record, and with
+    /// --up a project from an unencrypted repository. Without it such a restore is refused,
+    /// naming each (--dry-run prints them).
+    #[arg(long)]
+    pub(crate) allow_host_access: bool,
     #[command(flatten)]
     pub(crate) registry: RegistryArgs,
 }
@@ -119,6 +125,9 @@ pub(crate) async fn backup_workload(
     g: &Global,
     args: &BackupWorkloadArgs,
 ) -> anyhow::Result<ExitCode> {
+    if !args.compose.is_empty() {
+        args.registry.only_per_host()?;
+    }
     let repo = open(g).await?;
     let rt = tokio::runtime::Handle::current();
     let cache = cache_dir(g);
@@ -187,6 +196,11 @@ pub(crate) async fn backup_workload(
             .collect::<Vec<_>>());
         out["workload"]["env_file"] = serde_json::json!(record.env_file.as_ref().map(|f| &f.name));
         out["workload"]["config"] = serde_json::Value::Null;
+        // Driver options carry passwords and addresses (CIFS, NFS): names only.
+        for (i, v) in record.volumes.iter().enumerate() {
+            out["workload"]["volumes"][i]["engine"]["options"] =
+                serde_json::json!(tresor::commands::workload::redacted(&v.engine.options));
+        }
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
@@ -220,11 +234,15 @@ pub(crate) async fn restore_workload(
         force: args.force,
         dry_run: args.dry_run,
         engine_socket: args.engine_socket.clone(),
+        allow_host_access: args.allow_host_access,
     };
     let rt = tokio::runtime::Handle::current();
     let report = tokio::task::block_in_place(|| {
         tresor::commands::workload::restore(&repo, &rt, &snap, &what, &registry)
     })?;
+    for line in &report.host_access {
+        eprintln!("host access granted: {line}");
+    }
     if g.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if report.dry_run {

@@ -28,6 +28,8 @@ pub struct Access {
     pub credentials: Option<PathBuf>,
     /// The chunk cache and the identities of repositories; `None` keeps nothing.
     pub cache_dir: Option<PathBuf>,
+    /// The operator says the repository is unencrypted; see [`OpenOptions::expect_unencrypted`].
+    pub expect_unencrypted: bool,
 }
 
 impl Access {
@@ -69,10 +71,32 @@ impl Access {
     /// # Errors
     /// Those of [`Store::open`], [`Access::given_secret`] and [`Repository::open`].
     pub async fn open(&self, ask: impl FnOnce() -> Result<Secret>) -> Result<Arc<Repository>> {
+        self.open_with(ask, false).await
+    }
+
+    /// As [`Access::open`], signing an encrypted config that has no MAC (`key upgrade-config`,
+    /// see [`OpenOptions::upgrade_config`]).
+    ///
+    /// # Errors
+    /// Those of [`Access::open`].
+    pub async fn open_upgrading(
+        &self,
+        ask: impl FnOnce() -> Result<Secret>,
+    ) -> Result<Arc<Repository>> {
+        self.open_with(ask, true).await
+    }
+
+    async fn open_with(
+        &self,
+        ask: impl FnOnce() -> Result<Secret>,
+        upgrade_config: bool,
+    ) -> Result<Arc<Repository>> {
         let store = Store::open(&self.url, &self.store, false)?;
         let options = OpenOptions {
             secret: self.given_secret(false)?,
             cache_dir: self.cache_dir(),
+            expect_unencrypted: self.expect_unencrypted,
+            upgrade_config,
         };
         Ok(Arc::new(Repository::open(store, options, ask).await?))
     }

@@ -24,7 +24,8 @@ use crate::volume::{BackupOptions, RestoreOptions};
 use crate::workload::compose::{self, Compose, Mount};
 use crate::workload::engine::{Container, Engine};
 use crate::workload::{
-    load_record, BindMember, Consistency, KeptFile, ServiceMember, VolumeMember, WorkloadRecord,
+    load_record, policy, BindMember, Consistency, KeptFile, ServiceMember, VolumeMember,
+    WorkloadRecord,
 };
 
 /// A host hook of a workload backup (an LVM, btrfs or ZFS snapshot, say), run by the front
@@ -161,7 +162,7 @@ pub fn backup(
         );
         (project, None)
     } else {
-        let project = Compose::find()?.config(
+        let project = Compose::find(what.engine_socket.as_deref())?.config(
             &what.compose_files,
             what.env_file.as_deref(),
             what.project.as_deref(),
@@ -533,6 +534,10 @@ pub struct WorkloadRestore {
     pub dry_run: bool,
     /// The engine's API socket [default: as the docker CLI finds it].
     pub engine_socket: Option<PathBuf>,
+    /// Grant what the project asks of the host (privileges, host namespaces and paths, the
+    /// record's volume drivers and options, and with `up` a project from an unencrypted
+    /// repository); without it such a restore is refused, naming each.
+    pub allow_host_access: bool,
 }
 
 /// One image of the report.
@@ -586,6 +591,8 @@ pub struct WorkloadReport {
     pub images: Vec<ImageOutcome>,
     pub volumes: Vec<VolumeOutcome>,
     pub started: bool,
+    /// What the project was allowed of this host (`--allow-host-access`), one line each.
+    pub host_access: Vec<String>,
     pub phases: Phases,
     /// Empty when the twin is complete.
     pub missing: Vec<String>,
@@ -638,11 +645,177 @@ fn target_repository(registry: &str, source: &str) -> String {
     format!("{}/{repo}", registry.trim_end_matches('/'))
 }
 
+/// Where each member of a workload goes, and the project as the twin will run it: decided
+/// from the record alone, before anything is written, so that the host-access review and a
+/// dry run see exactly what the restore would do.
+struct Placement {
+    project: String,
+    /// `--to`, absolute.
+    to: PathBuf,
+    /// Per service: the target repository and the pinned reference.
+    images: Vec<(String, String)>,
+    /// Per volume member: its engine volume name.
+    engine_names: BTreeMap<String, String>,
+    /// Per bind member: the directory under `--to` (`volumes` or `binds`) and its name there.
+    binds: Vec<(&'static str, String)>,
+    /// The compose project rewritten for the twin (`Null` for a workload given by hand).
+    config: serde_yaml::Value,
+    /// What the project asks of the host beyond its own containers and files.
+    host_access: Vec<String>,
+}
+
+/// Plans the restore of `record` (see [`Placement`]), refusing a record that is not safe to
+/// act on and, unless `what.allow_host_access`, a project that asks for access to the host.
+fn place(
+    repo: &Repository,
+    snap: &Listed,
+    record: &WorkloadRecord,
+    what: &WorkloadRestore,
+) -> Result<Placement> {
+    let explicit = record.compose_files.is_empty();
+    let config: serde_yaml::Value = if explicit {
+        serde_yaml::Value::Null
+    } else {
+        serde_yaml::from_str(&record.config).map_err(|e| Error::Corrupt {
+            object: format!("workload record of snapshot {}", snap.id),
+            reason: format!("its compose project does not parse: {e}"),
+        })?
+    };
+    policy::check_record(record, &config, &snap.id)?;
+    let project = compose::normalize_name(what.project.as_deref().unwrap_or(&record.project));
+    if !explicit && project.is_empty() {
+        return Err(Error::Config(
+            "the project name is empty once normalized: give --project".into(),
+        ));
+    }
+    let to = std::path::absolute(&what.to).map_err(|e| Error::io(&what.to, e))?;
+    let images: Vec<(String, String)> = record
+        .services
+        .iter()
+        .map(|s| {
+            let target_repo = target_repository(&what.registry, &s.image);
+            let pinned = format!("{target_repo}@{}", s.digest);
+            (target_repo, pinned)
+        })
+        .collect();
+    let engine_names = record
+        .volumes
+        .iter()
+        .map(|v| (v.key.clone(), format!("{project}_{}", v.key)))
+        .collect::<BTreeMap<_, _>>();
+    let binds: Vec<(&'static str, String)> = record
+        .binds
+        .iter()
+        .enumerate()
+        .map(|(i, b)| match &b.name {
+            Some(name) => ("volumes", name.clone()),
+            None => ("binds", i.to_string()),
+        })
+        .collect();
+    let mut placement = Placement {
+        project,
+        to,
+        images,
+        engine_names,
+        binds,
+        config: serde_yaml::Value::Null,
+        host_access: Vec::new(),
+    };
+    if explicit {
+        return Ok(placement);
+    }
+    let rewritten_images = record
+        .services
+        .iter()
+        .zip(&placement.images)
+        .map(|(s, (_, pinned))| (s.name.clone(), pinned.clone()))
+        .collect();
+    let bind_paths: BTreeMap<PathBuf, PathBuf> = record
+        .binds
+        .iter()
+        .zip(&placement.binds)
+        .map(|(b, (dir, name))| (b.source.clone(), placement.to.join(dir).join(name)))
+        .collect();
+    placement.config = compose::rewrite(
+        &config,
+        &rewritten_images,
+        &bind_paths,
+        &placement.engine_names,
+    );
+    let restored: Vec<PathBuf> = bind_paths.into_values().collect();
+    let volumes = placement.engine_names.keys().cloned().collect();
+    let mut lines = policy::host_access(&placement.config, &restored, &volumes);
+    for v in &record.volumes {
+        if v.engine.driver != "local" || !v.engine.options.is_empty() {
+            lines.push(format!(
+                "volume {}: driver {} with options {} (without host access the twin's volume is a plain local one)",
+                v.key,
+                v.engine.driver,
+                redacted(&v.engine.options)
+            ));
+        }
+    }
+    if what.up && !repo.is_encrypted() {
+        lines.push(
+            "the repository is unencrypted: whoever may write its store could have written this project, its images and commands"
+                .into(),
+        );
+    }
+    if !lines.is_empty() && !what.allow_host_access {
+        return Err(Error::HostAccess {
+            project: placement.project,
+            lines,
+        });
+    }
+    placement.host_access = lines;
+    Ok(placement)
+}
+
+/// Driver option names with their values withheld: a CIFS or NFS volume's options carry
+/// passwords and addresses.
+pub fn redacted(options: &std::collections::HashMap<String, String>) -> String {
+    let mut names: Vec<String> = options.keys().map(|k| format!("{k}=…")).collect();
+    names.sort();
+    if names.is_empty() {
+        "(none)".into()
+    } else {
+        names.join(",")
+    }
+}
+
+/// `--to`, created 0700 when missing and opened once; everything below it is reached from this
+/// descriptor. With `--up` it must be private: the compose tool reads the project from it by
+/// path, so nobody else may be able to swap a file there.
+fn open_target(to: &Path, up: bool) -> Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(to)
+        .map_err(|e| Error::io(to, e))?;
+    let fd = rustix::fs::open(
+        to,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| Error::io(to, e.into()))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| Error::io(to, e.into()))?;
+    let others_write = st.st_mode & 0o022 != 0 || st.st_uid != nix::unistd::geteuid().as_raw();
+    if up && others_write {
+        return Err(Error::UnsafePath {
+            path: to.display().to_string(),
+            reason: "others may write in it, and with --up the compose tool reads the project from it by path; give a directory only you may write (or a new one: it is made 0700)",
+        });
+    }
+    Ok(fd)
+}
+
 /// Restores workload snapshot `snap` as project `what.project`. Blocking.
 ///
 /// # Errors
-/// Errors of the members' restores (named), of the engine and the compose tool; a volume that
-/// exists and is not empty without `force`.
+/// [`Error::UnsafeRecord`] and [`Error::HostAccess`] from the review of the record (before
+/// anything is written); errors of the members' restores (named), of the engine and the
+/// compose tool; a volume that exists and is not empty without `force`.
 pub fn restore(
     repo: &Arc<Repository>,
     rt: &Handle,
@@ -652,7 +825,8 @@ pub fn restore(
 ) -> Result<WorkloadReport> {
     let started = Instant::now();
     let record = load_record(repo, rt, snap)?;
-    let project = compose::normalize_name(what.project.as_deref().unwrap_or(&record.project));
+    let placement = place(repo, snap, &record, what)?;
+    let project = placement.project.clone();
     // A workload given by hand has no project to run: its images and volumes come back, and
     // no engine is needed.
     let explicit = record.compose_files.is_empty();
@@ -674,14 +848,17 @@ pub fn restore(
         }
         Some(engine)
     };
+    let target = if what.dry_run {
+        None
+    } else {
+        Some(open_target(&placement.to, what.up)?)
+    };
     let quiet = Progress::new(false, "", None);
     let mut missing = Vec::new();
 
     let mut images = Vec::new();
-    let mut rewritten_images = BTreeMap::new();
-    for s in &record.services {
+    for (s, (target_repo, pinned)) in record.services.iter().zip(&placement.images) {
         let member = member(repo, rt, &s.snapshot, Kind::Image)?;
-        let target_repo = target_repository(&what.registry, &s.image);
         let target = ImageTarget::parse(&format!("docker://{target_repo}"))?;
         let named = |e: Error| e.context(format!("service {} (image {})", s.name, s.image));
         let outcome = if what.dry_run {
@@ -712,11 +889,10 @@ pub fn restore(
             let blobs = report.blobs_pushed + report.blobs_skipped + report.blobs_mounted;
             (report.ok, blobs, report.blobs_skipped, report.bytes_pushed)
         };
-        rewritten_images.insert(s.name.clone(), format!("{target_repo}@{}", s.digest));
         images.push(ImageOutcome {
             service: s.name.clone(),
             source: s.image.clone(),
-            target: format!("{target_repo}@{}", s.digest),
+            target: pinned.clone(),
             digest: s.digest.clone(),
             digest_equal: outcome.0,
             blobs: outcome.1,
@@ -727,7 +903,6 @@ pub fn restore(
     let images_ms = started.elapsed().as_millis() as u64;
 
     let mut volumes = Vec::new();
-    let mut engine_names = BTreeMap::new();
     // As `restore volume`: device nodes and setuid bits only from a repository that nobody
     // without the key could have written.
     let options = RestoreOptions {
@@ -739,9 +914,9 @@ pub fn restore(
         let engine = engine
             .as_ref()
             .expect("named volumes come from a compose project");
-        let name = format!("{project}_{}", v.key);
+        let name = &placement.engine_names[&v.key];
         let member = member(repo, rt, &v.snapshot, Kind::Volume)?;
-        let existing = engine.volume(&name)?;
+        let existing = engine.volume(name)?;
         if let Some(existing) = &existing {
             let empty = std::fs::read_dir(&existing.mountpoint)
                 .map(|mut d| d.next().is_none())
@@ -752,7 +927,6 @@ pub fn restore(
                 )));
             }
         }
-        engine_names.insert(v.key.clone(), name.clone());
         if what.dry_run {
             volumes.push(VolumeOutcome {
                 name: v.key.clone(),
@@ -766,7 +940,20 @@ pub fn restore(
         }
         let info = match existing.clone() {
             Some(info) => info,
-            None => engine.create_volume(&name, &v.engine, &project, &v.key)?,
+            None => {
+                // The record's driver and options reach host paths or remote shares: reused
+                // only when the operator allowed host access.
+                let like = if what.allow_host_access {
+                    v.engine.clone()
+                } else {
+                    crate::workload::engine::VolumeInfo {
+                        driver: "local".into(),
+                        options: Default::default(),
+                        ..v.engine.clone()
+                    }
+                };
+                engine.create_volume(name, &like, &project, &v.key)?
+            }
         };
         let report = crate::volume::restore(
             repo,
@@ -777,6 +964,12 @@ pub fn restore(
             &quiet,
         )
         .map_err(|e| e.context(format!("volume {}", v.key)))?;
+        missing.extend(
+            report
+                .failed
+                .iter()
+                .map(|f| format!("volume {}: {f}", v.key)),
+        );
         volumes.push(VolumeOutcome {
             name: v.key.clone(),
             to: format!("engine volume {name}"),
@@ -786,30 +979,51 @@ pub fn restore(
             chunks_verified: report.chunks_verified,
         });
     }
-    let mut binds = BTreeMap::new();
-    for (i, b) in record.binds.iter().enumerate() {
-        let to = match &b.name {
-            Some(name) => what.to.join("volumes").join(name),
-            None => what.to.join("binds").join(i.to_string()),
-        };
+    for (b, (dir, name)) in record.binds.iter().zip(&placement.binds) {
+        let to = placement.to.join(dir).join(name);
         let member = member(repo, rt, &b.snapshot, Kind::Volume)?;
-        binds.insert(b.source.clone(), to.clone());
-        let existed = to.exists();
-        if what.dry_run {
+        let shown_source = b.source.display().to_string();
+        let Some(target) = &target else {
             volumes.push(VolumeOutcome {
-                name: b.source.display().to_string(),
+                name: shown_source,
+                existed: to.exists(),
                 to: to.display().to_string(),
-                existed,
                 files: member.snapshot.summary.files,
                 bytes: member.snapshot.summary.logical_bytes,
                 chunks_verified: 0,
             });
             continue;
-        }
-        let report = crate::volume::restore(repo, rt, &member, &to, &options, &quiet)
-            .map_err(|e| e.context(format!("bind mount {}", b.source.display())))?;
+        };
+        let parent = crate::volume::open_subdir(
+            std::os::fd::AsFd::as_fd(target),
+            std::ffi::OsStr::new(dir),
+            &placement.to.join(dir),
+        )?;
+        let existed = rustix::fs::statat(
+            &parent,
+            name.as_str(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .is_ok();
+        let report = crate::volume::restore_in(
+            repo,
+            rt,
+            &member,
+            std::os::fd::AsFd::as_fd(&parent),
+            std::ffi::OsStr::new(name),
+            &to,
+            &options,
+            &quiet,
+        )
+        .map_err(|e| e.context(format!("bind mount {shown_source}")))?;
+        missing.extend(
+            report
+                .failed
+                .iter()
+                .map(|f| format!("bind mount {shown_source}: {f}")),
+        );
         volumes.push(VolumeOutcome {
-            name: b.source.display().to_string(),
+            name: shown_source,
             to: to.display().to_string(),
             existed,
             files: report.files,
@@ -819,51 +1033,43 @@ pub fn restore(
     }
     let volumes_ms = started.elapsed().as_millis() as u64 - images_ms;
 
-    if explicit {
-        let total_ms = started.elapsed().as_millis() as u64;
-        return Ok(WorkloadReport {
-            dry_run: what.dry_run,
-            snapshot: snap.id.clone(),
-            project,
-            compose_file: String::new(),
-            images,
-            volumes,
-            started: false,
-            phases: Phases {
-                images_ms,
-                volumes_ms,
-                total_ms,
-                ..Phases::default()
-            },
-            complete: missing.is_empty() && !what.dry_run,
-            missing,
-        });
-    }
+    let compose_file = placement.to.join("compose.yaml");
+    let mut report = WorkloadReport {
+        dry_run: what.dry_run,
+        snapshot: snap.id.clone(),
+        project: project.clone(),
+        compose_file: if explicit {
+            String::new()
+        } else {
+            compose_file.display().to_string()
+        },
+        images,
+        volumes,
+        started: false,
+        host_access: placement.host_access.clone(),
+        phases: Phases {
+            images_ms,
+            volumes_ms,
+            ..Phases::default()
+        },
+        complete: false,
+        missing,
+    };
+    let Some(target) = target.filter(|_| !explicit) else {
+        report.phases.total_ms = started.elapsed().as_millis() as u64;
+        report.complete = report.missing.is_empty() && !what.dry_run;
+        if what.dry_run {
+            report.phases = Phases::default();
+        }
+        return Ok(report);
+    };
     let engine = engine.expect("a compose workload has an engine");
-    let config: serde_yaml::Value =
-        serde_yaml::from_str(&record.config).map_err(|e| Error::Corrupt {
-            object: format!("workload record of snapshot {}", snap.id),
-            reason: format!("its compose project does not parse: {e}"),
-        })?;
-    let rewritten = compose::rewrite(&config, &rewritten_images, &binds, &engine_names);
-    let compose_file = what.to.join("compose.yaml");
-    if what.dry_run {
-        return Ok(WorkloadReport {
-            dry_run: true,
-            snapshot: snap.id.clone(),
-            project,
-            compose_file: compose_file.display().to_string(),
-            images,
-            volumes,
-            started: false,
-            phases: Phases::default(),
-            missing,
-            complete: false,
-        });
-    }
-    let yaml = serde_yaml::to_string(&rewritten)
+    let yaml = serde_yaml::to_string(&placement.config)
         .map_err(|e| Error::Config(format!("cannot print the compose project: {e}")))?;
-    crate::localfile::write_atomically(&compose_file, crate::localfile::SHARED, yaml.as_bytes())?;
+    // Both hold the project's secrets (the compose tool interpolated them): private.
+    let private = crate::localfile::PRIVATE;
+    let dir = std::os::fd::AsFd::as_fd(&target);
+    crate::localfile::write_at(dir, "compose.yaml", private, yaml.as_bytes(), &compose_file)?;
     let mut env = record
         .env_file
         .as_ref()
@@ -873,34 +1079,20 @@ pub fn restore(
         env.push(b'\n');
     }
     env.extend_from_slice(format!("COMPOSE_PROJECT_NAME={project}\n").as_bytes());
-    crate::localfile::write_atomically(&what.to.join(".env"), crate::localfile::SHARED, &env)?;
+    crate::localfile::write_at(dir, ".env", private, &env, &placement.to.join(".env"))?;
 
-    let mut phases = Phases {
-        images_ms,
-        volumes_ms,
-        ..Phases::default()
-    };
     if what.up {
         let before = Instant::now();
-        Compose::find()?.up(&compose_file, &project)?;
-        phases.start_ms = before.elapsed().as_millis() as u64;
+        Compose::find(what.engine_socket.as_deref())?.up(&compose_file, &project)?;
+        report.phases.start_ms = before.elapsed().as_millis() as u64;
         let before = Instant::now();
         engine.wait_healthy(&project, HEALTHY_TIMEOUT)?;
-        phases.healthy_ms = before.elapsed().as_millis() as u64;
+        report.phases.healthy_ms = before.elapsed().as_millis() as u64;
+        report.started = true;
     }
-    phases.total_ms = started.elapsed().as_millis() as u64;
-    Ok(WorkloadReport {
-        dry_run: false,
-        snapshot: snap.id.clone(),
-        project,
-        compose_file: compose_file.display().to_string(),
-        images,
-        volumes,
-        started: what.up,
-        phases,
-        complete: missing.is_empty(),
-        missing,
-    })
+    report.phases.total_ms = started.elapsed().as_millis() as u64;
+    report.complete = report.missing.is_empty();
+    Ok(report)
 }
 
 #[cfg(test)]

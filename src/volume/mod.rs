@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use tokio::runtime::Handle;
 
-pub use restore::{RestoreOptions, RestoreReport};
+pub use restore::{open_subdir, RestoreOptions, RestoreReport};
 
 use backup::Reference;
 use payload::PayloadIndex;
@@ -249,6 +249,33 @@ pub fn restore(
         RootFormat::Block => {
             restore::restore_block(Arc::clone(repo), rt.clone(), snap, target, progress)
         }
+        RootFormat::Image | RootFormat::Workload => Err(not_a_volume(snap)),
+    }
+}
+
+/// Restores the volume snapshot `snap` as entry `name` of the open directory `dir` (a
+/// directory for a tree, a file for a block image), never through a symlink: for targets below
+/// one the operator chose (a workload's `DIR/volumes/NAME`). `shown` names it in errors.
+///
+/// # Errors
+/// As [`restore`].
+#[allow(clippy::too_many_arguments)]
+pub fn restore_in(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    snap: &Listed,
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    shown: &std::path::Path,
+    options: &RestoreOptions,
+    progress: &Progress,
+) -> Result<RestoreReport> {
+    let (repo, rt) = (Arc::clone(repo), rt.clone());
+    match snap.snapshot.root_format {
+        RootFormat::Tree => {
+            restore::restore_tree_in(repo, rt, snap, dir, name, shown, options, progress)
+        }
+        RootFormat::Block => restore::restore_block_in(repo, rt, snap, dir, name, shown, progress),
         RootFormat::Image | RootFormat::Workload => Err(not_a_volume(snap)),
     }
 }

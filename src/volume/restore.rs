@@ -121,6 +121,10 @@ pub struct RestoreReport {
     pub chunks_verified: u64,
     /// Entries not restored, or restored without setuid/setgid bits, with the reason.
     pub skipped: Vec<String>,
+    /// Entries that could not be created (a name the target's file system refuses, a
+    /// directory in the way, no permission), each with its error: the restore went on with the
+    /// rest, and is partial.
+    pub failed: Vec<String>,
     pub duration_ms: u64,
 }
 
@@ -174,14 +178,6 @@ pub fn restore_tree(
     options: &RestoreOptions,
     progress: &Progress,
 ) -> Result<RestoreReport> {
-    let sub: Option<Vec<u8>> = options
-        .subpath
-        .as_deref()
-        .map(|s| s.trim_matches('/').as_bytes().to_vec())
-        .filter(|s| !s.is_empty());
-    if let Some(s) = &sub {
-        catalog::validate_path(s)?;
-    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(NEW_DIR_MODE)
@@ -194,6 +190,48 @@ pub fn restore_tree(
         rustix::fs::Mode::empty(),
     )
     .map_err(errno(target))?;
+    restore_tree_at(repo, rt, snap, root, target, options, progress)
+}
+
+/// Restores the tree snapshot `snap` into the directory `name` of `dir` (created 0700 when
+/// missing, never through a symlink): a target below one the operator chose, such as a
+/// workload's `DIR/volumes/NAME`, that another local user may be able to change.
+///
+/// # Errors
+/// As [`restore_tree`]; [`Error::UnsafePath`] when `name` is a symlink.
+#[allow(clippy::too_many_arguments)]
+pub fn restore_tree_in(
+    repo: Arc<Repository>,
+    rt: Handle,
+    snap: &Listed,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+    options: &RestoreOptions,
+    progress: &Progress,
+) -> Result<RestoreReport> {
+    let root = open_dir(dir, name.as_bytes(), false, shown)?;
+    restore_tree_at(repo, rt, snap, root, shown, options, progress)
+}
+
+/// Restores into the open directory `root`, shown as `target`.
+fn restore_tree_at(
+    repo: Arc<Repository>,
+    rt: Handle,
+    snap: &Listed,
+    root: OwnedFd,
+    target: &Path,
+    options: &RestoreOptions,
+    progress: &Progress,
+) -> Result<RestoreReport> {
+    let sub: Option<Vec<u8>> = options
+        .subpath
+        .as_deref()
+        .map(|s| s.trim_matches('/').as_bytes().to_vec())
+        .filter(|s| !s.is_empty());
+    if let Some(s) = &sub {
+        catalog::validate_path(s)?;
+    }
     let (tx, rx) = sync_channel(MESSAGES_AHEAD);
     let budget = Arc::new(Budget::default());
     let reader = {
@@ -411,17 +449,49 @@ impl TreeWriter<'_> {
         Ok(())
     }
 
+    /// Restores every entry. One that the target refuses (an I/O error on it) is listed in
+    /// the report and the rest goes on, as restic does; bad data, an unsafe path or a failed
+    /// read of the snapshot stops the restore.
     fn entries(&mut self) -> Result<()> {
         while let Ok(msg) = self.rx.recv() {
             match msg {
                 Msg::Entry(e, parts) => {
                     let shown = e.display_path();
                     self.parts = parts;
-                    self.entry(e)
-                        .map_err(|err| err.context(format!("restoring {shown}")))?
+                    if let Err(err) = self.entry(e) {
+                        let err = err.context(format!("restoring {shown}"));
+                        if err.kind() != crate::error::ErrorKind::Io {
+                            return Err(err);
+                        }
+                        self.skip_parts()?;
+                        tracing::warn!("{err}");
+                        self.report.failed.push(err.to_string());
+                    }
                 }
                 Msg::Failed(e) => return Err(e),
                 Msg::Part(..) => unreachable!("parts follow their entry"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes the parts of an entry that failed, keeping payload chunks for the files that
+    /// start in them.
+    fn skip_parts(&mut self) -> Result<()> {
+        while self.parts > 0 {
+            self.parts -= 1;
+            match self.rx.recv() {
+                Ok(Msg::Part(part)) => {
+                    if let Data::Fetch(h, stream) = part.data {
+                        let data = pipeline::wait(&self.rt, h);
+                        self.budget.give(part.chunk.len.into());
+                        if let (Some(stream), Ok(data)) = (stream, data) {
+                            self.kept[stream as usize] = Some(data);
+                        }
+                    }
+                }
+                Ok(Msg::Failed(err)) => return Err(err),
+                _ => unreachable!("a file's parts follow it"),
             }
         }
         Ok(())
@@ -613,12 +683,8 @@ impl TreeWriter<'_> {
     /// Writes a file under a temporary name in `dir`, with its metadata, and renames it into
     /// place once complete and verified.
     fn file(&mut self, dir: BorrowedFd<'_>, name: &OsStr, e: &Entry, shown: &Path) -> Result<()> {
-        let mut tmp_name = b".".to_vec();
-        tmp_name.extend_from_slice(name.as_bytes());
-        tmp_name.extend_from_slice(
-            format!(".tresor-{}", hex::encode(rand::random::<[u8; 6]>())).as_bytes(),
-        );
-        let tmp = OsStr::from_bytes(&tmp_name);
+        let tmp_name = crate::localfile::temp_name();
+        let tmp = OsStr::new(&tmp_name);
         let fd = rustix::fs::openat(
             dir,
             tmp,
@@ -642,7 +708,8 @@ impl TreeWriter<'_> {
 
     fn write_file(&mut self, file: &mut File, e: &Entry, shown: &Path) -> Result<()> {
         let mut written: u64 = 0;
-        for _ in 0..std::mem::take(&mut self.parts) {
+        while self.parts > 0 {
+            self.parts -= 1;
             let part = match self.rx.recv() {
                 Ok(Msg::Part(part)) => part,
                 Ok(Msg::Failed(err)) => return Err(err),
@@ -695,6 +762,16 @@ impl TreeWriter<'_> {
         self.report.bytes_written += written;
         Ok(())
     }
+}
+
+/// The directory `name` of `dir`, opened without following a symlink and created (0700) when
+/// missing: for the directories a caller makes below a target it opened (a workload's
+/// `DIR/volumes`).
+///
+/// # Errors
+/// [`Error::UnsafePath`] when `name` is a symlink; [`Error::Io`] naming `shown`.
+pub fn open_subdir(dir: BorrowedFd<'_>, name: &OsStr, shown: &Path) -> Result<OwnedFd> {
+    open_dir(dir, name.as_bytes(), false, shown)
 }
 
 /// Opens the directory `name` in `dir` without following a symlink, creating it (0700) when
@@ -799,9 +876,8 @@ pub fn restore_block(
     target: &Path,
     progress: &Progress,
 ) -> Result<RestoreReport> {
-    let started = std::time::Instant::now();
     let is_device = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
-    let mut out = File::options()
+    let out = File::options()
         .write(true)
         .create(!is_device)
         .truncate(!is_device)
@@ -810,6 +886,44 @@ pub fn restore_block(
         .custom_flags(libc::O_NOFOLLOW)
         .open(target)
         .map_err(|e| Error::io(target, e))?;
+    write_block(repo, rt, snap, out, is_device, target, progress)
+}
+
+/// Restores a block snapshot as the file `name` of `dir` (created 0600, never through a
+/// symlink), as [`restore_tree_in`] does for trees.
+///
+/// # Errors
+/// As [`restore_block`].
+pub fn restore_block_in(
+    repo: Arc<Repository>,
+    rt: Handle,
+    snap: &Listed,
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    shown: &Path,
+    progress: &Progress,
+) -> Result<RestoreReport> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .map_err(errno(shown))?;
+    write_block(repo, rt, snap, File::from(fd), false, shown, progress)
+}
+
+/// Writes the block snapshot `snap` into `out` (a device is written through, zeros included).
+fn write_block(
+    repo: Arc<Repository>,
+    rt: Handle,
+    snap: &Listed,
+    mut out: File,
+    is_device: bool,
+    target: &Path,
+    progress: &Progress,
+) -> Result<RestoreReport> {
+    let started = std::time::Instant::now();
     let mut list = StreamReader::new(Arc::clone(&repo), rt.clone(), snap.snapshot.root.clone(), 2);
     let mut pending: VecDeque<(ChunkRef, Option<JoinHandle<Result<Bytes>>>)> = VecDeque::new();
     let mut report = RestoreReport {

@@ -12,10 +12,42 @@ use serde_yaml::Value;
 
 use crate::error::{Error, Result};
 
-/// The compose tool found on this host.
+/// The compose tool found on this host, and the environment it runs with.
 #[derive(Clone, Debug)]
 pub struct Compose {
     program: Vec<String>,
+    env: Vec<(String, std::ffi::OsString)>,
+}
+
+/// Variables of tresor's environment the compose tool may see: what it needs to run and find
+/// its plugins and registry logins. Nothing else: compose ranks the environment above the
+/// project's `.env`, so an agent's own secrets (`AWS_SECRET_ACCESS_KEY`, `TRESOR_*`) would
+/// otherwise replace the project's values and be recorded in its twin.
+fn allowed(name: &str) -> bool {
+    matches!(
+        name,
+        "PATH"
+            | "HOME"
+            | "LANG"
+            | "LC_ALL"
+            | "DOCKER_CONFIG"
+            | "DOCKER_CERT_PATH"
+            | "DOCKER_TLS_VERIFY"
+    ) || name.starts_with("COMPOSE_")
+}
+
+/// The compose tool's environment: [`allowed`] variables, and `DOCKER_HOST` naming the engine
+/// tresor's own client speaks to (`socket`, else as it found it), so that both reach one engine.
+fn environment(socket: Option<&Path>) -> Vec<(String, std::ffi::OsString)> {
+    let mut env: Vec<(String, std::ffi::OsString)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v)))
+        .filter(|(k, _)| allowed(k))
+        .collect();
+    env.push((
+        "DOCKER_HOST".into(),
+        super::engine::docker_host(socket).into(),
+    ));
+    env
 }
 
 /// A normalized compose project.
@@ -54,15 +86,19 @@ fn tool_error(what: &str, reason: impl Into<String>) -> Error {
 }
 
 impl Compose {
-    /// `docker compose` (v2) where the plugin is installed, else `docker-compose`.
+    /// `docker compose` (v2) where the plugin is installed, else `docker-compose`, speaking
+    /// to the engine at `socket` (else the one the environment names).
     ///
     /// # Errors
     /// [`Error::Engine`] when neither runs.
-    pub fn find() -> Result<Compose> {
+    pub fn find(socket: Option<&Path>) -> Result<Compose> {
+        let env = environment(socket);
         let works = |program: &[&str]| {
             Command::new(program[0])
                 .args(&program[1..])
                 .arg("version")
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
@@ -70,6 +106,7 @@ impl Compose {
             if works(program) {
                 return Ok(Compose {
                     program: program.iter().map(|s| s.to_string()).collect(),
+                    env,
                 });
             }
         }
@@ -81,7 +118,9 @@ impl Compose {
 
     fn command(&self, files: &[PathBuf], env_file: Option<&Path>, project: &str) -> Command {
         let mut cmd = Command::new(&self.program[0]);
-        cmd.args(&self.program[1..]);
+        cmd.args(&self.program[1..])
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         for f in files {
             cmd.arg("-f").arg(f);
         }
@@ -327,7 +366,8 @@ fn dependency_order(mut services: Vec<Service>) -> Result<Vec<Service>> {
     Ok(out)
 }
 
-/// The project rewritten for a twin: each service's image replaced by `images[service]`, each
+/// The project rewritten for a twin: each service's image replaced by `images[service]` (its
+/// `build` dropped), each
 /// bind mount's source by `binds[old source]`, and each named volume given its engine name
 /// in `volumes` (the volumes restored for the new project).
 pub fn rewrite(
@@ -344,6 +384,8 @@ pub fn rewrite(
             };
             if let (Some(image), Some(def)) = (images.get(sname), def.as_mapping_mut()) {
                 def.insert("image".into(), Value::String(image.clone()));
+                // The image comes from the repository: nothing is built on the twin's host.
+                def.remove("build");
             }
             let Some(mounts) = def.get_mut("volumes").and_then(Value::as_sequence_mut) else {
                 continue;

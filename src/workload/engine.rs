@@ -41,6 +41,19 @@ fn resumed(id: &str) {
         .retain(|(c, _)| c != id);
 }
 
+/// The `DOCKER_HOST` of the engine that [`Engine::connect`] reaches with `socket`: the socket,
+/// else `DOCKER_HOST` as bollard reads it, else the default socket. Given to the compose tool,
+/// so that the containers it makes land on the engine tresor made the volumes on and waits on.
+pub fn docker_host(socket: Option<&Path>) -> String {
+    match socket {
+        Some(path) => format!("unix://{}", path.display()),
+        None => std::env::var("DOCKER_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
+    }
+}
+
 /// The socket the last [`Engine::connect`] used, for [`resume_all`].
 static SOCKET: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
 
@@ -381,7 +394,15 @@ impl Engine {
         let started = Instant::now();
         loop {
             let mut waiting = Vec::new();
-            for c in self.project_containers(project)? {
+            let containers = self.project_containers(project)?;
+            if containers.is_empty() {
+                return Err(Error::Engine {
+                    what: format!("project {project}"),
+                    reason: "has no container on this engine (did the compose tool start it on another?)"
+                        .into(),
+                });
+            }
+            for c in containers {
                 let inspected = self
                     .rt
                     .block_on(

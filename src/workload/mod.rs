@@ -12,6 +12,7 @@
 pub mod compose;
 pub mod engine;
 pub mod export;
+pub mod policy;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -12,6 +12,7 @@ mod hostile;
 mod oci;
 mod s3;
 mod small_files;
+mod trust;
 mod verify;
 mod volume;
 mod workload;

@@ -200,16 +200,34 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
     let env = Env::new();
     let mut shop = Site::start(&env, "shop");
     let (site, image) = (shop.dir.clone(), shop.image.clone());
+    let source_host = shop.source.as_ref().unwrap().host.clone();
 
+    // --insecure would reach every registry the compose file names: refused, hosts named.
+    let compose_file = site.join("compose.yaml");
+    let out = env.tresor(&[
+        "backup",
+        "workload",
+        "shop",
+        "--compose",
+        compose_file.to_str().unwrap(),
+        "--insecure",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--insecure-registry"),
+        "{}",
+        stderr(&out)
+    );
     let backup = env.json(&[
         "backup",
         "workload",
         "shop",
         "--compose",
-        site.join("compose.yaml").to_str().unwrap(),
+        compose_file.to_str().unwrap(),
         "--project-name",
         "shop",
-        "--insecure",
+        "--insecure-registry",
+        &source_host,
     ]);
     let workload = &backup["workload"];
     assert_eq!(workload["consistency"], "stop");
@@ -371,10 +389,11 @@ fn sigterm_to_the_agent_mid_backup_starts_the_containers_again() {
             marker.display()
         ),
     );
+    let log = env.path("agent.log");
     let mut child = Guard(
         agent(&env, &config, &["--once"])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -382,7 +401,8 @@ fn sigterm_to_the_agent_mid_backup_starts_the_containers_again() {
     while !marker.exists() {
         assert!(
             Instant::now() < deadline,
-            "the backup never quiesced the project"
+            "the backup never quiesced the project; the agent said:\n{}",
+            fs::read_to_string(&log).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -402,6 +422,7 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
     let env = Env::new();
     let site = Site::start(&env, "shop3");
     let compose_file = site.dir.join("compose.yaml");
+    let source_host = site.source.as_ref().unwrap().host.clone();
     let backup = |extra: &[&str]| {
         let mut args = vec![
             "backup",
@@ -411,7 +432,8 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
             compose_file.to_str().unwrap(),
             "--project-name",
             "shop3",
-            "--insecure",
+            "--insecure-registry",
+            &source_host,
             // The engine named explicitly, as Podman's socket would be.
             "--engine-socket",
             "/var/run/docker.sock",

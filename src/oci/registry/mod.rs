@@ -71,6 +71,8 @@ pub struct RegistryOptions {
     /// A file holding `USER:PASSWORD` (one line), instead of `creds`: a password on the command
     /// line is readable by every local user in `/proc/PID/cmdline`.
     pub creds_file: Option<PathBuf>,
+    /// `(host, file)`: `USER:PASSWORD` in the file, for that registry only (over the auth file).
+    pub host_creds: Vec<(String, PathBuf)>,
     /// A docker `config.json` or containers `auth.json`; by default the first of
     /// `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`, `$DOCKER_CONFIG/config.json`,
     /// `~/.docker/config.json` that exists.
@@ -99,6 +101,14 @@ pub struct Registry {
     realms_checked: Mutex<std::collections::HashSet<String>>,
     /// Repositories known to hold blobs, for mounts.
     pub locations: Locations,
+}
+
+/// `USER:PASSWORD` from `origin` as basic credentials.
+fn basic(creds: &str, origin: &str) -> Result<RegistryAuth> {
+    let (user, pass) = creds
+        .split_once(':')
+        .ok_or_else(|| Error::Config(format!("{origin}: give USER:PASSWORD")))?;
+    Ok(RegistryAuth::Basic(user.into(), pass.into()))
 }
 
 impl Registry {
@@ -136,33 +146,29 @@ impl Registry {
                 data: pem,
             });
         }
-        let from_file = match &options.creds_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-                Some((
-                    text.trim_end_matches(['\r', '\n']).to_string(),
-                    path.display().to_string(),
-                ))
-            }
-            None => None,
+        let read_creds = |path: &PathBuf| -> Result<RegistryAuth> {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            basic(
+                text.trim_end_matches(['\r', '\n']),
+                &path.display().to_string(),
+            )
         };
-        let creds = match from_file.or_else(|| options.creds.clone().map(|c| (c, "--creds".into())))
-        {
-            Some((c, origin)) => {
-                let (user, pass) = c
-                    .split_once(':')
-                    .ok_or_else(|| Error::Config(format!("{origin}: give USER:PASSWORD")))?;
-                Some(RegistryAuth::Basic(user.into(), pass.into()))
-            }
-            None => None,
+        let creds = match (&options.creds_file, &options.creds) {
+            (Some(path), _) => Some(read_creds(path)?),
+            (None, Some(c)) => Some(basic(c, "--creds")?),
+            (None, None) => None,
         };
+        let mut auths = load_auth_file(options.auth_file.clone())?;
+        for (host, path) in &options.host_creds {
+            auths.insert(host.clone(), read_creds(path)?);
+        }
         Ok(Registry {
             negotiator: Client::try_from(config).map_err(|e| bad_ca(&e))?,
             http: builder
                 .build()
                 .map_err(|e| Error::Config(format!("registry HTTP client: {e}")))?,
             insecure: options.insecure.clone(),
-            auths: load_auth_file(options.auth_file.clone())?,
+            auths,
             creds,
             attempts: options.attempts.max(1),
             tokens: Mutex::new(HashMap::new()),

@@ -92,7 +92,11 @@ impl Env {
             .env_remove("CREDENTIALS_DIRECTORY")
             .env_remove("RUST_LOG");
         if self.keyless {
-            c.env_remove("TRESOR_KEY_FILE");
+            // The operator knows the repository is unencrypted: a fresh cache must be told.
+            c.env_remove("TRESOR_KEY_FILE")
+                .env("TRESOR_EXPECT_UNENCRYPTED", "true");
+        } else {
+            c.env_remove("TRESOR_EXPECT_UNENCRYPTED");
         }
         if let Some(server) = &self.s3 {
             server.env(&mut c);
@@ -110,7 +114,10 @@ impl Env {
     pub fn open_repo(&self, rt: &tokio::runtime::Runtime) -> tresor::repository::Repository {
         let options = match std::fs::read(self.key_file()) {
             Ok(key) => with_key(key),
-            Err(_) => Default::default(),
+            Err(_) => tresor::repository::OpenOptions {
+                expect_unencrypted: true,
+                ..Default::default()
+            },
         };
         rt.block_on(tresor::repository::Repository::open(
             self.store(),
@@ -402,7 +409,7 @@ pub fn with_key(key: Vec<u8>) -> tresor::repository::OpenOptions<'static> {
         secret: Some(tresor::crypto::Secret::KeyFile(zeroize::Zeroizing::new(
             key,
         ))),
-        cache_dir: None,
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,564 @@
+//! Security, second round: the disaster-recovery host. Each test runs an attack that got
+//! through before: a workload record forged in an unencrypted store (host paths, privileges,
+//! namespaces, the engine socket, names that climb out of `--to`), a config stripped of its
+//! encryption or its MAC shown to a host that has never seen the repository, a symlink planted
+//! under `--to` by another local user, tresor's own environment leaking into the project. And
+//! the restore's own limits: a legal 255-byte name, an entry the target refuses.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use crate::common::oci::{push, Layout, TestRegistry};
+use crate::common::*;
+use tresor::chunker::Mode;
+use tresor::gc::Session;
+use tresor::pipeline::{ChunkWriter, StreamWriter};
+use tresor::snapshot::{Kind, RootFormat, Snapshot, Summary, RECORD_VERSION};
+use tresor::workload::{KeptFile, WorkloadRecord};
+
+/// An image pushed to `registry` and a workload given by hand (that image, one volume) backed
+/// up: the members a forged record can point at. Returns the workload record.
+fn members(env: &Env, registry: &TestRegistry) -> WorkloadRecord {
+    let mut layout = Layout::new(&env.path("layout"));
+    let layer = layout.layer(&[("hello.txt", b"hello\n".to_vec())]);
+    let app = layout.image("amd64", &[layer]);
+    layout.tag("v1", &app);
+    push(&layout, "v1", &registry.host, "forged/app");
+    let data = env.path("data");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("file"), b"data\n").unwrap();
+    let backup = env.json(&[
+        "backup",
+        "workload",
+        "real",
+        "--image",
+        &format!("{}/forged/app:v1", registry.host),
+        "--volume",
+        &format!("data={}", data.display()),
+        "--insecure",
+    ]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let repo = Arc::new(env.open_repo(&rt));
+    let id = backup["id"].as_str().unwrap();
+    let listed = tresor::snapshot::Listed {
+        id: id.into(),
+        snapshot: rt.block_on(Snapshot::load(&repo, id)).unwrap(),
+    };
+    tresor::workload::load_record(&repo, rt.handle(), &listed).unwrap()
+}
+
+/// Writes `record` as workload snapshot `name`, as anyone who may write an unencrypted store
+/// can.
+fn forge(env: &Env, name: &str, record: &WorkloadRecord) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let repo = Arc::new(env.open_repo(&rt));
+    let session = Arc::new(
+        rt.block_on(Session::start(repo.clone(), None, "forger"))
+            .unwrap(),
+    );
+    let writer = ChunkWriter::new(session, rt.handle().clone(), 1 << 20);
+    let mut stream = StreamWriter::new(&writer, Mode::ContentDefined);
+    ciborium::into_writer(record, &mut stream).unwrap();
+    let (root, _) = stream.finish().unwrap();
+    writer.flush().unwrap();
+    let snap = Snapshot {
+        version: RECORD_VERSION,
+        kind: Kind::Workload,
+        name: name.into(),
+        source: "compose:forged".into(),
+        host: "attacker".into(),
+        time: chrono::Utc::now(),
+        tags: vec![],
+        partial: false,
+        root_format: RootFormat::Workload,
+        root,
+        payload: None,
+        parent: None,
+        summary: Summary::default(),
+        image: None,
+        errors: vec![],
+    };
+    rt.block_on(snap.save(&repo)).unwrap();
+}
+
+/// `record` turned into a compose project whose one service `app` runs the member image with
+/// `extra` (YAML lines under the service) and binds the volume member's source at /data.
+fn compose_record(
+    record: &WorkloadRecord,
+    project: &str,
+    extra: &str,
+    tail: &str,
+) -> WorkloadRecord {
+    let mut forged = record.clone();
+    forged.project = project.into();
+    forged.services[0].name = "app".into();
+    let source = forged.binds[0].source.display().to_string();
+    forged.binds[0].name = None;
+    forged.config = format!(
+        "services:\n  app:\n    image: {}\n    volumes:\n    - {source}:/data\n{extra}{tail}",
+        forged.services[0].image
+    );
+    forged.compose_files = vec![KeptFile {
+        name: "compose.yaml".into(),
+        bytes: forged.config.clone().into_bytes(),
+    }];
+    forged
+}
+
+fn containers_of(project: &str) -> String {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "-q", "--filter"])
+        .arg(format!("label=com.docker.compose.project={project}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_forged_workload_record_does_not_decide_what_runs_on_the_host() {
+    let env = Env::unencrypted();
+    let source = TestRegistry::start(&env.path("registry-a"));
+    let target = TestRegistry::start(&env.path("registry-b"));
+    let real = members(&env, &source);
+    let registry = format!("{}/dr", target.host);
+    let restore = |name: &str, to: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "restore",
+            "workload",
+            name,
+            "--registry",
+            &registry,
+            "--to",
+            to.to_str().unwrap(),
+            "--insecure",
+        ];
+        args.extend_from_slice(extra);
+        env.tresor(&args)
+    };
+
+    // Each forged project asks for the host in its own way; each is refused before anything
+    // is written, naming what it asked, and no container is made.
+    let cases = [
+        (
+            "hostbind",
+            "    - /:/host\n",
+            "",
+            "binds host path /, not a member",
+        ),
+        (
+            "socket",
+            "    - /var/run/docker.sock:/s\n",
+            "",
+            "the engine socket",
+        ),
+        (
+            "privileged",
+            "",
+            "    privileged: true\n",
+            "privileged true",
+        ),
+        (
+            "pidhost",
+            "",
+            "    pid: host\n    network_mode: host\n",
+            "pid host",
+        ),
+        (
+            "secret",
+            "",
+            "secrets:\n  s:\n    file: /etc/shadow\n",
+            "reads host file /etc/shadow",
+        ),
+    ];
+    for (project, mount, extra, named) in cases {
+        let forged = compose_record(&real, project, mount, extra);
+        forge(&env, project, &forged);
+        let to = env.path(&format!("twin-{project}"));
+        for dry in [&["--dry-run"][..], &["--up"][..]] {
+            let out = restore(project, &to, dry);
+            assert_eq!(
+                out.status.code(),
+                Some(5),
+                "{project} {dry:?}: {}",
+                stderr(&out)
+            );
+            assert!(stderr(&out).contains(named), "{project}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains("--allow-host-access"),
+                "{}",
+                stderr(&out)
+            );
+        }
+        assert!(!to.exists(), "{project}: something was written");
+        assert_eq!(
+            containers_of(project),
+            "",
+            "{project}: a container was made"
+        );
+    }
+
+    // A clean project from an unencrypted repository: restored files, yes; started, only
+    // with the opt-in.
+    let clean = compose_record(&real, "clean", "", "");
+    forge(&env, "clean", &clean);
+    let out = restore("clean", &env.path("twin-clean-up"), &["--up"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("unencrypted"), "{}", stderr(&out));
+    assert_eq!(containers_of("clean"), "");
+
+    // The same host bind with the opt-in: restored (not started), the grant said and reported.
+    let to = env.path("twin-granted");
+    let out = restore("hostbind", &to, &["--allow-host-access", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["host_access"][0]
+            .as_str()
+            .unwrap()
+            .contains("binds host path /"),
+        "{report}"
+    );
+    assert!(
+        stderr(&out).contains("host access granted"),
+        "{}",
+        stderr(&out)
+    );
+    // The twin's files hold the project's secrets: private, in a private directory.
+    for (path, mode) in [
+        (&to, 0o700),
+        (&to.join("compose.yaml"), 0o600),
+        (&to.join(".env"), 0o600),
+    ] {
+        let got = fs::metadata(path).unwrap().mode() & 0o777;
+        assert_eq!(got, mode, "{}", path.display());
+    }
+
+    // Names that climb out of --to, and an image that is no member: refused even with the
+    // opt-in, nothing written anywhere.
+    let outside = env.path("outside");
+    let mut climbing = real.clone();
+    climbing.binds[0].name = Some("../../outside".into());
+    let mut absolute = real.clone();
+    absolute.binds[0].name = Some(outside.display().to_string());
+    let mut stranger = compose_record(&real, "stranger", "", "");
+    stranger
+        .config
+        .push_str("  miner:\n    image: evil.example/miner:1\n");
+    for (name, record, named) in [
+        ("climbing", climbing, "not a plain name"),
+        ("absolute", absolute, "not a plain name"),
+        ("stranger", stranger, "not a member"),
+    ] {
+        forge(&env, name, &record);
+        let to = env.path("twin-climb/a/b");
+        let out = restore(name, &to, &["--allow-host-access"]);
+        assert_eq!(out.status.code(), Some(5), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(named), "{name}: {}", stderr(&out));
+        assert!(!outside.exists() && !to.exists(), "{name}: written");
+    }
+}
+
+#[test]
+fn volume_driver_options_from_the_record_need_the_opt_in() {
+    let env = Env::unencrypted();
+    let source = TestRegistry::start(&env.path("registry-a"));
+    let target = TestRegistry::start(&env.path("registry-b"));
+    let real = members(&env, &source);
+    let mut forged = compose_record(&real, "bindopts", "", "");
+    // The member becomes a named volume whose driver options bind the host's root.
+    let bind = forged.binds.remove(0);
+    forged.config = format!(
+        "services:\n  app:\n    image: {}\n    volumes:\n    - data:/data\nvolumes:\n  data: {{}}\n",
+        forged.services[0].image
+    );
+    forged.volumes = vec![tresor::workload::VolumeMember {
+        key: "data".into(),
+        engine: serde_json::from_value(serde_json::json!({
+            "name": "bindopts_data",
+            "driver": "local",
+            "labels": {},
+            "options": {"type": "none", "o": "bind", "device": "/"},
+        }))
+        .unwrap(),
+        snapshot: bind.snapshot,
+    }];
+    forge(&env, "bindopts", &forged);
+    let out = env.tresor(&[
+        "restore",
+        "workload",
+        "bindopts",
+        "--registry",
+        &target.host,
+        "--to",
+        env.path("twin").to_str().unwrap(),
+        "--insecure",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("volume data: driver local with options"),
+        "{err}"
+    );
+    // The values (a share's password, a host path) are never printed.
+    assert!(
+        err.contains("device=…") && !err.contains("device=/"),
+        "{err}"
+    );
+    let volumes = Command::new("docker")
+        .args(["volume", "ls", "-q"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&volumes.stdout).contains("bindopts_data"));
+}
+
+/// Rewrites a `file://` repository's config as the store operator can.
+fn edit_config(env: &Env, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = env.path("repo/config");
+    let raw = fs::read(&path).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&raw[8..]).unwrap();
+    edit(config.as_object_mut().unwrap());
+    let mut out = raw[..8].to_vec();
+    out.extend_from_slice(&serde_json::to_vec_pretty(&config).unwrap());
+    fs::write(&path, out).unwrap();
+}
+
+fn object_count(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            n += object_count(&e.path());
+        } else {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn a_fresh_host_is_not_talked_out_of_encryption() {
+    let env = Env::new();
+    let tree = env.path("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("secret.txt"), b"the agency's data\n").unwrap();
+    env.backup("vol", &tree, &[]);
+    // The store operator strips encryption, the MAC and the key slots.
+    edit_config(&env, |c| {
+        c.remove("encryption");
+        c.remove("mac");
+    });
+    fs::remove_dir_all(env.path("repo/keys")).unwrap();
+    let objects = object_count(&env.path("repo"));
+
+    let fresh = |extra: &[&str], cache: &str, key: bool| {
+        let mut cmd = env.cmd();
+        cmd.env("TRESOR_CACHE_DIR", env.path(cache));
+        if !key {
+            cmd.env_remove("TRESOR_KEY_FILE");
+        }
+        cmd.args(extra).output().unwrap()
+    };
+    let tree_arg: &'static str = tree.to_str().unwrap().to_string().leak();
+    let backup = ["backup", "volume", "planted", tree_arg];
+    for (cache, no_cache) in [("fresh-cache", false), ("other-cache", true)] {
+        let with = |args: &[&'static str]| -> Vec<&'static str> {
+            let mut all = args.to_vec();
+            if no_cache {
+                all.push("--no-cache");
+            }
+            all
+        };
+        // No secret: the store's word is not taken.
+        for args in [&["snapshots"][..], &backup[..]] {
+            let out = fresh(&with(args), cache, false);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+            assert!(stderr(&out).contains("never opened it"), "{}", stderr(&out));
+        }
+        // Told it is unencrypted: the sealed records give it away.
+        let mut told = with(&backup);
+        told.push("--expect-unencrypted");
+        let out = fresh(&told, cache, false);
+        assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+        assert!(stderr(&out).contains("is sealed"), "{}", stderr(&out));
+        // With the key: tampered.
+        let out = fresh(&with(&backup), cache, true);
+        assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("a password or key file was given"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // The host that knows the repository refuses too.
+    let out = env.tresor(&backup);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(
+        object_count(&env.path("repo")),
+        objects,
+        "plaintext was written"
+    );
+}
+
+#[test]
+fn a_stripped_mac_is_refused_everywhere_until_the_owner_signs() {
+    let env = Env::new();
+    let tree = env.path("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("a"), b"a\n").unwrap();
+    env.backup("vol", &tree, &[]);
+    // The MAC stripped, compression switched off: what any later backup would obey.
+    edit_config(&env, |c| {
+        c.remove("mac");
+        c.insert("compression_level".into(), serde_json::Value::Null);
+    });
+    let out = env.tresor(&["snapshots"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("changed since this host"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env
+        .cmd()
+        .env("TRESOR_CACHE_DIR", env.path("fresh-cache"))
+        .arg("snapshots")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("has no MAC"), "{}", stderr(&out));
+    // The owner's explicit step shows the fields and, on a host that never saw a MAC, signs.
+    let shown = env
+        .cmd()
+        .env("TRESOR_CACHE_DIR", env.path("fresh-cache"))
+        .args(["key", "upgrade-config", "--dry-run", "--json"])
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["signed"], false);
+    assert_eq!(
+        shown["config"]["compression_level"],
+        serde_json::Value::Null
+    );
+    let signed = env
+        .cmd()
+        .env("TRESOR_CACHE_DIR", env.path("fresh-cache"))
+        .args(["key", "upgrade-config"])
+        .output()
+        .unwrap();
+    assert!(signed.status.success(), "{}", stderr(&signed));
+    let out = env
+        .cmd()
+        .env("TRESOR_CACHE_DIR", env.path("fresh-cache"))
+        .arg("snapshots")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_symlink_planted_under_the_twin_directory_is_not_followed() {
+    let env = Env::new();
+    let data = env.path("data");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("payload"), b"restored\n").unwrap();
+    let source = TestRegistry::start(&env.path("registry-a"));
+    let target = TestRegistry::start(&env.path("registry-b"));
+    let mut layout = Layout::new(&env.path("layout"));
+    let layer = layout.layer(&[("hello.txt", b"hello\n".to_vec())]);
+    let app = layout.image("amd64", &[layer]);
+    layout.tag("v1", &app);
+    push(&layout, "v1", &source.host, "sym/app");
+    env.json(&[
+        "backup",
+        "workload",
+        "sym",
+        "--image",
+        &format!("{}/sym/app:v1", source.host),
+        "--volume",
+        &format!("www={}", data.display()),
+        "--insecure",
+    ]);
+    // A directory others may write in, and a local user's symlink in it.
+    let twin = env.path("twin");
+    fs::create_dir_all(&twin).unwrap();
+    fs::set_permissions(&twin, fs::Permissions::from_mode(0o777)).unwrap();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let victim = env.path("victim");
+    fs::create_dir_all(&victim).unwrap();
+    fs::write(victim.join("keep"), b"untouched\n").unwrap();
+    let planted = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "ln",
+            "-s",
+        ])
+        .arg(&victim)
+        .arg(twin.join("volumes"))
+        .status()
+        .unwrap();
+    assert!(planted.success());
+    let out = env.tresor(&[
+        "restore",
+        "workload",
+        "sym",
+        "--registry",
+        &target.host,
+        "--to",
+        twin.to_str().unwrap(),
+        "--insecure",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("symlink"), "{}", stderr(&out));
+    let left: Vec<_> = fs::read_dir(&victim)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, ["keep"], "the victim changed");
+    assert_eq!(fs::metadata(victim.join("keep")).unwrap().uid(), 0);
+}
+
+#[test]
+fn a_255_byte_name_restores_and_an_entry_the_target_refuses_does_not_stop_the_rest() {
+    let env = Env::new();
+    let tree = env.path("tree");
+    fs::create_dir_all(tree.join("dir")).unwrap();
+    let long = "n".repeat(255);
+    fs::write(tree.join(&long), b"a legal name\n").unwrap();
+    fs::write(tree.join("dir").join(&long), b"deeper\n").unwrap();
+    fs::write(tree.join("blocked"), b"cannot land\n").unwrap();
+    fs::write(tree.join("zz-after"), b"comes after\n").unwrap();
+    let snap = env.backup("names", &tree, &[]);
+    let id = snap["id"].as_str().unwrap();
+    let out = env.path("out");
+    env.restore(id, &out, &[]);
+    assert_same_tree(&tree, &out);
+
+    // A directory where a file must go: that entry fails, named; the others are restored.
+    let again = env.path("again");
+    fs::create_dir_all(again.join("blocked/inside")).unwrap();
+    let out = env.tresor(&[
+        "restore",
+        "volume",
+        id,
+        "--to",
+        again.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let failed = report["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{report}");
+    assert!(failed[0].as_str().unwrap().contains("blocked"), "{report}");
+    assert_eq!(fs::read(again.join("zz-after")).unwrap(), b"comes after\n");
+    assert_eq!(
+        fs::read(again.join("dir").join(&long)).unwrap(),
+        b"deeper\n"
+    );
+}
