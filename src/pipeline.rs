@@ -321,15 +321,26 @@ pub fn wait(rt: &Handle, handle: JoinHandle<Result<Bytes>>) -> Result<Bytes> {
     rt.block_on(handle).expect("fetch task panicked")
 }
 
-/// Reads a ref list as one byte stream, fetching `window` chunks ahead.
+/// Reads a ref list as one byte stream, fetching `window` chunks ahead. A run of zeros (a ref
+/// with the all-zero id) is read from a shared zero page, never allocated at its length.
 pub struct StreamReader {
     repo: Arc<Repository>,
     rt: Handle,
     refs: std::vec::IntoIter<ChunkRef>,
-    pending: VecDeque<JoinHandle<Result<Bytes>>>,
+    pending: VecDeque<Pending>,
     window: usize,
     current: Bytes,
+    /// Zeros of the current zero run still to read.
+    zeros: u64,
 }
+
+enum Pending {
+    Fetch(JoinHandle<Result<Bytes>>),
+    Zeros(u32),
+}
+
+/// What a zero run is read from.
+static ZERO_PAGE: [u8; 64 << 10] = [0; 64 << 10];
 
 impl StreamReader {
     pub fn new(repo: Arc<Repository>, rt: Handle, refs: Vec<ChunkRef>, window: usize) -> Self {
@@ -340,7 +351,40 @@ impl StreamReader {
             pending: VecDeque::new(),
             window: window.max(1),
             current: Bytes::new(),
+            zeros: 0,
         }
+    }
+
+    /// A stream of index data (a catalog, a ref list, a record) of `object`, whose refs come
+    /// from a snapshot record and are checked before a byte is fetched: index data is never a
+    /// zero run nor an empty chunk (a forged record could otherwise make a reader materialize
+    /// gigabytes of zeros), and it holds at most `max_len` bytes.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] naming `object`.
+    pub fn index(
+        repo: Arc<Repository>,
+        rt: Handle,
+        refs: &[ChunkRef],
+        object: &str,
+        max_len: u64,
+    ) -> Result<Self> {
+        let corrupt = |reason: String| Error::Corrupt {
+            object: object.to_string(),
+            reason,
+        };
+        if refs.iter().any(|r| r.is_zero() || r.len == 0) {
+            return Err(corrupt(
+                "its index refers to a zero run or an empty chunk; no tresor writes that".into(),
+            ));
+        }
+        let len: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
+        if len > max_len {
+            return Err(corrupt(format!(
+                "its index is {len} bytes, more than the {max_len} such an index may hold"
+            )));
+        }
+        Ok(StreamReader::new(repo, rt, refs.to_vec(), 4))
     }
 
     /// Whether the stream is exhausted.
@@ -351,23 +395,37 @@ impl StreamReader {
 
 impl BufRead for StreamReader {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        while self.current.is_empty() {
+        while self.current.is_empty() && self.zeros == 0 {
             while self.pending.len() < self.window {
                 match self.refs.next() {
-                    Some(r) => self.pending.push_back(fetch(&self.repo, &self.rt, r)),
+                    Some(r) if r.is_zero() => self.pending.push_back(Pending::Zeros(r.len)),
+                    Some(r) => self
+                        .pending
+                        .push_back(Pending::Fetch(fetch(&self.repo, &self.rt, r))),
                     None => break,
                 }
             }
             match self.pending.pop_front() {
-                Some(h) => self.current = wait(&self.rt, h).map_err(io::Error::other)?,
+                Some(Pending::Fetch(h)) => {
+                    self.current = wait(&self.rt, h).map_err(io::Error::other)?
+                }
+                Some(Pending::Zeros(n)) => self.zeros = u64::from(n),
                 None => break,
             }
+        }
+        if self.current.is_empty() && self.zeros > 0 {
+            let n = self.zeros.min(ZERO_PAGE.len() as u64) as usize;
+            return Ok(&ZERO_PAGE[..n]);
         }
         Ok(&self.current)
     }
 
     fn consume(&mut self, amt: usize) {
-        let _ = self.current.split_to(amt);
+        if self.current.is_empty() {
+            self.zeros -= amt as u64;
+        } else {
+            let _ = self.current.split_to(amt);
+        }
     }
 }
 

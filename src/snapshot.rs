@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::id::ChunkRef;
-use crate::pipeline::WriteSummary;
+use crate::pipeline::{StreamReader, WriteSummary};
 use crate::repository::Repository;
 use crate::volume::payload::Payload;
 
@@ -114,6 +114,28 @@ pub struct Listed {
     pub id: String,
     #[serde(flatten)]
     pub snapshot: Snapshot,
+}
+
+impl Listed {
+    /// Its root (a catalog, a ref list or a record) as a stream whose refs were checked
+    /// ([`StreamReader::index`]): at most `max_len` bytes. Blocking reads.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] naming the snapshot.
+    pub fn root_stream(
+        &self,
+        repo: &Arc<Repository>,
+        rt: &tokio::runtime::Handle,
+        max_len: u64,
+    ) -> Result<StreamReader> {
+        StreamReader::index(
+            Arc::clone(repo),
+            rt.clone(),
+            &self.snapshot.root,
+            &format!("snapshot {}", self.id),
+            max_len,
+        )
+    }
 }
 
 impl Snapshot {

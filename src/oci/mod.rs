@@ -97,12 +97,16 @@ struct BlobIndex {
     refs: Vec<ChunkRef>,
 }
 
+/// The largest image record read: a record is decoded whole, and its size is the store's say.
+/// Every manifest of a large multi-platform index with its blob refs is well below it.
+const MAX_RECORD_LEN: u64 = 64 << 20;
+
 /// Reads the record of an image snapshot. Blocking.
 ///
 /// # Errors
 /// Chunk errors, or [`Error::Corrupt`] if the record does not decode.
 pub fn load_record(repo: &Arc<Repository>, rt: &Handle, snap: &Listed) -> Result<ImageRecord> {
-    let stream = StreamReader::new(Arc::clone(repo), rt.clone(), snap.snapshot.root.clone(), 4);
+    let stream = snap.root_stream(repo, rt, MAX_RECORD_LEN)?;
     ciborium::from_reader(stream).map_err(|e| match e {
         ciborium::de::Error::Io(io) => crate::pipeline::from_io(io),
         other => Error::Corrupt {

@@ -26,7 +26,7 @@ use crate::catalog::{CatalogReader, PreviousCatalog};
 use crate::error::{Error, Result};
 use crate::gc::Session;
 use crate::id::ChunkRef;
-use crate::pipeline::{ChunkWriter, StreamReader, DEFAULT_IN_FLIGHT};
+use crate::pipeline::{ChunkWriter, DEFAULT_IN_FLIGHT};
 use crate::progress::Progress;
 use crate::repository::Repository;
 use crate::snapshot::{self, Kind, Listed, RootFormat, Snapshot, RECORD_VERSION};
@@ -151,7 +151,7 @@ fn reference(
         },
         None => return Ok(None),
     };
-    let stream = StreamReader::new(Arc::clone(repo), rt.clone(), snap.snapshot.root.clone(), 4);
+    let stream = snap.root_stream(repo, rt, u64::MAX)?;
     let catalog = PreviousCatalog::new(CatalogReader::new(stream, snap.id.clone()))?;
     let payload = match &snap.snapshot.payload {
         Some(p) if p.within_budget() => Some(PayloadIndex::load(repo, rt, &snap.id, p)?),
@@ -196,7 +196,7 @@ pub fn walk_refs(
     snap: &Listed,
     mut f: impl FnMut(&[u8], &ChunkRef) -> Result<()>,
 ) -> Result<()> {
-    let mut stream = StreamReader::new(Arc::clone(repo), rt.clone(), snap.snapshot.root.clone(), 4);
+    let mut stream = snap.root_stream(repo, rt, u64::MAX)?;
     match snap.snapshot.root_format {
         RootFormat::Tree => {
             let payload = match &snap.snapshot.payload {

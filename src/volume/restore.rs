@@ -300,7 +300,13 @@ fn read_catalog(
     };
     // The payload chunk each stream's last part used, which the writer keeps.
     let mut last: [Option<usize>; 2] = [None, None];
-    let stream = StreamReader::new(Arc::clone(&repo), rt.clone(), snap.snapshot.root.clone(), 4);
+    let stream = match snap.root_stream(&repo, &rt, u64::MAX) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(Msg::Failed(e));
+            return;
+        }
+    };
     let mut reader = CatalogReader::new(stream, snap.id.clone());
     loop {
         let entry = match reader.next_entry() {
@@ -924,7 +930,7 @@ fn write_block(
     progress: &Progress,
 ) -> Result<RestoreReport> {
     let started = std::time::Instant::now();
-    let mut list = StreamReader::new(Arc::clone(&repo), rt.clone(), snap.snapshot.root.clone(), 2);
+    let mut list = snap.root_stream(&repo, &rt, u64::MAX)?;
     let mut pending: VecDeque<(ChunkRef, Option<JoinHandle<Result<Bytes>>>)> = VecDeque::new();
     let mut report = RestoreReport {
         snapshot: snap.id.clone(),

@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 use crate::error::{Error, Result};
-use crate::pipeline::StreamReader;
 use crate::repository::Repository;
 use crate::snapshot::Listed;
 
@@ -119,12 +118,16 @@ impl WorkloadRecord {
     }
 }
 
+/// The largest workload record read (compose files, `.env` and the project are a few KiB): a
+/// record is decoded whole, and its size is the store's say.
+const MAX_RECORD_LEN: u64 = 16 << 20;
+
 /// Reads the record of workload snapshot `snap` (its chunks are checked on the way).
 ///
 /// # Errors
 /// Chunk read errors; [`Error::Corrupt`] when the record does not decode.
 pub fn load_record(repo: &Arc<Repository>, rt: &Handle, snap: &Listed) -> Result<WorkloadRecord> {
-    let stream = StreamReader::new(Arc::clone(repo), rt.clone(), snap.snapshot.root.clone(), 2);
+    let stream = snap.root_stream(repo, rt, MAX_RECORD_LEN)?;
     ciborium::from_reader(stream).map_err(|e| match e {
         ciborium::de::Error::Io(io) => crate::pipeline::from_io(io),
         other => Error::Corrupt {

@@ -562,3 +562,134 @@ fn a_255_byte_name_restores_and_an_entry_the_target_refuses_does_not_stop_the_re
         b"deeper\n"
     );
 }
+
+/// Runs `cmd` and returns its exit code, its stderr and its own peak RSS in MiB (from
+/// `wait4`: the tests of this binary run side by side, so the children's total says nothing).
+fn run_measured(mut cmd: Command, log: &Path) -> (Option<i32>, String, u64) {
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a child of this process, waited for once; `status` and `usage` are ours.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (
+        code,
+        fs::read_to_string(log).unwrap(),
+        usage.ru_maxrss as u64 / 1024,
+    )
+}
+
+#[test]
+fn a_hostile_payload_record_costs_no_memory_and_is_named() {
+    use tresor::catalog::{write_entry, Entry, EntryKind};
+    use tresor::id::{ChunkId, ChunkRef};
+    let env = Env::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let repo = Arc::new(env.open_repo(&rt));
+    // One 4 MiB chunk of identical refs, compressible to almost nothing, named 400 times:
+    // a 1.6 GB ref list (46 million refs) behind a record of a few KB.
+    let one = ChunkRef {
+        id: ChunkId([7; 32]),
+        len: 1 << 20,
+    }
+    .encode();
+    let list: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take((4 << 20) / 36 * 36)
+        .collect();
+    let id = repo.chunk_id(&list);
+    rt.block_on(repo.put_chunk(&id, repo.encode_chunk(&id, &list)))
+        .unwrap();
+    let repeated = vec![
+        ChunkRef {
+            id,
+            len: list.len() as u32
+        };
+        400
+    ];
+    let zero_run = vec![ChunkRef {
+        id: ChunkId::ZERO,
+        len: u32::MAX,
+    }];
+    let session = Arc::new(
+        rt.block_on(Session::start(repo.clone(), None, "forger"))
+            .unwrap(),
+    );
+    let writer = ChunkWriter::new(session, rt.handle().clone(), 1 << 20);
+    let mut catalog = StreamWriter::new(&writer, Mode::ContentDefined);
+    let root = Entry {
+        path: vec![],
+        kind: EntryKind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        user: None,
+        group: None,
+        mtime_ns: 0,
+        ctime_ns: 0,
+        ino: 0,
+        size: 0,
+        link: None,
+        rdev: 0,
+        xattrs: vec![],
+        content: vec![],
+        slice: None,
+        hash: None,
+    };
+    write_entry(&mut catalog, &root).unwrap();
+    let (catalog, _) = catalog.finish().unwrap();
+    writer.flush().unwrap();
+    for (name, fresh, fresh_len, named) in [
+        ("repeated", repeated.clone(), 1 << 20, "more than the"),
+        ("repeated-big", repeated, 1 << 40, "more than the"),
+        ("zero-run", zero_run, 1 << 20, "zero run"),
+    ] {
+        let snap = Snapshot {
+            version: RECORD_VERSION,
+            kind: Kind::Volume,
+            name: name.into(),
+            source: "/forged".into(),
+            host: "attacker".into(),
+            time: chrono::Utc::now(),
+            tags: vec![],
+            partial: false,
+            root_format: RootFormat::Tree,
+            root: catalog.clone(),
+            payload: Some(tresor::volume::payload::Payload {
+                fresh,
+                fresh_len,
+                reused: vec![],
+                reused_len: 0,
+                padding: 0,
+            }),
+            parent: None,
+            summary: Summary::default(),
+            image: None,
+            errors: vec![],
+        };
+        let id = rt.block_on(snap.save(&repo)).unwrap();
+        let out = env.path(&format!("out-{name}"));
+        let mut restore = env.cmd();
+        restore.args(["restore", "volume", &id, "--to", out.to_str().unwrap()]);
+        let (code, err, mib) = run_measured(restore, &env.path("restore.log"));
+        eprintln!("{name}: restore exit {code:?}, peak RSS {mib} MiB");
+        assert_eq!(code, Some(4), "{name}: {err}");
+        assert!(err.contains(named) && err.contains(&id), "{name}: {err}");
+        assert!(mib < 256, "{name}: restore took {mib} MiB");
+        let mut gc = env.cmd();
+        gc.args(["gc", "--dry-run"]);
+        let (code, err, mib) = run_measured(gc, &env.path("gc.log"));
+        eprintln!("{name}: gc exit {code:?}, peak RSS {mib} MiB");
+        assert_ne!(code, Some(0), "{name}: gc passed over it: {err}");
+        assert!(err.contains(named), "{name}: {err}");
+        assert!(mib < 256, "{name}: gc took {mib} MiB");
+        rt.block_on(repo.delete_snapshot(&id)).unwrap();
+    }
+}
