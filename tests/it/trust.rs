@@ -565,6 +565,8 @@ fn a_255_byte_name_restores_and_an_entry_the_target_refuses_does_not_stop_the_re
 
 /// Runs `cmd` and returns its exit code, its stderr and its own peak RSS in MiB (from
 /// `wait4`: the tests of this binary run side by side, so the children's total says nothing).
+// The child is reaped by `wait4`, which std's `wait` cannot stand in for (it gives no rusage).
+#[allow(clippy::zombie_processes)]
 fn run_measured(mut cmd: Command, log: &Path) -> (Option<i32>, String, u64) {
     let child = cmd
         .stdout(std::process::Stdio::null())
