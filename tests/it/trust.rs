@@ -695,3 +695,60 @@ fn a_hostile_payload_record_costs_no_memory_and_is_named() {
         rt.block_on(repo.delete_snapshot(&id)).unwrap();
     }
 }
+
+#[test]
+fn the_compose_tool_sees_the_projects_env_not_tresors() {
+    let env = Env::new();
+    let source = TestRegistry::start(&env.path("registry-a"));
+    let target = TestRegistry::start(&env.path("registry-b"));
+    let mut layout = Layout::new(&env.path("layout"));
+    let layer = layout.layer(&[("hello.txt", b"hello\n".to_vec())]);
+    let app = layout.image("amd64", &[layer]);
+    layout.tag("v1", &app);
+    push(&layout, "v1", &source.host, "envtest/app");
+    let project = env.path("envtest");
+    fs::create_dir_all(&project).unwrap();
+    fs::write(
+        project.join("compose.yaml"),
+        format!(
+            "version: \"3.7\"\nservices:\n  app:\n    image: {}/envtest/app:v1\n    environment:\n      SECRET: ${{AWS_SECRET_ACCESS_KEY}}\n",
+            source.host
+        ),
+    )
+    .unwrap();
+    fs::write(
+        project.join(".env"),
+        "AWS_SECRET_ACCESS_KEY=the-apps-own-value\n",
+    )
+    .unwrap();
+    // The agent's own store secret is in tresor's environment, as on an admin host.
+    let out = env
+        .cmd()
+        .env("AWS_SECRET_ACCESS_KEY", "the-agents-store-secret")
+        .args(["backup", "workload", "envtest", "--compose"])
+        .arg(project.join("compose.yaml"))
+        .args([
+            "--project-name",
+            "envtest",
+            "--insecure-registry",
+            &source.host,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let twin = env.path("twin");
+    let out = env.tresor(&[
+        "restore",
+        "workload",
+        "envtest",
+        "--registry",
+        &target.host,
+        "--to",
+        twin.to_str().unwrap(),
+        "--insecure",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let compose = fs::read_to_string(twin.join("compose.yaml")).unwrap();
+    assert!(compose.contains("the-apps-own-value"), "{compose}");
+    assert!(!compose.contains("the-agents-store-secret"), "{compose}");
+}

@@ -326,7 +326,23 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
     assert!(running("shop-dr").is_empty());
     assert!(!dr.join("compose.yaml").exists());
     shop.cleanup.projects.push((dr.clone(), "shop-dr".into()));
-    let report = env.json(&restore_args(""));
+    // Every engine request of the restore goes through --engine-socket, the compose tool's
+    // included: a logging proxy in front of the engine sees them all.
+    let proxy = crate::common::engine_proxy::EngineProxy::start(
+        &env.path("engine.sock"),
+        Path::new("/var/run/docker.sock"),
+    );
+    let mut args = restore_args("--engine-socket");
+    let socket = proxy.socket.display().to_string();
+    args.push(&socket);
+    let report = env.json(&args);
+    let requests = proxy.requests();
+    for made_by in ["/volumes/create", "/containers/create", "/containers/json"] {
+        assert!(
+            requests.iter().any(|r| r.contains(made_by)),
+            "{made_by} did not go through --engine-socket: {requests:#?}"
+        );
+    }
     shop.cleanup.images.extend([
         format!("{}/dr/shop/app@{digest}", target.host),
         format!("{}/dr/shop-local/web@{web_digest}", target.host),

@@ -397,6 +397,7 @@ pub fn build_tree(root: &Path) {
     set_mtime(root, 1_600_000_002, 0);
 }
 
+pub mod engine_proxy;
 pub mod faults;
 pub mod oci;
 pub mod proxy;
