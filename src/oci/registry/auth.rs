@@ -330,6 +330,25 @@ mod tests {
     }
 
     #[test]
+    fn per_host_credentials_and_plain_http_reach_their_host_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.creds");
+        std::fs::write(&file, "alice:s3cret\n").unwrap();
+        let registry = Registry::new(&super::super::RegistryOptions {
+            insecure: vec!["a.example:5000".into()],
+            host_creds: vec![("a.example:5000".into(), file)],
+            ..Default::default()
+        })
+        .unwrap();
+        let a: Reference = "a.example:5000/team/app:1".parse().unwrap();
+        let b: Reference = "b.example:5000/team/app:1".parse().unwrap();
+        assert!(matches!(registry.credentials(&a), RegistryAuth::Basic(u, _) if u == "alice"));
+        assert!(matches!(registry.credentials(&b), RegistryAuth::Anonymous));
+        assert!(registry.base(&a).starts_with("http://"));
+        assert!(registry.base(&b).starts_with("https://"));
+    }
+
+    #[test]
     fn bearer_challenges() {
         let c = bearer_challenge(
             r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push repository:c:pull",error="insufficient_scope""#,
