@@ -336,6 +336,11 @@ impl Default for KdfParams {
     }
 }
 
+/// The most memory a key slot's Argon2 may ask for: 1 GiB, 16 times the default.
+const MAX_KDF_MEMORY_KIB: u32 = 1 << 20;
+/// The most passes a key slot's Argon2 may ask for.
+const MAX_KDF_ITERATIONS: u32 = 30;
+
 /// How a slot's wrapping key is derived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -392,6 +397,20 @@ impl KeySlot {
         );
         if !matches_kind {
             return Ok(None);
+        }
+        if let Some(k) = self.kdf {
+            // The slot is read from the store: its parameters may not decide how much memory
+            // or time an open takes (16x and 10x the defaults at most).
+            if k.memory_kib > MAX_KDF_MEMORY_KIB
+                || k.iterations > MAX_KDF_ITERATIONS
+                || k.parallelism > 16
+            {
+                return Err(corrupt(&format!(
+                    "its Argon2 parameters ({} KiB, {} passes, {} lanes) pass this build's bound \
+                     ({MAX_KDF_MEMORY_KIB} KiB, {MAX_KDF_ITERATIONS} passes, 16 lanes)",
+                    k.memory_kib, k.iterations, k.parallelism
+                )));
+            }
         }
         let salt = hex::decode(&self.salt).map_err(|_| corrupt("salt is not hex"))?;
         let wrapped = hex::decode(&self.wrapped).map_err(|_| corrupt("wrapped key is not hex"))?;
@@ -498,5 +517,25 @@ mod tests {
         assert!(slot.unwrap(&other, "keys/1").unwrap().is_none());
         let pass = Secret::Passphrase(Zeroizing::new("0123abcd".into()));
         assert!(slot.unwrap(&pass, "keys/1").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_slot_from_the_store_cannot_ask_for_unbounded_memory_or_time() {
+        let master = MasterKey::generate(Cipher::preferred());
+        let pass = Secret::Passphrase(Zeroizing::new("pw".into()));
+        let mut slot = KeySlot::wrap(&master, &pass, "h").unwrap();
+        for kdf in [
+            (u32::MAX, 3, 1),
+            (64 * 1024, u32::MAX, 1),
+            (64 * 1024, 3, 1 << 20),
+        ] {
+            slot.kdf = Some(KdfParams {
+                memory_kib: kdf.0,
+                iterations: kdf.1,
+                parallelism: kdf.2,
+            });
+            let err = slot.unwrap(&pass, "keys/forged").unwrap_err();
+            assert!(err.to_string().contains("keys/forged"), "{err}");
+        }
     }
 }
