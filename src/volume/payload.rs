@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
 use crate::catalog::{Slice, Stream};
-use crate::chunker::Mode;
+use crate::chunker::{ChunkerParams, Mode};
 use crate::error::{Error, Result};
 use crate::gc::Session;
 use crate::id::ChunkRef;
@@ -83,38 +83,32 @@ struct StreamIndex {
 }
 
 impl StreamIndex {
-    /// Reads the ref list `root` of a stream of `len` bytes. The list is checked against `len`
-    /// before anything is allocated, since the record that declares both is untrusted: a fresh
-    /// stream's chunks are at least the chunker's minimum but the last, so it holds at most
-    /// `len / min + 1` refs; a reused stream's come whole from earlier fresh streams, each of
-    /// which may add its short last chunk: [`REUSED_SHORT_CHUNKS`] more. None is empty, none
-    /// over the maximum.
-    fn load(
-        repo: &Arc<Repository>,
-        rt: &Handle,
-        root: &[ChunkRef],
-        len: u64,
-        stream: Stream,
-    ) -> Result<Self> {
-        let object = "payload ref list";
-        let corrupt = |reason: String| Error::Corrupt {
-            object: object.into(),
-            reason,
-        };
-        let chunker = repo.config().chunker;
+    /// The most refs a list of a stream of `len` bytes may hold. The record that declares
+    /// `len` is untrusted, so the list is checked against it before anything is allocated: a
+    /// fresh stream's chunks are at least the chunker's minimum but the last, so it holds at
+    /// most `len / min + 1` refs; a reused stream's come whole from earlier fresh streams,
+    /// each of which may add its short last chunk: [`REUSED_SHORT_CHUNKS`] more.
+    fn most_refs(len: u64, stream: Stream, chunker: &ChunkerParams) -> u64 {
         let short = match stream {
             Stream::Fresh => 1,
             Stream::Reused => REUSED_SHORT_CHUNKS,
         };
-        let most = len / u64::from(chunker.min_size) + short;
-        let list_len = most.saturating_mul(ChunkRef::ENCODED_LEN as u64);
-        let mut list = StreamReader::index(Arc::clone(repo), rt.clone(), root, object, list_len)?;
-        let listed: u64 = root.iter().map(|r| u64::from(r.len)).sum();
-        let count = (listed / ChunkRef::ENCODED_LEN as u64) as usize;
-        let mut index = StreamIndex {
-            refs: Vec::with_capacity(count),
-            ends: Vec::with_capacity(count),
+        len / u64::from(chunker.min_size) + short
+    }
+
+    /// Reads a ref list of a stream of `len` bytes: at most `most` refs, none empty, none over
+    /// the chunker's maximum, adding up to `len`.
+    fn read(
+        mut list: impl std::io::BufRead,
+        len: u64,
+        most: u64,
+        chunker: &ChunkerParams,
+    ) -> Result<Self> {
+        let corrupt = |reason: String| Error::Corrupt {
+            object: "payload ref list".into(),
+            reason,
         };
+        let mut index = StreamIndex::default();
         let mut end = 0u64;
         let mut rec = [0u8; ChunkRef::ENCODED_LEN];
         while super::restore::read_record(&mut list, &mut rec)? {
@@ -125,15 +119,19 @@ impl StreamIndex {
                     r.len, chunker.max_size
                 )));
             }
+            if index.refs.len() as u64 >= most {
+                return Err(corrupt(format!(
+                    "holds more than the {most} chunks a stream of {len} bytes can have"
+                )));
+            }
             end += u64::from(r.len);
             index.refs.push(r);
             index.ends.push(end);
         }
         if end != len {
-            return Err(Error::Corrupt {
-                object: "payload ref list".into(),
-                reason: format!("its chunks add up to {end} bytes, the record says {len}"),
-            });
+            return Err(corrupt(format!(
+                "its chunks add up to {end} bytes, the record says {len}"
+            )));
         }
         Ok(index)
     }
@@ -149,7 +147,8 @@ pub struct PayloadIndex {
 }
 
 impl PayloadIndex {
-    /// Reads the ref lists of `payload`, the payload of snapshot `snapshot`.
+    /// Reads the ref lists of `payload`, the payload of snapshot `snapshot`, each checked
+    /// against its declared length before a byte of it is fetched.
     ///
     /// # Errors
     /// Errors reading the lists; [`Error::Corrupt`] when a list disagrees with the record.
@@ -159,18 +158,45 @@ impl PayloadIndex {
         snapshot: &str,
         payload: &Payload,
     ) -> Result<Self> {
-        let context = |e: Error| e.context(format!("reading the payload of snapshot {snapshot}"));
-        Ok(PayloadIndex {
-            fresh: StreamIndex::load(repo, rt, &payload.fresh, payload.fresh_len, Stream::Fresh)
-                .map_err(context)?,
-            reused: StreamIndex::load(
-                repo,
-                rt,
-                &payload.reused,
-                payload.reused_len,
-                Stream::Reused,
+        let chunker = repo.config().chunker;
+        let list = |root: &[ChunkRef], len: u64, stream: Stream| {
+            let most = StreamIndex::most_refs(len, stream, &chunker);
+            let bytes = most.saturating_mul(ChunkRef::ENCODED_LEN as u64);
+            StreamReader::index(
+                Arc::clone(repo),
+                rt.clone(),
+                root,
+                "payload ref list",
+                bytes,
             )
-            .map_err(context)?,
+        };
+        let context = |e: Error| e.context(format!("reading the payload of snapshot {snapshot}"));
+        let fresh = list(&payload.fresh, payload.fresh_len, Stream::Fresh).map_err(context)?;
+        let reused = list(&payload.reused, payload.reused_len, Stream::Reused).map_err(context)?;
+        Self::read(fresh, reused, payload, &chunker, snapshot).map_err(context)
+    }
+
+    /// Parses the ref lists `fresh` and `reused` of `payload` (their lengths are its say).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when a list disagrees with the record or the chunker.
+    pub fn read(
+        fresh: impl std::io::BufRead,
+        reused: impl std::io::BufRead,
+        payload: &Payload,
+        chunker: &ChunkerParams,
+        snapshot: &str,
+    ) -> Result<Self> {
+        let most = |len, stream| StreamIndex::most_refs(len, stream, chunker);
+        let (fresh_len, reused_len) = (payload.fresh_len, payload.reused_len);
+        Ok(PayloadIndex {
+            fresh: StreamIndex::read(fresh, fresh_len, most(fresh_len, Stream::Fresh), chunker)?,
+            reused: StreamIndex::read(
+                reused,
+                reused_len,
+                most(reused_len, Stream::Reused),
+                chunker,
+            )?,
             snapshot: snapshot.to_string(),
         })
     }

@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use crate::catalog::{self, CatalogReader, Entry, EntryKind, Stream};
 use crate::error::{Error, Result};
 use crate::id::ChunkRef;
-use crate::pipeline::{self, StreamReader};
+use crate::pipeline;
 use crate::progress::Progress;
 use crate::repository::Repository;
 use crate::snapshot::Listed;
@@ -990,10 +990,10 @@ fn write_block(
 
 /// Reads one ref record; `false` at a clean end of the list.
 pub(super) fn read_record(
-    list: &mut StreamReader,
+    list: &mut impl std::io::BufRead,
     rec: &mut [u8; ChunkRef::ENCODED_LEN],
 ) -> Result<bool> {
-    if list.at_end()? {
+    if list.fill_buf().map_err(pipeline::from_io)?.is_empty() {
         return Ok(false);
     }
     list.read_exact(rec).map_err(|e| {

@@ -207,7 +207,11 @@ fn str_of(v: &Value) -> Option<String> {
 }
 
 impl Project {
-    fn from_config(name: String, config: Value) -> Result<Project> {
+    /// The project the compose tool printed as `config`, named `name`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a project without services or with a dependency cycle.
+    pub fn from_config(name: String, config: Value) -> Result<Project> {
         let mut volumes = BTreeMap::new();
         if let Some(map) = config.get("volumes").and_then(Value::as_mapping) {
             for (key, def) in map {

@@ -7,6 +7,7 @@ mod common;
 mod encryption;
 mod faults;
 mod fixtures;
+mod fuzz_corpus;
 mod gc;
 mod hostile;
 mod oci;
