@@ -260,6 +260,19 @@ pub async fn resolve(
     let ids = repo.list_snapshot_ids().await?;
     if let Some(id) = match_id(ids.iter().map(String::as_str), reference)? {
         let snapshot = Snapshot::load(repo, id).await?;
+        if let Some(wanted) = kind.filter(|k| *k != snapshot.kind) {
+            // Bad input, not damage: the operator named a snapshot of another kind.
+            let word = |k: Kind| match k {
+                Kind::Image => "an image".to_string(),
+                other => format!("a {}", format!("{other:?}").to_lowercase()),
+            };
+            return Err(Error::Config(format!(
+                "snapshot {} is {} snapshot, not {} one (`tresor snapshots` shows each kind)",
+                &id[..8.min(id.len())],
+                word(snapshot.kind),
+                word(wanted)
+            )));
+        }
         return Ok(Listed {
             id: id.to_string(),
             snapshot,

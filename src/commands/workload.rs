@@ -840,10 +840,23 @@ pub fn restore(
         None
     } else {
         let engine = Engine::connect(rt, what.engine_socket.as_deref())?;
-        let running = engine.project_containers(&project)?;
-        if !running.is_empty() && !what.force && !what.dry_run {
+        let existing = engine.project_containers(&project)?;
+        // A dry run refuses what the real run would refuse.
+        if !existing.is_empty() && !what.force {
             return Err(Error::Config(format!(
                 "a compose project named {project} exists on this engine; give another --project, or --force"
+            )));
+        }
+        let mut live: Vec<&str> = existing
+            .iter()
+            .filter(|c| c.running)
+            .map(|c| c.service.as_str())
+            .collect();
+        live.sort_unstable();
+        if !live.is_empty() {
+            return Err(Error::Config(format!(
+                "project {project} is running (services {}): a restore never writes under a live container; stop it first (`docker-compose -p {project} down`) or give another --project",
+                live.join(", ")
             )));
         }
         Some(engine)
@@ -856,8 +869,18 @@ pub fn restore(
     let quiet = Progress::new(false, "", None);
     let mut missing = Vec::new();
 
-    let mut images = Vec::new();
+    let mut images: Vec<ImageOutcome> = Vec::new();
     for (s, (target_repo, pinned)) in record.services.iter().zip(&placement.images) {
+        // Services sharing an image: it moves once, for the first of them.
+        if let Some(done) = images.iter().find(|i| i.target == *pinned).cloned() {
+            images.push(ImageOutcome {
+                service: s.name.clone(),
+                blobs_present: done.blobs,
+                bytes_to_move: 0,
+                ..done
+            });
+            continue;
+        }
         let member = member(repo, rt, &s.snapshot, Kind::Image)?;
         let target = ImageTarget::parse(&format!("docker://{target_repo}"))?;
         let named = |e: Error| e.context(format!("service {} (image {})", s.name, s.image));
@@ -921,7 +944,7 @@ pub fn restore(
             let empty = std::fs::read_dir(&existing.mountpoint)
                 .map(|mut d| d.next().is_none())
                 .unwrap_or(false);
-            if !empty && !what.force && !what.dry_run {
+            if !empty && !what.force {
                 return Err(Error::Config(format!(
                     "volume {name} exists and is not empty; give --force to replace its contents"
                 )));

@@ -380,6 +380,35 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
     let expected: Vec<String> = (1..=lines).map(|i| i.to_string()).collect();
     assert_eq!(first, expected);
 
+    // The twin runs: a dry run refuses as the real run does, and --force never writes under
+    // its live containers.
+    for extra in ["--dry-run", "--force"] {
+        let out = env.tresor(&restore_args(extra));
+        assert_eq!(out.status.code(), Some(2), "{extra}: {}", stderr(&out));
+        let expected = if extra == "--force" {
+            "is running (services counter, web)"
+        } else {
+            "exists on this engine"
+        };
+        assert!(stderr(&out).contains(expected), "{extra}: {}", stderr(&out));
+    }
+    // A volume snapshot given to `restore workload` is bad input, not damage.
+    let out = env.tresor(&[
+        "restore",
+        "workload",
+        volume_snap,
+        "--registry",
+        &registry_dr,
+        "--to",
+        dr.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is a volume snapshot, not a workload one"),
+        "{}",
+        stderr(&out)
+    );
+
     // A member lost from the store: verify names it and fails the workload.
     fs::remove_file(env.path(&format!("repo/snapshots/{volume_snap}"))).unwrap();
     let out = env.tresor(&["verify", "--json"]);
