@@ -124,6 +124,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         ) => out.json,
         Command::Key(KeyCommand::Add(a) | KeyCommand::Passwd(a)) => a.out.json,
         Command::Verify(a) => a.json.is_some(),
+        Command::Resume(out) => out.json,
     };
     let g = &cli.global;
     match &cli.command {
@@ -148,5 +149,6 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Forget(args) => cli::snapshots::forget(g, args).await,
         Command::Protect(args) => cli::snapshots::protect(g, args).await,
         Command::Gc(args) => cli::gc::gc(g, args).await,
+        Command::Resume(_) => cli::resume(g).await,
     }
 }

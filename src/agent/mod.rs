@@ -102,6 +102,11 @@ impl Context {
             cache_dir: Some(cache_dir.clone()),
             expect_unencrypted: r.expect_unencrypted,
         };
+        // A workload job that was killed (SIGKILL, OOM, reboot) may have left containers down.
+        let state = cache_dir.join(crate::workload::engine::STATE_FILE);
+        if let Err(e) = crate::workload::engine::resume_recorded(&state).await {
+            tracing::error!("{e}");
+        }
         let repo = access
             .open(|| {
                 Err(Error::Config(

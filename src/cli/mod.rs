@@ -120,6 +120,9 @@ pub(crate) enum Command {
     /// Check that snapshots can be restored; exit 0 if all is well, 1 on problems, 2 if the
     /// check could not run.
     Verify(VerifyArgs),
+    /// Start again the containers a killed workload backup left stopped or paused (the state
+    /// file in the cache directory names them); the agent unit's ExecStopPost=.
+    Resume(JsonFlag),
 }
 
 /// Which snapshots a command takes: every flag given must match.
@@ -309,4 +312,41 @@ pub(crate) fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// `tresor resume`: what the state file of the cache directory names, started again.
+pub(crate) async fn resume(g: &Global) -> anyhow::Result<std::process::ExitCode> {
+    let Some(dir) = cache_dir(g) else {
+        anyhow::bail!("no cache directory (--no-cache): there is no list of stopped containers");
+    };
+    let file = dir.join(tresor::workload::engine::STATE_FILE);
+    let back = tresor::workload::engine::resume_recorded(&file).await?;
+    let left = file.exists();
+    if g.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "resumed": back, "left": left }))?
+        );
+    } else {
+        for q in &back {
+            println!(
+                "{} service {} (container {})",
+                if q.paused { "unpaused" } else { "started" },
+                q.service,
+                &q.id[..12.min(q.id.len())]
+            );
+        }
+        if back.is_empty() && !left {
+            println!("nothing to resume");
+        }
+    }
+    Ok(if left {
+        eprintln!(
+            "some containers could not be started again: {} names them",
+            file.display()
+        );
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
 }

@@ -154,6 +154,15 @@ pub fn backup(
             "a workload given by --image and --volume has no containers to stop: its volumes are copied as they are (snapshot them in a pre hook)".into(),
         ));
     }
+    // What a killed backup left stopped or paused comes back before anything else is
+    // quiesced, and this run notes what it quiesces beside it.
+    let state = cache_dir.map(|d| d.join(crate::workload::engine::STATE_FILE));
+    if !explicit {
+        if let Some(file) = &state {
+            rt.block_on(crate::workload::engine::resume_recorded(file))?;
+        }
+        crate::workload::engine::keep_state(state);
+    }
     let (project, engine) = if explicit {
         let project = crate::workload::compose::Project::explicit(
             &compose::normalize_name(&what.name),

@@ -22,23 +22,162 @@ pub const PROJECT_LABEL: &str = "com.docker.compose.project";
 const SERVICE_LABEL: &str = "com.docker.compose.service";
 const VOLUME_LABEL: &str = "com.docker.compose.volume";
 
-/// Containers this process stopped or paused and has not started again, with whether they
-/// were paused: whoever ends the process early (SIGTERM) calls [`resume_all`] first, so a
-/// workload is never left down by a backup that did not finish.
-static QUIESCED: std::sync::Mutex<Vec<(String, bool)>> = std::sync::Mutex::new(Vec::new());
+/// A container a backup stopped or paused and has not yet started again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quiesced {
+    pub id: String,
+    /// Its compose service, for messages.
+    pub service: String,
+    pub paused: bool,
+    /// The engine's socket (`None`: as the docker CLI finds it).
+    pub socket: Option<std::path::PathBuf>,
+}
 
-fn quiesced(id: &str, paused: bool) {
-    QUIESCED
-        .lock()
-        .expect("quiesced list")
-        .push((id.to_string(), paused));
+/// The containers this process stopped or paused and has not started again: whoever ends the
+/// process early (SIGTERM) calls [`resume_all`] first. They are also kept in the state file
+/// named by [`keep_state`] (written before each stop or pause), so that what a SIGKILL, an OOM
+/// kill or a reboot left down is started again by the next run ([`resume_recorded`]).
+static QUIESCED: std::sync::Mutex<Vec<Quiesced>> = std::sync::Mutex::new(Vec::new());
+/// Where [`QUIESCED`] is kept on disk, if anywhere.
+static STATE: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+/// The socket the last [`Engine::connect`] used, for what it quiesces.
+static SOCKET: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+/// The name of the state file in the cache directory.
+pub const STATE_FILE: &str = "quiesced.json";
+
+/// Keeps the list of quiesced containers in `file` from now on (private, 0600).
+pub fn keep_state(file: Option<std::path::PathBuf>) {
+    *STATE.lock().expect("state") = file;
+}
+
+/// Writes `list` to the state file, or removes it when the list is empty.
+fn save_state(list: &[Quiesced]) -> Result<()> {
+    let Some(file) = STATE.lock().expect("state").clone() else {
+        return Ok(());
+    };
+    if list.is_empty() {
+        return match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&file, e)),
+            _ => Ok(()),
+        };
+    }
+    let json = serde_json::to_vec_pretty(list).expect("list serialises");
+    crate::localfile::write_atomically(&file, crate::localfile::PRIVATE, &json)
+}
+
+/// Notes `c` as quiesced, on disk first: a container that cannot be noted is not stopped.
+fn quiesced(c: &Container, paused: bool) -> Result<()> {
+    let mut list = QUIESCED.lock().expect("quiesced list");
+    list.push(Quiesced {
+        id: c.id.clone(),
+        service: c.service.clone(),
+        paused,
+        socket: SOCKET.lock().expect("socket").clone(),
+    });
+    save_state(&list)
+        .map_err(|e| e.context(format!("noting service {} before quiescing it", c.service)))
 }
 
 fn resumed(id: &str) {
-    QUIESCED
-        .lock()
-        .expect("quiesced list")
-        .retain(|(c, _)| c != id);
+    let mut list = QUIESCED.lock().expect("quiesced list");
+    list.retain(|q| q.id != id);
+    if let Err(e) = save_state(&list) {
+        tracing::warn!("cannot update the list of stopped containers: {e}");
+    }
+}
+
+async fn docker_at(socket: Option<&Path>) -> std::result::Result<Docker, bollard::errors::Error> {
+    let docker = match socket {
+        Some(path) => {
+            Docker::connect_with_socket(&path.to_string_lossy(), 120, bollard::API_DEFAULT_VERSION)
+        }
+        None => Docker::connect_with_defaults(),
+    }?;
+    docker.negotiate_version().await
+}
+
+/// Starts (or unpauses) `list`, last quiesced first (dependencies first); returns what came
+/// back, and logs what could not.
+async fn resume(list: Vec<Quiesced>, why: &str) -> Vec<Quiesced> {
+    let mut back = Vec::new();
+    for q in list.into_iter().rev() {
+        let docker = match docker_at(q.socket.as_deref()).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(
+                    "cannot reach the engine to start service {} again: {e}",
+                    q.service
+                );
+                continue;
+            }
+        };
+        let result = if q.paused {
+            docker.unpause_container(&q.id).await
+        } else {
+            docker
+                .start_container(&q.id, None::<StartContainerOptions>)
+                .await
+        };
+        match result {
+            // 304: running already; 409: unpausing one that is not paused.
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304 | 409,
+                ..
+            }) => {
+                tracing::warn!(
+                    "service {} (container {}) started again: {why}",
+                    q.service,
+                    q.id
+                );
+                back.push(q);
+            }
+            Err(e) => tracing::error!("service {} could not be started again: {e}", q.service),
+        }
+    }
+    back
+}
+
+/// Starts (or unpauses) every container this process stopped (or paused) and has not yet
+/// resumed. For the signal paths of the CLI and the agent; errors are logged.
+pub async fn resume_all() {
+    let list: Vec<Quiesced> = QUIESCED.lock().expect("quiesced list").clone();
+    for q in resume(list, "the backup was stopped").await {
+        resumed(&q.id);
+    }
+}
+
+/// Starts again what the state file `file` names: containers a backup stopped or paused and
+/// never started again, because it was killed (SIGKILL, the OOM killer, a reboot). Run by
+/// every workload backup before it quiesces anything, at agent start, and by `tresor resume`
+/// (the unit's `ExecStopPost=`). Returns the services started again; what could not be is
+/// kept in the file for the next try.
+///
+/// # Errors
+/// [`Error::Io`] naming the file.
+pub async fn resume_recorded(file: &Path) -> Result<Vec<Quiesced>> {
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(file, e)),
+    };
+    let list: Vec<Quiesced> = serde_json::from_slice(&bytes).map_err(|e| {
+        let why = format!("{e}; start the containers it names by hand, then remove it");
+        Error::io(file, std::io::Error::other(why))
+    })?;
+    let back = resume(list.clone(), "a backup that was killed had left it down").await;
+    let left: Vec<Quiesced> = list.into_iter().filter(|q| !back.contains(q)).collect();
+    if left.is_empty() {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(file, e)),
+            _ => {}
+        }
+    } else {
+        let json = serde_json::to_vec_pretty(&left).expect("list serialises");
+        crate::localfile::write_atomically(file, crate::localfile::PRIVATE, &json)?;
+    }
+    Ok(back)
 }
 
 /// The `DOCKER_HOST` of the engine that [`Engine::connect`] reaches with `socket`: the socket,
@@ -51,49 +190,6 @@ pub fn docker_host(socket: Option<&Path>) -> String {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
-    }
-}
-
-/// The socket the last [`Engine::connect`] used, for [`resume_all`].
-static SOCKET: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
-
-/// Starts (or unpauses) every container this process stopped (or paused) and has not yet
-/// resumed. For the signal paths of the CLI and the agent; errors are logged.
-pub async fn resume_all() {
-    let list: Vec<(String, bool)> = std::mem::take(&mut *QUIESCED.lock().expect("quiesced list"));
-    if list.is_empty() {
-        return;
-    }
-    let socket = SOCKET.lock().expect("socket").clone();
-    let connected = match socket {
-        Some(path) => {
-            Docker::connect_with_socket(&path.to_string_lossy(), 120, bollard::API_DEFAULT_VERSION)
-        }
-        None => Docker::connect_with_defaults(),
-    };
-    let docker = match connected {
-        Ok(d) => match d.negotiate_version().await {
-            Ok(d) => d,
-            Err(e) => return tracing::error!("cannot reach the engine to restart containers: {e}"),
-        },
-        Err(e) => return tracing::error!("cannot reach the engine to restart containers: {e}"),
-    };
-    // Started again in the order they were stopped, reversed: dependencies first.
-    for (id, paused) in list.into_iter().rev() {
-        let result = if paused {
-            docker.unpause_container(&id).await
-        } else {
-            docker
-                .start_container(&id, None::<StartContainerOptions>)
-                .await
-        };
-        match result {
-            Ok(())
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            }) => tracing::warn!("container {id} started again: the backup was stopped"),
-            Err(e) => tracing::error!("container {id} could not be started again: {e}"),
-        }
     }
 }
 
@@ -196,8 +292,9 @@ impl Engine {
     /// # Errors
     /// [`Error::Engine`].
     pub fn stop(&self, c: &Container) -> Result<()> {
-        // Noted before the call: a SIGTERM while the engine stops it must start it again.
-        quiesced(&c.id, false);
+        // Noted before the call, on disk too: a SIGTERM, or a SIGKILL and the next run, while
+        // the engine stops it must start it again.
+        quiesced(c, false)?;
         self.rt
             .block_on(
                 self.docker
@@ -232,7 +329,7 @@ impl Engine {
     /// # Errors
     /// [`Error::Engine`].
     pub fn pause(&self, c: &Container) -> Result<()> {
-        quiesced(&c.id, true);
+        quiesced(c, true)?;
         self.rt
             .block_on(self.docker.pause_container(&c.id))
             .map_err(engine_error(format!("pausing service {}", c.service)))

@@ -4,6 +4,7 @@
 //! stopped, then brought up elsewhere after the site is gone.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -460,6 +461,96 @@ fn sigterm_to_the_agent_mid_backup_starts_the_containers_again() {
     assert_eq!(running(&site.project), ["counter", "web"]);
     let workloads = env.json(&["snapshots", "--kind", "workload"]);
     assert_eq!(workloads.as_array().unwrap().len(), 0, "{workloads}");
+}
+
+/// The containers of `project` that are paused, by service.
+fn paused(project: &str) -> Vec<String> {
+    let out = docker(&[
+        "ps",
+        "--filter",
+        &format!("label=com.docker.compose.project={project}"),
+        "--filter",
+        "status=paused",
+        "--format",
+        "{{.Label \"com.docker.compose.service\"}}",
+    ]);
+    let mut services: Vec<String> = out.lines().map(str::to_string).collect();
+    services.sort();
+    services
+}
+
+#[test]
+fn sigkill_mid_backup_leaves_a_note_and_the_next_run_starts_the_containers_again() {
+    let env = Env::new();
+    let site = Site::start(&env, "shop4");
+    let registry = site.source.as_ref().unwrap().host.clone();
+    for mode in ["stop", "pause"] {
+        let marker = env.path(&format!("quiesced-{mode}"));
+        let config = write_config(
+            &env,
+            &format!(
+                "[registries.\"{registry}\"]\ninsecure = true\n\n[[job]]\nname = \"shop4\"\ntype = \"workload\"\ncompose = [\"{}\"]\nproject = \"shop4\"\nconsistency = \"{mode}\"\npre = \"touch {}; sleep 600\"\n",
+                site.dir.join("compose.yaml").display(),
+                marker.display()
+            ),
+        );
+        let mut child = Guard(
+            agent(&env, &config, &["--once"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "{mode}: never quiesced");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The OOM killer, or a reboot: no chance to start anything again.
+        signal(&child.0, libc::SIGKILL);
+        wait_exit(&mut child.0, Duration::from_secs(10));
+        let _ = Command::new("pkill").arg("-f").arg(&marker).status();
+        let state = env.path("agent-cache/quiesced.json");
+        assert!(state.exists(), "{mode}: no note of the quiesced containers");
+        assert_eq!(
+            fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        if mode == "stop" {
+            assert!(running(&site.project).is_empty(), "stopped, and left so");
+            // The unit's ExecStopPost=.
+            let out = env
+                .cmd()
+                .env("TRESOR_CACHE_DIR", env.path("agent-cache"))
+                .args(["resume", "--json"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", stderr(&out));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(report["resumed"].as_array().unwrap().len(), 2, "{report}");
+        } else {
+            assert_eq!(
+                paused(&site.project),
+                ["counter", "web"],
+                "paused, and left so"
+            );
+            // The next backup starts them before it quiesces anything, and says so.
+            let out = env
+                .cmd()
+                .env("TRESOR_CACHE_DIR", env.path("agent-cache"))
+                .args(["backup", "workload", "shop4", "--compose"])
+                .arg(site.dir.join("compose.yaml"))
+                .args(["--project-name", "shop4", "--consistency", "pause"])
+                .args(["--insecure-registry", &registry])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", stderr(&out));
+            assert!(stderr(&out).contains("started again"), "{}", stderr(&out));
+        }
+        assert_eq!(running(&site.project), ["counter", "web"], "{mode}");
+        assert!(paused(&site.project).is_empty(), "{mode}");
+        assert!(!state.exists(), "{mode}: the note outlived the resume");
+    }
 }
 
 #[test]
