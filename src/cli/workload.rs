@@ -131,16 +131,12 @@ pub(crate) async fn backup_workload(
     let repo = open(g).await?;
     let rt = tokio::runtime::Handle::current();
     let cache = cache_dir(g);
-    let env_file = args.env_file.clone().or_else(|| {
-        let beside = args.compose.first()?.parent()?.join(".env");
-        beside.exists().then_some(beside)
-    });
     let what = WorkloadBackup {
         name: args.name.clone(),
         compose_files: args.compose.clone(),
         images: args.image.clone(),
         volumes: args.volume.clone(),
-        env_file,
+        env_file: args.env_file.clone(),
         project: args.project_name.clone(),
         consistency: args.consistency.unwrap_or(if args.compose.is_empty() {
             Consistency::None

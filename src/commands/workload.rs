@@ -41,6 +41,7 @@ pub struct WorkloadBackup<'a> {
     pub images: Vec<String>,
     /// Without compose files: `(name, path)` of each volume, a directory or block device.
     pub volumes: Vec<(String, PathBuf)>,
+    /// The compose tool's env file [default: `.env` beside the first compose file].
     pub env_file: Option<PathBuf>,
     pub project: Option<String>,
     pub consistency: Consistency,
@@ -154,6 +155,11 @@ pub fn backup(
             "a workload given by --image and --volume has no containers to stop: its volumes are copied as they are (snapshot them in a pre hook)".into(),
         ));
     }
+    // The `.env` compose itself reads by default: the CLI and the agent keep the same one.
+    let env_file = what.env_file.clone().or_else(|| {
+        let beside = what.compose_files.first()?.parent()?.join(".env");
+        beside.exists().then_some(beside)
+    });
     // What a killed backup left stopped or paused comes back before anything else is
     // quiesced, and this run notes what it quiesces beside it.
     let state = cache_dir.map(|d| d.join(crate::workload::engine::STATE_FILE));
@@ -173,7 +179,7 @@ pub fn backup(
     } else {
         let project = Compose::find(what.engine_socket.as_deref())?.config(
             &what.compose_files,
-            what.env_file.as_deref(),
+            env_file.as_deref(),
             what.project.as_deref(),
         )?;
         (
@@ -185,6 +191,64 @@ pub fn backup(
     tags.push(format!("workload:{}", what.name));
     let command = format!("backup workload {}", what.name);
 
+    // Every member is found before the first byte is stored: a wrong project name or a
+    // missing path leaves no member snapshot behind.
+    // The volumes and bind mounts, and the services that mount them.
+    // Each mounting service gets the strictest mode of what it mounts (a volume's own mode,
+    // else the workload's): stop before pause before none.
+    let mut volume_keys: Vec<String> = Vec::new();
+    let mut binds: Vec<PathBuf> = Vec::new();
+    let mut mounting: BTreeMap<&str, Consistency> = BTreeMap::new();
+    for (key, _) in &what.volume_modes {
+        if !project.volumes.contains_key(key) {
+            return Err(Error::Config(format!(
+                "--volume-consistency {key}: the project has no volume {key}"
+            )));
+        }
+    }
+    for s in &project.services {
+        for m in &s.mounts {
+            let mode = match m {
+                Mount::Volume { key, .. } => {
+                    if !volume_keys.contains(key) {
+                        volume_keys.push(key.clone());
+                    }
+                    what.volume_modes
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .map_or(what.consistency, |(_, m)| *m)
+                }
+                Mount::Bind { source, .. } => {
+                    if !binds.contains(source) {
+                        binds.push(source.clone());
+                    }
+                    what.consistency
+                }
+            };
+            let slot = mounting.entry(s.name.as_str()).or_insert(mode);
+            *slot = strictest(*slot, mode);
+        }
+    }
+    let mut volumes = Vec::new();
+    for key in &volume_keys {
+        let engine_name = &project.volumes[key];
+        let engine = engine
+            .as_ref()
+            .expect("named volumes come from a compose project");
+        // Bad input, not the engine's fault: most often a wrong --project-name.
+        let info = engine.volume(engine_name)?.ok_or_else(|| {
+            Error::Config(format!(
+                "volume {key}: the engine has no volume {engine_name} (project {}): check --project-name, or start the project once (`up`)",
+                project.name
+            ))
+        })?;
+        volumes.push((key.clone(), info));
+    }
+    for source in &binds {
+        std::fs::symlink_metadata(source).map_err(|e| {
+            Error::io(source, e).context(format!("bind mount {}", source.display()))
+        })?;
+    }
     // Images first: they need no downtime. Services sharing an image share its snapshot. An
     // image only in the engine is exported into an OCI layout first, and its snapshot is
     // named by its engine reference.
@@ -254,56 +318,6 @@ pub fn backup(
         });
     }
 
-    // The volumes and bind mounts, and the services that mount them.
-    // Each mounting service gets the strictest mode of what it mounts (a volume's own mode,
-    // else the workload's): stop before pause before none.
-    let mut volume_keys: Vec<String> = Vec::new();
-    let mut binds: Vec<PathBuf> = Vec::new();
-    let mut mounting: BTreeMap<&str, Consistency> = BTreeMap::new();
-    for (key, _) in &what.volume_modes {
-        if !project.volumes.contains_key(key) {
-            return Err(Error::Config(format!(
-                "--volume-consistency {key}: the project has no volume {key}"
-            )));
-        }
-    }
-    for s in &project.services {
-        for m in &s.mounts {
-            let mode = match m {
-                Mount::Volume { key, .. } => {
-                    if !volume_keys.contains(key) {
-                        volume_keys.push(key.clone());
-                    }
-                    what.volume_modes
-                        .iter()
-                        .find(|(k, _)| k == key)
-                        .map_or(what.consistency, |(_, m)| *m)
-                }
-                Mount::Bind { source, .. } => {
-                    if !binds.contains(source) {
-                        binds.push(source.clone());
-                    }
-                    what.consistency
-                }
-            };
-            let slot = mounting.entry(s.name.as_str()).or_insert(mode);
-            *slot = strictest(*slot, mode);
-        }
-    }
-    let mut volumes = Vec::new();
-    for key in &volume_keys {
-        let engine_name = &project.volumes[key];
-        let engine = engine
-            .as_ref()
-            .expect("named volumes come from a compose project");
-        let info = engine.volume(engine_name)?.ok_or_else(|| Error::Engine {
-            what: format!("volume {key}"),
-            reason: format!(
-                "the engine has no volume {engine_name}: start the project once (`up`) first"
-            ),
-        })?;
-        volumes.push((key.clone(), info));
-    }
     // Containers of the mounting services, in dependency order, with their mode.
     let containers: Vec<(Container, Consistency)> = {
         let all = match &engine {
@@ -457,7 +471,7 @@ pub fn backup(
             .iter()
             .map(|f| kept(f))
             .collect::<Result<_>>()?,
-        env_file: what.env_file.as_deref().map(kept).transpose()?,
+        env_file: env_file.as_deref().map(kept).transpose()?,
         config: serde_yaml::to_string(&project.config)
             .map_err(|e| Error::Config(format!("cannot print the compose project: {e}")))?,
         services,

@@ -751,4 +751,33 @@ fn the_compose_tool_sees_the_projects_env_not_tresors() {
     let compose = fs::read_to_string(twin.join("compose.yaml")).unwrap();
     assert!(compose.contains("the-apps-own-value"), "{compose}");
     assert!(!compose.contains("the-agents-store-secret"), "{compose}");
+
+    // The agent's compose job keeps the same `.env` as the CLI's backup.
+    let config = crate::agent::write_config(
+        &env,
+        &format!(
+            "[registries.\"{}\"]\ninsecure = true\n\n[[job]]\nname = \"envtest-agent\"\ntype = \"workload\"\ncompose = [\"{}\"]\nproject = \"envtest\"\n",
+            source.host,
+            project.join("compose.yaml").display()
+        ),
+    );
+    let out = crate::agent::agent(&env, &config, &["--once"])
+        .env("AWS_SECRET_ACCESS_KEY", "the-agents-store-secret")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let twin = env.path("twin-agent");
+    let out = env.tresor(&[
+        "restore",
+        "workload",
+        "envtest-agent",
+        "--registry",
+        &target.host,
+        "--to",
+        twin.to_str().unwrap(),
+        "--insecure",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dotenv = fs::read_to_string(twin.join(".env")).unwrap();
+    assert!(dotenv.contains("the-apps-own-value"), "{dotenv}");
 }

@@ -219,6 +219,26 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
         "{}",
         stderr(&out)
     );
+    // A wrong project name is found before anything is stored: no orphan member.
+    let out = env.tresor(&[
+        "backup",
+        "workload",
+        "shop",
+        "--compose",
+        compose_file.to_str().unwrap(),
+        "--project-name",
+        "nosuch",
+        "--insecure-registry",
+        &source_host,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("check --project-name"),
+        "{}",
+        stderr(&out)
+    );
+    let none = env.json(&["snapshots"]);
+    assert_eq!(none.as_array().unwrap().len(), 0, "{none}");
     let backup = env.json(&[
         "backup",
         "workload",
