@@ -655,7 +655,7 @@ fn target_repository(registry: &str, source: &str) -> String {
     // As the engine reads a reference: a first component with a dot or a colon, or
     // `localhost`, is a registry host.
     let without_host = match source.split_once('/') {
-        Some((host, rest)) if host.contains(['.', ':']) || host == "localhost" => rest,
+        Some((_, rest)) if crate::workload::engine::names_a_registry(source) => rest,
         _ => source,
     };
     let repo = without_host

@@ -193,6 +193,14 @@ pub fn docker_host(socket: Option<&Path>) -> String {
     }
 }
 
+/// Whether `image` starts with a registry host, as the engine reads a reference: a first
+/// component with a dot or a colon, or `localhost`.
+pub fn names_a_registry(image: &str) -> bool {
+    image
+        .split_once('/')
+        .is_some_and(|(host, _)| host.contains(['.', ':']) || host == "localhost")
+}
+
 /// A connection to the engine.
 pub struct Engine {
     docker: Docker,
@@ -399,14 +407,18 @@ impl Engine {
         })
     }
 
-    /// Whether `image` exists in the engine only (built or loaded here, never pushed or
-    /// pulled: no repository digest). An image the engine does not have is not "only" here.
+    /// Whether `image` is to be taken from the engine: built or loaded here, never pushed or
+    /// pulled (no repository digest), or named without a registry host, which no registry
+    /// serves to tresor. An image the engine does not have is not "only" here.
     ///
     /// # Errors
     /// [`Error::Engine`] for anything but "no such image".
     pub fn image_only_here(&self, image: &str) -> Result<bool> {
         match self.rt.block_on(self.docker.inspect_image(image)) {
-            Ok(i) => Ok(i.repo_digests.unwrap_or_default().is_empty()),
+            // Pushed somewhere, but named without a registry host: tresor has no default
+            // registry to fetch it from, and the engine holds it (a pull by digest of the same
+            // image elsewhere gives it repo digests).
+            Ok(i) => Ok(i.repo_digests.unwrap_or_default().is_empty() || !names_a_registry(image)),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(false),

@@ -563,26 +563,32 @@ fn a_255_byte_name_restores_and_an_entry_the_target_refuses_does_not_stop_the_re
     );
 }
 
-/// Runs `cmd` and returns its exit code, its stderr and its own peak RSS in MiB (from
-/// `wait4`: the tests of this binary run side by side, so the children's total says nothing).
-// The child is reaped by `wait4`, which std's `wait` cannot stand in for (it gives no rusage).
-#[allow(clippy::zombie_processes)]
-fn run_measured(mut cmd: Command, log: &Path) -> (Option<i32>, String, u64) {
-    let child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a child of this process, waited for once; `status` and `usage` are ours.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32);
-    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+/// Runs tresor with `args` (and `env`'s settings) and returns its exit code, its stderr and its
+/// peak RSS in MiB. Measured by a small Python parent: a child forked from this test process
+/// (hundreds of MiB, other tests running in it) would count this process's pages as its own
+/// until it execs, and its children's total here mixes in every other test's.
+fn run_measured(env: &Env, args: &[&str], log: &Path) -> (Option<i32>, String, u64) {
+    const PARENT: &str = "import resource, subprocess, sys\n\
+        code = subprocess.call(sys.argv[1:])\n\
+        print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n\
+        sys.exit(code)\n";
+    let tresor = env.cmd();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", PARENT])
+        .arg(tresor.get_program())
+        .args(args);
+    for (k, v) in tresor.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.stderr(fs::File::create(log).unwrap()).output().unwrap();
+    let kib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     (
-        code,
+        out.status.code(),
         fs::read_to_string(log).unwrap(),
-        usage.ru_maxrss as u64 / 1024,
+        kib / 1024,
     )
 }
 
@@ -678,16 +684,14 @@ fn a_hostile_payload_record_costs_no_memory_and_is_named() {
         };
         let id = rt.block_on(snap.save(&repo)).unwrap();
         let out = env.path(&format!("out-{name}"));
-        let mut restore = env.cmd();
-        restore.args(["restore", "volume", &id, "--to", out.to_str().unwrap()]);
-        let (code, err, mib) = run_measured(restore, &env.path("restore.log"));
+        let restore = ["restore", "volume", &id, "--to", out.to_str().unwrap()];
+        let (code, err, mib) = run_measured(&env, &restore, &env.path("restore.log"));
         eprintln!("{name}: restore exit {code:?}, peak RSS {mib} MiB");
         assert_eq!(code, Some(4), "{name}: {err}");
         assert!(err.contains(named) && err.contains(&id), "{name}: {err}");
         assert!(mib < 256, "{name}: restore took {mib} MiB");
-        let mut gc = env.cmd();
-        gc.args(["gc", "--dry-run"]);
-        let (code, err, mib) = run_measured(gc, &env.path("gc.log"));
+        let gc = ["gc", "--dry-run"];
+        let (code, err, mib) = run_measured(&env, &gc, &env.path("gc.log"));
         eprintln!("{name}: gc exit {code:?}, peak RSS {mib} MiB");
         assert_ne!(code, Some(0), "{name}: gc passed over it: {err}");
         assert!(err.contains(named), "{name}: {err}");

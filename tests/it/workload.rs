@@ -463,7 +463,7 @@ fn sigterm_to_the_agent_mid_backup_starts_the_containers_again() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while !marker.exists() {
         assert!(
             Instant::now() < deadline,
@@ -514,16 +514,21 @@ fn sigkill_mid_backup_leaves_a_note_and_the_next_run_starts_the_containers_again
                 marker.display()
             ),
         );
+        let log = env.path(&format!("agent-{mode}.log"));
         let mut child = Guard(
             agent(&env, &config, &["--once"])
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
+                .stderr(fs::File::create(&log).unwrap())
                 .spawn()
                 .unwrap(),
         );
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(120);
         while !marker.exists() {
-            assert!(Instant::now() < deadline, "{mode}: never quiesced");
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: never quiesced; the agent said:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         // The OOM killer, or a reboot: no chance to start anything again.
