@@ -20,8 +20,26 @@ pub(crate) async fn snapshots(g: &Global, args: &SnapshotsArgs) -> anyhow::Resul
     let repo = open(g).await?;
     let filter = args.filter.to_filter();
     let listed = snapshot::list(&repo, &filter).await?;
+    // A workload's consistency is in its record: read for workloads only (a few).
+    let rt = tokio::runtime::Handle::current();
+    let workload = |l: &tresor::snapshot::Listed| {
+        (l.snapshot.kind == Kind::Workload)
+            .then(|| {
+                tokio::task::block_in_place(|| tresor::workload::load_record(&repo, &rt, l)).ok()
+            })
+            .flatten()
+    };
     if g.json {
-        let all: Vec<_> = listed.iter().map(snapshot_json).collect();
+        let mut all = Vec::new();
+        for l in &listed {
+            let mut out = snapshot_json(l);
+            if let Some(r) = workload(l) {
+                out["consistency"] = json!(r.consistency);
+                out["downtime_ms"] = json!(r.downtime_ms);
+                out["consistent"] = json!(r.is_consistent());
+            }
+            all.push(out);
+        }
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -40,7 +58,17 @@ pub(crate) async fn snapshots(g: &Global, args: &SnapshotsArgs) -> anyhow::Resul
             s.name,
             human_bytes(s.summary.logical_bytes),
             human_bytes(s.summary.chunks.bytes_new),
-            if s.partial { "partial" } else { "" },
+            match workload(l) {
+                Some(r) => format!(
+                    "{:?} {:.1}s{}",
+                    r.consistency,
+                    r.downtime_ms as f64 / 1000.0,
+                    if r.is_consistent() { "" } else { " live" }
+                )
+                .to_lowercase(),
+                None if s.partial => "partial".into(),
+                None => String::new(),
+            },
         );
     }
     println!("{} snapshots", listed.len());

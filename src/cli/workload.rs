@@ -90,6 +90,10 @@ pub(crate) struct RestoreWorkloadArgs {
     /// DOCKER_HOST, else /var/run/docker.sock].
     #[arg(long, value_name = "PATH")]
     pub(crate) engine_socket: Option<PathBuf>,
+    /// By name, take the newest snapshot whose volumes were all copied quiesced (stop, pause
+    /// or exec mode), not simply the newest.
+    #[arg(long)]
+    pub(crate) consistent: bool,
     /// Grant what the project asks of this host: privileges, host namespaces, bind mounts of
     /// host paths, the engine socket, volume drivers and options from the record, and with
     /// --up a project from an unencrypted repository. Without it such a restore is refused,
@@ -219,7 +223,14 @@ pub(crate) async fn restore_workload(
     args: &RestoreWorkloadArgs,
 ) -> anyhow::Result<ExitCode> {
     let repo = open(g).await?;
-    let snap = snapshot::resolve(&repo, &args.snapshot, Some(Kind::Workload)).await?;
+    let snap = if args.consistent {
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| {
+            tresor::commands::workload::newest_consistent(&repo, &rt, &args.snapshot)
+        })?
+    } else {
+        snapshot::resolve(&repo, &args.snapshot, Some(Kind::Workload)).await?
+    };
     let host = args.target_registry.split('/').next().unwrap_or_default();
     let registry = args.registry.registry(g, &[host])?;
     let what = WorkloadRestore {
@@ -239,6 +250,17 @@ pub(crate) async fn restore_workload(
     for line in &report.host_access {
         eprintln!("host access granted: {line}");
     }
+    eprintln!(
+        "snapshot {}: consistency {:?}, downtime {:.1}s{}",
+        &report.snapshot[..8],
+        report.consistency,
+        report.downtime_ms as f64 / 1000.0,
+        if report.consistent {
+            ""
+        } else {
+            " (volumes copied live: give --consistent for the newest quiesced one)"
+        }
+    );
     if g.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if report.dry_run {

@@ -541,6 +541,28 @@ fn save(
     result
 }
 
+/// The newest workload snapshot named `name` whose volumes were all copied quiesced
+/// (`restore workload --consistent`).
+///
+/// # Errors
+/// [`Error::SnapshotNotFound`] when there is none; store and record errors.
+pub fn newest_consistent(repo: &Arc<Repository>, rt: &Handle, name: &str) -> Result<Listed> {
+    let filter = crate::snapshot::Filter {
+        kind: Some(Kind::Workload),
+        name: Some(name.to_string()),
+        host: None,
+    };
+    let listed = rt.block_on(crate::snapshot::list(repo, &filter))?;
+    for snap in listed.into_iter().rev() {
+        if load_record(repo, rt, &snap)?.is_consistent() {
+            return Ok(snap);
+        }
+    }
+    Err(Error::SnapshotNotFound(format!(
+        "{name} (no snapshot copied in stop, pause or exec mode)"
+    )))
+}
+
 /// What [`restore`] does.
 pub struct WorkloadRestore {
     /// `HOST[:PORT][/PREFIX]`: images go to `HOST/PREFIX/REPO`.
@@ -609,6 +631,11 @@ pub struct WorkloadReport {
     /// Nothing was changed: the report is the plan.
     pub dry_run: bool,
     pub snapshot: String,
+    /// How the snapshot's volumes were made consistent, how long the services were down for
+    /// it, and whether every volume was copied quiesced ([`WorkloadRecord::is_consistent`]).
+    pub consistency: Consistency,
+    pub downtime_ms: u64,
+    pub consistent: bool,
     pub project: String,
     pub compose_file: String,
     pub images: Vec<ImageOutcome>,
@@ -1083,6 +1110,9 @@ pub fn restore(
     let mut report = WorkloadReport {
         dry_run: what.dry_run,
         snapshot: snap.id.clone(),
+        consistency: record.consistency,
+        downtime_ms: record.downtime_ms,
+        consistent: record.is_consistent(),
         project: project.clone(),
         compose_file: if explicit {
             String::new()

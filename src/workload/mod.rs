@@ -106,6 +106,20 @@ pub struct WorkloadRecord {
 }
 
 impl WorkloadRecord {
+    /// Whether every volume was copied quiesced or after the services' own commands: the
+    /// workload's mode is stop, pause or exec, or it is none and every volume has a mode of
+    /// its own that is not none.
+    pub fn is_consistent(&self) -> bool {
+        match self.consistency {
+            Consistency::None => self.volumes.iter().all(|v| {
+                self.volume_consistency
+                    .get(&v.key)
+                    .is_some_and(|m| *m != Consistency::None)
+            }),
+            _ => true,
+        }
+    }
+
     /// Every member snapshot's id, once (services sharing an image share its snapshot).
     pub fn members(&self) -> Vec<&str> {
         let services = self.services.iter().map(|s| s.snapshot.as_str());

@@ -674,6 +674,38 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
     let (n, lines) = counter_and_log(&paused_copy);
     assert!(n > 0 && n == lines, "counter {n}, log {lines} lines");
     assert_eq!(running(&site.project), ["counter", "web"]);
+    let paused_id = snap["id"].as_str().unwrap().to_string();
+
+    // A live copy last: listed as such, and `--consistent` takes the paused one before it.
+    let out = backup(&["--consistency", "none", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = env.json(&["snapshots", "--kind", "workload"]);
+    let listed = listed.as_array().unwrap();
+    let last = &listed[listed.len() - 1];
+    assert_eq!(
+        (&last["consistency"], &last["consistent"]),
+        (&"none".into(), &false.into()),
+        "{last}"
+    );
+    let before = &listed[listed.len() - 2];
+    assert_eq!(before["id"], paused_id.as_str(), "{before}");
+    assert_eq!(before["consistent"], true, "{before}");
+    let plan = env.json(&[
+        "restore",
+        "workload",
+        "shop3",
+        "--consistent",
+        "--dry-run",
+        "--registry",
+        &format!("{source_host}/dr"),
+        "--project",
+        "shop3-twin",
+        "--to",
+        env.path("twin").to_str().unwrap(),
+        "--insecure",
+    ]);
+    assert_eq!(plan["snapshot"], paused_id.as_str(), "{plan}");
+    assert_eq!(plan["consistent"], true, "{plan}");
 }
 
 #[test]
