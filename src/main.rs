@@ -41,14 +41,28 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let json = wants_json(&cli);
     let code = match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
+            let error = e.chain().find_map(|c| c.downcast_ref::<tresor::Error>());
+            if json && !verifying {
+                // A script that asked for JSON gets its failure as JSON too (verify writes
+                // its own report).
+                let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+                let out = serde_json::json!({
+                    "error": e.to_string(),
+                    "kind": error.map(|e| e.kind().name()),
+                    "causes": causes,
+                    "hint": error.and_then(|e| e.hint()),
+                });
+                println!("{out}");
+            }
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            if let Some(hint) = e.downcast_ref::<tresor::Error>().and_then(|e| e.hint()) {
+            if let Some(hint) = error.and_then(|e| e.hint()) {
                 eprintln!("hint: {hint}");
             }
             exit_code(&e, verifying)
@@ -103,8 +117,9 @@ fn init_logging(verbose: u8, agent: bool, json: bool) {
     }
 }
 
-async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
-    cli.global.json = match &cli.command {
+/// Whether the command was asked for JSON on stdout (its own `--json`).
+fn wants_json(cli: &Cli) -> bool {
+    match &cli.command {
         Command::Init(a) => a.out.json,
         Command::Backup(BackupCommand::Volume(a)) => a.out.json,
         Command::Backup(BackupCommand::Image(a)) => a.out.json,
@@ -125,7 +140,11 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Key(KeyCommand::Add(a) | KeyCommand::Passwd(a)) => a.out.json,
         Command::Verify(a) => a.json.is_some(),
         Command::Resume(out) => out.json,
-    };
+    }
+}
+
+async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
+    cli.global.json = wants_json(&cli);
     let g = &cli.global;
     match &cli.command {
         Command::Init(args) => cli::init::init(g, args).await,

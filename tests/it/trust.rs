@@ -177,7 +177,7 @@ fn a_forged_workload_record_does_not_decide_what_runs_on_the_host() {
         let forged = compose_record(&real, project, mount, extra);
         forge(&env, project, &forged);
         let to = env.path(&format!("twin-{project}"));
-        for dry in [&["--dry-run"][..], &["--up"][..]] {
+        for dry in [&["--dry-run", "--json"][..], &["--up"][..]] {
             let out = restore(project, &to, dry);
             assert_eq!(
                 out.status.code(),
@@ -185,6 +185,15 @@ fn a_forged_workload_record_does_not_decide_what_runs_on_the_host() {
                 "{project} {dry:?}: {}",
                 stderr(&out)
             );
+            if dry.contains(&"--json") {
+                // A script that asked for JSON gets the refusal as JSON.
+                let refusal: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(refusal["kind"], "unsafe", "{refusal}");
+                assert!(
+                    refusal["error"].as_str().unwrap().contains(named),
+                    "{refusal}"
+                );
+            }
             assert!(stderr(&out).contains(named), "{project}: {}", stderr(&out));
             assert!(
                 stderr(&out).contains("--allow-host-access"),
