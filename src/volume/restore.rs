@@ -691,14 +691,7 @@ impl TreeWriter<'_> {
     fn file(&mut self, dir: BorrowedFd<'_>, name: &OsStr, e: &Entry, shown: &Path) -> Result<()> {
         let tmp_name = crate::localfile::temp_name();
         let tmp = OsStr::new(&tmp_name);
-        let fd = rustix::fs::openat(
-            dir,
-            tmp,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            rustix::fs::Mode::from_raw_mode(0o600),
-        )
-        .map_err(errno(shown))?;
-        let mut file = File::from(fd);
+        let mut file = create_private(dir, tmp, OFlags::EXCL, shown)?;
         let mode = self.mode(e);
         let result = self.write_file(&mut file, e, shown).and_then(|()| {
             fsmeta::apply(Target::Open(file.as_fd()), e, mode, self.chown, shown)?;
@@ -909,14 +902,17 @@ pub fn restore_block_in(
     shown: &Path,
     progress: &Progress,
 ) -> Result<RestoreReport> {
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        rustix::fs::Mode::from_raw_mode(0o600),
-    )
-    .map_err(errno(shown))?;
-    write_block(repo, rt, snap, File::from(fd), false, shown, progress)
+    let file = create_private(dir, name, OFlags::TRUNC, shown)?;
+    write_block(repo, rt, snap, file, false, shown, progress)
+}
+
+/// The file `name` of `dir`, opened for writing and created 0600, never through a symlink;
+/// `how` adds `EXCL` (a new temporary file) or `TRUNC` (a target to replace).
+fn create_private(dir: BorrowedFd<'_>, name: &OsStr, how: OFlags, shown: &Path) -> Result<File> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | how;
+    let fd = rustix::fs::openat(dir, name, flags, rustix::fs::Mode::from_raw_mode(0o600))
+        .map_err(errno(shown))?;
+    Ok(File::from(fd))
 }
 
 /// Writes the block snapshot `snap` into `out` (a device is written through, zeros included).

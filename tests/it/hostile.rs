@@ -15,29 +15,7 @@ use tresor::catalog::{write_entry, Entry, EntryKind};
 use tresor::chunker::Mode;
 use tresor::gc::Session;
 use tresor::pipeline::{ChunkWriter, StreamWriter};
-use tresor::snapshot::{Kind, RootFormat, Snapshot, Summary, RECORD_VERSION};
-
-fn entry(path: &[u8], kind: EntryKind) -> Entry {
-    Entry {
-        path: path.to_vec(),
-        kind,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        user: None,
-        group: None,
-        mtime_ns: 0,
-        ctime_ns: 0,
-        ino: 0,
-        size: 0,
-        link: None,
-        rdev: 0,
-        xattrs: vec![],
-        content: vec![],
-        slice: None,
-        hash: None,
-    }
-}
+use tresor::snapshot::{Kind, RootFormat};
 
 /// Writes a snapshot named `name` whose catalog is `entries`, with `payload` as the content of
 /// every file entry.
@@ -62,23 +40,7 @@ fn craft(env: &Env, name: &str, entries: Vec<Entry>, payload: &[u8]) {
     }
     let (root, _) = catalog.finish().unwrap();
     writer.flush().unwrap();
-    let snap = Snapshot {
-        version: RECORD_VERSION,
-        kind: Kind::Volume,
-        name: name.into(),
-        source: "/crafted".into(),
-        host: "attacker".into(),
-        time: chrono::Utc::now(),
-        tags: vec![],
-        partial: false,
-        root_format: RootFormat::Tree,
-        root,
-        payload: None,
-        parent: None,
-        summary: Summary::default(),
-        image: None,
-        errors: vec![],
-    };
+    let snap = crafted(Kind::Volume, name, RootFormat::Tree, root, None);
     rt.block_on(snap.save(&repo)).unwrap();
 }
 

@@ -16,17 +16,22 @@ use crate::common::*;
 use tresor::chunker::Mode;
 use tresor::gc::Session;
 use tresor::pipeline::{ChunkWriter, StreamWriter};
-use tresor::snapshot::{Kind, RootFormat, Snapshot, Summary, RECORD_VERSION};
+use tresor::snapshot::{Kind, RootFormat, Snapshot};
 use tresor::workload::{KeptFile, WorkloadRecord};
 
-/// An image pushed to `registry` and a workload given by hand (that image, one volume) backed
-/// up: the members a forged record can point at. Returns the workload record.
-fn members(env: &Env, registry: &TestRegistry) -> WorkloadRecord {
+/// A one-layer image built as an OCI layout and pushed to `registry` as `repo:v1`.
+fn push_image(env: &Env, registry: &TestRegistry, repo: &str) {
     let mut layout = Layout::new(&env.path("layout"));
     let layer = layout.layer(&[("hello.txt", b"hello\n".to_vec())]);
     let app = layout.image("amd64", &[layer]);
     layout.tag("v1", &app);
-    push(&layout, "v1", &registry.host, "forged/app");
+    push(&layout, "v1", &registry.host, repo);
+}
+
+/// An image pushed to `registry` and a workload given by hand (that image, one volume) backed
+/// up: the members a forged record can point at. Returns the workload record.
+fn members(env: &Env, registry: &TestRegistry) -> WorkloadRecord {
+    push_image(env, registry, "forged/app");
     let data = env.path("data");
     fs::create_dir_all(&data).unwrap();
     fs::write(data.join("file"), b"data\n").unwrap();
@@ -64,23 +69,7 @@ fn forge(env: &Env, name: &str, record: &WorkloadRecord) {
     ciborium::into_writer(record, &mut stream).unwrap();
     let (root, _) = stream.finish().unwrap();
     writer.flush().unwrap();
-    let snap = Snapshot {
-        version: RECORD_VERSION,
-        kind: Kind::Workload,
-        name: name.into(),
-        source: "compose:forged".into(),
-        host: "attacker".into(),
-        time: chrono::Utc::now(),
-        tags: vec![],
-        partial: false,
-        root_format: RootFormat::Workload,
-        root,
-        payload: None,
-        parent: None,
-        summary: Summary::default(),
-        image: None,
-        errors: vec![],
-    };
+    let snap = crafted(Kind::Workload, name, RootFormat::Workload, root, None);
     rt.block_on(snap.save(&repo)).unwrap();
 }
 
@@ -346,13 +335,19 @@ fn object_count(dir: &Path) -> usize {
     n
 }
 
-#[test]
-fn a_fresh_host_is_not_talked_out_of_encryption() {
+/// An encrypted repository holding one backup of a small tree, and the tree.
+fn backed_up() -> (Env, std::path::PathBuf) {
     let env = Env::new();
     let tree = env.path("tree");
     fs::create_dir_all(&tree).unwrap();
     fs::write(tree.join("secret.txt"), b"the agency's data\n").unwrap();
     env.backup("vol", &tree, &[]);
+    (env, tree)
+}
+
+#[test]
+fn a_fresh_host_is_not_talked_out_of_encryption() {
+    let (env, tree) = backed_up();
     // The store operator strips encryption, the MAC and the key slots.
     edit_config(&env, |c| {
         c.remove("encryption");
@@ -412,11 +407,7 @@ fn a_fresh_host_is_not_talked_out_of_encryption() {
 
 #[test]
 fn a_stripped_mac_is_refused_everywhere_until_the_owner_signs() {
-    let env = Env::new();
-    let tree = env.path("tree");
-    fs::create_dir_all(&tree).unwrap();
-    fs::write(tree.join("a"), b"a\n").unwrap();
-    env.backup("vol", &tree, &[]);
+    let (env, _) = backed_up();
     // The MAC stripped, compression switched off: what any later backup would obey.
     edit_config(&env, |c| {
         c.remove("mac");
@@ -429,41 +420,25 @@ fn a_stripped_mac_is_refused_everywhere_until_the_owner_signs() {
         "{}",
         stderr(&out)
     );
-    let out = env
-        .cmd()
-        .env("TRESOR_CACHE_DIR", env.path("fresh-cache"))
-        .arg("snapshots")
-        .output()
-        .unwrap();
+    // A host that never opened it.
+    let fresh = |args: &[&str]| {
+        let mut cmd = env.cmd();
+        cmd.env("TRESOR_CACHE_DIR", env.path("fresh-cache"));
+        cmd.args(args).output().unwrap()
+    };
+    let out = fresh(&["snapshots"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("has no MAC"), "{}", stderr(&out));
     // The owner's explicit step shows the fields and, on a host that never saw a MAC, signs.
-    let shown = env
-        .cmd()
-        .env("TRESOR_CACHE_DIR", env.path("fresh-cache"))
-        .args(["key", "upgrade-config", "--dry-run", "--json"])
-        .output()
-        .unwrap();
+    let shown = fresh(&["key", "upgrade-config", "--dry-run", "--json"]);
     assert!(shown.status.success(), "{}", stderr(&shown));
     let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert_eq!(shown["signed"], false);
-    assert_eq!(
-        shown["config"]["compression_level"],
-        serde_json::Value::Null
-    );
-    let signed = env
-        .cmd()
-        .env("TRESOR_CACHE_DIR", env.path("fresh-cache"))
-        .args(["key", "upgrade-config"])
-        .output()
-        .unwrap();
+    let null = serde_json::Value::Null;
+    assert_eq!(shown["config"]["compression_level"], null);
+    let signed = fresh(&["key", "upgrade-config"]);
     assert!(signed.status.success(), "{}", stderr(&signed));
-    let out = env
-        .cmd()
-        .env("TRESOR_CACHE_DIR", env.path("fresh-cache"))
-        .arg("snapshots")
-        .output()
-        .unwrap();
+    let out = fresh(&["snapshots"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -475,11 +450,7 @@ fn a_symlink_planted_under_the_twin_directory_is_not_followed() {
     fs::write(data.join("payload"), b"restored\n").unwrap();
     let source = TestRegistry::start(&env.path("registry-a"));
     let target = TestRegistry::start(&env.path("registry-b"));
-    let mut layout = Layout::new(&env.path("layout"));
-    let layer = layout.layer(&[("hello.txt", b"hello\n".to_vec())]);
-    let app = layout.image("amd64", &[layer]);
-    layout.tag("v1", &app);
-    push(&layout, "v1", &source.host, "sym/app");
+    push_image(&env, &source, "sym/app");
     env.json(&[
         "backup",
         "workload",
@@ -603,7 +574,7 @@ fn run_measured(env: &Env, args: &[&str], log: &Path) -> (Option<i32>, String, u
 
 #[test]
 fn a_hostile_payload_record_costs_no_memory_and_is_named() {
-    use tresor::catalog::{write_entry, Entry, EntryKind};
+    use tresor::catalog::{write_entry, EntryKind};
     use tresor::id::{ChunkId, ChunkRef};
     let env = Env::new();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -641,26 +612,7 @@ fn a_hostile_payload_record_costs_no_memory_and_is_named() {
     );
     let writer = ChunkWriter::new(session, rt.handle().clone(), 1 << 20);
     let mut catalog = StreamWriter::new(&writer, Mode::ContentDefined);
-    let root = Entry {
-        path: vec![],
-        kind: EntryKind::Dir,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        user: None,
-        group: None,
-        mtime_ns: 0,
-        ctime_ns: 0,
-        ino: 0,
-        size: 0,
-        link: None,
-        rdev: 0,
-        xattrs: vec![],
-        content: vec![],
-        slice: None,
-        hash: None,
-    };
-    write_entry(&mut catalog, &root).unwrap();
+    write_entry(&mut catalog, &entry(b"", EntryKind::Dir)).unwrap();
     let (catalog, _) = catalog.finish().unwrap();
     writer.flush().unwrap();
     for (name, fresh, fresh_len, named) in [
@@ -668,29 +620,20 @@ fn a_hostile_payload_record_costs_no_memory_and_is_named() {
         ("repeated-big", repeated, 1 << 40, "more than the"),
         ("zero-run", zero_run, 1 << 20, "zero run"),
     ] {
-        let snap = Snapshot {
-            version: RECORD_VERSION,
-            kind: Kind::Volume,
-            name: name.into(),
-            source: "/forged".into(),
-            host: "attacker".into(),
-            time: chrono::Utc::now(),
-            tags: vec![],
-            partial: false,
-            root_format: RootFormat::Tree,
-            root: catalog.clone(),
-            payload: Some(tresor::volume::payload::Payload {
-                fresh,
-                fresh_len,
-                reused: vec![],
-                reused_len: 0,
-                padding: 0,
-            }),
-            parent: None,
-            summary: Summary::default(),
-            image: None,
-            errors: vec![],
+        let payload = tresor::volume::payload::Payload {
+            fresh,
+            fresh_len,
+            reused: vec![],
+            reused_len: 0,
+            padding: 0,
         };
+        let snap = crafted(
+            Kind::Volume,
+            name,
+            RootFormat::Tree,
+            catalog.clone(),
+            Some(payload),
+        );
         let id = rt.block_on(snap.save(&repo)).unwrap();
         let out = env.path(&format!("out-{name}"));
         let restore = ["restore", "volume", &id, "--to", out.to_str().unwrap()];
@@ -714,11 +657,7 @@ fn the_compose_tool_sees_the_projects_env_not_tresors() {
     let env = Env::new();
     let source = TestRegistry::start(&env.path("registry-a"));
     let target = TestRegistry::start(&env.path("registry-b"));
-    let mut layout = Layout::new(&env.path("layout"));
-    let layer = layout.layer(&[("hello.txt", b"hello\n".to_vec())]);
-    let app = layout.image("amd64", &[layer]);
-    layout.tag("v1", &app);
-    push(&layout, "v1", &source.host, "envtest/app");
+    push_image(&env, &source, "envtest/app");
     let project = env.path("envtest");
     fs::create_dir_all(&project).unwrap();
     fs::write(
@@ -749,18 +688,22 @@ fn the_compose_tool_sees_the_projects_env_not_tresors() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    let restore = |name: &str, twin: &Path| {
+        let to = twin.to_str().unwrap();
+        let args = [
+            "restore",
+            "workload",
+            name,
+            "--registry",
+            &target.host,
+            "--to",
+            to,
+        ];
+        let out = env.cmd().args(args).arg("--insecure").output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
     let twin = env.path("twin");
-    let out = env.tresor(&[
-        "restore",
-        "workload",
-        "envtest",
-        "--registry",
-        &target.host,
-        "--to",
-        twin.to_str().unwrap(),
-        "--insecure",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    restore("envtest", &twin);
     let compose = fs::read_to_string(twin.join("compose.yaml")).unwrap();
     assert!(compose.contains("the-apps-own-value"), "{compose}");
     assert!(!compose.contains("the-agents-store-secret"), "{compose}");
@@ -780,17 +723,7 @@ fn the_compose_tool_sees_the_projects_env_not_tresors() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let twin = env.path("twin-agent");
-    let out = env.tresor(&[
-        "restore",
-        "workload",
-        "envtest-agent",
-        "--registry",
-        &target.host,
-        "--to",
-        twin.to_str().unwrap(),
-        "--insecure",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    restore("envtest-agent", &twin);
     let dotenv = fs::read_to_string(twin.join(".env")).unwrap();
     assert!(dotenv.contains("the-apps-own-value"), "{dotenv}");
 }

@@ -205,14 +205,19 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
 
     // --insecure would reach every registry the compose file names: refused, hosts named.
     let compose_file = site.join("compose.yaml");
-    let out = env.tresor(&[
-        "backup",
-        "workload",
-        "shop",
-        "--compose",
-        compose_file.to_str().unwrap(),
-        "--insecure",
-    ]);
+    let backup_args = |extra: &[&'static str]| {
+        let mut args = vec![
+            "backup".to_string(),
+            "workload".into(),
+            "shop".into(),
+            "--compose".into(),
+            compose_file.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let run = |args: Vec<String>| env.cmd().args(args).output().unwrap();
+    let out = run(backup_args(&["--insecure"]));
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("--insecure-registry"),
@@ -220,17 +225,9 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
         stderr(&out)
     );
     // A wrong project name is found before anything is stored: no orphan member.
-    let out = env.tresor(&[
-        "backup",
-        "workload",
-        "shop",
-        "--compose",
-        compose_file.to_str().unwrap(),
-        "--project-name",
-        "nosuch",
-        "--insecure-registry",
-        &source_host,
-    ]);
+    let mut args = backup_args(&["--project-name", "nosuch", "--insecure-registry"]);
+    args.push(source_host.clone());
+    let out = run(args);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("check --project-name"),
@@ -239,17 +236,11 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
     );
     let none = env.json(&["snapshots"]);
     assert_eq!(none.as_array().unwrap().len(), 0, "{none}");
-    let backup = env.json(&[
-        "backup",
-        "workload",
-        "shop",
-        "--compose",
-        compose_file.to_str().unwrap(),
-        "--project-name",
-        "shop",
-        "--insecure-registry",
-        &source_host,
-    ]);
+    let mut args = backup_args(&["--project-name", "shop", "--json", "--insecure-registry"]);
+    args.push(source_host.clone());
+    let out = run(args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let backup: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let workload = &backup["workload"];
     assert_eq!(workload["consistency"], "stop");
     assert!(workload["downtime_ms"].as_u64().unwrap() > 0, "{backup}");
@@ -440,6 +431,28 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
     assert_eq!(problem["affects"][0]["name"], "shop", "{report}");
 }
 
+/// Starts `agent --once` on `config` for a workload job whose pre hook touches `marker` and
+/// sleeps, and returns it once the job holds the project quiesced (the agent's log in `log`).
+fn agent_holding_quiesced(env: &Env, config: &Path, marker: &Path, log: &Path) -> Guard {
+    let child = Guard(
+        agent(env, config, &["--once"])
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the backup never quiesced the project; the agent said:\n{}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 #[test]
 fn sigterm_to_the_agent_mid_backup_starts_the_containers_again() {
     let env = Env::new();
@@ -455,23 +468,7 @@ fn sigterm_to_the_agent_mid_backup_starts_the_containers_again() {
             marker.display()
         ),
     );
-    let log = env.path("agent.log");
-    let mut child = Guard(
-        agent(&env, &config, &["--once"])
-            .stdout(std::process::Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !marker.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the backup never quiesced the project; the agent said:\n{}",
-            fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = agent_holding_quiesced(&env, &config, &marker, &env.path("agent.log"));
     assert!(running(&site.project).is_empty(), "stopped for the copy");
     signal(&child.0, libc::SIGTERM);
     wait_exit(
@@ -515,22 +512,7 @@ fn sigkill_mid_backup_leaves_a_note_and_the_next_run_starts_the_containers_again
             ),
         );
         let log = env.path(&format!("agent-{mode}.log"));
-        let mut child = Guard(
-            agent(&env, &config, &["--once"])
-                .stdout(std::process::Stdio::null())
-                .stderr(fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !marker.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "{mode}: never quiesced; the agent said:\n{}",
-                fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut child = agent_holding_quiesced(&env, &config, &marker, &log);
         // The OOM killer, or a reboot: no chance to start anything again.
         signal(&child.0, libc::SIGKILL);
         wait_exit(&mut child.0, Duration::from_secs(10));

@@ -209,6 +209,58 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A catalog entry of `kind` at `path`, root-owned, mode 755, with nothing else set: what
+/// crafted snapshots are made of.
+pub fn entry(path: &[u8], kind: tresor::catalog::EntryKind) -> tresor::catalog::Entry {
+    tresor::catalog::Entry {
+        path: path.to_vec(),
+        kind,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        user: None,
+        group: None,
+        mtime_ns: 0,
+        ctime_ns: 0,
+        ino: 0,
+        size: 0,
+        link: None,
+        rdev: 0,
+        xattrs: vec![],
+        content: vec![],
+        slice: None,
+        hash: None,
+    }
+}
+
+/// A snapshot record as an attacker who may write the store would make it: `kind` `name` with
+/// `root` (and `payload`), from host "attacker", everything else empty.
+pub fn crafted(
+    kind: tresor::snapshot::Kind,
+    name: &str,
+    root_format: tresor::snapshot::RootFormat,
+    root: Vec<tresor::id::ChunkRef>,
+    payload: Option<tresor::volume::payload::Payload>,
+) -> tresor::snapshot::Snapshot {
+    tresor::snapshot::Snapshot {
+        version: tresor::snapshot::RECORD_VERSION,
+        kind,
+        name: name.into(),
+        source: "/crafted".into(),
+        host: "attacker".into(),
+        time: chrono::Utc::now(),
+        tags: vec![],
+        partial: false,
+        root_format,
+        root,
+        payload,
+        parent: None,
+        summary: Default::default(),
+        image: None,
+        errors: vec![],
+    }
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
