@@ -100,6 +100,28 @@ fn tempdir_for(cache_dir: Option<&Path>) -> Result<tempfile::TempDir> {
         .map_err(|e| Error::io(&parent, e))
 }
 
+/// Why a bind-mounted path holds no data a twin needs, if it does not: the engine's socket, a
+/// device, the kernel's file systems, the host's root. Copying them fails (a socket) or copies
+/// the host (`/`); they stay in the project as they are.
+fn not_data(source: &Path, meta: &std::fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if source == Path::new("/") {
+        Some("the host's root, not data")
+    } else if ["/proc", "/sys", "/dev"]
+        .iter()
+        .any(|k| source.starts_with(k))
+    {
+        Some("a kernel file system, not data")
+    } else if t.is_socket() {
+        Some("a socket (an engine's or a daemon's), not data")
+    } else if t.is_block_device() || t.is_char_device() || t.is_fifo() {
+        Some("a device, not data")
+    } else {
+        None
+    }
+}
+
 /// How long the containers may take to be healthy again.
 const HEALTHY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -244,11 +266,21 @@ pub fn backup(
         })?;
         volumes.push((key.clone(), info));
     }
-    for source in &binds {
-        std::fs::symlink_metadata(source).map_err(|e| {
-            Error::io(source, e).context(format!("bind mount {}", source.display()))
+    let mut skipped = Vec::new();
+    let mut data = Vec::new();
+    for source in binds {
+        let meta = std::fs::metadata(&source).map_err(|e| {
+            Error::io(&source, e).context(format!("bind mount {}", source.display()))
         })?;
+        match not_data(&source, &meta) {
+            Some(why) => {
+                tracing::info!("bind mount {}: {why}; left as it is", source.display());
+                skipped.push(format!("bind mount {}: {why}", source.display()));
+            }
+            None => data.push(source),
+        }
     }
+    let binds = data;
     // Images first: they need no downtime. Services sharing an image share its snapshot. An
     // image only in the engine is exported into an OCI layout first, and its snapshot is
     // named by its engine reference.
@@ -482,6 +514,7 @@ pub fn backup(
         capture_started,
         capture_ended,
         downtime_ms: downtime.as_millis() as u64,
+        skipped,
     };
     let logical = logical.get();
     save(repo, rt, cache_dir, what, &record, logical, started)

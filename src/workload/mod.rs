@@ -103,6 +103,11 @@ pub struct WorkloadRecord {
     pub capture_ended: DateTime<Utc>,
     /// How long containers were stopped or paused.
     pub downtime_ms: u64,
+    /// Bind mounts that hold no data to copy (the engine socket, `/proc`, `/sys`, `/dev`, a
+    /// device, `/` itself), each with why: left in the project as they are, so a restore lists
+    /// them as host access.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 impl WorkloadRecord {

@@ -727,3 +727,97 @@ fn the_compose_tool_sees_the_projects_env_not_tresors() {
     let dotenv = fs::read_to_string(twin.join(".env")).unwrap();
     assert!(dotenv.contains("the-apps-own-value"), "{dotenv}");
 }
+
+#[test]
+fn binds_that_hold_no_data_are_left_as_they_are_and_named_on_restore() {
+    let env = Env::new();
+    let source = TestRegistry::start(&env.path("registry-a"));
+    let target = TestRegistry::start(&env.path("registry-b"));
+    push_image(&env, &source, "binds/app");
+    let project = env.path("binds");
+    fs::create_dir_all(project.join("www")).unwrap();
+    fs::write(project.join("www/index.html"), b"page\n").unwrap();
+    fs::write(
+        project.join("compose.yaml"),
+        format!(
+            "version: \"3.7\"\nservices:\n  app:\n    image: {}/binds/app:v1\n    volumes:\n    - /var/run/docker.sock:/var/run/docker.sock\n    - /proc:/hostproc:ro\n    - ./www:/www:ro\n",
+            source.host
+        ),
+    )
+    .unwrap();
+    // The socket could not be copied at all before ("No such device or address"), and /proc
+    // would have been read as a tree.
+    let out = env
+        .cmd()
+        .args(["backup", "workload", "binds", "--compose"])
+        .arg(project.join("compose.yaml"))
+        .args([
+            "--project-name",
+            "binds",
+            "--insecure-registry",
+            &source.host,
+        ])
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let backup: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let skipped = backup["workload"]["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 2, "{backup}");
+    assert!(
+        skipped[0]
+            .as_str()
+            .unwrap()
+            .contains("/var/run/docker.sock"),
+        "{backup}"
+    );
+    assert_eq!(
+        backup["workload"]["binds"].as_array().unwrap().len(),
+        1,
+        "{backup}"
+    );
+    // On restore they are what the project asks of the host: named, and granted only on
+    // request; the data bind is restored under --to.
+    let twin = env.path("twin");
+    let restore = |extra: &[&str]| {
+        let to = twin.to_str().unwrap();
+        let args = [
+            "restore",
+            "workload",
+            "binds",
+            "--registry",
+            &target.host,
+            "--to",
+            to,
+        ];
+        env.cmd()
+            .args(args)
+            .arg("--insecure")
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = restore(&[]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("binds the engine socket"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("binds host path /proc"),
+        "{}",
+        stderr(&out)
+    );
+    let out = restore(&["--allow-host-access"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let compose = fs::read_to_string(twin.join("compose.yaml")).unwrap();
+    assert!(
+        compose.contains("/var/run/docker.sock:/var/run/docker.sock"),
+        "{compose}"
+    );
+    assert_eq!(
+        fs::read(twin.join("binds/0/index.html")).unwrap(),
+        b"page\n"
+    );
+}
