@@ -338,8 +338,10 @@ impl Default for KdfParams {
 
 /// The most memory a key slot's Argon2 may ask for: 1 GiB, 16 times the default.
 const MAX_KDF_MEMORY_KIB: u32 = 1 << 20;
-/// The most passes a key slot's Argon2 may ask for.
+/// The most passes a key slot's Argon2 may ask for: 10 times the default.
 const MAX_KDF_ITERATIONS: u32 = 30;
+/// The most lanes a key slot's Argon2 may ask for.
+const MAX_KDF_LANES: u32 = 16;
 
 /// How a slot's wrapping key is derived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -400,14 +402,14 @@ impl KeySlot {
         }
         if let Some(k) = self.kdf {
             // The slot is read from the store: its parameters may not decide how much memory
-            // or time an open takes (16x and 10x the defaults at most).
+            // or time an open takes.
             if k.memory_kib > MAX_KDF_MEMORY_KIB
                 || k.iterations > MAX_KDF_ITERATIONS
-                || k.parallelism > 16
+                || k.parallelism > MAX_KDF_LANES
             {
                 return Err(corrupt(&format!(
                     "its Argon2 parameters ({} KiB, {} passes, {} lanes) pass this build's bound \
-                     ({MAX_KDF_MEMORY_KIB} KiB, {MAX_KDF_ITERATIONS} passes, 16 lanes)",
+                     ({MAX_KDF_MEMORY_KIB} KiB, {MAX_KDF_ITERATIONS} passes, {MAX_KDF_LANES} lanes)",
                     k.memory_kib, k.iterations, k.parallelism
                 )));
             }

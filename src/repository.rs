@@ -187,6 +187,17 @@ pub struct OpenOptions<'a> {
     pub upgrade_config: bool,
 }
 
+/// Why a host would believe a config that claims no encryption.
+#[derive(Clone, Copy)]
+enum Trust {
+    /// This host opened the repository before, unencrypted (its config unchanged since).
+    Remembered,
+    /// The operator said so (`expect_unencrypted`), on a host that never opened it.
+    Told,
+    /// Nobody vouches for it.
+    Not,
+}
+
 /// Options of [`Repository::init`].
 #[derive(Clone, Debug)]
 pub struct InitOptions {
@@ -312,8 +323,12 @@ impl Repository {
         };
         match repo.config.encryption.clone() {
             None => {
-                let confirmed = remembered.is_some() || options.expect_unencrypted;
-                repo.check_unencrypted(options.secret.is_some(), confirmed)
+                let trust = match (&remembered, options.expect_unencrypted) {
+                    (Some(_), _) => Trust::Remembered,
+                    (None, true) => Trust::Told,
+                    (None, false) => Trust::Not,
+                };
+                repo.check_unencrypted(options.secret.is_some(), trust)
                     .await?;
             }
             Some(name) => {
@@ -347,9 +362,10 @@ impl Repository {
     }
 
     /// A config that claims no encryption is believed only if no secret was given for the
-    /// repository, this host remembers it as unencrypted or the operator said it is
-    /// (`confirmed`), and the store holds no key slot, no MAC and no sealed object.
-    async fn check_unencrypted(&self, secret_given: bool, confirmed: bool) -> Result<()> {
+    /// repository, the store holds no key slot and no MAC, and this host remembers it as
+    /// unencrypted or the operator said it is (`trust`); in the second case, the first time,
+    /// no sampled object may be sealed.
+    async fn check_unencrypted(&self, secret_given: bool, trust: Trust) -> Result<()> {
         if secret_given {
             return Err(self.tampered(
                 "its config says it is unencrypted, but a password or key file was given for it"
@@ -364,17 +380,18 @@ impl Repository {
                 "its config says it is unencrypted, but the store holds {slots} key slot(s){and_mac}"
             )));
         }
-        if !confirmed {
-            return Err(Error::UnencryptedUnconfirmed {
+        match trust {
+            Trust::Remembered => Ok(()),
+            Trust::Not => Err(Error::UnencryptedUnconfirmed {
                 url: self.store.url().to_string(),
-            });
+            }),
+            Trust::Told => match self.sealed_object().await? {
+                Some(key) => Err(self.tampered(format!(
+                    "its config says it is unencrypted, but {key} is sealed"
+                ))),
+                None => Ok(()),
+            },
         }
-        if let Some(key) = self.sealed_object().await? {
-            return Err(self.tampered(format!(
-                "its config says it is unencrypted, but {key} is sealed"
-            )));
-        }
-        Ok(())
     }
 
     /// A sealed object among a sample of the store (a few snapshot records and session
@@ -419,14 +436,14 @@ impl Repository {
         };
         let (slot, key) = self.unlock(secret).await?;
         let key = key.with_cipher(cipher);
-        if self.config.mac.is_none() && !authenticated && !upgrade {
-            return Err(self.tampered(
-                "its config has no MAC; if an older tresor made it, check its fields \
-                 (`tresor key upgrade-config --dry-run`) and sign them with `tresor key upgrade-config`"
-                    .into(),
-            ));
-        }
         if self.config.mac.is_none() && !authenticated {
+            if !upgrade {
+                return Err(self.tampered(
+                    "its config has no MAC; if an older tresor made it, check its fields \
+                     (`tresor key upgrade-config --dry-run`) and sign them with `tresor key upgrade-config`"
+                        .into(),
+                ));
+            }
             tracing::warn!("the config of {url} has no MAC: signing its fields as they are");
             self.config.sign(&key);
             let json = serde_json::to_vec_pretty(&self.config).expect("config serialises");

@@ -103,8 +103,7 @@ impl Context {
             expect_unencrypted: r.expect_unencrypted,
         };
         // A workload job that was killed (SIGKILL, OOM, reboot) may have left containers down.
-        let state = cache_dir.join(crate::workload::engine::STATE_FILE);
-        if let Err(e) = crate::workload::engine::resume_recorded(&state).await {
+        if let Err(e) = crate::workload::engine::resume_recorded(&cache_dir).await {
             tracing::error!("{e}");
         }
         let repo = access

@@ -120,8 +120,8 @@ pub(crate) enum Command {
     /// Check that snapshots can be restored; exit 0 if all is well, 1 on problems, 2 if the
     /// check could not run.
     Verify(VerifyArgs),
-    /// Start again the containers a killed workload backup left stopped or paused (the state
-    /// file in the cache directory names them); the agent unit's ExecStopPost=.
+    /// Start again the containers a killed workload backup left stopped or paused (its
+    /// quiesced-PID.json in the cache directory names them); the agent unit's ExecStopPost=.
     Resume(JsonFlag),
 }
 
@@ -319,9 +319,9 @@ pub(crate) async fn resume(g: &Global) -> anyhow::Result<std::process::ExitCode>
     let Some(dir) = cache_dir(g) else {
         anyhow::bail!("no cache directory (--no-cache): there is no list of stopped containers");
     };
-    let file = dir.join(tresor::workload::engine::STATE_FILE);
-    let back = tresor::workload::engine::resume_recorded(&file).await?;
-    let left = file.exists();
+    let back = tresor::workload::engine::resume_recorded(&dir).await?;
+    // What could not be started again stays in the state files of dead processes.
+    let left = tresor::workload::engine::resume_pending(&dir)?;
     if g.json {
         println!(
             "{}",
@@ -342,8 +342,8 @@ pub(crate) async fn resume(g: &Global) -> anyhow::Result<std::process::ExitCode>
     }
     Ok(if left {
         eprintln!(
-            "some containers could not be started again: {} names them",
-            file.display()
+            "some containers could not be started again: quiesced-*.json in {} names them",
+            dir.display()
         );
         std::process::ExitCode::FAILURE
     } else {

@@ -198,8 +198,9 @@ pub(crate) async fn backup_workload(
         out["workload"]["config"] = serde_json::Value::Null;
         // Driver options carry passwords and addresses (CIFS, NFS): names only.
         for (i, v) in record.volumes.iter().enumerate() {
-            out["workload"]["volumes"][i]["engine"]["options"] =
-                serde_json::json!(tresor::commands::workload::redacted(&v.engine.options));
+            out["workload"]["volumes"][i]["engine"]["options"] = serde_json::json!(
+                tresor::workload::policy::redacted(v.engine.options.keys().map(String::as_str),)
+            );
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

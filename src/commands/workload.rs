@@ -101,7 +101,7 @@ fn tempdir_for(cache_dir: Option<&Path>) -> Result<tempfile::TempDir> {
 }
 
 /// Why a bind-mounted path holds no data a twin needs, if it does not: the engine's socket, a
-/// device, the kernel's file systems, the host's root. Copying them fails (a socket) or copies
+/// device or FIFO, the kernel's file systems, the host's root. Copying them fails (a socket) or copies
 /// the host (`/`); they stay in the project as they are.
 fn not_data(source: &Path, meta: &std::fs::Metadata) -> Option<&'static str> {
     use std::os::unix::fs::FileTypeExt;
@@ -116,7 +116,7 @@ fn not_data(source: &Path, meta: &std::fs::Metadata) -> Option<&'static str> {
     } else if t.is_socket() {
         Some("a socket (an engine's or a daemon's), not data")
     } else if t.is_block_device() || t.is_char_device() || t.is_fifo() {
-        Some("a device, not data")
+        Some("a device or a FIFO, not data")
     } else {
         None
     }
@@ -184,12 +184,11 @@ pub fn backup(
     });
     // What a killed backup left stopped or paused comes back before anything else is
     // quiesced, and this run notes what it quiesces beside it.
-    let state = cache_dir.map(|d| d.join(crate::workload::engine::STATE_FILE));
     if !explicit {
-        if let Some(file) = &state {
-            rt.block_on(crate::workload::engine::resume_recorded(file))?;
+        if let Some(dir) = cache_dir {
+            rt.block_on(crate::workload::engine::resume_recorded(dir))?;
         }
-        crate::workload::engine::keep_state(state);
+        crate::workload::engine::keep_state(cache_dir);
     }
     let (project, engine) = if explicit {
         let project = crate::workload::compose::Project::explicit(
@@ -712,8 +711,6 @@ fn member(repo: &Arc<Repository>, rt: &Handle, id: &str, kind: Kind) -> Result<L
 
 /// `HOST/PREFIX/REPO` for image `source` (`[HOST/]REPO[:TAG|@DIGEST]`) under `registry`.
 fn target_repository(registry: &str, source: &str) -> String {
-    // As the engine reads a reference: a first component with a dot or a colon, or
-    // `localhost`, is a registry host.
     let without_host = match source.split_once('/') {
         Some((_, rest)) if crate::workload::engine::names_a_registry(source) => rest,
         _ => source,
@@ -834,7 +831,7 @@ fn place(
                 "volume {}: driver {} with options {} (without host access the twin's volume is a plain local one)",
                 v.key,
                 v.engine.driver,
-                redacted(&v.engine.options)
+                policy::redacted(v.engine.options.keys().map(String::as_str))
             ));
         }
     }
@@ -852,18 +849,6 @@ fn place(
     }
     placement.host_access = lines;
     Ok(placement)
-}
-
-/// Driver option names with their values withheld: a CIFS or NFS volume's options carry
-/// passwords and addresses.
-pub fn redacted(options: &std::collections::HashMap<String, String>) -> String {
-    let mut names: Vec<String> = options.keys().map(|k| format!("{k}=…")).collect();
-    names.sort();
-    if names.is_empty() {
-        "(none)".into()
-    } else {
-        names.join(",")
-    }
 }
 
 /// `--to`, created 0700 when missing and opened once; everything below it is reached from this

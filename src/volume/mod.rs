@@ -254,11 +254,12 @@ pub fn restore(
 }
 
 /// Restores the volume snapshot `snap` as entry `name` of the open directory `dir` (a
-/// directory for a tree, a file for a block image), never through a symlink: for targets below
-/// one the operator chose (a workload's `DIR/volumes/NAME`). `shown` names it in errors.
+/// directory for a tree, created 0700 when missing; a file for a block image, 0600), never
+/// through a symlink: for targets below one the operator chose (a workload's
+/// `DIR/volumes/NAME`). `shown` names it in errors.
 ///
 /// # Errors
-/// As [`restore`].
+/// As [`restore`]; [`Error::UnsafePath`] when `name` is a symlink.
 #[allow(clippy::too_many_arguments)]
 pub fn restore_in(
     repo: &Arc<Repository>,
@@ -273,9 +274,14 @@ pub fn restore_in(
     let (repo, rt) = (Arc::clone(repo), rt.clone());
     match snap.snapshot.root_format {
         RootFormat::Tree => {
-            restore::restore_tree_in(repo, rt, snap, dir, name, shown, options, progress)
+            let root = restore::open_subdir(dir, name, shown)?;
+            restore::restore_tree_at(repo, rt, snap, root, shown, options, progress)
         }
-        RootFormat::Block => restore::restore_block_in(repo, rt, snap, dir, name, shown, progress),
+        RootFormat::Block => {
+            let truncate = rustix::fs::OFlags::TRUNC;
+            let file = restore::create_private(dir, name, truncate, shown)?;
+            restore::write_block(repo, rt, snap, file, false, shown, progress)
+        }
         RootFormat::Image | RootFormat::Workload => Err(not_a_volume(snap)),
     }
 }

@@ -140,6 +140,25 @@ pub struct RestoreOptions {
     pub special: bool,
 }
 
+impl RestoreOptions {
+    /// The path of the tree `subpath` selects, as stored (relative), checked like a catalog
+    /// path; `None` for the whole tree.
+    ///
+    /// # Errors
+    /// [`Error::UnsafePath`] for a path that would leave the target.
+    fn selection(&self) -> Result<Option<Vec<u8>>> {
+        let sub = self
+            .subpath
+            .as_deref()
+            .map(|s| s.trim_matches('/').as_bytes().to_vec())
+            .filter(|s| !s.is_empty());
+        if let Some(s) = &sub {
+            catalog::validate_path(s)?;
+        }
+        Ok(sub)
+    }
+}
+
 enum Msg {
     /// An entry, and how many [`Msg::Part`]s of its content follow it.
     Entry(Entry, usize),
@@ -178,6 +197,8 @@ pub fn restore_tree(
     options: &RestoreOptions,
     progress: &Progress,
 ) -> Result<RestoreReport> {
+    // A bad --path is refused before the target is made.
+    options.selection()?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(NEW_DIR_MODE)
@@ -193,29 +214,9 @@ pub fn restore_tree(
     restore_tree_at(repo, rt, snap, root, target, options, progress)
 }
 
-/// Restores the tree snapshot `snap` into the directory `name` of `dir` (created 0700 when
-/// missing, never through a symlink): a target below one the operator chose, such as a
-/// workload's `DIR/volumes/NAME`, that another local user may be able to change.
-///
-/// # Errors
-/// As [`restore_tree`]; [`Error::UnsafePath`] when `name` is a symlink.
-#[allow(clippy::too_many_arguments)]
-pub fn restore_tree_in(
-    repo: Arc<Repository>,
-    rt: Handle,
-    snap: &Listed,
-    dir: BorrowedFd<'_>,
-    name: &OsStr,
-    shown: &Path,
-    options: &RestoreOptions,
-    progress: &Progress,
-) -> Result<RestoreReport> {
-    let root = open_dir(dir, name.as_bytes(), false, shown)?;
-    restore_tree_at(repo, rt, snap, root, shown, options, progress)
-}
-
-/// Restores into the open directory `root`, shown as `target`.
-fn restore_tree_at(
+/// Restores into the open directory `root`, shown as `target`: the target [`restore_tree`]
+/// opened by path, or one opened below another ([`super::restore_in`]).
+pub(super) fn restore_tree_at(
     repo: Arc<Repository>,
     rt: Handle,
     snap: &Listed,
@@ -224,14 +225,7 @@ fn restore_tree_at(
     options: &RestoreOptions,
     progress: &Progress,
 ) -> Result<RestoreReport> {
-    let sub: Option<Vec<u8>> = options
-        .subpath
-        .as_deref()
-        .map(|s| s.trim_matches('/').as_bytes().to_vec())
-        .filter(|s| !s.is_empty());
-    if let Some(s) = &sub {
-        catalog::validate_path(s)?;
-    }
+    let sub = options.selection()?;
     let (tx, rx) = sync_channel(MESSAGES_AHEAD);
     let budget = Arc::new(Budget::default());
     let reader = {
@@ -888,27 +882,14 @@ pub fn restore_block(
     write_block(repo, rt, snap, out, is_device, target, progress)
 }
 
-/// Restores a block snapshot as the file `name` of `dir` (created 0600, never through a
-/// symlink), as [`restore_tree_in`] does for trees.
-///
-/// # Errors
-/// As [`restore_block`].
-pub fn restore_block_in(
-    repo: Arc<Repository>,
-    rt: Handle,
-    snap: &Listed,
-    dir: BorrowedFd<'_>,
-    name: &OsStr,
-    shown: &Path,
-    progress: &Progress,
-) -> Result<RestoreReport> {
-    let file = create_private(dir, name, OFlags::TRUNC, shown)?;
-    write_block(repo, rt, snap, file, false, shown, progress)
-}
-
 /// The file `name` of `dir`, opened for writing and created 0600, never through a symlink;
 /// `how` adds `EXCL` (a new temporary file) or `TRUNC` (a target to replace).
-fn create_private(dir: BorrowedFd<'_>, name: &OsStr, how: OFlags, shown: &Path) -> Result<File> {
+pub(super) fn create_private(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    how: OFlags,
+    shown: &Path,
+) -> Result<File> {
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | how;
     let fd = rustix::fs::openat(dir, name, flags, rustix::fs::Mode::from_raw_mode(0o600))
         .map_err(errno(shown))?;
@@ -916,7 +897,7 @@ fn create_private(dir: BorrowedFd<'_>, name: &OsStr, how: OFlags, shown: &Path) 
 }
 
 /// Writes the block snapshot `snap` into `out` (a device is written through, zeros included).
-fn write_block(
+pub(super) fn write_block(
     repo: Arc<Repository>,
     rt: Handle,
     snap: &Listed,

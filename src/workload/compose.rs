@@ -93,21 +93,18 @@ impl Compose {
     /// [`Error::Engine`] when neither runs.
     pub fn find(socket: Option<&Path>) -> Result<Compose> {
         let env = environment(socket);
-        let works = |program: &[&str]| {
-            Command::new(program[0])
-                .args(&program[1..])
-                .arg("version")
-                .env_clear()
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
         for program in [&["docker", "compose"][..], &["docker-compose"][..]] {
-            if works(program) {
-                return Ok(Compose {
-                    program: program.iter().map(|s| s.to_string()).collect(),
-                    env,
-                });
+            let compose = Compose {
+                program: program.iter().map(|s| s.to_string()).collect(),
+                env: env.clone(),
+            };
+            let works = compose
+                .tool()
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if works {
+                return Ok(compose);
             }
         }
         Err(tool_error(
@@ -116,11 +113,17 @@ impl Compose {
         ))
     }
 
-    fn command(&self, files: &[PathBuf], env_file: Option<&Path>, project: &str) -> Command {
+    /// The tool with its environment and nothing else.
+    fn tool(&self) -> Command {
         let mut cmd = Command::new(&self.program[0]);
         cmd.args(&self.program[1..])
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    fn command(&self, files: &[PathBuf], env_file: Option<&Path>, project: &str) -> Command {
+        let mut cmd = self.tool();
         for f in files {
             cmd.arg("-f").arg(f);
         }

@@ -34,21 +34,34 @@ pub struct Quiesced {
 }
 
 /// The containers this process stopped or paused and has not started again: whoever ends the
-/// process early (SIGTERM) calls [`resume_all`] first. They are also kept in the state file
-/// named by [`keep_state`] (written before each stop or pause), so that what a SIGKILL, an OOM
-/// kill or a reboot left down is started again by the next run ([`resume_recorded`]).
+/// process early (SIGTERM) calls [`resume_all`] first. They are also kept in this process's
+/// state file in the directory given to [`keep_state`] (written before each stop or pause), so
+/// that what a SIGKILL, an OOM kill or a reboot left down is started again by the next run
+/// ([`resume_recorded`]).
 static QUIESCED: std::sync::Mutex<Vec<Quiesced>> = std::sync::Mutex::new(Vec::new());
 /// Where [`QUIESCED`] is kept on disk, if anywhere.
 static STATE: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
 /// The socket the last [`Engine::connect`] used, for what it quiesces.
 static SOCKET: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
 
-/// The name of the state file in the cache directory.
-pub const STATE_FILE: &str = "quiesced.json";
+/// The state file of process `pid` in the cache directory: one per process, so that a
+/// backup never starts what another one, still running, has stopped for its copy.
+fn state_file(dir: &Path, pid: u32) -> std::path::PathBuf {
+    dir.join(format!("quiesced-{pid}.json"))
+}
 
-/// Keeps the list of quiesced containers in `file` from now on (private, 0600).
-pub fn keep_state(file: Option<std::path::PathBuf>) {
-    *STATE.lock().expect("state") = file;
+/// The process whose state file `name` is, if it is one.
+fn state_owner(name: &std::ffi::OsStr) -> Option<u32> {
+    name.to_str()?
+        .strip_prefix("quiesced-")?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
+}
+
+/// Keeps this process's list of quiesced containers in `dir` from now on (private, 0600).
+pub fn keep_state(dir: Option<&Path>) {
+    *STATE.lock().expect("state") = dir.map(|d| state_file(d, std::process::id()));
 }
 
 /// Writes `list` to the state file, or removes it when the list is empty.
@@ -75,8 +88,11 @@ fn quiesced(c: &Container, paused: bool) -> Result<()> {
         paused,
         socket: SOCKET.lock().expect("socket").clone(),
     });
-    save_state(&list)
-        .map_err(|e| e.context(format!("noting service {} before quiescing it", c.service)))
+    save_state(&list).map_err(|e| {
+        // Not noted, so not quiesced: nothing to start again.
+        list.pop();
+        e.context(format!("noting service {} before quiescing it", c.service))
+    })
 }
 
 fn resumed(id: &str) {
@@ -148,20 +164,57 @@ pub async fn resume_all() {
     }
 }
 
-/// Starts again what the state file `file` names: containers a backup stopped or paused and
-/// never started again, because it was killed (SIGKILL, the OOM killer, a reboot). Run by
-/// every workload backup before it quiesces anything, at agent start, and by `tresor resume`
-/// (the unit's `ExecStopPost=`). Returns the services started again; what could not be is
-/// kept in the file for the next try.
+/// Starts again what the state files in `dir` of processes that no longer run name:
+/// containers a backup stopped or paused and never started again, because it was killed
+/// (SIGKILL, the OOM killer, a reboot). Run by every workload backup before it quiesces
+/// anything, at agent start, and by `tresor resume` (the unit's `ExecStopPost=`). Returns the
+/// services started again; what could not be is kept for the next try.
 ///
 /// # Errors
-/// [`Error::Io`] naming the file.
-pub async fn resume_recorded(file: &Path) -> Result<Vec<Quiesced>> {
-    let bytes = match std::fs::read(file) {
-        Ok(b) => b,
+/// [`Error::Io`] naming the directory or a file.
+pub async fn resume_recorded(dir: &Path) -> Result<Vec<Quiesced>> {
+    let mut back = Vec::new();
+    for file in orphaned_state(dir)? {
+        back.extend(resume_file(&file).await?);
+    }
+    Ok(back)
+}
+
+/// Whether state files of processes that no longer run are left in `dir`: containers that
+/// could not be started again.
+///
+/// # Errors
+/// [`Error::Io`] naming the directory.
+pub fn resume_pending(dir: &Path) -> Result<bool> {
+    Ok(!orphaned_state(dir)?.is_empty())
+}
+
+/// The state files in `dir` whose process no longer runs. A live process (this one, or a
+/// backup running beside it) still owns what it stopped.
+fn orphaned_state(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(file, e)),
+        Err(e) => return Err(Error::io(dir, e)),
     };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let Some(pid) = state_owner(&entry.file_name()) else {
+            continue;
+        };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None)
+            .map_or_else(|e| e != nix::errno::Errno::ESRCH, |()| true);
+        if !alive {
+            files.push(entry.path());
+        }
+    }
+    Ok(files)
+}
+
+/// Starts again what the state file `file` names, and removes from it what came back.
+async fn resume_file(file: &Path) -> Result<Vec<Quiesced>> {
+    let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
     let list: Vec<Quiesced> = serde_json::from_slice(&bytes).map_err(|e| {
         let why = format!("{e}; start the containers it names by hand, then remove it");
         Error::io(file, std::io::Error::other(why))
@@ -169,10 +222,7 @@ pub async fn resume_recorded(file: &Path) -> Result<Vec<Quiesced>> {
     let back = resume(list.clone(), "a backup that was killed had left it down").await;
     let left: Vec<Quiesced> = list.into_iter().filter(|q| !back.contains(q)).collect();
     if left.is_empty() {
-        match std::fs::remove_file(file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(file, e)),
-            _ => {}
-        }
+        std::fs::remove_file(file).map_err(|e| Error::io(file, e))?;
     } else {
         let json = serde_json::to_vec_pretty(&left).expect("list serialises");
         crate::localfile::write_atomically(file, crate::localfile::PRIVATE, &json)?;

@@ -105,6 +105,18 @@ fn shown(v: &Value) -> String {
     }
 }
 
+/// Driver option names with their values withheld: a CIFS or NFS volume's options carry
+/// passwords and addresses, and a refusal or a `--json` report must not print them.
+pub fn redacted<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let mut names: Vec<String> = names.map(|k| format!("{k}=…")).collect();
+    names.sort();
+    if names.is_empty() {
+        "(none)".into()
+    } else {
+        names.join(",")
+    }
+}
+
 fn is_set(v: &Value) -> bool {
     match v {
         Value::Null | Value::Bool(false) => false,
@@ -189,10 +201,14 @@ pub fn host_access(
         if volumes.contains(&key) {
             continue;
         }
-        for field in ["driver", "driver_opts", "external"] {
+        for field in ["driver", "external"] {
             if let Some(v) = def.get(field).filter(|v| is_set(v)) {
                 lines.push(format!("volume {key}: {field} {}", shown(v)));
             }
+        }
+        if let Some(opts) = def.get("driver_opts").and_then(Value::as_mapping) {
+            let names = opts.keys().filter_map(Value::as_str);
+            lines.push(format!("volume {key}: driver_opts {}", redacted(names)));
         }
     }
     for kind in ["secrets", "configs"] {
@@ -269,7 +285,7 @@ secrets:
             "service app: binds host path /, not a member",
             "service app: binds the engine socket /var/run/docker.sock",
             "service app: binds host path /etc, not a member",
-            "volume sneaky: driver_opts",
+            "volume sneaky: driver_opts device=…,o=…,type=…",
             "secrets s: reads host file /etc/shadow",
         ];
         for e in expected {

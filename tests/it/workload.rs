@@ -517,7 +517,7 @@ fn sigkill_mid_backup_leaves_a_note_and_the_next_run_starts_the_containers_again
         signal(&child.0, libc::SIGKILL);
         wait_exit(&mut child.0, Duration::from_secs(10));
         let _ = Command::new("pkill").arg("-f").arg(&marker).status();
-        let state = env.path("agent-cache/quiesced.json");
+        let state = env.path(&format!("agent-cache/quiesced-{}.json", child.0.id()));
         assert!(state.exists(), "{mode}: no note of the quiesced containers");
         assert_eq!(
             fs::metadata(&state).unwrap().permissions().mode() & 0o777,
@@ -525,6 +525,10 @@ fn sigkill_mid_backup_leaves_a_note_and_the_next_run_starts_the_containers_again
         );
         if mode == "stop" {
             assert!(running(&site.project).is_empty(), "stopped, and left so");
+            // The same note held by a process that still runs (this test, standing in for a
+            // backup beside it) is that process's to resume: left alone.
+            let live = env.path(&format!("agent-cache/quiesced-{}.json", std::process::id()));
+            fs::copy(&state, &live).unwrap();
             // The unit's ExecStopPost=.
             let out = env
                 .cmd()
@@ -535,6 +539,8 @@ fn sigkill_mid_backup_leaves_a_note_and_the_next_run_starts_the_containers_again
             assert!(out.status.success(), "{}", stderr(&out));
             let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             assert_eq!(report["resumed"].as_array().unwrap().len(), 2, "{report}");
+            assert!(live.exists(), "a live process's note was taken");
+            fs::remove_file(&live).unwrap();
         } else {
             assert_eq!(
                 paused(&site.project),
