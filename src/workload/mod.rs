@@ -112,18 +112,15 @@ pub struct WorkloadRecord {
 
 impl WorkloadRecord {
     /// Whether every volume was copied quiesced or after the services' own commands: the
-    /// workload's mode is stop, pause or exec, or it is none, it has no bind mounts (they take
-    /// the workload's mode) and every volume has a mode of its own that is not none.
+    /// workload's mode is stop, pause or exec, or it is none and every volume has a mode of
+    /// its own that is not none. Bind mounts take the workload's mode and are not counted.
     pub fn is_consistent(&self) -> bool {
         match self.consistency {
-            Consistency::None => {
-                self.binds.is_empty()
-                    && self.volumes.iter().all(|v| {
-                        self.volume_consistency
-                            .get(&v.key)
-                            .is_some_and(|m| *m != Consistency::None)
-                    })
-            }
+            Consistency::None => self.volumes.iter().all(|v| {
+                self.volume_consistency
+                    .get(&v.key)
+                    .is_some_and(|m| *m != Consistency::None)
+            }),
             _ => true,
         }
     }
