@@ -251,6 +251,9 @@ pub(crate) async fn restore_workload(
     for line in &report.host_access {
         eprintln!("host access granted: {line}");
     }
+    for line in &report.notes {
+        eprintln!("note: {line}");
+    }
     eprintln!(
         "snapshot {}: consistency {:?}, downtime {:.1}s{}",
         &report.snapshot[..8],

@@ -22,7 +22,7 @@ use crate::repository::Repository;
 use crate::snapshot::{Kind, Listed, RootFormat, Snapshot, Summary, RECORD_VERSION};
 use crate::volume::{BackupOptions, RestoreOptions};
 use crate::workload::compose::{self, Compose, Mount};
-use crate::workload::engine::{Container, Engine};
+use crate::workload::engine::{Container, Engine, VolumeData};
 use crate::workload::{
     load_record, policy, BindMember, Consistency, KeptFile, ServiceMember, VolumeMember,
     WorkloadRecord,
@@ -119,6 +119,51 @@ fn not_data(source: &Path, meta: &std::fs::Metadata) -> Option<&'static str> {
         Some("a device or a FIFO, not data")
     } else {
         None
+    }
+}
+
+/// Where a volume's data is read from for the copy.
+enum VolumeSource {
+    /// A directory of this host: the volume's mountpoint, or the directory it binds.
+    Path(PathBuf),
+    /// Its mountpoint while a helper container of this image mounts it.
+    Helper(String),
+}
+
+/// Where the data of volume `key` (`info`) is read from, checked before anything is copied: a
+/// volume with driver options may hold its data elsewhere, or only while it is mounted.
+fn volume_source(
+    project: &compose::Project,
+    key: &str,
+    info: &crate::workload::engine::VolumeInfo,
+) -> Result<VolumeSource> {
+    match info.data() {
+        VolumeData::Here => Ok(VolumeSource::Path(PathBuf::from(&info.mountpoint))),
+        VolumeData::Device(dir) => match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => Ok(VolumeSource::Path(dir)),
+            Ok(_) => Err(Error::Config(format!(
+                "volume {key}: the directory it binds, {}, is not a directory",
+                dir.display()
+            ))),
+            Err(e) => Err(Error::io(&dir, e).context(format!("volume {key} (the directory it binds)"))),
+        },
+        VolumeData::WhileMounted => project
+            .services
+            .iter()
+            .filter(|s| {
+                s.mounts
+                    .iter()
+                    .any(|m| matches!(m, Mount::Volume { key: k, .. } if k == key))
+            })
+            .find_map(|s| s.image.clone())
+            .map(VolumeSource::Helper)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "volume {key}: driver {} with options {} holds its data only while mounted, and no service that mounts it names an image to mount it in for the copy",
+                    info.driver,
+                    policy::redacted(info.options.keys().map(String::as_str))
+                ))
+            }),
     }
 }
 
@@ -263,7 +308,8 @@ pub fn backup(
                 project.name
             ))
         })?;
-        volumes.push((key.clone(), info));
+        let source = volume_source(&project, key, &info)?;
+        volumes.push((key.clone(), info, source));
     }
     let mut skipped = Vec::new();
     let mut data = Vec::new();
@@ -391,9 +437,20 @@ pub fn backup(
     };
     let copy_members = || -> Result<(Vec<VolumeMember>, Vec<BindMember>)> {
         let mut vm = Vec::new();
-        for (key, info) in &volumes {
-            let snap = backup_tree(format!("{}/{key}", what.name), Path::new(&info.mountpoint))
-                .map_err(|e| e.context(format!("volume {key}")))?;
+        for (key, info, source) in &volumes {
+            let name = format!("{}/{key}", what.name);
+            let snap = match source {
+                VolumeSource::Path(path) => backup_tree(name, path),
+                VolumeSource::Helper(image) => {
+                    let engine = engine
+                        .as_ref()
+                        .expect("named volumes come from a compose project");
+                    engine
+                        .helper(&info.name, image)
+                        .and_then(|h| backup_tree(name, Path::new(&h.mountpoint)))
+                }
+            }
+            .map_err(|e| e.context(format!("volume {key}")))?;
             vm.push(VolumeMember {
                 key: key.clone(),
                 engine: info.clone(),
@@ -448,9 +505,24 @@ pub fn backup(
                 quiesced_list.push((c, *mode));
             }
             let copied = result.and_then(|()| copy());
+            // Dependencies first, each running and healthy before a service that depends on
+            // it starts, as compose starts a project; a failure does not keep the rest down.
+            let depends = |dependent: &str, on: &str| {
+                project
+                    .services
+                    .iter()
+                    .any(|s| s.name == dependent && s.depends_on.iter().any(|d| d == on))
+            };
             let mut resume = Ok(());
-            for (c, mode) in quiesced_list.iter().rev() {
+            let order: Vec<_> = quiesced_list.iter().rev().collect();
+            for (i, (c, mode)) in order.iter().enumerate() {
+                let awaited = order[i + 1..]
+                    .iter()
+                    .any(|(d, _)| depends(&d.service, &c.service));
                 let done = match mode {
+                    Consistency::Stop if awaited => engine
+                        .start(c)
+                        .and_then(|()| engine.wait_ready(c, HEALTHY_TIMEOUT)),
                     Consistency::Stop => engine.start(c),
                     _ => engine.unpause(c),
                 };
@@ -675,6 +747,8 @@ pub struct WorkloadReport {
     pub started: bool,
     /// What the project was allowed of this host (`--allow-host-access`), one line each.
     pub host_access: Vec<String>,
+    /// Where the twin differs from the original, one line each.
+    pub notes: Vec<String>,
     pub phases: Phases,
     /// Empty when the twin is complete.
     pub missing: Vec<String>,
@@ -742,6 +816,8 @@ struct Placement {
     config: serde_yaml::Value,
     /// What the project asks of the host beyond its own containers and files.
     host_access: Vec<String>,
+    /// What the twin does differently from the original, and why.
+    notes: Vec<String>,
 }
 
 /// Plans the restore of `record` (see [`Placement`]), refusing a record that is not safe to
@@ -800,6 +876,7 @@ fn place(
         binds,
         config: serde_yaml::Value::Null,
         host_access: Vec::new(),
+        notes: Vec::new(),
     };
     if explicit {
         return Ok(placement);
@@ -825,14 +902,24 @@ fn place(
     let restored: Vec<PathBuf> = bind_paths.into_values().collect();
     let volumes = placement.engine_names.keys().cloned().collect();
     let mut lines = policy::host_access(&placement.config, &restored, &volumes);
+    // The record's volume drivers and options reach host paths or remote shares (on the same
+    // engine, the original's live directory): reused only with the grant; without it the
+    // twin's volumes are plain local ones, and the report says so.
     for v in &record.volumes {
         if v.engine.driver != "local" || !v.engine.options.is_empty() {
-            lines.push(format!(
-                "volume {}: driver {} with options {} (without host access the twin's volume is a plain local one)",
+            let line = format!(
+                "volume {}: driver {} with options {}",
                 v.key,
                 v.engine.driver,
                 policy::redacted(v.engine.options.keys().map(String::as_str))
-            ));
+            );
+            if what.allow_host_access {
+                lines.push(format!("{line}, reused"));
+            } else {
+                placement.notes.push(format!(
+                    "{line}: restored as a plain local volume (--allow-host-access reuses them)"
+                ));
+            }
         }
     }
     if what.up && !repo.is_encrypted() {
@@ -1141,6 +1228,7 @@ pub fn restore(
         volumes,
         started: false,
         host_access: placement.host_access.clone(),
+        notes: placement.notes.clone(),
         phases: Phases {
             images_ms,
             volumes_ms,

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use bollard::models::{HealthStatusEnum, VolumeCreateRequest};
 use bollard::query_parameters::{
-    InspectContainerOptions, ListContainersOptions, StartContainerOptions, StopContainerOptions,
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    StartContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,9 @@ pub struct Quiesced {
     pub paused: bool,
     /// The engine's socket (`None`: as the docker CLI finds it).
     pub socket: Option<std::path::PathBuf>,
+    /// A helper container of this backup ([`Engine::helper`]), removed rather than started.
+    #[serde(default)]
+    pub helper: bool,
 }
 
 /// The containers this process stopped or paused and has not started again: whoever ends the
@@ -81,12 +85,18 @@ fn save_state(list: &[Quiesced]) -> Result<()> {
 
 /// Notes `c` as quiesced, on disk first: a container that cannot be noted is not stopped.
 fn quiesced(c: &Container, paused: bool) -> Result<()> {
+    noted(c, paused, false)
+}
+
+/// Notes `c` (a project's container, or a helper) in the list and its state file.
+fn noted(c: &Container, paused: bool, helper: bool) -> Result<()> {
     let mut list = QUIESCED.lock().expect("quiesced list");
     list.push(Quiesced {
         id: c.id.clone(),
         service: c.service.clone(),
         paused,
         socket: SOCKET.lock().expect("socket").clone(),
+        helper,
     });
     save_state(&list).map_err(|e| {
         // Not noted, so not quiesced: nothing to start again.
@@ -128,7 +138,19 @@ async fn resume(list: Vec<Quiesced>, why: &str) -> Vec<Quiesced> {
                 continue;
             }
         };
-        let result = if q.paused {
+        let result = if q.helper {
+            let force = RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            };
+            match docker.remove_container(&q.id, Some(force)).await {
+                // Gone already.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Ok(()),
+                other => other,
+            }
+        } else if q.paused {
             docker.unpause_container(&q.id).await
         } else {
             docker
@@ -142,11 +164,8 @@ async fn resume(list: Vec<Quiesced>, why: &str) -> Vec<Quiesced> {
                 status_code: 304 | 409,
                 ..
             }) => {
-                tracing::warn!(
-                    "service {} (container {}) started again: {why}",
-                    q.service,
-                    q.id
-                );
+                let done = if q.helper { "removed" } else { "started again" };
+                tracing::warn!("service {} (container {}) {done}: {why}", q.service, q.id);
                 back.push(q);
             }
             Err(e) => tracing::error!("service {} could not be started again: {e}", q.service),
@@ -275,6 +294,64 @@ pub struct VolumeInfo {
     /// Where its data is on this host (not recorded: it differs on the next host).
     #[serde(skip)]
     pub mountpoint: String,
+}
+
+/// Where the data of a named volume can be read on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VolumeData {
+    /// Its mountpoint, always: a plain local volume.
+    Here,
+    /// The host directory a local volume binds (`type=none,o=bind,device=DIR`, the usual way to
+    /// put a volume on a chosen disk): its mountpoint is empty while no container mounts it.
+    Device(std::path::PathBuf),
+    /// Its mountpoint, only while a container mounts it: an NFS, CIFS or block-device volume of
+    /// the local driver, or one of a volume plugin.
+    WhileMounted,
+}
+
+impl VolumeInfo {
+    /// Where this volume's data is to be read ([`VolumeData`]).
+    pub fn data(&self) -> VolumeData {
+        if self.driver == "local" && self.options.is_empty() {
+            return VolumeData::Here;
+        }
+        let binds = self.driver == "local"
+            && self
+                .options
+                .get("o")
+                .is_some_and(|o| o.split(',').any(|f| f == "bind" || f == "rbind"));
+        match self.options.get("device").map(std::path::PathBuf::from) {
+            Some(dir) if binds && dir.is_absolute() => VolumeData::Device(dir),
+            _ => VolumeData::WhileMounted,
+        }
+    }
+}
+
+/// A short-lived container that keeps a volume mounted, read-only, so that its data is at its
+/// mountpoint for the copy; removed when dropped (and, after a SIGKILL, by the next run: it is
+/// noted like a stopped container).
+pub struct Helper<'e> {
+    engine: &'e Engine,
+    name: String,
+    /// Where the volume's data is on this host while the helper runs.
+    pub mountpoint: String,
+}
+
+impl Drop for Helper<'_> {
+    fn drop(&mut self) {
+        let force = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        match self
+            .engine
+            .rt
+            .block_on(self.engine.docker.remove_container(&self.name, Some(force)))
+        {
+            Ok(()) => resumed(&self.name),
+            Err(e) => tracing::error!("cannot remove helper container {}: {e}", self.name),
+        }
+    }
 }
 
 fn engine_error(what: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> Error {
@@ -544,6 +621,128 @@ impl Engine {
         })
     }
 
+    /// Mounts volume `volume` read-only in a helper container of `image` (an image of a
+    /// service that mounts it, so the engine has it) that runs `sleep` with no network, until
+    /// the helper is dropped.
+    ///
+    /// # Errors
+    /// [`Error::Engine`] naming the volume: the image is not here or has no `sleep`, the
+    /// engine cannot mount the volume, or the volume has no mountpoint on this host.
+    pub fn helper(&self, volume: &str, image: &str) -> Result<Helper<'_>> {
+        use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+        let what = format!("helper container mounting volume {volume} (image {image})");
+        let name = format!(
+            "tresor-helper-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let container = Container {
+            id: name.clone(),
+            service: format!("helper of volume {volume}"),
+            running: false,
+        };
+        // Noted before it exists: a SIGKILL between the two leaves nothing unnoted.
+        noted(&container, false, true)?;
+        let body = ContainerCreateBody {
+            image: Some(image.into()),
+            // A week: a helper whose backup was killed and never rerun does not stay forever.
+            entrypoint: Some(vec!["sleep".into(), "604800".into()]),
+            cmd: Some(Vec::new()),
+            labels: Some(HashMap::from([("org.tresor.helper".into(), volume.into())])),
+            network_disabled: Some(true),
+            host_config: Some(HostConfig {
+                mounts: Some(vec![Mount {
+                    target: Some("/tresor/volume".into()),
+                    source: Some(volume.into()),
+                    typ: Some(MountType::VOLUME),
+                    read_only: Some(true),
+                    ..Default::default()
+                }]),
+                network_mode: Some("none".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(name.clone()),
+            ..Default::default()
+        };
+        let created = self
+            .rt
+            .block_on(self.docker.create_container(Some(options), body));
+        if let Err(e) = created {
+            resumed(&name);
+            return Err(engine_error(what)(e));
+        }
+        // From here on, dropping it removes it.
+        let mut helper = Helper {
+            engine: self,
+            name,
+            mountpoint: String::new(),
+        };
+        self.rt
+            .block_on(
+                self.docker
+                    .start_container(&helper.name, None::<StartContainerOptions>),
+            )
+            .map_err(|e| Error::Engine {
+                what: what.clone(),
+                reason: format!("{e} (the volume's image needs a `sleep` program)"),
+            })?;
+        helper.mountpoint = self
+            .volume(volume)?
+            .map(|v| v.mountpoint)
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| Error::Engine {
+                what,
+                reason: "the engine gives no mountpoint for it on this host".into(),
+            })?;
+        Ok(helper)
+    }
+
+    /// Whether container `c` runs and, if it has a healthcheck, is healthy.
+    ///
+    /// # Errors
+    /// [`Error::Engine`], naming the service when it is unhealthy.
+    fn ready(&self, c: &Container) -> Result<bool> {
+        let inspected = self
+            .rt
+            .block_on(
+                self.docker
+                    .inspect_container(&c.id, None::<InspectContainerOptions>),
+            )
+            .map_err(engine_error(format!("inspecting service {}", c.service)))?;
+        let state = inspected.state.unwrap_or_default();
+        let health = state.health.and_then(|h| h.status);
+        match (state.running.unwrap_or(false), health) {
+            (true, None | Some(HealthStatusEnum::NONE | HealthStatusEnum::HEALTHY)) => Ok(true),
+            (_, Some(HealthStatusEnum::UNHEALTHY)) => Err(Error::Engine {
+                what: format!("service {}", c.service),
+                reason: "is unhealthy".into(),
+            }),
+            _ => Ok(false),
+        }
+    }
+
+    /// Waits until container `c` runs and is healthy, as compose waits for a dependency
+    /// before it starts what depends on it.
+    ///
+    /// # Errors
+    /// [`Error::Engine`] naming the service when it is unhealthy, or not ready at `timeout`.
+    pub fn wait_ready(&self, c: &Container, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        while !self.ready(c)? {
+            if started.elapsed() > timeout {
+                return Err(Error::Engine {
+                    what: format!("service {}", c.service),
+                    reason: format!("not running and healthy after {} s", timeout.as_secs()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
+    }
+
     /// Waits until every container of `project` runs and those with a healthcheck are healthy.
     ///
     /// # Errors
@@ -552,7 +751,6 @@ impl Engine {
     pub fn wait_healthy(&self, project: &str, timeout: Duration) -> Result<()> {
         let started = Instant::now();
         loop {
-            let mut waiting = Vec::new();
             let containers = self.project_containers(project)?;
             if containers.is_empty() {
                 return Err(Error::Engine {
@@ -561,25 +759,10 @@ impl Engine {
                         .into(),
                 });
             }
+            let mut waiting = Vec::new();
             for c in containers {
-                let inspected = self
-                    .rt
-                    .block_on(
-                        self.docker
-                            .inspect_container(&c.id, None::<InspectContainerOptions>),
-                    )
-                    .map_err(engine_error(format!("inspecting service {}", c.service)))?;
-                let state = inspected.state.unwrap_or_default();
-                let health = state.health.and_then(|h| h.status);
-                match (state.running.unwrap_or(false), health) {
-                    (true, None | Some(HealthStatusEnum::NONE | HealthStatusEnum::HEALTHY)) => {}
-                    (_, Some(HealthStatusEnum::UNHEALTHY)) => {
-                        return Err(Error::Engine {
-                            what: format!("service {}", c.service),
-                            reason: "is unhealthy".into(),
-                        })
-                    }
-                    _ => waiting.push(c.service),
+                if !self.ready(&c)? {
+                    waiting.push(c.service);
                 }
             }
             if waiting.is_empty() {

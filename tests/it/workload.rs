@@ -759,3 +759,215 @@ fn a_workload_given_by_hand_comes_back_without_compose_or_engine() {
     assert_eq!(report["images"][0]["digest_equal"], true, "{report}");
     assert_same_tree(&data, &out.join("volumes/data"));
 }
+
+/// A loop device holding an ext4 file system, detached when dropped.
+struct LoopDisk(String);
+
+impl LoopDisk {
+    fn new(file: &Path) -> LoopDisk {
+        fs::File::create(file).unwrap().set_len(32 << 20).unwrap();
+        sh(Command::new("mkfs.ext4").args(["-q"]).arg(file));
+        let dev = sh(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        LoopDisk(dev.trim().to_string())
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).output();
+    }
+}
+
+#[test]
+fn volumes_with_driver_options_are_copied_where_their_data_is() {
+    let env = Env::new();
+    let project = "optvol";
+    let registry = TestRegistry::start(&env.path("registry"));
+    let image = format!("{}/{project}/app:1", registry.host);
+    let local = format!("{project}-local/app:1");
+    let mut cleanup = Cleanup {
+        projects: Vec::new(),
+        images: vec![image.clone(), local.clone()],
+        volumes: ["bound", "disk"]
+            .iter()
+            .flat_map(|v| [format!("{project}_{v}"), format!("{project}-dr_{v}")])
+            .collect(),
+    };
+    let _ = Command::new("docker")
+        .args(["volume", "rm", "-f"])
+        .args(&cleanup.volumes)
+        .output();
+    build_image(&env.path("build"), &image, &local);
+    // A volume put on a chosen directory (`o=bind`), and one on a block device: the engine's
+    // mountpoint holds their data only while a container mounts them.
+    let bound = env.path("bound-dir");
+    fs::create_dir_all(&bound).unwrap();
+    let disk = LoopDisk::new(&env.path("disk.img"));
+    let dir = env.path(project);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("compose.yaml"),
+        format!(
+            r#"services:
+  app:
+    image: {local}
+    command: ["sh", "-c", "echo on-the-chosen-disk > /bound/a; echo on-the-block-device > /disk/b; exec sleep 1000"]
+    volumes: ["bound:/bound", "disk:/disk"]
+    stop_grace_period: 1s
+volumes:
+  bound:
+    driver_opts: {{type: none, o: bind, device: {}}}
+  disk:
+    driver_opts: {{type: ext4, device: {}}}
+"#,
+            bound.display(),
+            disk.0
+        ),
+    )
+    .unwrap();
+    cleanup.projects.push((dir.clone(), project.into()));
+    compose(&dir, project, &["up", "-d"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !bound.join("a").exists() {
+        assert!(Instant::now() < deadline, "the service never wrote");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Stop mode: no container mounts them during the copy, and they were stored empty.
+    let out = env.tresor(&[
+        "backup",
+        "workload",
+        project,
+        "--compose",
+        dir.join("compose.yaml").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(snap["workload"]["consistency"], "stop", "{snap}");
+    for (i, (file, bytes)) in [
+        ("a", "on-the-chosen-disk\n"),
+        ("b", "on-the-block-device\n"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let member = &snap["workload"]["volumes"][i];
+        let copy = env.path(&format!("copy-{i}"));
+        env.restore(member["snapshot"].as_str().unwrap(), &copy, &[]);
+        assert_eq!(
+            fs::read_to_string(copy.join(file)).unwrap(),
+            *bytes,
+            "{member}"
+        );
+    }
+    // The helper that mounted the block device is gone; the service runs again.
+    let helpers = docker(&["ps", "-aq", "--filter", "label=org.tresor.helper"]);
+    assert_eq!(helpers.trim(), "", "helper containers left");
+    assert_eq!(running(project), ["app"]);
+
+    // The twin's volumes are plain local ones holding the data: on this engine the record's
+    // options would mount the original's directory and device.
+    let twin_project = format!("{project}-dr");
+    let out = env.tresor(&[
+        "restore",
+        "workload",
+        project,
+        "--registry",
+        &format!("{}/dr", registry.host),
+        "--insecure",
+        "--project",
+        &twin_project,
+        "--to",
+        env.path("twin").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains("volume bound: driver local with options")
+            && notes.contains("device=…")
+            && !notes.contains(&bound.display().to_string()),
+        "{report}"
+    );
+    for (v, file) in [("bound", "a"), ("disk", "b")] {
+        let name = format!("{twin_project}_{v}");
+        let info = docker(&[
+            "volume",
+            "inspect",
+            "-f",
+            "{{.Driver}} {{json .Options}} {{.Mountpoint}}",
+            &name,
+        ]);
+        let mut parts = info.split_whitespace();
+        assert_eq!(parts.next(), Some("local"), "{info}");
+        assert!(matches!(parts.next(), Some("{}" | "null")), "{info}");
+        let mountpoint = Path::new(parts.next().unwrap());
+        assert!(mountpoint.join(file).exists(), "{info}");
+    }
+}
+
+#[test]
+fn a_stopped_project_starts_again_each_dependency_healthy_before_its_dependents() {
+    let env = Env::new();
+    let project = "deporder";
+    let registry = TestRegistry::start(&env.path("registry"));
+    let image = format!("{}/{project}/app:1", registry.host);
+    let local = format!("{project}-local/app:1");
+    let mut cleanup = Cleanup {
+        projects: Vec::new(),
+        images: vec![image.clone(), local.clone()],
+        volumes: vec![format!("{project}_shared")],
+    };
+    build_image(&env.path("build"), &image, &local);
+    let dir = env.path(project);
+    fs::create_dir_all(&dir).unwrap();
+    // The database is healthy 3 s after it starts; the app gives up at once when it is not.
+    fs::write(
+        dir.join("compose.yaml"),
+        format!(
+            r#"services:
+  db:
+    image: {local}
+    command: ["sh", "-c", "rm -f /shared/ready; sleep 3; touch /shared/ready; exec sleep 1000"]
+    volumes: ["shared:/shared"]
+    stop_grace_period: 1s
+    healthcheck:
+      test: ["CMD", "test", "-f", "/shared/ready"]
+      interval: 1s
+      retries: 30
+  app:
+    image: {local}
+    command: ["sh", "-c", "sleep 1; test -f /shared/ready || exit 3; exec sleep 1000"]
+    volumes: ["shared:/shared"]
+    depends_on:
+      db: {{condition: service_healthy}}
+    stop_grace_period: 1s
+volumes:
+  shared: {{}}
+"#
+        ),
+    )
+    .unwrap();
+    cleanup.projects.push((dir.clone(), project.into()));
+    compose(&dir, project, &["up", "-d"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(project) != ["app", "db"] {
+        assert!(Instant::now() < deadline, "the project never came up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let out = env.tresor(&[
+        "backup",
+        "workload",
+        project,
+        "--compose",
+        dir.join("compose.yaml").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Started together, the app would have found no database and exited.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(running(project), ["app", "db"], "{}", stderr(&out));
+}
