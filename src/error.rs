@@ -86,6 +86,10 @@ pub enum Error {
         broken: Vec<String>,
     },
 
+    /// A drill ran and the twin did not prove itself.
+    #[error("drill of workload {workload} failed: {reason}")]
+    DrillFailed { workload: String, reason: String },
+
     #[error("stopped by {signal}")]
     Stopped { signal: &'static str },
 
@@ -211,9 +215,10 @@ impl Error {
             | Error::Registry { .. }
             | Error::DeleteRefused { .. }
             | Error::LeaseLost { .. } => ErrorKind::Store,
-            Error::DigestMismatch { .. } | Error::Tampered { .. } | Error::VerifyFailed { .. } => {
-                ErrorKind::Integrity
-            }
+            Error::DigestMismatch { .. }
+            | Error::Tampered { .. }
+            | Error::VerifyFailed { .. }
+            | Error::DrillFailed { .. } => ErrorKind::Integrity,
             Error::Partial { .. } => ErrorKind::Partial,
             Error::Stopped { .. } => ErrorKind::Stopped,
             Error::Missing { .. } | Error::Corrupt { .. } => ErrorKind::Integrity,

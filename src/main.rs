@@ -140,6 +140,7 @@ fn wants_json(cli: &Cli) -> bool {
         Command::Key(KeyCommand::Add(a) | KeyCommand::Passwd(a)) => a.out.json,
         Command::Verify(a) => a.json.is_some(),
         Command::Resume(out) => out.json,
+        Command::Drill(DrillCommand::Workload(a)) => a.out.json,
     }
 }
 
@@ -169,5 +170,6 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Protect(args) => cli::snapshots::protect(g, args).await,
         Command::Gc(args) => cli::gc::gc(g, args).await,
         Command::Resume(_) => cli::resume(g).await,
+        Command::Drill(cmd) => cli::drill::drill(g, cmd).await,
     }
 }

@@ -158,6 +158,8 @@ pub enum JobKind {
         #[serde(default)]
         declare_window: Option<String>,
     },
+    /// A drill of a workload's newest twin beside the original (`tresor drill workload`).
+    Drill(crate::commands::drill::DrillOptions),
     /// A verification run.
     Verify {
         #[serde(default)]
@@ -418,5 +420,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("paht"), "{err}");
+        let err = parse("[repository]\nurl = \"x\"\n[[job]]\nname = \"d\"\ntype = \"drill\"\nworkload = \"shop\"\nregistry = \"r:5000/drill\"\nprobes = [\"db=true\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("probes"), "{err}");
+    }
+
+    #[test]
+    fn a_drill_job_takes_the_options_of_the_drill_command() {
+        let config = parse("[repository]\nurl = \"x\"\n[[job]]\nname = \"d\"\ntype = \"drill\"\nschedule = \"weekly\"\nworkload = \"shop\"\nregistry = \"r:5000/drill\"\nprobe = [\"db=true\"]\nconsistent = true\n")
+            .unwrap();
+        let JobKind::Drill(d) = &config.jobs[0].kind else {
+            panic!("not a drill: {:?}", config.jobs[0].kind)
+        };
+        assert_eq!(
+            (d.workload.as_str(), d.registry.as_str(), d.probe.as_slice(), d.consistent),
+            ("shop", "r:5000/drill", &["db=true".to_string()][..], true)
+        );
+        assert_eq!(config.jobs[0].schedule.as_deref(), Some("weekly"));
     }
 }

@@ -346,7 +346,12 @@ fn run_with_retries(ctx: &Context, rt: &Handle, name: &str) -> bool {
 
 /// The registry client for `source`, with this agent's settings for its host.
 fn registry_for(ctx: &Context, source: &crate::oci::ImageSource) -> Result<Registry> {
-    let host = source.registry_host().unwrap_or_default().to_string();
+    registry_at(ctx, source.registry_host().unwrap_or_default())
+}
+
+/// The registry client for `host`, with this agent's settings for it.
+fn registry_at(ctx: &Context, host: &str) -> Result<Registry> {
+    let host = host.to_string();
     let settings = ctx
         .config
         .registries
@@ -402,6 +407,7 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             grace,
             declare_window,
         } => run.gc(grace, declare_window),
+        JobKind::Drill(options) => run.drill(options),
         JobKind::Verify {
             read_data,
             read_data_subset,
@@ -644,6 +650,21 @@ impl Run<'_> {
             report.swept.len(),
             report.waiting.len()
         );
+        Ok(Outcome::default())
+    }
+
+    /// A drill; a twin that did not come up or failed a probe fails the job.
+    fn drill(&self, options: &commands::drill::DrillOptions) -> Result<Outcome> {
+        let host = options.registry.split('/').next().unwrap_or_default();
+        let registry = registry_at(self.ctx, host)?;
+        let cache = Some(self.ctx.cache_dir.as_path());
+        let report = commands::drill::drill(&self.ctx.repo, self.rt, cache, options, &registry)?;
+        if !report.ok {
+            return Err(Error::DrillFailed {
+                workload: options.workload.clone(),
+                reason: report.failure(),
+            });
+        }
         Ok(Outcome::default())
     }
 

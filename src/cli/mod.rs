@@ -5,6 +5,7 @@
 
 pub(crate) mod agent;
 pub(crate) mod backup;
+pub(crate) mod drill;
 pub(crate) mod gc;
 pub(crate) mod init;
 pub(crate) mod key;
@@ -15,6 +16,7 @@ pub(crate) mod workload;
 
 pub(crate) use agent::{AgentArgs, LogFormat};
 pub(crate) use backup::{BackupCommand, RegistryArgs};
+pub(crate) use drill::DrillCommand;
 pub(crate) use gc::GcArgs;
 pub(crate) use init::InitArgs;
 pub(crate) use key::KeyCommand;
@@ -120,6 +122,9 @@ pub(crate) enum Command {
     /// Check that snapshots can be restored; exit 0 if all is well, 1 on problems, 2 if the
     /// check could not run.
     Verify(VerifyArgs),
+    /// Prove a workload's twin comes up: restore it beside the original, probe it, remove it.
+    #[command(subcommand)]
+    Drill(DrillCommand),
     /// Start again the containers a killed workload backup left stopped or paused (its
     /// quiesced-PID.json in the cache directory names them); the agent unit's ExecStopPost=.
     Resume(JsonFlag),

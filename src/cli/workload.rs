@@ -243,6 +243,7 @@ pub(crate) async fn restore_workload(
         dry_run: args.dry_run,
         engine_socket: args.engine_socket.clone(),
         allow_host_access: args.allow_host_access,
+        beside_original: false,
     };
     let rt = tokio::runtime::Handle::current();
     let report = tokio::task::block_in_place(|| {

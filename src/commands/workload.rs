@@ -687,6 +687,17 @@ pub struct WorkloadRestore {
     /// record's volume drivers and options, and with `up` a project from an unencrypted
     /// repository); without it such a restore is refused, naming each.
     pub allow_host_access: bool,
+    /// A drill's twin, run beside the original on the same engine
+    /// ([`compose::beside_original`]): the record's volume drivers and options are never
+    /// reused, as they would reach the original's data.
+    pub beside_original: bool,
+}
+
+impl WorkloadRestore {
+    /// Whether the twin's volumes get the record's drivers and options.
+    fn reuses_volume_options(&self) -> bool {
+        self.allow_host_access && !self.beside_original
+    }
 }
 
 /// One image of the report.
@@ -899,6 +910,9 @@ fn place(
         &bind_paths,
         &placement.engine_names,
     );
+    if what.beside_original {
+        compose::beside_original(&mut placement.config);
+    }
     let restored: Vec<PathBuf> = bind_paths.into_values().collect();
     let volumes = placement.engine_names.keys().cloned().collect();
     let mut lines = policy::host_access(&placement.config, &restored, &volumes);
@@ -913,11 +927,16 @@ fn place(
                 v.engine.driver,
                 policy::redacted(v.engine.options.keys().map(String::as_str))
             );
-            if what.allow_host_access {
+            if what.reuses_volume_options() {
                 lines.push(format!("{line}, reused"));
             } else {
+                let unless = if what.beside_original {
+                    "a drill never reuses them"
+                } else {
+                    "--allow-host-access reuses them"
+                };
                 placement.notes.push(format!(
-                    "{line}: restored as a plain local volume (--allow-host-access reuses them)"
+                    "{line}: restored as a plain local volume ({unless})"
                 ));
             }
         }
@@ -1121,7 +1140,7 @@ pub fn restore(
             None => {
                 // The record's driver and options reach host paths or remote shares: reused
                 // only when the operator allowed host access.
-                let like = if what.allow_host_access {
+                let like = if what.reuses_volume_options() {
                     v.engine.clone()
                 } else {
                     crate::workload::engine::VolumeInfo {

@@ -177,6 +177,52 @@ impl Compose {
         cmd.args(["up", "-d"]);
         self.run(cmd, "compose up").map(drop)
     }
+
+    /// Stops and removes the containers and networks of project `project` of `file` (`down`).
+    ///
+    /// # Errors
+    /// [`Error::Engine`] with the tool's message.
+    pub fn down(&self, file: &Path, project: &str) -> Result<()> {
+        let mut cmd = self.command(&[file.to_path_buf()], None, project);
+        cmd.args(["down", "--remove-orphans", "-t", "10"]);
+        self.run(cmd, "compose down").map(drop)
+    }
+}
+
+/// The twin `config` made to run beside its original on the same engine, for a drill: no
+/// published host port (the engine picks a free one for each), no fixed container name, and
+/// networks named by the drill's project, not the original's.
+pub fn beside_original(config: &mut Value) {
+    if let Some(map) = config.get_mut("services").and_then(Value::as_mapping_mut) {
+        for def in map.values_mut().filter_map(Value::as_mapping_mut) {
+            def.remove("container_name");
+            let Some(ports) = def.get_mut("ports").and_then(Value::as_sequence_mut) else {
+                continue;
+            };
+            for port in ports.iter_mut() {
+                match port {
+                    // `[HOST_IP:][HOST_PORT:]CONTAINER_PORT[/PROTOCOL]`: the container's port only.
+                    Value::String(s) => *s = s.rsplit(':').next().unwrap_or_default().into(),
+                    Value::Number(_) => {}
+                    Value::Mapping(m) => {
+                        m.remove("published");
+                        m.remove("host_ip");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if let Some(map) = config.get_mut("networks").and_then(Value::as_mapping_mut) {
+        for def in map.values_mut().filter_map(Value::as_mapping_mut) {
+            let external = def
+                .get("external")
+                .is_some_and(|e| e.as_bool() != Some(false));
+            if !external {
+                def.remove("name");
+            }
+        }
+    }
 }
 
 /// Compose's rule for project names: lower case, only `a-z0-9_-`.
@@ -462,6 +508,22 @@ volumes:
   dbdata:
     name: shop-db
 "#;
+
+    #[test]
+    fn a_drill_twin_publishes_no_host_port_and_names_no_container() {
+        let mut config: Value = serde_yaml::from_str(
+            "services:\n  web:\n    container_name: shop-web\n    ports:\n    - 127.0.0.1:8080:80/tcp\n    - target: 443\n      published: \"8443\"\n      host_ip: 0.0.0.0\nnetworks:\n  front:\n    name: shop-front\n  shared:\n    external: true\n    name: corp\n",
+        )
+        .unwrap();
+        beside_original(&mut config);
+        let web = &config["services"]["web"];
+        assert!(web.get("container_name").is_none());
+        assert_eq!(web["ports"][0], Value::String("80/tcp".into()));
+        assert_eq!(web["ports"][1].get("published"), None);
+        assert_eq!(web["ports"][1]["target"], 443);
+        assert_eq!(config["networks"]["front"].get("name"), None);
+        assert_eq!(config["networks"]["shared"]["name"], "corp");
+    }
 
     #[test]
     fn a_normalized_project_gives_order_mounts_and_volume_names() {

@@ -488,8 +488,28 @@ impl Engine {
     /// [`Error::Engine`] naming the service and the command when it cannot run or exits
     /// non-zero.
     pub fn exec(&self, c: &Container, cmd: &str) -> Result<()> {
+        let (code, _) = self.exec_output(c, cmd)?;
+        match code {
+            Some(0) => Ok(()),
+            code => Err(Error::Engine {
+                what: format!("exec in service {} ({cmd:?})", c.service),
+                reason: format!(
+                    "exited with {}",
+                    code.map_or("no status".into(), |c| c.to_string())
+                ),
+            }),
+        }
+    }
+
+    /// Runs `cmd` with `sh -c` inside a container; returns its exit status and its output
+    /// (stdout and stderr, the last 4 KiB), which is logged too.
+    ///
+    /// # Errors
+    /// [`Error::Engine`] naming the service and the command when it cannot run.
+    pub fn exec_output(&self, c: &Container, cmd: &str) -> Result<(Option<i64>, String)> {
         use bollard::exec::{CreateExecOptions, StartExecResults};
         use futures::StreamExt;
+        const KEPT: usize = 4096;
         let what = format!("exec in service {} ({cmd:?})", c.service);
         self.rt.block_on(async {
             let created = self
@@ -510,28 +530,93 @@ impl Engine {
                 .start_exec(&created.id, None)
                 .await
                 .map_err(engine_error(what.clone()))?;
-            if let StartExecResults::Attached { mut output, .. } = started {
-                while let Some(line) = output.next().await {
-                    let line = line.map_err(engine_error(what.clone()))?;
-                    tracing::info!(service = %c.service, "exec: {}", line.to_string().trim_end());
+            // Bytes, cut at the end only: a cut may split a character, which the lossy
+            // conversion shows as one replacement mark.
+            let mut output: Vec<u8> = Vec::new();
+            if let StartExecResults::Attached { output: mut lines, .. } = started {
+                while let Some(line) = lines.next().await {
+                    let line = line.map_err(engine_error(what.clone()))?.into_bytes();
+                    let shown = String::from_utf8_lossy(&line);
+                    tracing::info!(service = %c.service, "exec: {}", shown.trim_end());
+                    output.extend_from_slice(&line);
+                    if output.len() > 2 * KEPT {
+                        output.drain(..output.len() - KEPT);
+                    }
                 }
             }
+            if output.len() > KEPT {
+                output.drain(..output.len() - KEPT);
+            }
+            let output = String::from_utf8_lossy(&output).into_owned();
             let inspected = self
                 .docker
                 .inspect_exec(&created.id)
                 .await
                 .map_err(engine_error(what.clone()))?;
-            match inspected.exit_code {
-                Some(0) => Ok(()),
-                code => Err(Error::Engine {
-                    what,
-                    reason: format!(
-                        "exited with {}",
-                        code.map_or("no status".into(), |c| c.to_string())
-                    ),
-                }),
-            }
+            Ok((inspected.exit_code, output))
         })
+    }
+
+    /// The named volumes compose project `project` owns (by its label), which tresor labels
+    /// so on the volumes it restores.
+    ///
+    /// # Errors
+    /// [`Error::Engine`].
+    pub fn project_volumes(&self, project: &str) -> Result<Vec<String>> {
+        let options = bollard::query_parameters::ListVolumesOptions {
+            filters: Some(HashMap::from([(
+                "label".to_string(),
+                vec![format!("{PROJECT_LABEL}={project}")],
+            )])),
+        };
+        let list = self
+            .rt
+            .block_on(self.docker.list_volumes(Some(options)))
+            .map_err(engine_error(format!("listing the volumes of {project}")))?;
+        Ok(list
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.name)
+            .collect())
+    }
+
+    /// Removes volume `name`; one that is gone already is no error.
+    ///
+    /// # Errors
+    /// [`Error::Engine`] (a volume in use, say).
+    pub fn remove_volume(&self, name: &str) -> Result<()> {
+        let removed = self.rt.block_on(
+            self.docker
+                .remove_volume(name, None::<bollard::query_parameters::RemoveVolumeOptions>),
+        );
+        match removed {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(engine_error(format!("removing volume {name}"))(e)),
+        }
+    }
+
+    /// Removes the reference `image` from the engine (the image itself only when nothing
+    /// else names it); one that is gone already is no error.
+    ///
+    /// # Errors
+    /// [`Error::Engine`] (an image a container uses, say).
+    pub fn remove_image(&self, image: &str) -> Result<()> {
+        let removed = self.rt.block_on(self.docker.remove_image(
+            image,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        ));
+        match removed {
+            Ok(_)
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(engine_error(format!("removing image {image}"))(e)),
+        }
     }
 
     /// Whether `image` is to be taken from the engine: built or loaded here, never pushed or

@@ -4,6 +4,7 @@
 
 mod agent;
 mod common;
+mod drill;
 mod encryption;
 mod faults;
 mod fixtures;

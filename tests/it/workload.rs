@@ -13,7 +13,7 @@ use crate::agent::{agent, signal, wait_exit, write_config, Guard};
 use crate::common::oci::TestRegistry;
 use crate::common::*;
 
-fn sh(cmd: &mut Command) -> String {
+pub(crate) fn sh(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -23,13 +23,13 @@ fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn docker(args: &[&str]) -> String {
+pub(crate) fn docker(args: &[&str]) -> String {
     sh(Command::new("docker").args(args))
 }
 
 /// Builds `tag` from scratch: busybox with its applets, and pushes it; and `local`, the same
 /// with a label, which stays in the engine only (built here, never pushed).
-fn build_image(dir: &Path, tag: &str, local: &str) {
+pub(crate) fn build_image(dir: &Path, tag: &str, local: &str) {
     let bin = dir.join("bin");
     fs::create_dir_all(&bin).unwrap();
     fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
@@ -55,7 +55,7 @@ fn build_image(dir: &Path, tag: &str, local: &str) {
 }
 
 /// The running containers of a compose project, by service.
-fn running(project: &str) -> Vec<String> {
+pub(crate) fn running(project: &str) -> Vec<String> {
     let out = docker(&[
         "ps",
         "--filter",
@@ -68,7 +68,7 @@ fn running(project: &str) -> Vec<String> {
     services
 }
 
-fn compose(dir: &Path, project: &str, args: &[&str]) -> String {
+pub(crate) fn compose(dir: &Path, project: &str, args: &[&str]) -> String {
     sh(Command::new("docker-compose")
         .arg("-f")
         .arg(dir.join("compose.yaml"))
@@ -78,10 +78,10 @@ fn compose(dir: &Path, project: &str, args: &[&str]) -> String {
 
 /// Removes what a run left: the projects, their volumes (the twin's are external to its
 /// compose file, so `down -v` keeps them), the images.
-struct Cleanup {
-    projects: Vec<(std::path::PathBuf, String)>,
-    images: Vec<String>,
-    volumes: Vec<String>,
+pub(crate) struct Cleanup {
+    pub(crate) projects: Vec<(std::path::PathBuf, String)>,
+    pub(crate) images: Vec<String>,
+    pub(crate) volumes: Vec<String>,
 }
 
 impl Drop for Cleanup {
