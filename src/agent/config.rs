@@ -434,7 +434,12 @@ mod tests {
             panic!("not a drill: {:?}", config.jobs[0].kind)
         };
         assert_eq!(
-            (d.workload.as_str(), d.registry.as_str(), d.probe.as_slice(), d.consistent),
+            (
+                d.workload.as_str(),
+                d.registry.as_str(),
+                d.probe.as_slice(),
+                d.consistent
+            ),
             ("shop", "r:5000/drill", &["db=true".to_string()][..], true)
         );
         assert_eq!(config.jobs[0].schedule.as_deref(), Some("weekly"));

@@ -78,8 +78,8 @@ pub(crate) struct RestoreWorkloadArgs {
     /// Start the project and wait until every service runs and is healthy.
     #[arg(long)]
     pub(crate) up: bool,
-    /// Replace the contents of volumes that exist and are not empty, and restore while a
-    /// project of that name exists.
+    /// Replace the contents of volumes that exist and are not empty, and restore as a project
+    /// that exists (never as one that runs).
     #[arg(long)]
     pub(crate) force: bool,
     /// Print the plan (what goes where, bytes to move, blobs the target has, volumes that
@@ -100,6 +100,10 @@ pub(crate) struct RestoreWorkloadArgs {
     /// naming each (--dry-run prints them).
     #[arg(long)]
     pub(crate) allow_host_access: bool,
+    /// When the restore gives up, keep the volumes it made and the containers it started
+    /// (a rerun continues in volumes a restore of the same snapshot made).
+    #[arg(long)]
+    pub(crate) keep_partial: bool,
     #[command(flatten)]
     pub(crate) registry: RegistryArgs,
 }
@@ -244,6 +248,7 @@ pub(crate) async fn restore_workload(
         engine_socket: args.engine_socket.clone(),
         allow_host_access: args.allow_host_access,
         beside_original: false,
+        keep_partial: args.keep_partial,
     };
     let rt = tokio::runtime::Handle::current();
     let report = tokio::task::block_in_place(|| {

@@ -202,6 +202,7 @@ pub fn drill(
         engine_socket: what.engine_socket.clone(),
         allow_host_access: what.allow_host_access,
         beside_original: true,
+        keep_partial: what.keep,
     };
     let restored = restore(repo, rt, &snap, &restoring, registry);
     let mut report = DrillReport {

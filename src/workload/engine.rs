@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 pub const PROJECT_LABEL: &str = "com.docker.compose.project";
 const SERVICE_LABEL: &str = "com.docker.compose.service";
 const VOLUME_LABEL: &str = "com.docker.compose.volume";
+/// The label of a volume `restore workload` made: the workload snapshot it restores.
+const RESTORED_LABEL: &str = "org.tresor.restored-from";
 
 /// A container a backup stopped or paused and has not yet started again.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +312,12 @@ pub enum VolumeData {
 }
 
 impl VolumeInfo {
+    /// Whether a restore of workload snapshot `snapshot` made this volume: a rerun of that
+    /// restore continues in it.
+    pub fn restored_from(&self, snapshot: &str) -> bool {
+        self.labels.get(RESTORED_LABEL).map(String::as_str) == Some(snapshot)
+    }
+
     /// Where this volume's data is to be read ([`VolumeData`]).
     pub fn data(&self) -> VolumeData {
         if self.driver == "local" && self.options.is_empty() {
@@ -533,7 +541,10 @@ impl Engine {
             // Bytes, cut at the end only: a cut may split a character, which the lossy
             // conversion shows as one replacement mark.
             let mut output: Vec<u8> = Vec::new();
-            if let StartExecResults::Attached { output: mut lines, .. } = started {
+            if let StartExecResults::Attached {
+                output: mut lines, ..
+            } = started
+            {
                 while let Some(line) = lines.next().await {
                     let line = line.map_err(engine_error(what.clone()))?.into_bytes();
                     let shown = String::from_utf8_lossy(&line);
@@ -676,7 +687,8 @@ impl Engine {
     }
 
     /// Creates volume `name` like `like` (driver, options, labels), labelled as volume `key`
-    /// of compose project `project` so that compose adopts it.
+    /// of compose project `project` so that compose adopts it, and as restored from workload
+    /// snapshot `snapshot` ([`VolumeInfo::restored_from`]).
     ///
     /// # Errors
     /// [`Error::Engine`].
@@ -686,10 +698,12 @@ impl Engine {
         like: &VolumeInfo,
         project: &str,
         key: &str,
+        snapshot: &str,
     ) -> Result<VolumeInfo> {
         let mut labels = like.labels.clone();
         labels.insert(PROJECT_LABEL.into(), project.into());
         labels.insert(VOLUME_LABEL.into(), key.into());
+        labels.insert(RESTORED_LABEL.into(), snapshot.into());
         let request = VolumeCreateRequest {
             name: Some(name.into()),
             driver: Some(like.driver.clone()),

@@ -971,3 +971,143 @@ volumes:
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(running(project), ["app", "db"], "{}", stderr(&out));
 }
+
+#[test]
+fn a_restore_that_gives_up_removes_what_it_made_and_a_rerun_continues() {
+    let env = Env::new();
+    let project = "halfway";
+    let twin = "halfway-dr";
+    let registry = TestRegistry::start(&env.path("registry"));
+    let image = format!("{}/{project}/app:1", registry.host);
+    let local = format!("{project}-local/app:1");
+    let mut cleanup = Cleanup {
+        projects: Vec::new(),
+        images: vec![image.clone(), local.clone()],
+        volumes: vec![format!("{project}_data"), format!("{twin}_data")],
+    };
+    let _ = Command::new("docker")
+        .args(["volume", "rm", "-f"])
+        .args(&cleanup.volumes)
+        .output();
+    build_image(&env.path("build"), &image, &local);
+    let dir = env.path(project);
+    fs::create_dir_all(&dir).unwrap();
+    // Never healthy: every `restore --up` of it gives up at the health wait, after its
+    // volume is made and filled and its container started.
+    fs::write(
+        dir.join("compose.yaml"),
+        format!(
+            r#"services:
+  app:
+    image: {local}
+    command: ["sh", "-c", "echo kept > /data/file; exec sleep 1000"]
+    volumes: ["data:/data"]
+    stop_grace_period: 1s
+    healthcheck:
+      test: ["CMD", "false"]
+      interval: 1s
+      retries: 1
+volumes:
+  data: {{}}
+"#
+        ),
+    )
+    .unwrap();
+    cleanup.projects.push((dir.clone(), project.into()));
+    compose(&dir, project, &["up", "-d"]);
+    let out = env.tresor(&[
+        "backup",
+        "workload",
+        project,
+        "--compose",
+        dir.join("compose.yaml").to_str().unwrap(),
+        "--consistency",
+        "none",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let twin_dir = env.path("twin");
+    cleanup.projects.push((twin_dir.clone(), twin.into()));
+    let restore = |extra: &[&str]| {
+        let mut args = vec![
+            "restore",
+            "workload",
+            project,
+            "--registry",
+            &registry.host,
+            "--insecure",
+            "--project",
+            twin,
+            "--to",
+            twin_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        env.tresor(&args)
+    };
+    let twin_volume = format!("{twin}_data");
+    let volume_exists = || {
+        Command::new("docker")
+            .args(["volume", "inspect", &twin_volume])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let containers = || {
+        docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={twin}"),
+        ])
+    };
+
+    // Gives up: its container and its volume are gone, and it says so.
+    let out = restore(&["--up"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("unhealthy"), "{err}");
+    assert!(
+        err.contains("removed what this restore made")
+            && err.contains(&format!("volume {twin_volume}")),
+        "{err}"
+    );
+    assert!(!volume_exists(), "{err}");
+    assert_eq!(containers().trim(), "", "{err}");
+
+    // Kept: the operator takes the project down, and the rerun continues in the volume this
+    // restore made (no "not empty" refusal, no --force).
+    let out = restore(&["--up", "--keep-partial"]);
+    assert!(!out.status.success());
+    assert!(volume_exists(), "{}", stderr(&out));
+    compose(&twin_dir, twin, &["down", "-t", "1"]);
+    let out = restore(&["--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["volumes"][0]["existed"], true, "{report}");
+    assert_eq!(report["complete"], true, "{report}");
+    // A volume that no restore of this snapshot made is still refused, before anything moves.
+    let other = format!("{project}-other_data");
+    cleanup.volumes.push(other.clone());
+    docker(&["volume", "create", &other]);
+    let mountpoint = docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", &other]);
+    fs::write(Path::new(mountpoint.trim()).join("theirs"), "data").unwrap();
+    let out = env.tresor(&[
+        "restore",
+        "workload",
+        project,
+        "--registry",
+        &format!("{}/other", registry.host),
+        "--insecure",
+        "--project",
+        &format!("{project}-other"),
+        "--to",
+        env.path("other").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("volume {other} exists and is not empty")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!env.path("other").exists(), "written before the refusal");
+}
