@@ -52,7 +52,6 @@ pub(crate) async fn drill(g: &Global, cmd: &DrillCommand) -> anyhow::Result<Exit
 
 fn print_report(report: &DrillReport) {
     if let Some(r) = &report.restore {
-        let p = &r.phases;
         println!(
             "snapshot {} ({:?}, downtime {:.1}s) as project {}",
             &r.snapshot[..8.min(r.snapshot.len())],
@@ -60,14 +59,7 @@ fn print_report(report: &DrillReport) {
             r.downtime_ms as f64 / 1000.0,
             report.project
         );
-        println!(
-            "phases: images {:.1}s, volumes {:.1}s, start {:.1}s, healthy {:.1}s; recovery time {:.1}s",
-            p.images_ms as f64 / 1000.0,
-            p.volumes_ms as f64 / 1000.0,
-            p.start_ms as f64 / 1000.0,
-            p.healthy_ms as f64 / 1000.0,
-            p.total_ms as f64 / 1000.0
-        );
+        println!("{}", super::workload::phases_line(&r.phases));
         for line in &r.notes {
             println!("note: {line}");
         }

@@ -568,6 +568,36 @@ impl Engine {
         })
     }
 
+    /// Pulls `image` (`REPO@DIGEST` or `REPO:TAG`) into the engine, as the compose tool would
+    /// before it starts a service: done while the volumes restore, it is no longer on the
+    /// recovery's path. Anonymous: a registry that asks for credentials leaves the pull to the
+    /// compose tool (with the engine's own login).
+    ///
+    /// # Errors
+    /// [`Error::Engine`] naming the image.
+    pub fn pull(&self, image: &str) -> Result<()> {
+        use futures::StreamExt;
+        let (repo, tag) = match image.split_once('@') {
+            Some((repo, digest)) => (repo, digest),
+            None => match image.rsplit_once(':') {
+                Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+                _ => (image, "latest"),
+            },
+        };
+        let options = bollard::query_parameters::CreateImageOptions {
+            from_image: Some(repo.into()),
+            tag: Some(tag.into()),
+            ..Default::default()
+        };
+        self.rt.block_on(async {
+            let mut progress = self.docker.create_image(Some(options), None, None);
+            while let Some(step) = progress.next().await {
+                step.map_err(engine_error(format!("pulling image {image}")))?;
+            }
+            Ok(())
+        })
+    }
+
     /// The named volumes compose project `project` owns (by its label), which tresor labels
     /// so on the volumes it restores.
     ///

@@ -88,10 +88,13 @@ pub struct VolumeOutcome {
     pub chunks_verified: u64,
 }
 
-/// Milliseconds of each phase.
+/// Milliseconds of each phase. The images and the volumes move at the same time: the recovery
+/// time holds the longer of the two, not their sum.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Phases {
+    /// Pushing the images to the target registry and, with `--up`, pulling them into the engine.
     pub images_ms: u64,
+    /// Restoring the volumes and bind mounts.
     pub volumes_ms: u64,
     pub start_ms: u64,
     pub healthy_ms: u64,
@@ -397,8 +400,8 @@ pub fn restore(
         what,
         engine: engine.as_ref(),
         quiet: Progress::new(false, "", None),
-        missing: Vec::new(),
-        made: Vec::new(),
+        missing: Default::default(),
+        made: Default::default(),
         ran_up: false,
     };
     let applied = apply.run(registry, target, started);
@@ -469,9 +472,9 @@ struct Apply<'a> {
     engine: Option<&'a Engine>,
     quiet: Progress,
     /// What could not be restored, named: the twin is not complete.
-    missing: Vec<String>,
+    missing: std::sync::Mutex<Vec<String>>,
     /// Engine volumes this run created.
-    made: Vec<String>,
+    made: std::sync::Mutex<Vec<String>>,
     /// Whether this run asked the compose tool to start the project.
     ran_up: bool,
 }
@@ -485,11 +488,27 @@ impl Apply<'_> {
     ) -> Result<WorkloadReport> {
         let (what, placement, record) = (self.what, self.placement, self.record);
         let explicit = record.compose_files.is_empty();
-        let images = self.images(registry)?;
-        let images_ms = started.elapsed().as_millis() as u64;
-        let mut volumes = self.volumes()?;
-        volumes.extend(self.binds(target.as_ref())?);
-        let volumes_ms = started.elapsed().as_millis() as u64 - images_ms;
+        // The images (pushed, and with `up` pulled into the engine) and the volumes move at
+        // once: the recovery waits for the slower of the two, not for their sum.
+        let this = &*self;
+        let (images, volumes) = std::thread::scope(|scope| {
+            let images = scope.spawn(|| {
+                let before = Instant::now();
+                let images = this.images(registry)?;
+                if what.up && !what.dry_run {
+                    this.pull(&images);
+                }
+                Ok::<_, Error>((images, before.elapsed().as_millis() as u64))
+            });
+            let before = Instant::now();
+            let volumes = this.volumes().and_then(|mut v| {
+                v.extend(this.binds(target.as_ref())?);
+                Ok((v, before.elapsed().as_millis() as u64))
+            });
+            (images.join().expect("the images step does not panic"), volumes)
+        });
+        let (volumes, volumes_ms) = volumes?;
+        let (images, images_ms) = images?;
         let compose_file = placement.to.join("compose.yaml");
         let mut report = WorkloadReport {
             dry_run: what.dry_run,
@@ -514,7 +533,7 @@ impl Apply<'_> {
                 ..Phases::default()
             },
             complete: false,
-            missing: std::mem::take(&mut self.missing),
+            missing: std::mem::take(&mut *self.missing.lock().expect("missing")),
         };
         let Some(target) = target.filter(|_| !explicit) else {
             report.phases.total_ms = started.elapsed().as_millis() as u64;
@@ -542,7 +561,7 @@ impl Apply<'_> {
     }
 
     /// The images into the target registry (in a dry run: what would move).
-    fn images(&mut self, registry: &Registry) -> Result<Vec<ImageOutcome>> {
+    fn images(&self, registry: &Registry) -> Result<Vec<ImageOutcome>> {
         let (repo, rt, what) = (self.repo, self.rt, self.what);
         let mut images: Vec<ImageOutcome> = Vec::new();
         for (s, (target_repo, pinned)) in self.record.services.iter().zip(&self.placement.images) {
@@ -582,8 +601,7 @@ impl Apply<'_> {
                 let report = crate::oci::restore(repo, rt, registry, &member, &target, &self.quiet)
                     .map_err(named)?;
                 if !report.ok {
-                    self.missing
-                        .push(format!("image of service {}: digests differ", s.name));
+                    self.miss(format!("image of service {}: digests differ", s.name));
                 }
                 let blobs = report.blobs_pushed + report.blobs_skipped + report.blobs_mounted;
                 (report.ok, blobs, report.blobs_skipped, report.bytes_pushed)
@@ -602,6 +620,27 @@ impl Apply<'_> {
         Ok(images)
     }
 
+    /// Notes what could not be restored: the twin is not complete.
+    fn miss(&self, what: String) {
+        self.missing.lock().expect("missing").push(what);
+    }
+
+    /// Pulls the twin's images into the engine, so that `up` starts them without a pull; a
+    /// pull that fails is left to the compose tool, which says why.
+    fn pull(&self, images: &[ImageOutcome]) {
+        let Some(engine) = self.engine else {
+            return;
+        };
+        let mut targets: Vec<&str> = images.iter().map(|i| i.target.as_str()).collect();
+        targets.sort_unstable();
+        targets.dedup();
+        for image in targets {
+            if let Err(e) = engine.pull(image) {
+                tracing::info!("{e}; the compose tool pulls it");
+            }
+        }
+    }
+
     /// As `restore volume`: device nodes and setuid bits only from a repository that nobody
     /// without the key could have written.
     fn restore_options(&self) -> RestoreOptions {
@@ -613,7 +652,7 @@ impl Apply<'_> {
     }
 
     /// The named volumes into engine volumes, made for the twin when missing.
-    fn volumes(&mut self) -> Result<Vec<VolumeOutcome>> {
+    fn volumes(&self) -> Result<Vec<VolumeOutcome>> {
         let (repo, rt, what) = (self.repo, self.rt, self.what);
         let mut volumes = Vec::new();
         for v in &self.record.volumes {
@@ -655,7 +694,7 @@ impl Apply<'_> {
                         &v.key,
                         &self.snap.id,
                     )?;
-                    self.made.push(name.clone());
+                    self.made.lock().expect("made").push(name.clone());
                     made
                 }
             };
@@ -668,12 +707,9 @@ impl Apply<'_> {
                 &self.quiet,
             )
             .map_err(|e| e.context(format!("volume {}", v.key)))?;
-            self.missing.extend(
-                report
-                    .failed
-                    .iter()
-                    .map(|f| format!("volume {}: {f}", v.key)),
-            );
+            for f in &report.failed {
+                self.miss(format!("volume {}: {f}", v.key));
+            }
             volumes.push(VolumeOutcome {
                 name: v.key.clone(),
                 to: format!("engine volume {name}"),
@@ -687,7 +723,7 @@ impl Apply<'_> {
     }
 
     /// The bind-mounted paths under `--to` (`target`; none in a dry run).
-    fn binds(&mut self, target: Option<&std::os::fd::OwnedFd>) -> Result<Vec<VolumeOutcome>> {
+    fn binds(&self, target: Option<&std::os::fd::OwnedFd>) -> Result<Vec<VolumeOutcome>> {
         let (repo, rt, placement) = (self.repo, self.rt, self.placement);
         let mut volumes = Vec::new();
         for (b, (dir, name)) in self.record.binds.iter().zip(&placement.binds) {
@@ -727,12 +763,9 @@ impl Apply<'_> {
                 &self.quiet,
             )
             .map_err(|e| e.context(format!("bind mount {shown_source}")))?;
-            self.missing.extend(
-                report
-                    .failed
-                    .iter()
-                    .map(|f| format!("bind mount {shown_source}: {f}")),
-            );
+            for f in &report.failed {
+                self.miss(format!("bind mount {shown_source}: {f}"));
+            }
             volumes.push(VolumeOutcome {
                 name: shown_source,
                 to: to.display().to_string(),
@@ -785,7 +818,7 @@ impl Apply<'_> {
                 Err(e) => left.push(format!("project {project} ({e})")),
             }
         }
-        for v in &self.made {
+        for v in self.made.lock().expect("made").iter() {
             match engine.remove_volume(v) {
                 Ok(()) => undone.push(format!("volume {v}")),
                 Err(e) => left.push(format!("volume {v} ({e})")),
