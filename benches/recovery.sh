@@ -31,6 +31,7 @@ mkdir -p "$BENCH_DIR"
 
 # The registry the twin's images go to.
 REG_PORT=$(free_port)
+rm -rf "$BENCH_DIR/registry"
 mkdir -p "$BENCH_DIR/registry"
 cat >"$BENCH_DIR/registry/config.yml" <<YAML
 version: 0.1
@@ -134,7 +135,7 @@ for store in $STORES; do
             sleep 0.5
         fi
         AWS_ACCESS_KEY_ID=$KEY_ID AWS_SECRET_ACCESS_KEY=$KEY_SECRET AWS_REGION=garage \
-            TRESOR_S3_ENDPOINT="http://127.0.0.1:$port" TRESOR_S3_ALLOW_HTTP=1 \
+            TRESOR_S3_ENDPOINT="http://127.0.0.1:$port" TRESOR_S3_ALLOW_HTTP=true \
             run_store "$store" s3://recovery/r
         kill "$GARAGE_PID" 2>/dev/null || true
         ;;

@@ -65,10 +65,6 @@ pub struct RegistryConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-fn default_consistency() -> crate::workload::Consistency {
-    crate::workload::Consistency::Stop
-}
-
 /// What a job does.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -100,39 +96,7 @@ pub enum JobKind {
     },
     /// A service as one unit: a compose project (`compose`), backed up with `tresor backup
     /// workload`; or, the older form, other jobs taken together (`jobs`), tagged alike.
-    Workload {
-        #[serde(default)]
-        jobs: Vec<String>,
-        #[serde(default)]
-        compose: Vec<PathBuf>,
-        #[serde(default)]
-        env_file: Option<PathBuf>,
-        #[serde(default)]
-        project: Option<String>,
-        #[serde(default = "default_consistency")]
-        consistency: crate::workload::Consistency,
-        /// Volumes (by their key in the compose file) copied in another mode, e.g.
-        /// `{ cache = "none" }`.
-        #[serde(default)]
-        volume_consistency: std::collections::BTreeMap<String, crate::workload::Consistency>,
-        /// With `consistency = "exec"`: `SERVICE=COMMAND` run in the service before the copy.
-        #[serde(default)]
-        exec_before: Vec<String>,
-        /// With `consistency = "exec"`: `SERVICE=COMMAND` run after the copy, whatever happened.
-        #[serde(default)]
-        exec_after: Vec<String>,
-        /// The engine's API socket (Podman's, say) [default: DOCKER_HOST, else the local one].
-        #[serde(default)]
-        engine_socket: Option<PathBuf>,
-        /// Shell command run once the containers are stopped or paused, before the copy.
-        #[serde(default)]
-        pre: Option<String>,
-        /// Shell command run after the copy, whatever happened, before they start again.
-        #[serde(default)]
-        post: Option<String>,
-        #[serde(default)]
-        hook_timeout: Option<String>,
-    },
+    Workload(WorkloadJob),
     /// Retention of this host's snapshots, by the rules of `tresor forget` (at least one).
     Forget {
         #[serde(default)]
@@ -169,6 +133,29 @@ pub enum JobKind {
         #[serde(default)]
         metrics_file: Option<PathBuf>,
     },
+}
+
+/// A `workload` job: the options of `tresor backup workload` (the same type, so the two
+/// cannot disagree), or other jobs taken together; host hooks run while the containers are
+/// stopped or paused.
+#[derive(Clone, Debug, Deserialize)]
+pub struct WorkloadJob {
+    #[serde(default)]
+    pub jobs: Vec<String>,
+    #[serde(flatten)]
+    pub project: crate::commands::workload::ComposeOptions,
+    /// Shell command run once the containers are stopped or paused, before the copy.
+    #[serde(default)]
+    pub pre: Option<String>,
+    /// Shell command run after the copy, whatever happened, before they start again.
+    #[serde(default)]
+    pub post: Option<String>,
+    #[serde(default)]
+    pub hook_timeout: Option<String>,
+    /// Keys no field took (serde cannot deny unknown keys beside a flattened part): refused
+    /// by [`AgentConfig::parse`], named.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, toml::Value>,
 }
 
 impl JobKind {
@@ -303,7 +290,11 @@ impl AgentConfig {
                 }
             }
             match &job.kind {
-                JobKind::Workload { jobs, compose, .. } => {
+                JobKind::Workload(w) => {
+                    if let Some(key) = w.unknown.keys().next() {
+                        return Err(at(&job.name, key, "unknown key".into()));
+                    }
+                    let (jobs, compose) = (&w.jobs, &w.project.compose);
                     if jobs.is_empty() == compose.is_empty() {
                         return Err(at(
                             &job.name,
@@ -321,7 +312,7 @@ impl AgentConfig {
                                     format!("no job is named {member:?}"),
                                 ))
                             }
-                            Some(j) if matches!(j.kind, JobKind::Workload { .. }) => {
+                            Some(j) if matches!(j.kind, JobKind::Workload(_)) => {
                                 return Err(at(
                                     &job.name,
                                     "jobs",
@@ -424,6 +415,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("probes"), "{err}");
+    }
+
+    #[test]
+    fn a_workload_job_takes_the_options_of_the_backup_command() {
+        let head = "[repository]\nurl = \"x\"\n[[job]]\nname = \"w\"\ntype = \"workload\"\ncompose = [\"/c.yaml\"]\n";
+        let config = parse(&format!(
+            "{head}project = \"shop\"\nvolume_consistency = {{ cache = \"none\" }}\nexec_before = [\"db=pg_dump -f /d\"]\npre = \"true\"\n"
+        ))
+        .unwrap();
+        let JobKind::Workload(w) = &config.jobs[0].kind else {
+            panic!("not a workload")
+        };
+        let o = &w.project;
+        assert_eq!(o.project.as_deref(), Some("shop"));
+        assert_eq!(o.consistency(), crate::workload::Consistency::Stop);
+        assert_eq!(
+            o.volume_consistency,
+            [("cache".to_string(), crate::workload::Consistency::None)]
+        );
+        assert_eq!(o.exec_before, [("db".to_string(), "pg_dump -f /d".to_string())]);
+        assert_eq!(w.pre.as_deref(), Some("true"));
+        let err = parse(&format!("{head}consistensy = \"stop\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("consistensy") && err.contains("line 4"), "{err}");
+        let err = parse(&format!("{head}exec_before = [\"no equals sign\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SERVICE=COMMAND"), "{err}");
     }
 
     #[test]

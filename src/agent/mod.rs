@@ -138,7 +138,7 @@ pub async fn run_once(path: &Path) -> Result<usize> {
         .jobs
         .iter()
         .filter_map(|j| match &j.kind {
-            JobKind::Workload { jobs, .. } => Some(jobs.clone()),
+            JobKind::Workload(w) => Some(w.jobs.clone()),
             _ => None,
         })
         .flatten()
@@ -400,8 +400,8 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             tags_regex,
             platforms,
         } => run.images(images, tags_regex.as_deref(), platforms),
-        JobKind::Workload { jobs, compose, .. } if compose.is_empty() => run.workload(jobs),
-        JobKind::Workload { .. } => run.compose_workload(),
+        JobKind::Workload(w) if w.project.compose.is_empty() => run.workload(&w.jobs),
+        JobKind::Workload(w) => run.compose_workload(w),
         JobKind::Forget { .. } => run.forget(),
         JobKind::Gc {
             grace,
@@ -478,56 +478,23 @@ impl Run<'_> {
 
     /// A compose project as one workload snapshot (see [`commands::workload::backup`]); the
     /// hooks run while its containers are stopped or paused.
-    fn compose_workload(&self) -> Result<Outcome> {
+    fn compose_workload(&self, w: &crate::agent::config::WorkloadJob) -> Result<Outcome> {
         let job = self.job;
-        let JobKind::Workload {
-            compose,
-            env_file,
-            project,
-            consistency,
-            volume_consistency,
-            exec_before,
-            exec_after,
-            engine_socket,
-            pre,
-            post,
-            hook_timeout,
-            ..
-        } = &job.kind
-        else {
-            unreachable!("called for workload jobs")
-        };
-        let (pre, post) = (pre.as_deref(), post.as_deref());
-        let timeout = duration(job, "hook_timeout", hook_timeout, hook::DEFAULT_TIMEOUT)?;
-        let execs = |list: &Vec<String>| -> Result<Vec<(String, String)>> {
-            list.iter()
-                .map(|s| commands::workload::parse_exec(s))
-                .collect::<Result<_>>()
-                .map_err(|e| e.context(format!("job {}", job.name)))
-        };
+        let (pre, post) = (w.pre.as_deref(), w.post.as_deref());
+        let timeout = duration(job, "hook_timeout", &w.hook_timeout, hook::DEFAULT_TIMEOUT)?;
         let pre_hook = pre.map(|cmd| move || hook::run(&job.name, "pre", cmd, timeout));
         let post_hook = post.map(|cmd| move || hook::run(&job.name, "post", cmd, timeout));
         let what = commands::workload::WorkloadBackup {
             name: job.name.clone(),
-            compose_files: compose.to_vec(),
+            options: w.project.clone(),
             images: Vec::new(),
             volumes: Vec::new(),
-            env_file: env_file.clone(),
-            project: project.clone(),
-            consistency: *consistency,
             host: self.host.clone(),
             tags: self.tags.to_vec(),
             pre: pre_hook.as_ref().map(|h| h as commands::workload::Hook<'_>),
             post: post_hook
                 .as_ref()
                 .map(|h| h as commands::workload::Hook<'_>),
-            volume_modes: volume_consistency
-                .iter()
-                .map(|(k, m)| (k.clone(), *m))
-                .collect(),
-            exec_before: execs(exec_before)?,
-            exec_after: execs(exec_after)?,
-            engine_socket: engine_socket.clone(),
         };
         let listed = commands::workload::backup(
             &self.ctx.repo,

@@ -3,9 +3,8 @@
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tresor::commands::workload::{WorkloadBackup, WorkloadRestore};
+use tresor::commands::workload::{ComposeOptions, WorkloadBackup, WorkloadRestore};
 use tresor::snapshot::{self, Kind};
-use tresor::workload::Consistency;
 
 use super::backup::RegistryArgs;
 use super::*;
@@ -16,9 +15,8 @@ pub(crate) struct BackupWorkloadArgs {
     pub(crate) out: JsonFlag,
     /// Workload name; snapshots of one name form its history.
     pub(crate) name: String,
-    /// Compose file (repeatable, in order, as `docker compose -f`).
-    #[arg(long = "compose", required_unless_present_any = ["image", "volume"])]
-    pub(crate) compose: Vec<PathBuf>,
+    #[command(flatten)]
+    pub(crate) options: ComposeOptions,
     /// Without --compose: an image of the workload, HOST/REPO[:TAG|@DIGEST] (repeatable).
     #[arg(long, conflicts_with = "compose")]
     pub(crate) image: Vec<String>,
@@ -26,30 +24,6 @@ pub(crate) struct BackupWorkloadArgs {
     /// repeatable).
     #[arg(long, value_name = "NAME=PATH", value_parser = volume_arg, conflicts_with = "compose")]
     pub(crate) volume: Vec<(String, PathBuf)>,
-    /// Env file for the compose tool [default: .env beside the first compose file].
-    #[arg(long)]
-    pub(crate) env_file: Option<PathBuf>,
-    /// Compose project name [default: as compose names it].
-    #[arg(long)]
-    pub(crate) project_name: Option<String>,
-    /// How volumes are made consistent while copied [default: stop; none without --compose].
-    #[arg(long, value_enum)]
-    pub(crate) consistency: Option<Consistency>,
-    /// KEY=MODE: a volume (its key in the compose file) copied in another mode than
-    /// --consistency: stop, pause or none (repeatable).
-    #[arg(long, value_name = "KEY=MODE", value_parser = volume_mode_arg)]
-    pub(crate) volume_consistency: Vec<(String, Consistency)>,
-    /// With --consistency exec: SERVICE=COMMAND run inside the service before the copy (a
-    /// database dump into its volume, say); a failure fails the workload (repeatable).
-    #[arg(long, value_name = "SERVICE=COMMAND", value_parser = exec_arg)]
-    pub(crate) exec_before: Vec<(String, String)>,
-    /// With --consistency exec: SERVICE=COMMAND run after the copy, whatever happened.
-    #[arg(long, value_name = "SERVICE=COMMAND", value_parser = exec_arg)]
-    pub(crate) exec_after: Vec<(String, String)>,
-    /// The container engine's API socket, e.g. Podman's /run/podman/podman.sock [default:
-    /// DOCKER_HOST, else /var/run/docker.sock].
-    #[arg(long, value_name = "PATH")]
-    pub(crate) engine_socket: Option<PathBuf>,
     /// Tag for the snapshots (repeatable).
     #[arg(long = "tag")]
     pub(crate) tags: Vec<String>,
@@ -117,23 +91,11 @@ fn volume_arg(s: &str) -> Result<(String, PathBuf), String> {
     }
 }
 
-fn volume_mode_arg(s: &str) -> Result<(String, Consistency), String> {
-    use clap::ValueEnum;
-    let (key, mode) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: write KEY=MODE, e.g. cache=none"))?;
-    Ok((key.to_string(), Consistency::from_str(mode, true)?))
-}
-
-fn exec_arg(s: &str) -> Result<(String, String), String> {
-    tresor::commands::workload::parse_exec(s).map_err(|e| e.to_string())
-}
-
 pub(crate) async fn backup_workload(
     g: &Global,
     args: &BackupWorkloadArgs,
 ) -> anyhow::Result<ExitCode> {
-    if !args.compose.is_empty() {
+    if !args.options.compose.is_empty() {
         args.registry.only_per_host()?;
     }
     let repo = open(g).await?;
@@ -141,24 +103,13 @@ pub(crate) async fn backup_workload(
     let cache = cache_dir(g);
     let what = WorkloadBackup {
         name: args.name.clone(),
-        compose_files: args.compose.clone(),
+        options: args.options.clone(),
         images: args.image.clone(),
         volumes: args.volume.clone(),
-        env_file: args.env_file.clone(),
-        project: args.project_name.clone(),
-        consistency: args.consistency.unwrap_or(if args.compose.is_empty() {
-            Consistency::None
-        } else {
-            Consistency::Stop
-        }),
         host: args.host.clone().unwrap_or_else(host_name),
         tags: args.tags.clone(),
         pre: None,
         post: None,
-        volume_modes: args.volume_consistency.clone(),
-        exec_before: args.exec_before.clone(),
-        exec_after: args.exec_after.clone(),
-        engine_socket: args.engine_socket.clone(),
     };
     // SIGTERM or Ctrl-C while containers are stopped or paused: start them again, then exit
     // as stopped (the snapshots made so far stay; no workload record claims a twin).

@@ -70,7 +70,7 @@ fn example_config_parses_and_errors_are_named() {
     let env = Env::empty();
     let out = agent(&env, &example, &["--check-config"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("8 jobs"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("9 jobs"));
 
     // Every commented key, once uncommented as its comment invites (replacing the key it is an
     // alternative to), still parses.

@@ -8,6 +8,8 @@ mod restore;
 pub use restore::{restore, ImageOutcome, Phases, VolumeOutcome, WorkloadReport, WorkloadRestore};
 
 use std::collections::BTreeMap;
+
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,34 +37,104 @@ use crate::workload::{
 /// end: the agent's hooks have a clean environment and a timeout.
 pub type Hook<'a> = &'a (dyn Fn() -> Result<()> + Sync);
 
+/// How a compose project is backed up as a workload: the flags of `backup workload` and the
+/// keys of an agent job of `type = "workload"` alike, so that the two cannot disagree.
+#[derive(Clone, Debug, Default, clap::Args, Deserialize)]
+pub struct ComposeOptions {
+    /// Compose file (repeatable, in order, as `docker compose -f`).
+    #[arg(long = "compose", value_name = "FILE", required_unless_present_any = ["image", "volume"])]
+    #[serde(default)]
+    pub compose: Vec<PathBuf>,
+    /// Env file for the compose tool [default: .env beside the first compose file].
+    #[arg(long, value_name = "FILE")]
+    #[serde(default)]
+    pub env_file: Option<PathBuf>,
+    /// Compose project name [default: as compose names it].
+    #[arg(long = "project-name", value_name = "NAME")]
+    #[serde(default)]
+    pub project: Option<String>,
+    /// How volumes are made consistent while copied [default: stop; none without --compose].
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub consistency: Option<Consistency>,
+    /// KEY=MODE: a volume (its key in the compose file) copied in another mode than
+    /// --consistency: stop, pause or none (repeatable; agent: `{ KEY = "MODE" }`).
+    #[arg(long, value_name = "KEY=MODE", value_parser = parse_volume_mode)]
+    #[serde(default, deserialize_with = "volume_modes")]
+    pub volume_consistency: Vec<(String, Consistency)>,
+    /// With --consistency exec: SERVICE=COMMAND run inside the service before the copy (a
+    /// database dump into its volume, say); a failure fails the workload (repeatable).
+    #[arg(long, value_name = "SERVICE=COMMAND", value_parser = parse_exec)]
+    #[serde(default, deserialize_with = "execs")]
+    pub exec_before: Vec<(String, String)>,
+    /// With --consistency exec: SERVICE=COMMAND run after the copy, whatever happened.
+    #[arg(long, value_name = "SERVICE=COMMAND", value_parser = parse_exec)]
+    #[serde(default, deserialize_with = "execs")]
+    pub exec_after: Vec<(String, String)>,
+    /// The container engine's API socket, e.g. Podman's /run/podman/podman.sock [default:
+    /// DOCKER_HOST, else /var/run/docker.sock].
+    #[arg(long, value_name = "PATH")]
+    #[serde(default)]
+    pub engine_socket: Option<PathBuf>,
+}
+
+impl ComposeOptions {
+    /// The workload's mode: as given, else stop for a compose project and none for one given
+    /// by hand (it has no containers to stop).
+    pub fn consistency(&self) -> Consistency {
+        self.consistency.unwrap_or(if self.compose.is_empty() {
+            Consistency::None
+        } else {
+            Consistency::Stop
+        })
+    }
+}
+
+/// `KEY=MODE`, a volume's own mode.
+fn parse_volume_mode(s: &str) -> Result<(String, Consistency)> {
+    use clap::ValueEnum;
+    let bad = || Error::Config(format!("{s:?}: write KEY=MODE, e.g. cache=none"));
+    let (key, mode) = s.split_once('=').ok_or_else(bad)?;
+    let mode = Consistency::from_str(mode, true).map_err(|_| bad())?;
+    Ok((key.to_string(), mode))
+}
+
+/// `volume_consistency = { KEY = "MODE" }` in `agent.toml`.
+fn volume_modes<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<(String, Consistency)>, D::Error> {
+    Ok(BTreeMap::<String, Consistency>::deserialize(d)?
+        .into_iter()
+        .collect())
+}
+
+/// `exec_before = ["SERVICE=COMMAND"]` in `agent.toml`, checked as the flag is.
+fn execs<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<(String, String)>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| parse_exec(s).map_err(serde::de::Error::custom))
+        .collect()
+}
+
 /// What [`backup`] backs up: a compose project, or (no compose files) images and paths given
 /// by hand.
 pub struct WorkloadBackup<'a> {
     pub name: String,
-    pub compose_files: Vec<PathBuf>,
+    /// The project and how to copy it; without compose files, the workload is `images` and
+    /// `volumes`.
+    pub options: ComposeOptions,
     /// Without compose files: image references (`HOST/REPO[:TAG|@DIGEST]`).
     pub images: Vec<String>,
     /// Without compose files: `(name, path)` of each volume, a directory or block device.
     pub volumes: Vec<(String, PathBuf)>,
-    /// The compose tool's env file [default: `.env` beside the first compose file].
-    pub env_file: Option<PathBuf>,
-    pub project: Option<String>,
-    pub consistency: Consistency,
     pub host: String,
     pub tags: Vec<String>,
     /// Run once the containers are stopped or paused, before the copy; failing skips it.
     pub pre: Option<Hook<'a>>,
     /// Run after the copy, whatever happened, before the containers start again.
     pub post: Option<Hook<'a>>,
-    /// Modes of single volumes (by their key in the compose file), over `consistency`; not
-    /// with [`Consistency::Exec`].
-    pub volume_modes: Vec<(String, Consistency)>,
-    /// With [`Consistency::Exec`]: `(service, command)` run inside the service's container
-    /// before the copy (a failure fails the workload) and after it (whatever happened).
-    pub exec_before: Vec<(String, String)>,
-    pub exec_after: Vec<(String, String)>,
-    /// The engine's API socket [default: as the docker CLI finds it].
-    pub engine_socket: Option<PathBuf>,
 }
 
 /// Parses `SERVICE=COMMAND`, a command to exec in a service.
@@ -197,9 +269,11 @@ pub fn backup(
     registry: impl Fn(&ImageSource) -> Result<Registry>,
 ) -> Result<Listed> {
     let started = Instant::now();
-    if what.consistency == Consistency::Exec && !what.volume_modes.is_empty()
-        || what
-            .volume_modes
+    let o = &what.options;
+    let consistency = o.consistency();
+    if consistency == Consistency::Exec && !o.volume_consistency.is_empty()
+        || o
+            .volume_consistency
             .iter()
             .any(|(_, m)| *m == Consistency::Exec)
     {
@@ -207,27 +281,27 @@ pub fn backup(
             "a volume's own consistency (stop, pause or none) goes with a workload in stop, pause or none mode".into(),
         ));
     }
-    let has_exec = !what.exec_before.is_empty() || !what.exec_after.is_empty();
-    if has_exec != (what.consistency == Consistency::Exec) {
+    let has_exec = !o.exec_before.is_empty() || !o.exec_after.is_empty();
+    if has_exec != (consistency == Consistency::Exec) {
         return Err(Error::Config(
             "commands to exec go with --consistency exec, and it needs at least one".into(),
         ));
     }
-    let explicit = what.compose_files.is_empty();
+    let explicit = o.compose.is_empty();
     if explicit && (what.images.is_empty() && what.volumes.is_empty()) {
         return Err(Error::Config(
             "a workload is a compose project (--compose) or images and volumes (--image, --volume)"
                 .into(),
         ));
     }
-    if explicit && what.consistency != Consistency::None {
+    if explicit && consistency != Consistency::None {
         return Err(Error::Config(
             "a workload given by --image and --volume has no containers to stop: its volumes are copied as they are (snapshot them in a pre hook)".into(),
         ));
     }
     // The `.env` compose itself reads by default: the CLI and the agent keep the same one.
-    let env_file = what.env_file.clone().or_else(|| {
-        let beside = what.compose_files.first()?.parent()?.join(".env");
+    let env_file = o.env_file.clone().or_else(|| {
+        let beside = o.compose.first()?.parent()?.join(".env");
         beside.exists().then_some(beside)
     });
     // What a killed backup left stopped or paused comes back before anything else is
@@ -246,14 +320,14 @@ pub fn backup(
         );
         (project, None)
     } else {
-        let project = Compose::find(what.engine_socket.as_deref())?.config(
-            &what.compose_files,
+        let project = Compose::find(o.engine_socket.as_deref())?.config(
+            &o.compose,
             env_file.as_deref(),
-            what.project.as_deref(),
+            o.project.as_deref(),
         )?;
         (
             project,
-            Some(Engine::connect(rt, what.engine_socket.as_deref())?),
+            Some(Engine::connect(rt, o.engine_socket.as_deref())?),
         )
     };
     let mut tags = what.tags.clone();
@@ -268,7 +342,7 @@ pub fn backup(
     let mut volume_keys: Vec<String> = Vec::new();
     let mut binds: Vec<PathBuf> = Vec::new();
     let mut mounting: BTreeMap<&str, Consistency> = BTreeMap::new();
-    for (key, _) in &what.volume_modes {
+    for (key, _) in &o.volume_consistency {
         if !project.volumes.contains_key(key) {
             return Err(Error::Config(format!(
                 "--volume-consistency {key}: the project has no volume {key}"
@@ -282,16 +356,16 @@ pub fn backup(
                     if !volume_keys.contains(key) {
                         volume_keys.push(key.clone());
                     }
-                    what.volume_modes
+                    o.volume_consistency
                         .iter()
                         .find(|(k, _)| k == key)
-                        .map_or(what.consistency, |(_, m)| *m)
+                        .map_or(consistency, |(_, m)| *m)
                 }
                 Mount::Bind { source, .. } => {
                     if !binds.contains(source) {
                         binds.push(source.clone());
                     }
-                    what.consistency
+                    consistency
                 }
             };
             let slot = mounting.entry(s.name.as_str()).or_insert(mode);
@@ -488,7 +562,7 @@ pub fn backup(
 
     let capture_started = chrono::Utc::now();
     let quiesced = Instant::now();
-    let (copied, downtime) = match (&engine, what.consistency) {
+    let (copied, downtime) = match (&engine, consistency) {
         (None, _) => (copy(), Duration::ZERO),
         (Some(engine), Consistency::Stop | Consistency::Pause | Consistency::None) => {
             // Dependents first, then the copy, then everything back in dependency order,
@@ -553,13 +627,13 @@ pub fn backup(
                         reason: "has no running container to exec in".into(),
                     })
             };
-            let before = what
+            let before = o
                 .exec_before
                 .iter()
                 .try_for_each(|(service, cmd)| engine.exec(container(service)?, cmd));
             let copied = before.and_then(|()| copy());
             let mut after = Ok(());
-            for (service, cmd) in &what.exec_after {
+            for (service, cmd) in &o.exec_after {
                 if let Err(e) = container(service).and_then(|c| engine.exec(c, cmd)) {
                     after = after.and(Err(e));
                 }
@@ -572,8 +646,8 @@ pub fn backup(
 
     let record = WorkloadRecord {
         project: project.name.clone(),
-        compose_files: what
-            .compose_files
+        compose_files: o
+            .compose
             .iter()
             .map(|f| kept(f))
             .collect::<Result<_>>()?,
@@ -583,8 +657,8 @@ pub fn backup(
         services,
         volumes,
         binds,
-        consistency: what.consistency,
-        volume_consistency: what.volume_modes.iter().cloned().collect(),
+        consistency,
+        volume_consistency: o.volume_consistency.iter().cloned().collect(),
         capture_started,
         capture_ended,
         downtime_ms: downtime.as_millis() as u64,
