@@ -106,8 +106,8 @@ impl Drop for Cleanup {
 /// Asserts that a copy of the data volume was taken with the counter stopped or frozen: its
 /// value and its log agree, but for the one write a stop or a pause may fall between (the
 /// log line written, the counter not yet). A live copy reads them at different times, many
-/// writes apart.
-fn assert_quiesced_copy(dir: &Path) {
+/// writes apart. Returns the number of log lines.
+fn assert_quiesced_copy(dir: &Path) -> u64 {
     let n: u64 = fs::read_to_string(dir.join("n"))
         .unwrap()
         .trim()
@@ -118,6 +118,7 @@ fn assert_quiesced_copy(dir: &Path) {
         n > 0 && (n == lines || n + 1 == lines),
         "counter {n}, log {lines} lines"
     );
+    lines
 }
 
 /// A running compose project `project` (each test its own, as tests run at once): a counter
@@ -284,7 +285,7 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
     let copy = env.path("copy");
     let volume_snap = workload["volumes"][0]["snapshot"].as_str().unwrap();
     env.restore(volume_snap, &copy, &[]);
-    assert_quiesced_copy(&copy);
+    let lines = assert_quiesced_copy(&copy);
     let listed = env.json(&["snapshots", "--kind", "workload"]);
     assert_eq!(listed.as_array().unwrap().len(), 1);
 
