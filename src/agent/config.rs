@@ -434,12 +434,18 @@ mod tests {
             o.volume_consistency,
             [("cache".to_string(), crate::workload::Consistency::None)]
         );
-        assert_eq!(o.exec_before, [("db".to_string(), "pg_dump -f /d".to_string())]);
+        assert_eq!(
+            o.exec_before,
+            [("db".to_string(), "pg_dump -f /d".to_string())]
+        );
         assert_eq!(w.pre.as_deref(), Some("true"));
         let err = parse(&format!("{head}consistensy = \"stop\"\n"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("consistensy") && err.contains("line 4"), "{err}");
+        assert!(
+            err.contains("consistensy") && err.contains("line 4"),
+            "{err}"
+        );
         let err = parse(&format!("{head}exec_before = [\"no equals sign\"]\n"))
             .unwrap_err()
             .to_string();

@@ -70,6 +70,18 @@ pub struct BindMember {
     /// The name of a volume given by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// A bind-mounted file (not a directory): its snapshot is a block image of its bytes, and
+    /// this its mode and owner, given back on restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileMode>,
+}
+
+/// The mode (permission bits, setuid, setgid, sticky) and owner of a bind-mounted file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMode {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A file given to the compose tool, kept byte for byte.

@@ -788,7 +788,7 @@ impl Drop for LoopDisk {
 }
 
 #[test]
-fn volumes_with_driver_options_are_copied_where_their_data_is() {
+fn volumes_with_driver_options_and_file_binds_are_copied_as_they_are() {
     let env = Env::new();
     let project = "optvol";
     let registry = TestRegistry::start(&env.path("registry"));
@@ -814,6 +814,11 @@ fn volumes_with_driver_options_are_copied_where_their_data_is() {
     let disk = LoopDisk::new(&env.path("disk.img"));
     let dir = env.path(project);
     fs::create_dir_all(&dir).unwrap();
+    // A file bind: it comes back a file with its mode and owner.
+    let conf = dir.join("app.conf");
+    fs::write(&conf, "listen = 8080\n").unwrap();
+    fs::set_permissions(&conf, fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(&conf, Some(1234), Some(5678)).unwrap();
     fs::write(
         dir.join("compose.yaml"),
         format!(
@@ -821,7 +826,7 @@ fn volumes_with_driver_options_are_copied_where_their_data_is() {
   app:
     image: {local}
     command: ["sh", "-c", "echo on-the-chosen-disk > /bound/a; echo on-the-block-device > /disk/b; exec sleep 1000"]
-    volumes: ["bound:/bound", "disk:/disk"]
+    volumes: ["bound:/bound", "disk:/disk", "./app.conf:/etc/app.conf:ro"]
     stop_grace_period: 1s
 volumes:
   bound:
@@ -900,6 +905,28 @@ volumes:
             && notes.contains("device=…")
             && !notes.contains(&bound.display().to_string()),
         "{report}"
+    );
+    let restored_conf = report["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == conf.to_str().unwrap())
+        .unwrap_or_else(|| panic!("no bind of app.conf: {report}"))["to"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let meta = fs::symlink_metadata(&restored_conf).unwrap();
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.is_file(), "{restored_conf}");
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+            (0o640, 1234, 5678)
+        );
+    }
+    assert_eq!(
+        fs::read_to_string(&restored_conf).unwrap(),
+        "listen = 8080\n"
     );
     for (v, file) in [("bound", "a"), ("disk", "b")] {
         let name = format!("{twin_project}_{v}");

@@ -29,7 +29,7 @@ use crate::volume::BackupOptions;
 use crate::workload::compose::{self, Compose, Mount};
 use crate::workload::engine::{Container, Engine, VolumeData};
 use crate::workload::{
-    load_record, policy, BindMember, Consistency, KeptFile, ServiceMember, VolumeMember,
+    load_record, policy, BindMember, Consistency, FileMode, KeptFile, ServiceMember, VolumeMember,
     WorkloadRecord,
 };
 
@@ -272,8 +272,7 @@ pub fn backup(
     let o = &what.options;
     let consistency = o.consistency();
     if consistency == Consistency::Exec && !o.volume_consistency.is_empty()
-        || o
-            .volume_consistency
+        || o.volume_consistency
             .iter()
             .any(|(_, m)| *m == Consistency::Exec)
     {
@@ -544,11 +543,23 @@ pub fn backup(
                     format!("bind mount {}", source.display()),
                 ),
             };
-            let snap = backup_tree(snapshot_name, source).map_err(|e| e.context(shown))?;
+            let snap = backup_tree(snapshot_name, source).map_err(|e| e.context(shown.clone()))?;
+            // A file comes back as a block image of its bytes: its mode and owner are kept here.
+            let meta =
+                std::fs::metadata(source).map_err(|e| Error::io(source, e).context(shown))?;
+            let file = meta.is_file().then(|| {
+                use std::os::unix::fs::MetadataExt;
+                FileMode {
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                }
+            });
             bm.push(BindMember {
                 source: source.clone(),
                 snapshot: snap.id,
                 name: named.map(|(n, _)| n.clone()),
+                file,
             });
         }
         Ok((vm, bm))
@@ -646,11 +657,7 @@ pub fn backup(
 
     let record = WorkloadRecord {
         project: project.name.clone(),
-        compose_files: o
-            .compose
-            .iter()
-            .map(|f| kept(f))
-            .collect::<Result<_>>()?,
+        compose_files: o.compose.iter().map(|f| kept(f)).collect::<Result<_>>()?,
         env_file: env_file.as_deref().map(kept).transpose()?,
         config: serde_yaml::to_string(&project.config)
             .map_err(|e| Error::Config(format!("cannot print the compose project: {e}")))?,

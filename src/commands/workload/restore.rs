@@ -461,6 +461,32 @@ fn check_volumes(
     Ok(())
 }
 
+/// Gives the restored bind-mounted file `name` in `dir` its recorded mode and owner, through a
+/// descriptor opened without following a symlink. Setuid, setgid and sticky bits only when
+/// `special` (a repository nobody without the key could have written), as for trees.
+fn give_mode(
+    dir: &std::os::fd::OwnedFd,
+    name: &str,
+    mode: &crate::workload::FileMode,
+    special: bool,
+    shown: &Path,
+) -> Result<()> {
+    use rustix::fs::{Gid, Mode, OFlags, Uid};
+    let io = |e: rustix::io::Errno| Error::io(shown, e.into());
+    let file = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(io)?;
+    // The owner first: a change of owner clears the setuid and setgid bits.
+    let (uid, gid) = (Uid::from_raw(mode.uid), Gid::from_raw(mode.gid));
+    rustix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io)?;
+    let bits = mode.mode & if special { 0o7777 } else { 0o777 };
+    rustix::fs::fchmod(&file, Mode::from_raw_mode(bits)).map_err(io)
+}
+
 /// One restore being applied: the steps in order, and what they made, for [`Apply::undo`].
 struct Apply<'a> {
     repo: &'a Arc<Repository>,
@@ -505,7 +531,10 @@ impl Apply<'_> {
                 v.extend(this.binds(target.as_ref())?);
                 Ok((v, before.elapsed().as_millis() as u64))
             });
-            (images.join().expect("the images step does not panic"), volumes)
+            (
+                images.join().expect("the images step does not panic"),
+                volumes,
+            )
         });
         let (volumes, volumes_ms) = volumes?;
         let (images, images_ms) = images?;
@@ -763,6 +792,11 @@ impl Apply<'_> {
                 &self.quiet,
             )
             .map_err(|e| e.context(format!("bind mount {shown_source}")))?;
+            if let Some(mode) = &b.file {
+                let special = self.restore_options().special;
+                give_mode(&parent, name, mode, special, &to)
+                    .map_err(|e| e.context(format!("bind mount {shown_source}")))?;
+            }
             for f in &report.failed {
                 self.miss(format!("bind mount {shown_source}: {f}"));
             }
