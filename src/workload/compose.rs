@@ -178,13 +178,15 @@ impl Compose {
         self.run(cmd, "compose up").map(drop)
     }
 
-    /// Stops and removes the containers and networks of project `project` of `file` (`down`).
+    /// Stops and removes the containers and networks of project `project` of `file` (`down`):
+    /// a throwaway project (a drill's, or one a failed restore started), so its containers get
+    /// two seconds to stop, not their grace period.
     ///
     /// # Errors
     /// [`Error::Engine`] with the tool's message.
     pub fn down(&self, file: &Path, project: &str) -> Result<()> {
         let mut cmd = self.command(&[file.to_path_buf()], None, project);
-        cmd.args(["down", "--remove-orphans", "-t", "10"]);
+        cmd.args(["down", "--remove-orphans", "-t", "2"]);
         self.run(cmd, "compose down").map(drop)
     }
 }
