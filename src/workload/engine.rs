@@ -661,8 +661,8 @@ impl Engine {
     }
 
     /// Whether `image` is to be taken from the engine: built or loaded here, never pushed or
-    /// pulled (no repository digest), or named without a registry host, which no registry
-    /// serves to tresor. An image the engine does not have is not "only" here.
+    /// pulled (no repository digest), named without a registry host, which no registry serves
+    /// to tresor, or named `localhost/…` (no port), Podman's name for what it built. An image the engine does not have is not "only" here.
     ///
     /// # Errors
     /// [`Error::Engine`] for anything but "no such image".
@@ -671,7 +671,11 @@ impl Engine {
             // Pushed somewhere, but named without a registry host: tresor has no default
             // registry to fetch it from, and the engine holds it (a pull by digest of the same
             // image elsewhere gives it repo digests).
-            Ok(i) => Ok(i.repo_digests.unwrap_or_default().is_empty() || !names_a_registry(image)),
+            // Podman names what it builds `localhost/NAME` (and gives it repo digests of that
+            // name): no registry serves it.
+            Ok(i) => Ok(i.repo_digests.unwrap_or_default().is_empty()
+                || !names_a_registry(image)
+                || image.starts_with("localhost/")),
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(false),
@@ -844,7 +848,12 @@ impl Engine {
         let state = inspected.state.unwrap_or_default();
         let health = state.health.and_then(|h| h.status);
         match (state.running.unwrap_or(false), health) {
-            (true, None | Some(HealthStatusEnum::NONE | HealthStatusEnum::HEALTHY)) => Ok(true),
+            // No healthcheck: no health, or (Podman) an empty status.
+            (
+                true,
+                None
+                | Some(HealthStatusEnum::EMPTY | HealthStatusEnum::NONE | HealthStatusEnum::HEALTHY),
+            ) => Ok(true),
             (_, Some(HealthStatusEnum::UNHEALTHY)) => Err(Error::Engine {
                 what: format!("service {}", c.service),
                 reason: "is unhealthy".into(),
