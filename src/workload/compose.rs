@@ -455,9 +455,10 @@ pub fn rewrite(
             let Some(engine_name) = key.as_str().and_then(|k| volumes.get(k)) else {
                 continue;
             };
-            // The restored volume exists already: the project must use it as it is.
+            // The restored volume exists already, labelled as this project's: compose takes it
+            // as its own (so `down -v` removes it, as it would the original's), by its name,
+            // with no driver or options of the record.
             let mut fresh = serde_yaml::Mapping::new();
-            fresh.insert("external".into(), Value::Bool(true));
             fresh.insert("name".into(), Value::String(engine_name.clone()));
             *def = Value::Mapping(fresh);
         }
@@ -568,7 +569,7 @@ volumes:
         assert_eq!(web["volumes"][1], "data:/data:rw");
         assert_eq!(out["services"]["db"]["image"], "127.0.0.1:5000/shop/db:1");
         assert_eq!(out["volumes"]["data"]["name"], "dr_data");
-        assert_eq!(out["volumes"]["data"]["external"], true);
+        assert_eq!(out["volumes"]["data"].get("external"), None);
         assert_eq!(out["version"], "3.7");
     }
 

@@ -76,8 +76,8 @@ pub(crate) fn compose(dir: &Path, project: &str, args: &[&str]) -> String {
         .args(args))
 }
 
-/// Removes what a run left: the projects, their volumes (the twin's are external to its
-/// compose file, so `down -v` keeps them), the images.
+/// Removes what a run left: the projects, their volumes (also those a failed run left
+/// outside any project), the images.
 pub(crate) struct Cleanup {
     pub(crate) projects: Vec<(std::path::PathBuf, String)>,
     pub(crate) images: Vec<String>,
@@ -439,6 +439,44 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
     let problem = &report["problems"][0];
     assert_eq!(problem["kind"], "missing_member", "{report}");
     assert_eq!(problem["affects"][0]["name"], "shop", "{report}");
+
+    // A twin of the twin, under the same registry prefix: one prefix, not `dr/dr`.
+    let out = env.tresor(&[
+        "backup",
+        "workload",
+        "shop-dr",
+        "--compose",
+        dr.join("compose.yaml").to_str().unwrap(),
+        "--project-name",
+        "shop-dr",
+        "--insecure-registry",
+        &target.host,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan = env.json(&[
+        "restore",
+        "workload",
+        "shop-dr",
+        "--registry",
+        &registry_dr,
+        "--project",
+        "shop-dr2",
+        "--to",
+        env.path("dr2").to_str().unwrap(),
+        "--dry-run",
+        "--insecure",
+    ]);
+    let counter_target = plan["images"][0]["target"].as_str().unwrap();
+    assert!(
+        counter_target.starts_with(&format!("{registry_dr}/shop/app@")),
+        "{plan}"
+    );
+
+    // The twin's volume is its compose project's own: `down -v` removes it, as it would the
+    // original's.
+    compose(&dr, "shop-dr", &["down", "-v", "-t", "1"]);
+    let left = docker(&["volume", "ls", "-q", "--filter", "name=shop-dr_data"]);
+    assert_eq!(left.trim(), "", "down -v left the twin's volume");
 }
 
 /// Starts `agent --once` on `config` for a workload job whose pre hook touches `marker` and

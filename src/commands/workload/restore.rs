@@ -157,7 +157,9 @@ fn member(repo: &Arc<Repository>, rt: &Handle, id: &str, kind: Kind) -> Result<L
     })
 }
 
-/// `HOST/PREFIX/REPO` for image `source` (`[HOST/]REPO[:TAG|@DIGEST]`) under `registry`.
+/// `HOST/PREFIX/REPO` for image `source` (`[HOST/]REPO[:TAG|@DIGEST]`) under `registry`; a
+/// source under `PREFIX/` already (a twin's own image, when a twin is restored again) keeps
+/// a single prefix.
 fn target_repository(registry: &str, source: &str) -> String {
     let without_host = match source.split_once('/') {
         Some((_, rest)) if crate::workload::engine::names_a_registry(source) => rest,
@@ -170,7 +172,15 @@ fn target_repository(registry: &str, source: &str) -> String {
         Some((r, tag)) if !tag.contains('/') => r,
         _ => repo,
     };
-    format!("{}/{repo}", registry.trim_end_matches('/'))
+    let registry = registry.trim_end_matches('/');
+    let repo = match registry.split_once('/') {
+        Some((_, prefix)) => repo
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('/'))
+            .unwrap_or(repo),
+        None => repo,
+    };
+    format!("{registry}/{repo}")
 }
 
 /// Where each member of a workload goes, and the project as the twin will run it: decided
@@ -892,5 +902,11 @@ mod tests {
             t("reg.example/dr", "shop-local/web:1"),
             "reg.example/dr/shop-local/web"
         );
+        // A twin of a twin: one prefix.
+        assert_eq!(
+            t("127.0.0.1:7000/dr", "127.0.0.1:6000/dr/shop/web@sha256:ab"),
+            "127.0.0.1:7000/dr/shop/web"
+        );
+        assert_eq!(t("reg.example/dr", "reg.old/drone/x:1"), "reg.example/dr/drone/x");
     }
 }
