@@ -3,6 +3,8 @@
 //! the project started) in [`restore`](mod@restore), with the report that gives the recovery
 //! time. See [`crate::workload`] for what a workload snapshot holds.
 
+mod plan;
+mod quiesce;
 mod restore;
 
 pub use restore::{restore, ImageOutcome, Phases, VolumeOutcome, WorkloadReport, WorkloadRestore};
@@ -26,10 +28,10 @@ use crate::progress::Progress;
 use crate::repository::Repository;
 use crate::snapshot::{Kind, Listed, RootFormat, Snapshot, Summary, RECORD_VERSION};
 use crate::volume::BackupOptions;
-use crate::workload::compose::{self, Compose, Mount};
-use crate::workload::engine::{Container, Engine, VolumeData};
+use crate::workload::compose::{self, Compose};
+use crate::workload::engine::{Container, Engine};
 use crate::workload::{
-    load_record, policy, BindMember, Consistency, FileMode, KeptFile, ServiceMember, VolumeMember,
+    load_record, BindMember, Consistency, FileMode, KeptFile, ServiceMember, VolumeMember,
     WorkloadRecord,
 };
 
@@ -152,20 +154,6 @@ pub fn parse_exec(s: &str) -> Result<(String, String)> {
     }
 }
 
-/// The stricter of two modes: stop, then pause, then none.
-fn strictest(a: Consistency, b: Consistency) -> Consistency {
-    let rank = |m| match m {
-        Consistency::Stop => 3,
-        Consistency::Pause => 2,
-        Consistency::Exec | Consistency::None => 1,
-    };
-    if rank(b) > rank(a) {
-        b
-    } else {
-        a
-    }
-}
-
 /// A private temporary directory (removed when dropped) beside the cache, or in the system's.
 fn tempdir_for(cache_dir: Option<&Path>) -> Result<tempfile::TempDir> {
     let parent = cache_dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
@@ -173,73 +161,6 @@ fn tempdir_for(cache_dir: Option<&Path>) -> Result<tempfile::TempDir> {
         .prefix("tresor-export-")
         .tempdir_in(&parent)
         .map_err(|e| Error::io(&parent, e))
-}
-
-/// Why a bind-mounted path holds no data a twin needs, if it does not: the engine's socket, a
-/// device or FIFO, the kernel's file systems, the host's root. Copying them fails (a socket) or copies
-/// the host (`/`); they stay in the project as they are.
-fn not_data(source: &Path, meta: &std::fs::Metadata) -> Option<&'static str> {
-    use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    if source == Path::new("/") {
-        Some("the host's root, not data")
-    } else if ["/proc", "/sys", "/dev"]
-        .iter()
-        .any(|k| source.starts_with(k))
-    {
-        Some("a kernel file system, not data")
-    } else if t.is_socket() {
-        Some("a socket (an engine's or a daemon's), not data")
-    } else if t.is_block_device() || t.is_char_device() || t.is_fifo() {
-        Some("a device or a FIFO, not data")
-    } else {
-        None
-    }
-}
-
-/// Where a volume's data is read from for the copy.
-enum VolumeSource {
-    /// A directory of this host: the volume's mountpoint, or the directory it binds.
-    Path(PathBuf),
-    /// Its mountpoint while a helper container of this image mounts it.
-    Helper(String),
-}
-
-/// Where the data of volume `key` (`info`) is read from, checked before anything is copied: a
-/// volume with driver options may hold its data elsewhere, or only while it is mounted.
-fn volume_source(
-    project: &compose::Project,
-    key: &str,
-    info: &crate::workload::engine::VolumeInfo,
-) -> Result<VolumeSource> {
-    match info.data() {
-        VolumeData::Here => Ok(VolumeSource::Path(PathBuf::from(&info.mountpoint))),
-        VolumeData::Device(dir) => match std::fs::metadata(&dir) {
-            Ok(m) if m.is_dir() => Ok(VolumeSource::Path(dir)),
-            Ok(_) => Err(Error::Config(format!(
-                "volume {key}: the directory it binds, {}, is not a directory",
-                dir.display()
-            ))),
-            Err(e) => Err(Error::io(&dir, e).context(format!("volume {key} (the directory it binds)"))),
-        },
-        VolumeData::WhileMounted => project
-            .services
-            .iter()
-            .filter(|s| {
-                s.mounts
-                    .iter()
-                    .any(|m| matches!(m, Mount::Volume { key: k, .. } if k == key))
-            })
-            .find_map(|s| s.image.clone())
-            .map(VolumeSource::Helper)
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "volume {key}: driver {} with options {} holds its data only while mounted, and no service that mounts it names an image to mount it in for the copy",
-                    info.driver,
-                    policy::redacted(info.options.keys().map(String::as_str))
-                ))
-            }),
-    }
 }
 
 /// How long the containers may take to be healthy again.
@@ -271,33 +192,8 @@ pub fn backup(
     let started = Instant::now();
     let o = &what.options;
     let consistency = o.consistency();
-    if consistency == Consistency::Exec && !o.volume_consistency.is_empty()
-        || o.volume_consistency
-            .iter()
-            .any(|(_, m)| *m == Consistency::Exec)
-    {
-        return Err(Error::Config(
-            "a volume's own consistency (stop, pause or none) goes with a workload in stop, pause or none mode".into(),
-        ));
-    }
-    let has_exec = !o.exec_before.is_empty() || !o.exec_after.is_empty();
-    if has_exec != (consistency == Consistency::Exec) {
-        return Err(Error::Config(
-            "commands to exec go with --consistency exec, and it needs at least one".into(),
-        ));
-    }
+    check_modes(what, consistency)?;
     let explicit = o.compose.is_empty();
-    if explicit && (what.images.is_empty() && what.volumes.is_empty()) {
-        return Err(Error::Config(
-            "a workload is a compose project (--compose) or images and volumes (--image, --volume)"
-                .into(),
-        ));
-    }
-    if explicit && consistency != Consistency::None {
-        return Err(Error::Config(
-            "a workload given by --image and --volume has no containers to stop: its volumes are copied as they are (snapshot them in a pre hook)".into(),
-        ));
-    }
     // The `.env` compose itself reads by default: the CLI and the agent keep the same one.
     let env_file = o.env_file.clone().or_else(|| {
         let beside = o.compose.first()?.parent()?.join(".env");
@@ -331,326 +227,36 @@ pub fn backup(
     };
     let mut tags = what.tags.clone();
     tags.push(format!("workload:{}", what.name));
-    let command = format!("backup workload {}", what.name);
+    let run = Run {
+        repo,
+        rt,
+        cache_dir,
+        what,
+        engine: engine.as_ref(),
+        tags,
+        command: format!("backup workload {}", what.name),
+        logical: std::cell::Cell::new(0),
+    };
 
     // Every member is found before the first byte is stored: a wrong project name or a
     // missing path leaves no member snapshot behind.
-    // The volumes and bind mounts, and the services that mount them.
-    // Each mounting service gets the strictest mode of what it mounts (a volume's own mode,
-    // else the workload's): stop before pause before none.
-    let mut volume_keys: Vec<String> = Vec::new();
-    let mut binds: Vec<PathBuf> = Vec::new();
-    let mut mounting: BTreeMap<&str, Consistency> = BTreeMap::new();
-    for (key, _) in &o.volume_consistency {
-        if !project.volumes.contains_key(key) {
-            return Err(Error::Config(format!(
-                "--volume-consistency {key}: the project has no volume {key}"
-            )));
-        }
-    }
-    for s in &project.services {
-        for m in &s.mounts {
-            let mode = match m {
-                Mount::Volume { key, .. } => {
-                    if !volume_keys.contains(key) {
-                        volume_keys.push(key.clone());
-                    }
-                    o.volume_consistency
-                        .iter()
-                        .find(|(k, _)| k == key)
-                        .map_or(consistency, |(_, m)| *m)
-                }
-                Mount::Bind { source, .. } => {
-                    if !binds.contains(source) {
-                        binds.push(source.clone());
-                    }
-                    consistency
-                }
-            };
-            let slot = mounting.entry(s.name.as_str()).or_insert(mode);
-            *slot = strictest(*slot, mode);
-        }
-    }
-    let mut volumes = Vec::new();
-    for key in &volume_keys {
-        let engine_name = &project.volumes[key];
-        let engine = engine
-            .as_ref()
-            .expect("named volumes come from a compose project");
-        // Bad input, not the engine's fault: most often a wrong --project-name.
-        let info = engine.volume(engine_name)?.ok_or_else(|| {
-            Error::Config(format!(
-                "volume {key}: the engine has no volume {engine_name} (project {}): check --project-name, or start the project once (`up`)",
-                project.name
-            ))
-        })?;
-        let source = volume_source(&project, key, &info)?;
-        volumes.push((key.clone(), info, source));
-    }
-    let mut skipped = Vec::new();
-    let mut data = Vec::new();
-    for source in binds {
-        let meta = std::fs::metadata(&source).map_err(|e| {
-            Error::io(&source, e).context(format!("bind mount {}", source.display()))
-        })?;
-        match not_data(&source, &meta) {
-            Some(why) => {
-                tracing::info!("bind mount {}: {why}; left as it is", source.display());
-                skipped.push(format!("bind mount {}: {why}", source.display()));
-            }
-            None => data.push(source),
-        }
-    }
-    let binds = data;
-    // Images first: they need no downtime. Services sharing an image share its snapshot. An
-    // image only in the engine is exported into an OCI layout first, and its snapshot is
-    // named by its engine reference.
-    let exports = tempdir_for(cache_dir)?;
-    let mut by_image = BTreeMap::new();
-    for image in project.services.iter().filter_map(|s| s.image.as_ref()) {
-        if by_image.contains_key(image) {
-            continue;
-        }
-        let only_here = match &engine {
-            Some(engine) => engine.image_only_here(image)?.then_some(engine),
-            None => None,
-        };
-        let (reference, name) = if let Some(engine) = only_here {
-            let dir = crate::workload::export::dir_for(exports.path(), image);
-            let archive = dir.with_extension("tar");
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            engine.export(image, &archive)?;
-            let layout = crate::workload::export::to_layout(image, &archive, &dir)?;
-            std::fs::remove_file(&archive).map_err(|e| Error::io(&archive, e))?;
-            (layout, Some(format!("engine:{image}")))
-        } else {
-            (format!("docker://{image}"), None)
-        };
-        let users: Vec<&str> = project
-            .services
-            .iter()
-            .filter(|s| s.image.as_ref() == Some(image))
-            .map(|s| s.name.as_str())
-            .collect();
-        let member = |e: Error| e.context(format!("service {} (image {image})", users.join(", ")));
-        let refs = [reference];
-        let one = crate::commands::backup::ImageBackup {
-            images: &refs,
-            tag_filter: None,
-            platforms: &[],
-            host: &what.host,
-            tags: &tags,
-            name: name.as_deref(),
-        };
-        let results = super::backup::images(repo, rt, cache_dir, &one, &command, &registry, |_| {
-            Progress::new(false, "", None)
-        })
-        .map_err(member)?;
-        let Some((_, result)) = results.into_iter().flat_map(|(_, r)| r).next() else {
-            return Err(member(Error::Config(
-                "the registry has no such image".into(),
-            )));
-        };
-        by_image.insert(image.clone(), result.map_err(member)?);
-    }
-    let mut services = Vec::new();
-    for s in &project.services {
-        let Some(snap) = s.image.as_ref().and_then(|i| by_image.get(i)) else {
-            continue;
-        };
-        services.push(ServiceMember {
-            name: s.name.clone(),
-            image: s.image.clone().unwrap_or_default(),
-            digest: snap
-                .snapshot
-                .image
-                .as_ref()
-                .map(|i| i.digest.clone())
-                .unwrap_or_default(),
-            snapshot: snap.id.clone(),
-        });
-    }
-
-    // Containers of the mounting services, in dependency order, with their mode.
-    let containers: Vec<(Container, Consistency)> = {
-        let all = match &engine {
-            Some(engine) => engine.project_containers(&project.name)?,
-            None => Vec::new(),
-        };
-        project
-            .services
-            .iter()
-            .filter_map(|s| mounting.get(s.name.as_str()).map(|m| (s, *m)))
-            .flat_map(|(s, m)| {
-                all.iter()
-                    .filter(|c| c.service == s.name && c.running)
-                    .map(move |c| (c.clone(), m))
-            })
-            .collect()
-    };
-
-    // The bytes the workload's members describe, for its summary.
-    let logical = std::cell::Cell::new(
-        by_image
-            .values()
-            .map(|s| s.snapshot.summary.logical_bytes)
-            .sum::<u64>(),
-    );
-    let backup_tree = |name: String, path: &Path| -> Result<Listed> {
-        let options = BackupOptions {
-            name,
-            path: path.to_path_buf(),
-            host: what.host.clone(),
-            tags: tags.clone(),
-            block: false,
-            strict: true,
-            use_parent: true,
-        };
-        let progress = Progress::new(false, "", None);
-        let snap = super::backup::volume(repo, rt, cache_dir, &options, &command, &progress)?;
-        logical.set(logical.get() + snap.snapshot.summary.logical_bytes);
-        Ok(snap)
-    };
-    let copy_members = || -> Result<(Vec<VolumeMember>, Vec<BindMember>)> {
-        let mut vm = Vec::new();
-        for (key, info, source) in &volumes {
-            let name = format!("{}/{key}", what.name);
-            let snap = match source {
-                VolumeSource::Path(path) => backup_tree(name, path),
-                VolumeSource::Helper(image) => {
-                    let engine = engine
-                        .as_ref()
-                        .expect("named volumes come from a compose project");
-                    engine
-                        .helper(&info.name, image)
-                        .and_then(|h| backup_tree(name, Path::new(&h.mountpoint)))
-                }
-            }
-            .map_err(|e| e.context(format!("volume {key}")))?;
-            vm.push(VolumeMember {
-                key: key.clone(),
-                engine: info.clone(),
-                snapshot: snap.id,
-            });
-        }
-        let mut bm = Vec::new();
-        for source in &binds {
-            let named = what.volumes.iter().find(|(_, p)| p == source);
-            let (snapshot_name, shown) = match named {
-                Some((n, _)) => (format!("{}/{n}", what.name), format!("volume {n}")),
-                None => (
-                    format!("{}/bind:{}", what.name, source.display()),
-                    format!("bind mount {}", source.display()),
-                ),
-            };
-            let snap = backup_tree(snapshot_name, source).map_err(|e| e.context(shown.clone()))?;
-            // A file comes back as a block image of its bytes: its mode and owner are kept here.
-            let meta =
-                std::fs::metadata(source).map_err(|e| Error::io(source, e).context(shown))?;
-            let file = meta.is_file().then(|| {
-                use std::os::unix::fs::MetadataExt;
-                FileMode {
-                    mode: meta.mode() & 0o7777,
-                    uid: meta.uid(),
-                    gid: meta.gid(),
-                }
-            });
-            bm.push(BindMember {
-                source: source.clone(),
-                snapshot: snap.id,
-                name: named.map(|(n, _)| n.clone()),
-                file,
-            });
-        }
-        Ok((vm, bm))
+    let members = plan::members(&project, engine.as_ref(), o, consistency)?;
+    // Images first: they need no downtime.
+    let services = run.images(&project, &registry)?;
+    let containers = match &engine {
+        Some(engine) => containers(engine, &project, &members.mounting)?,
+        None => Vec::new(),
     };
     let copy = || {
         let pre = what.pre.map_or(Ok(()), |hook| hook());
-        let copied = pre.and_then(|()| copy_members());
+        let copied = pre.and_then(|()| run.copy(&members));
         let post = what.post.map_or(Ok(()), |hook| hook());
         copied.and_then(|c| post.map(|()| c))
     };
-
     let capture_started = chrono::Utc::now();
-    let quiesced = Instant::now();
-    let (copied, downtime) = match (&engine, consistency) {
-        (None, _) => (copy(), Duration::ZERO),
-        (Some(engine), Consistency::Stop | Consistency::Pause | Consistency::None) => {
-            // Dependents first, then the copy, then everything back in dependency order,
-            // whatever happened.
-            let mut quiesced_list = Vec::new();
-            let mut result = Ok(());
-            for (c, mode) in containers.iter().rev() {
-                let done = match mode {
-                    Consistency::Stop => engine.stop(c),
-                    Consistency::Pause => engine.pause(c),
-                    _ => continue,
-                };
-                if let Err(e) = done {
-                    result = Err(e);
-                    break;
-                }
-                quiesced_list.push((c, *mode));
-            }
-            let copied = result.and_then(|()| copy());
-            // Dependencies first, each running and healthy before a service that depends on
-            // it starts, as compose starts a project; a failure does not keep the rest down.
-            let depends = |dependent: &str, on: &str| {
-                project
-                    .services
-                    .iter()
-                    .any(|s| s.name == dependent && s.depends_on.iter().any(|d| d == on))
-            };
-            let mut resume = Ok(());
-            let order: Vec<_> = quiesced_list.iter().rev().collect();
-            for (i, (c, mode)) in order.iter().enumerate() {
-                let awaited = order[i + 1..]
-                    .iter()
-                    .any(|(d, _)| depends(&d.service, &c.service));
-                let done = match mode {
-                    Consistency::Stop if awaited => engine
-                        .start(c)
-                        .and_then(|()| engine.wait_ready(c, HEALTHY_TIMEOUT)),
-                    Consistency::Stop => engine.start(c),
-                    _ => engine.unpause(c),
-                };
-                if let Err(e) = done {
-                    resume = resume.and(Err(e));
-                }
-            }
-            if quiesced_list.iter().any(|(_, m)| *m == Consistency::Stop) {
-                resume = resume.and_then(|()| engine.wait_healthy(&project.name, HEALTHY_TIMEOUT));
-            }
-            let downtime = if quiesced_list.is_empty() {
-                Duration::ZERO
-            } else {
-                quiesced.elapsed()
-            };
-            (copied.and_then(|c| resume.map(|()| c)), downtime)
-        }
-        (Some(engine), Consistency::Exec) => {
-            let all = engine.project_containers(&project.name)?;
-            let container = |service: &str| {
-                all.iter()
-                    .find(|c| c.service == service && c.running)
-                    .ok_or_else(|| Error::Engine {
-                        what: format!("service {service}"),
-                        reason: "has no running container to exec in".into(),
-                    })
-            };
-            let before = o
-                .exec_before
-                .iter()
-                .try_for_each(|(service, cmd)| engine.exec(container(service)?, cmd));
-            let copied = before.and_then(|()| copy());
-            let mut after = Ok(());
-            for (service, cmd) in &o.exec_after {
-                if let Err(e) = container(service).and_then(|c| engine.exec(c, cmd)) {
-                    after = after.and(Err(e));
-                }
-            }
-            (copied.and_then(|c| after.map(|()| c)), Duration::ZERO)
-        }
+    let (copied, downtime) = match &engine {
+        None => (copy(), Duration::ZERO),
+        Some(engine) => quiesce::around(engine, &project, &containers, consistency, o, copy),
     };
     let capture_ended = chrono::Utc::now();
     let (volumes, binds) = copied?;
@@ -669,10 +275,266 @@ pub fn backup(
         capture_started,
         capture_ended,
         downtime_ms: downtime.as_millis() as u64,
-        skipped,
+        skipped: members.skipped,
     };
-    let logical = logical.get();
-    save(repo, rt, cache_dir, what, &record, logical, started)
+    save(
+        repo,
+        rt,
+        cache_dir,
+        what,
+        &record,
+        run.logical.get(),
+        started,
+    )
+}
+
+/// Refuses modes that do not go together.
+fn check_modes(what: &WorkloadBackup<'_>, consistency: Consistency) -> Result<()> {
+    let o = &what.options;
+    if consistency == Consistency::Exec && !o.volume_consistency.is_empty()
+        || o.volume_consistency
+            .iter()
+            .any(|(_, m)| *m == Consistency::Exec)
+    {
+        return Err(Error::Config(
+            "a volume's own consistency (stop, pause or none) goes with a workload in stop, pause or none mode".into(),
+        ));
+    }
+    let has_exec = !o.exec_before.is_empty() || !o.exec_after.is_empty();
+    if has_exec != (consistency == Consistency::Exec) {
+        return Err(Error::Config(
+            "commands to exec go with --consistency exec, and it needs at least one".into(),
+        ));
+    }
+    let explicit = o.compose.is_empty();
+    if explicit && (what.images.is_empty() && what.volumes.is_empty()) {
+        return Err(Error::Config(
+            "a workload is a compose project (--compose) or images and volumes (--image, --volume)"
+                .into(),
+        ));
+    }
+    if explicit && consistency != Consistency::None {
+        return Err(Error::Config(
+            "a workload given by --image and --volume has no containers to stop: its volumes are copied as they are (snapshot them in a pre hook)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The running containers of the services in `mounting`, in dependency order, with their mode.
+fn containers(
+    engine: &Engine,
+    project: &compose::Project,
+    mounting: &BTreeMap<String, Consistency>,
+) -> Result<Vec<(Container, Consistency)>> {
+    let all = engine.project_containers(&project.name)?;
+    Ok(project
+        .services
+        .iter()
+        .filter_map(|s| mounting.get(&s.name).map(|m| (s, *m)))
+        .flat_map(|(s, m)| {
+            all.iter()
+                .filter(|c| c.service == s.name && c.running)
+                .map(move |c| (c.clone(), m))
+        })
+        .collect())
+}
+
+/// One workload backup: what its members' backups share.
+struct Run<'a, 'b> {
+    repo: &'a Arc<Repository>,
+    rt: &'a Handle,
+    cache_dir: Option<&'a Path>,
+    what: &'a WorkloadBackup<'b>,
+    engine: Option<&'a Engine>,
+    /// The snapshots' tags, `workload:NAME` among them.
+    tags: Vec<String>,
+    command: String,
+    /// The bytes the members describe, for the workload's summary.
+    logical: std::cell::Cell<u64>,
+}
+
+impl Run<'_, '_> {
+    /// Backs up every service's image (services sharing an image share its snapshot); an
+    /// image only in the engine is exported into an OCI layout first, and its snapshot is
+    /// named by its engine reference.
+    fn images(
+        &self,
+        project: &compose::Project,
+        registry: &impl Fn(&ImageSource) -> Result<Registry>,
+    ) -> Result<Vec<ServiceMember>> {
+        let exports = tempdir_for(self.cache_dir)?;
+        let mut by_image = BTreeMap::new();
+        for image in project.services.iter().filter_map(|s| s.image.as_ref()) {
+            if by_image.contains_key(image) {
+                continue;
+            }
+            let users: Vec<&str> = project
+                .services
+                .iter()
+                .filter(|s| s.image.as_ref() == Some(image))
+                .map(|s| s.name.as_str())
+                .collect();
+            let named =
+                |e: Error| e.context(format!("service {} (image {image})", users.join(", ")));
+            let snap = self.image(image, exports.path(), registry).map_err(named)?;
+            self.logical
+                .set(self.logical.get() + snap.snapshot.summary.logical_bytes);
+            by_image.insert(image.clone(), snap);
+        }
+        let mut services = Vec::new();
+        for s in &project.services {
+            let Some(snap) = s.image.as_ref().and_then(|i| by_image.get(i)) else {
+                continue;
+            };
+            services.push(ServiceMember {
+                name: s.name.clone(),
+                image: s.image.clone().unwrap_or_default(),
+                digest: snap
+                    .snapshot
+                    .image
+                    .as_ref()
+                    .map(|i| i.digest.clone())
+                    .unwrap_or_default(),
+                snapshot: snap.id.clone(),
+            });
+        }
+        Ok(services)
+    }
+
+    /// One image, from its registry or exported from the engine into `exports`.
+    fn image(
+        &self,
+        image: &str,
+        exports: &Path,
+        registry: &impl Fn(&ImageSource) -> Result<Registry>,
+    ) -> Result<Listed> {
+        let only_here = match self.engine {
+            Some(engine) => engine.image_only_here(image)?.then_some(engine),
+            None => None,
+        };
+        let (reference, name) = if let Some(engine) = only_here {
+            let dir = crate::workload::export::dir_for(exports, image);
+            let archive = dir.with_extension("tar");
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            engine.export(image, &archive)?;
+            let layout = crate::workload::export::to_layout(image, &archive, &dir)?;
+            std::fs::remove_file(&archive).map_err(|e| Error::io(&archive, e))?;
+            (layout, Some(format!("engine:{image}")))
+        } else {
+            (format!("docker://{image}"), None)
+        };
+        let refs = [reference];
+        let one = crate::commands::backup::ImageBackup {
+            images: &refs,
+            tag_filter: None,
+            platforms: &[],
+            host: &self.what.host,
+            tags: &self.tags,
+            name: name.as_deref(),
+        };
+        let results = super::backup::images(
+            self.repo,
+            self.rt,
+            self.cache_dir,
+            &one,
+            &self.command,
+            registry,
+            |_| Progress::new(false, "", None),
+        )?;
+        let Some((_, result)) = results.into_iter().flat_map(|(_, r)| r).next() else {
+            return Err(Error::Config("the registry has no such image".into()));
+        };
+        result
+    }
+
+    /// A tree (or a file, as a block image) as snapshot `name`.
+    fn tree(&self, name: String, path: &Path) -> Result<Listed> {
+        let options = BackupOptions {
+            name,
+            path: path.to_path_buf(),
+            host: self.what.host.clone(),
+            tags: self.tags.clone(),
+            block: false,
+            strict: true,
+            use_parent: true,
+        };
+        let progress = Progress::new(false, "", None);
+        let snap = super::backup::volume(
+            self.repo,
+            self.rt,
+            self.cache_dir,
+            &options,
+            &self.command,
+            &progress,
+        )?;
+        self.logical
+            .set(self.logical.get() + snap.snapshot.summary.logical_bytes);
+        Ok(snap)
+    }
+
+    /// The copy: every volume, then every bind-mounted path.
+    fn copy(&self, members: &plan::Members) -> Result<(Vec<VolumeMember>, Vec<BindMember>)> {
+        let name = &self.what.name;
+        let mut volumes = Vec::new();
+        for (key, info, source) in &members.volumes {
+            let snapshot = format!("{name}/{key}");
+            let snap = match source {
+                plan::VolumeSource::Path(path) => self.tree(snapshot, path),
+                plan::VolumeSource::Helper(image) => {
+                    let engine = self
+                        .engine
+                        .expect("named volumes come from a compose project");
+                    engine
+                        .helper(&info.name, image)
+                        .and_then(|h| self.tree(snapshot, Path::new(&h.mountpoint)))
+                }
+            }
+            .map_err(|e| e.context(format!("volume {key}")))?;
+            volumes.push(VolumeMember {
+                key: key.clone(),
+                engine: info.clone(),
+                snapshot: snap.id,
+            });
+        }
+        let mut binds = Vec::new();
+        for source in &members.binds {
+            binds.push(self.bind(source)?);
+        }
+        Ok((volumes, binds))
+    }
+
+    /// A bind-mounted path, or a volume given by hand.
+    fn bind(&self, source: &Path) -> Result<BindMember> {
+        let name = &self.what.name;
+        let named = self.what.volumes.iter().find(|(_, p)| p == source);
+        let (snapshot_name, shown) = match named {
+            Some((n, _)) => (format!("{name}/{n}"), format!("volume {n}")),
+            None => (
+                format!("{name}/bind:{}", source.display()),
+                format!("bind mount {}", source.display()),
+            ),
+        };
+        let snap = self
+            .tree(snapshot_name, source)
+            .map_err(|e| e.context(shown.clone()))?;
+        // A file comes back as a block image of its bytes: its mode and owner are kept here.
+        let meta = std::fs::metadata(source).map_err(|e| Error::io(source, e).context(shown))?;
+        let file = meta.is_file().then(|| {
+            use std::os::unix::fs::MetadataExt;
+            FileMode {
+                mode: meta.mode() & 0o7777,
+                uid: meta.uid(),
+                gid: meta.gid(),
+            }
+        });
+        Ok(BindMember {
+            source: source.to_path_buf(),
+            snapshot: snap.id,
+            name: named.map(|(n, _)| n.clone()),
+            file,
+        })
+    }
 }
 
 /// Stores the workload record and its snapshot record, last.

@@ -907,6 +907,9 @@ mod tests {
             t("127.0.0.1:7000/dr", "127.0.0.1:6000/dr/shop/web@sha256:ab"),
             "127.0.0.1:7000/dr/shop/web"
         );
-        assert_eq!(t("reg.example/dr", "reg.old/drone/x:1"), "reg.example/dr/drone/x");
+        assert_eq!(
+            t("reg.example/dr", "reg.old/drone/x:1"),
+            "reg.example/dr/drone/x"
+        );
     }
 }
