@@ -79,3 +79,24 @@ requests() {
     curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" |
         awk '/^api_s3_request_counter/ { split($1, a, "\""); n[a[2]] += $2 } END { for (k in n) printf "%s=%d ", k, n[k] }'
 }
+
+# start_registry NAME: a docker-registry on a free port, its storage and config under
+# $BENCH_DIR; prints its host:port and pid.
+start_registry() {
+    local host
+    host="127.0.0.1:$(free_port)"
+    cat >"$BENCH_DIR/$1.yml" <<YML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $BENCH_DIR/$1
+http:
+  addr: $host
+YML
+    docker-registry serve "$BENCH_DIR/$1.yml" >/dev/null 2>&1 &
+    echo "$host $!"
+}

@@ -14,25 +14,6 @@ cargo build --release --quiet
 tresor="$PWD/target/release/tresor"
 
 source benches/lib.sh
-# start_registry NAME: a docker-registry on a free port; prints its host:port.
-start_registry() {
-    local host
-    host="127.0.0.1:$(free_port)"
-    cat >"$BENCH_DIR/$1.yml" <<YML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $BENCH_DIR/$1
-http:
-  addr: $host
-YML
-    docker-registry serve "$BENCH_DIR/$1.yml" >/dev/null 2>&1 &
-    echo "$host $!"
-}
 # The source registry, and a second one to restore into (rehydration elsewhere: every blob is
 # uploaded; on the source registry tresor would mount blobs instead).
 read -r REG REGISTRY_PID < <(start_registry registry)

@@ -29,31 +29,16 @@ source benches/lib.sh
 tests/images/postgres
 mkdir -p "$BENCH_DIR"
 
-# The registry the twin's images go to.
-REG_PORT=$(free_port)
+# The registry the twin's images go to, empty: every blob is uploaded.
 rm -rf "$BENCH_DIR/registry"
-mkdir -p "$BENCH_DIR/registry"
-cat >"$BENCH_DIR/registry/config.yml" <<YAML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $BENCH_DIR/registry/data
-http:
-  addr: 127.0.0.1:$REG_PORT
-YAML
-docker-registry serve "$BENCH_DIR/registry/config.yml" >"$BENCH_DIR/registry/log" 2>&1 &
-REG_PID=$!
+read -r REG REG_PID < <(start_registry registry)
 PIDS="$REG_PID"
 cleanup() {
     kill $PIDS 2>/dev/null || true
     docker-compose -f "$BENCH_DIR/site/compose.yaml" -p $PROJECT down -v -t 5 >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-until curl -s "http://127.0.0.1:$REG_PORT/v2/" >/dev/null; do sleep 0.1; done
+until curl -s "http://$REG/v2/" >/dev/null; do sleep 0.1; done
 
 # The site: PostgreSQL with a pgbench database, made once per run.
 mkdir -p "$BENCH_DIR/site"
@@ -93,7 +78,7 @@ run_store() {
     "$tresor" backup workload $PROJECT --compose "$BENCH_DIR/site/compose.yaml" --project-name $PROJECT -q >/dev/null
     end=$(date +%s.%N)
     local twin="rbench-twin-${label//+/-}"
-    local target="127.0.0.1:$REG_PORT/$twin"
+    local target="$REG/$twin"
     # A fresh host: no cache, no image of the twin in the engine.
     rm -rf "$TRESOR_CACHE_DIR"
     "$tresor" restore workload $PROJECT --registry "$target" --insecure --project "$twin" \

@@ -7,9 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::agent::{agent, write_config};
-use crate::common::oci::TestRegistry;
 use crate::common::*;
-use crate::workload::{build_image, compose, docker, running, Cleanup};
+use crate::workload::{docker, running, TestProject};
 
 /// Whether the engine knows anything (containers, volumes) of compose project `project`.
 fn traces(project: &str) -> String {
@@ -23,26 +22,16 @@ fn traces(project: &str) -> String {
 fn a_drill_brings_the_twin_up_beside_the_original_probes_it_and_removes_it() {
     let env = Env::new();
     let name = "drillsite";
-    let registry = TestRegistry::start(&env.path("registry"));
-    let image = format!("{}/{name}/app:1", registry.host);
-    let local = format!("{name}-local/app:1");
-    let mut cleanup = Cleanup {
-        projects: Vec::new(),
-        images: vec![image.clone(), local.clone()],
-        volumes: vec![format!("{name}_data")],
-    };
     let _ = Command::new("docker")
         .args(["rm", "-f", "drillsite-db"])
         .output();
-    build_image(&env.path("build"), &image, &local);
-    let dir = env.path(name);
-    fs::create_dir_all(&dir).unwrap();
     // A fixed container name and a published host port: a twin started as it is would
     // collide with the original on both.
-    fs::write(
-        dir.join("compose.yaml"),
-        format!(
-            r#"services:
+    let site = TestProject::start(
+        &env,
+        name,
+        &["data"],
+        r#"services:
   db:
     image: {local}
     container_name: drillsite-db
@@ -55,13 +44,10 @@ fn a_drill_brings_the_twin_up_beside_the_original_probes_it_and_removes_it() {
       interval: 1s
       retries: 30
 volumes:
-  data: {{}}
-"#
-        ),
-    )
-    .unwrap();
-    cleanup.projects.push((dir.clone(), name.into()));
-    compose(&dir, name, &["up", "-d"]);
+  data: {}
+"#,
+    );
+    let (dir, registry) = (&site.dir, &site.registry);
     let out = env.tresor(&[
         "backup",
         "workload",

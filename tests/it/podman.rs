@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::oci::TestRegistry;
 use crate::common::*;
-use crate::workload::sh;
+use crate::workload::{busybox_root, sh};
 
 /// A podman API service on a socket of its own, with a config that runs on this kind of host
 /// (no default rlimits above the host's own hard limits; runc, as crun refuses hybrid cgroups)
@@ -98,14 +98,7 @@ fn a_workload_on_podman_is_backed_up_and_brought_up_again() {
     let local = "localhost/podshop/web:1";
     // The image, built by podman from scratch and this machine's static busybox.
     let build = env.path("build");
-    let bin = build.join("bin");
-    fs::create_dir_all(&bin).unwrap();
-    fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-    for applet in sh(Command::new("/bin/busybox").arg("--list")).lines() {
-        if !bin.join(applet).exists() {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-        }
-    }
+    busybox_root(&build);
     fs::write(
         build.join("Containerfile"),
         "FROM scratch\nCOPY bin /bin\nENV PATH=/bin\n",

@@ -27,9 +27,8 @@ pub(crate) fn docker(args: &[&str]) -> String {
     sh(Command::new("docker").args(args))
 }
 
-/// Builds `tag` from scratch: busybox with its applets, and pushes it; and `local`, the same
-/// with a label, which stays in the engine only (built here, never pushed).
-pub(crate) fn build_image(dir: &Path, tag: &str, local: &str) {
+/// `dir/bin`: this machine's static busybox with its applets, the root of an image.
+pub(crate) fn busybox_root(dir: &Path) {
     let bin = dir.join("bin");
     fs::create_dir_all(&bin).unwrap();
     fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
@@ -39,6 +38,12 @@ pub(crate) fn build_image(dir: &Path, tag: &str, local: &str) {
             std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
         }
     }
+}
+
+/// Builds `tag` from scratch: busybox with its applets, and pushes it; and `local`, the same
+/// with a label, which stays in the engine only (built here, never pushed).
+pub(crate) fn build_image(dir: &Path, tag: &str, local: &str) {
+    busybox_root(dir);
     fs::write(
         dir.join("Dockerfile"),
         "FROM scratch\nCOPY bin /bin\nENV PATH=/bin\n",
@@ -100,6 +105,56 @@ impl Drop for Cleanup {
             .args(["volume", "rm", "-f"])
             .args(&self.volumes)
             .output();
+    }
+}
+
+/// A compose project of its own, running: `compose` with `{local}` standing for the busybox
+/// image built here (only in the engine), a registry for its twin's images, and a cleanup of
+/// its projects, images and the named `volumes` of it and of its `-dr` twin.
+pub(crate) struct TestProject {
+    pub(crate) registry: TestRegistry,
+    pub(crate) dir: std::path::PathBuf,
+    pub(crate) cleanup: Cleanup,
+}
+
+impl TestProject {
+    pub(crate) fn start(
+        env: &Env,
+        name: &str,
+        volumes: &[&str],
+        compose_yaml: &str,
+    ) -> TestProject {
+        let registry = TestRegistry::start(&env.path("registry"));
+        let image = format!("{}/{name}/app:1", registry.host);
+        let local = format!("{name}-local/app:1");
+        let mut cleanup = Cleanup {
+            projects: Vec::new(),
+            images: vec![image.clone(), local.clone()],
+            volumes: volumes
+                .iter()
+                .flat_map(|v| [format!("{name}_{v}"), format!("{name}-dr_{v}")])
+                .collect(),
+        };
+        // Left by a run that was killed before its cleanup.
+        let _ = Command::new("docker")
+            .args(["volume", "rm", "-f"])
+            .args(&cleanup.volumes)
+            .output();
+        build_image(&env.path("build"), &image, &local);
+        let dir = env.path(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("compose.yaml"),
+            compose_yaml.replace("{local}", &local),
+        )
+        .unwrap();
+        cleanup.projects.push((dir.clone(), name.into()));
+        compose(&dir, name, &["up", "-d"]);
+        TestProject {
+            registry,
+            dir,
+            cleanup,
+        }
     }
 }
 
@@ -829,40 +884,22 @@ impl Drop for LoopDisk {
 fn volumes_with_driver_options_and_file_binds_are_copied_as_they_are() {
     let env = Env::new();
     let project = "optvol";
-    let registry = TestRegistry::start(&env.path("registry"));
-    let image = format!("{}/{project}/app:1", registry.host);
-    let local = format!("{project}-local/app:1");
-    let mut cleanup = Cleanup {
-        projects: Vec::new(),
-        images: vec![image.clone(), local.clone()],
-        volumes: ["bound", "disk"]
-            .iter()
-            .flat_map(|v| [format!("{project}_{v}"), format!("{project}-dr_{v}")])
-            .collect(),
-    };
-    let _ = Command::new("docker")
-        .args(["volume", "rm", "-f"])
-        .args(&cleanup.volumes)
-        .output();
-    build_image(&env.path("build"), &image, &local);
     // A volume put on a chosen directory (`o=bind`), and one on a block device: the engine's
     // mountpoint holds their data only while a container mounts them.
     let bound = env.path("bound-dir");
     fs::create_dir_all(&bound).unwrap();
     let disk = LoopDisk::new(&env.path("disk.img"));
+    // A file bind: it comes back a file with its mode and owner.
     let dir = env.path(project);
     fs::create_dir_all(&dir).unwrap();
-    // A file bind: it comes back a file with its mode and owner.
     let conf = dir.join("app.conf");
     fs::write(&conf, "listen = 8080\n").unwrap();
     fs::set_permissions(&conf, fs::Permissions::from_mode(0o640)).unwrap();
     std::os::unix::fs::chown(&conf, Some(1234), Some(5678)).unwrap();
-    fs::write(
-        dir.join("compose.yaml"),
-        format!(
-            r#"services:
+    let yaml = format!(
+        r#"services:
   app:
-    image: {local}
+    image: {{local}}
     command: ["sh", "-c", "echo on-the-chosen-disk > /bound/a; echo on-the-block-device > /disk/b; exec sleep 1000"]
     volumes: ["bound:/bound", "disk:/disk", "./app.conf:/etc/app.conf:ro"]
     stop_grace_period: 1s
@@ -872,13 +909,11 @@ volumes:
   disk:
     driver_opts: {{type: ext4, device: {}}}
 "#,
-            bound.display(),
-            disk.0
-        ),
-    )
-    .unwrap();
-    cleanup.projects.push((dir.clone(), project.into()));
-    compose(&dir, project, &["up", "-d"]);
+        bound.display(),
+        disk.0
+    );
+    let site = TestProject::start(&env, project, &["bound", "disk"], &yaml);
+    let registry = &site.registry;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !bound.join("a").exists() {
         assert!(Instant::now() < deadline, "the service never wrote");
@@ -987,22 +1022,12 @@ volumes:
 fn a_stopped_project_starts_again_each_dependency_healthy_before_its_dependents() {
     let env = Env::new();
     let project = "deporder";
-    let registry = TestRegistry::start(&env.path("registry"));
-    let image = format!("{}/{project}/app:1", registry.host);
-    let local = format!("{project}-local/app:1");
-    let mut cleanup = Cleanup {
-        projects: Vec::new(),
-        images: vec![image.clone(), local.clone()],
-        volumes: vec![format!("{project}_shared")],
-    };
-    build_image(&env.path("build"), &image, &local);
-    let dir = env.path(project);
-    fs::create_dir_all(&dir).unwrap();
     // The database is healthy 3 s after it starts; the app gives up at once when it is not.
-    fs::write(
-        dir.join("compose.yaml"),
-        format!(
-            r#"services:
+    let site = TestProject::start(
+        &env,
+        project,
+        &["shared"],
+        r#"services:
   db:
     image: {local}
     command: ["sh", "-c", "rm -f /shared/ready; sleep 3; touch /shared/ready; exec sleep 1000"]
@@ -1017,16 +1042,13 @@ fn a_stopped_project_starts_again_each_dependency_healthy_before_its_dependents(
     command: ["sh", "-c", "sleep 1; test -f /shared/ready || exit 3; exec sleep 1000"]
     volumes: ["shared:/shared"]
     depends_on:
-      db: {{condition: service_healthy}}
+      db: {condition: service_healthy}
     stop_grace_period: 1s
 volumes:
-  shared: {{}}
-"#
-        ),
-    )
-    .unwrap();
-    cleanup.projects.push((dir.clone(), project.into()));
-    compose(&dir, project, &["up", "-d"]);
+  shared: {}
+"#,
+    );
+    let dir = &site.dir;
     let deadline = Instant::now() + Duration::from_secs(30);
     while running(project) != ["app", "db"] {
         assert!(Instant::now() < deadline, "the project never came up");
@@ -1051,27 +1073,13 @@ fn a_restore_that_gives_up_removes_what_it_made_and_a_rerun_continues() {
     let env = Env::new();
     let project = "halfway";
     let twin = "halfway-dr";
-    let registry = TestRegistry::start(&env.path("registry"));
-    let image = format!("{}/{project}/app:1", registry.host);
-    let local = format!("{project}-local/app:1");
-    let mut cleanup = Cleanup {
-        projects: Vec::new(),
-        images: vec![image.clone(), local.clone()],
-        volumes: vec![format!("{project}_data"), format!("{twin}_data")],
-    };
-    let _ = Command::new("docker")
-        .args(["volume", "rm", "-f"])
-        .args(&cleanup.volumes)
-        .output();
-    build_image(&env.path("build"), &image, &local);
-    let dir = env.path(project);
-    fs::create_dir_all(&dir).unwrap();
     // Never healthy: every `restore --up` of it gives up at the health wait, after its
     // volume is made and filled and its container started.
-    fs::write(
-        dir.join("compose.yaml"),
-        format!(
-            r#"services:
+    let mut site = TestProject::start(
+        &env,
+        project,
+        &["data"],
+        r#"services:
   app:
     image: {local}
     command: ["sh", "-c", "echo kept > /data/file; exec sleep 1000"]
@@ -1082,13 +1090,11 @@ fn a_restore_that_gives_up_removes_what_it_made_and_a_rerun_continues() {
       interval: 1s
       retries: 1
 volumes:
-  data: {{}}
-"#
-        ),
-    )
-    .unwrap();
-    cleanup.projects.push((dir.clone(), project.into()));
-    compose(&dir, project, &["up", "-d"]);
+  data: {}
+"#,
+    );
+    let (dir, registry) = (site.dir.clone(), &site.registry);
+    let cleanup = &mut site.cleanup;
     let out = env.tresor(&[
         "backup",
         "workload",
