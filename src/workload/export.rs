@@ -15,8 +15,15 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::localfile::{write_atomically, SHARED};
 
-/// The tag the layout gives the exported image.
-pub const TAG: &str = "export";
+/// The tag the layout gives an exported image: its own (`web:1` gives `1`), else `latest`,
+/// so that its twin in the target registry is found under the tag the project used.
+fn own_tag(image: &str) -> &str {
+    let name = image.split_once('@').map_or(image, |(n, _)| n);
+    match name.rsplit_once(':') {
+        Some((_, tag)) if !tag.contains('/') => tag,
+        _ => "latest",
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -33,7 +40,7 @@ fn bad(image: &str, reason: impl Into<String>) -> Error {
 }
 
 /// Reads the engine's export of `image` from `archive` (a `docker save` tar) into an OCI layout
-/// at `dir`; returns the layout reference (`oci:DIR:export`).
+/// at `dir`; returns the layout reference (`oci:DIR:TAG`, the image's own tag).
 ///
 /// # Errors
 /// [`Error::Engine`] for an archive that is not an image export; I/O errors.
@@ -138,7 +145,7 @@ pub fn to_layout(image: &str, archive: &Path, dir: &Path) -> Result<String> {
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": format!("sha256:{hex}"),
             "size": manifest.len(),
-            "annotations": { "org.opencontainers.image.ref.name": TAG },
+            "annotations": { "org.opencontainers.image.ref.name": own_tag(image) },
         }],
     }))
     .expect("index serialises");
@@ -148,7 +155,7 @@ pub fn to_layout(image: &str, archive: &Path, dir: &Path) -> Result<String> {
         SHARED,
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
-    Ok(format!("oci:{}:{TAG}", dir.display()))
+    Ok(format!("oci:{}:{}", dir.display(), own_tag(image)))
 }
 
 /// `a/b/../c` -> `a/c`, for symlinks inside the archive.
@@ -169,4 +176,16 @@ fn normalize(path: &Path) -> String {
 /// A directory for the export of `image` under `parent`.
 pub fn dir_for(parent: &Path, image: &str) -> PathBuf {
     parent.join(hex::encode(&Sha256::digest(image.as_bytes())[..8]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_keeps_the_images_own_tag() {
+        assert_eq!(own_tag("shop-local/web:1"), "1");
+        assert_eq!(own_tag("127.0.0.1:5000/shop/web"), "latest");
+        assert_eq!(own_tag("localhost/web:2.1@sha256:ab"), "2.1");
+    }
 }

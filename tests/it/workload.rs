@@ -207,10 +207,11 @@ impl Site {
         let dir = env.path(project);
         fs::create_dir_all(dir.join("www")).unwrap();
         fs::write(dir.join("www/index.html"), "the shop\n").unwrap();
-        // The counter and its log are written one after the other: only a copy taken while
-        // the writer is stopped is sure to see them agree.
+        // The counter and its log are written one after the other (the counter by a rename,
+        // so it is never seen half written): only a copy taken while the writer is stopped is
+        // sure to see them agree.
         let counter = "n=$$(cat /data/n 2>/dev/null || echo 0); while true; do n=$$((n+1)); \
-                       echo $$n >> /data/log; echo $$n > /data/n; sleep 0.02; done";
+                       echo $$n >> /data/log; echo $$n > /data/n.new; mv /data/n.new /data/n; sleep 0.02; done";
         fs::write(
             dir.join("compose.yaml"),
             format!(
@@ -434,6 +435,13 @@ fn a_workload_is_backed_up_consistently_and_brought_up_elsewhere() {
     for (i, expected) in images.iter().zip([&digest, &web_digest]) {
         assert_eq!(i["digest"], expected.as_str(), "{report}");
         assert_eq!(i["digest_equal"], true, "{report}");
+    }
+    // Both keep their own tag in the target registry, the exported one too.
+    for repo in ["shop/app", "shop-local/web"] {
+        let tags = sh(Command::new("curl")
+            .arg("-s")
+            .arg(format!("http://{}/v2/dr/{repo}/tags/list", target.host)));
+        assert!(tags.contains("\"1\""), "{repo}: {tags}");
     }
     assert!(
         report["phases"]["total_ms"].as_u64().unwrap() > 0,
