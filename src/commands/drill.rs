@@ -27,8 +27,9 @@ pub struct DrillOptions {
     /// The workload (its name): its newest snapshot is drilled.
     #[arg(value_name = "NAME")]
     pub workload: String,
-    /// HOST[:PORT][/PREFIX]: the registry the twin's images are pushed to and pulled from, as
-    /// PREFIX/REPO (a prefix of its own keeps drills apart from production repositories).
+    /// The registry the twin's images are pushed to and pulled from, as HOST, HOST:PORT or
+    /// HOST:PORT/PREFIX (images go to PREFIX/REPO; a prefix of its own keeps drills apart from
+    /// production repositories).
     #[arg(long)]
     pub registry: String,
     /// SERVICE=COMMAND run with `sh -c` in the twin's service once it is healthy (a row

@@ -1,6 +1,6 @@
 //! Workloads: `backup workload` (members first, the workload record last) here, and `restore
 //! workload` (images into a registry, volumes into the engine, a rewritten compose file, and
-//! the project started) in [`restore`](mod@restore), with the report that gives the recovery
+//! the project started) in `restore.rs`, with the report that gives the recovery
 //! time. See [`crate::workload`] for what a workload snapshot holds.
 
 mod plan;
@@ -227,65 +227,86 @@ pub fn backup(
     };
     let mut tags = what.tags.clone();
     tags.push(format!("workload:{}", what.name));
-    let run = Run {
-        repo,
-        rt,
-        cache_dir,
-        what,
-        engine: engine.as_ref(),
-        tags,
-        command: format!("backup workload {}", what.name),
-        logical: std::cell::Cell::new(0),
-    };
+    let command = format!("backup workload {}", what.name);
 
     // Every member is found before the first byte is stored: a wrong project name or a
     // missing path leaves no member snapshot behind.
     let members = plan::members(&project, engine.as_ref(), o, consistency)?;
-    // Images first: they need no downtime.
-    let services = run.images(&project, &registry)?;
-    let containers = match &engine {
-        Some(engine) => containers(engine, &project, &members.mounting)?,
-        None => Vec::new(),
-    };
-    let copy = || {
-        let pre = what.pre.map_or(Ok(()), |hook| hook());
-        let copied = pre.and_then(|()| run.copy(&members));
-        let post = what.post.map_or(Ok(()), |hook| hook());
-        copied.and_then(|c| post.map(|()| c))
-    };
-    let capture_started = chrono::Utc::now();
-    let (copied, downtime) = match &engine {
-        None => (copy(), Duration::ZERO),
-        Some(engine) => quiesce::around(engine, &project, &containers, consistency, o, copy),
-    };
-    let capture_ended = chrono::Utc::now();
-    let (volumes, binds) = copied?;
-
-    let record = WorkloadRecord {
-        project: project.name.clone(),
-        compose_files: o.compose.iter().map(|f| kept(f)).collect::<Result<_>>()?,
-        env_file: env_file.as_deref().map(kept).transpose()?,
-        config: serde_yaml::to_string(&project.config)
-            .map_err(|e| Error::Config(format!("cannot print the compose project: {e}")))?,
-        services,
-        volumes,
-        binds,
-        consistency,
-        volume_consistency: o.volume_consistency.iter().cloned().collect(),
-        capture_started,
-        capture_ended,
-        downtime_ms: downtime.as_millis() as u64,
-        skipped: members.skipped,
-    };
-    save(
-        repo,
+    // One session for every member and the record: gc keeps what any of them relies on
+    // until the record is written, and sees one writer.
+    let session = Arc::new(rt.block_on(Session::start(Arc::clone(repo), cache_dir, &command))?);
+    let run = Run {
         rt,
         cache_dir,
+        session: &session,
         what,
-        &record,
-        run.logical.get(),
+        engine: engine.as_ref(),
+        tags,
+        logical: std::cell::Cell::new(0),
+    };
+    let result = run.all(
+        &project,
+        &members,
+        env_file.as_deref(),
+        consistency,
+        &registry,
         started,
-    )
+    );
+    rt.block_on(session.finish(result.is_ok()));
+    result
+}
+
+impl Run<'_, '_> {
+    /// The members (images first: they need no downtime; then the copy, with the containers
+    /// quiesced), then the record.
+    fn all(
+        &self,
+        project: &compose::Project,
+        members: &plan::Members,
+        env_file: Option<&Path>,
+        consistency: Consistency,
+        registry: &impl Fn(&ImageSource) -> Result<Registry>,
+        started: Instant,
+    ) -> Result<Listed> {
+        let what = self.what;
+        let o = &what.options;
+        let services = self.images(project, registry)?;
+        let containers = match self.engine {
+            Some(engine) => containers(engine, project, &members.mounting)?,
+            None => Vec::new(),
+        };
+        let copy = || {
+            let pre = what.pre.map_or(Ok(()), |hook| hook());
+            let copied = pre.and_then(|()| self.copy(members));
+            let post = what.post.map_or(Ok(()), |hook| hook());
+            copied.and_then(|c| post.map(|()| c))
+        };
+        let capture_started = chrono::Utc::now();
+        let (copied, downtime) = match self.engine {
+            None => (copy(), Duration::ZERO),
+            Some(engine) => quiesce::around(engine, project, &containers, consistency, o, copy),
+        };
+        let capture_ended = chrono::Utc::now();
+        let (volumes, binds) = copied?;
+
+        let record = WorkloadRecord {
+            project: project.name.clone(),
+            compose_files: o.compose.iter().map(|f| kept(f)).collect::<Result<_>>()?,
+            env_file: env_file.map(kept).transpose()?,
+            config: serde_yaml::to_string(&project.config)
+                .map_err(|e| Error::Config(format!("cannot print the compose project: {e}")))?,
+            services,
+            volumes,
+            binds,
+            consistency,
+            volume_consistency: o.volume_consistency.iter().cloned().collect(),
+            capture_started,
+            capture_ended,
+            downtime_ms: downtime.as_millis() as u64,
+            skipped: members.skipped.clone(),
+        };
+        self.save(&record, started)
+    }
 }
 
 /// Refuses modes that do not go together.
@@ -342,14 +363,15 @@ fn containers(
 
 /// One workload backup: what its members' backups share.
 struct Run<'a, 'b> {
-    repo: &'a Arc<Repository>,
     rt: &'a Handle,
+    /// Where exported images are laid out for their backup.
     cache_dir: Option<&'a Path>,
+    /// The one session of the run.
+    session: &'a Arc<Session>,
     what: &'a WorkloadBackup<'b>,
     engine: Option<&'a Engine>,
     /// The snapshots' tags, `workload:NAME` among them.
     tags: Vec<String>,
-    command: String,
     /// The bytes the members describe, for the workload's summary.
     logical: std::cell::Cell<u64>,
 }
@@ -424,25 +446,18 @@ impl Run<'_, '_> {
         } else {
             (format!("docker://{image}"), None)
         };
-        let refs = [reference];
-        let one = crate::commands::backup::ImageBackup {
-            images: &refs,
+        let options = crate::oci::ImageBackupOptions {
+            source: ImageSource::parse(&reference)?,
             tag_filter: None,
-            platforms: &[],
-            host: &self.what.host,
-            tags: &self.tags,
-            name: name.as_deref(),
+            platforms: Vec::new(),
+            host: self.what.host.clone(),
+            tags: self.tags.clone(),
+            name,
         };
-        let results = super::backup::images(
-            self.repo,
-            self.rt,
-            self.cache_dir,
-            &one,
-            &self.command,
-            registry,
-            |_| Progress::new(false, "", None),
-        )?;
-        let Some((_, result)) = results.into_iter().flat_map(|(_, r)| r).next() else {
+        let registry = registry(&options.source)?;
+        let hidden = Progress::new(false, "", None);
+        let results = crate::oci::backup(self.session, self.rt, &registry, &options, &hidden)?;
+        let Some((_, result)) = results.into_iter().next() else {
             return Err(Error::Config("the registry has no such image".into()));
         };
         result
@@ -460,14 +475,7 @@ impl Run<'_, '_> {
             use_parent: true,
         };
         let progress = Progress::new(false, "", None);
-        let snap = super::backup::volume(
-            self.repo,
-            self.rt,
-            self.cache_dir,
-            &options,
-            &self.command,
-            &progress,
-        )?;
+        let snap = crate::volume::backup(self.session, self.rt, &options, &progress)?;
         self.logical
             .set(self.logical.get() + snap.snapshot.summary.logical_bytes);
         Ok(snap)
@@ -537,20 +545,13 @@ impl Run<'_, '_> {
     }
 }
 
-/// Stores the workload record and its snapshot record, last.
-fn save(
-    repo: &Arc<Repository>,
-    rt: &Handle,
-    cache_dir: Option<&Path>,
-    what: &WorkloadBackup<'_>,
-    record: &WorkloadRecord,
-    logical_bytes: u64,
-    started: Instant,
-) -> Result<Listed> {
-    let command = format!("backup workload {}", what.name);
-    let session = Arc::new(rt.block_on(Session::start(Arc::clone(repo), cache_dir, &command))?);
-    let result = (|| {
-        let writer = ChunkWriter::new(Arc::clone(&session), rt.clone(), DEFAULT_IN_FLIGHT);
+impl Run<'_, '_> {
+    /// Stores the workload record and its snapshot record, last.
+    fn save(&self, record: &WorkloadRecord, started: Instant) -> Result<Listed> {
+        let (rt, what, session) = (self.rt, self.what, self.session);
+        let repo = session.repo();
+        let logical_bytes = self.logical.get();
+        let writer = ChunkWriter::new(Arc::clone(session), rt.clone(), DEFAULT_IN_FLIGHT);
         let mut stream = StreamWriter::new(&writer, Mode::ContentDefined);
         ciborium::into_writer(record, &mut stream).map_err(|e| match e {
             ciborium::ser::Error::Io(io) => crate::pipeline::from_io(io),
@@ -586,9 +587,7 @@ fn save(
         session.check_lease()?;
         let id = rt.block_on(snapshot.save(repo))?;
         Ok(Listed { id, snapshot })
-    })();
-    rt.block_on(session.finish(result.is_ok()));
-    result
+    }
 }
 
 /// The newest workload snapshot named `name` whose volumes were all copied quiesced
