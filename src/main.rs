@@ -141,6 +141,7 @@ fn wants_json(cli: &Cli) -> bool {
         Command::Verify(a) => a.json.is_some(),
         Command::Resume(out) => out.json,
         Command::Drill(DrillCommand::Workload(a)) => a.out.json,
+        Command::Completions { .. } | Command::Man => false,
     }
 }
 
@@ -171,5 +172,18 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gc(args) => cli::gc::gc(g, args).await,
         Command::Resume(_) => cli::resume(g).await,
         Command::Drill(cmd) => cli::drill::drill(g, cmd).await,
+        Command::Completions { shell } => {
+            // Into a buffer first: the generator panics on a write error (a closed pipe).
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "tresor", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -125,6 +125,14 @@ pub(crate) enum Command {
     /// Prove a workload's twin comes up: restore it beside the original, probe it, remove it.
     #[command(subcommand)]
     Drill(DrillCommand),
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell), e.g.
+    /// `tresor completions bash > /etc/bash_completion.d/tresor`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `tresor man > /usr/local/share/man/man1/tresor.1`.
+    Man,
     /// Start again the containers a killed workload backup left stopped or paused (its
     /// quiesced-PID.json in the cache directory names them); the agent unit's ExecStopPost=.
     Resume(JsonFlag),

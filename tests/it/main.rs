@@ -12,6 +12,7 @@ mod fuzz_corpus;
 mod gc;
 mod hostile;
 mod oci;
+mod packaging;
 mod podman;
 mod postgres;
 mod s3;
