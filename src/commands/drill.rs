@@ -203,7 +203,9 @@ pub fn drill(
         engine_socket: what.engine_socket.clone(),
         allow_host_access: what.allow_host_access,
         beside_original: true,
-        keep_partial: what.keep,
+        // The drill removes its twin itself, whether it came up or not (`remove_twin`): the
+        // restore's own undo would do the same work first.
+        keep_partial: true,
     };
     let restored = restore(repo, rt, &snap, &restoring, registry);
     let mut report = DrillReport {
