@@ -1,16 +1,19 @@
 //! The local cache of chunk ids known to be in the repository.
 //!
 //! Deduplication asks "is this chunk stored already?" once per chunk; asking the store would cost
-//! a request per chunk. Instead the set of stored ids is kept in
-//! `CACHE_DIR/<repository id>/known-chunks` (32 raw bytes per id) and rebuilt from one listing
-//! of `chunks/` when the file is missing or unreadable. Losing the cache costs only that listing.
+//! a request per chunk. Instead the set of stored ids is kept on disk in
+//! `CACHE_DIR/<repository id>/` as a [`ChunkIndex`] (memory does not grow with the repository),
+//! and rebuilt from a listing of `chunks/`, one id prefix at a time, when it is missing or
+//! damaged. Without a cache directory it is built in a temporary directory for the run. Losing
+//! the cache costs only that listing.
 //!
-//! The cache is saved only after a backup's chunks are all stored, so it never claims a chunk
-//! whose upload failed. Ids are added to the in-memory set when their upload starts, so a chunk
-//! seen twice in one run is uploaded once.
+//! The ids a run stores are added to the index only after the backup's chunks are all stored,
+//! so it never claims a chunk whose upload failed. They are held in memory while the run lasts
+//! (added when their upload starts, so a chunk seen twice in one run is uploaded once): a run's
+//! memory grows with what it stores, not with what the repository holds.
 //!
 //! `gc` deletes chunks, so the cache is saved with a fingerprint of the sweeps the repository had
-//! finished when the backup began (`known-chunks.gc`); when the repository's fingerprint differs
+//! finished when it was built (in its manifest); when the repository's fingerprint differs
 //! the cache is rebuilt from a listing (see [`crate::gc`]). A cache that may be wrong is dropped
 //! with [`forget`]: `backup --force` does so, and so does a `verify` that found chunks missing,
 //! so a repository whose chunks were lost heals with the next backup.
@@ -21,20 +24,19 @@
 //! swapped or edited is noticed.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::chunkindex::ChunkIndex;
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
-use crate::localfile::{replace_with, write_atomically, PRIVATE};
+use crate::localfile::{write_atomically, PRIVATE};
 use crate::repository::{RepoConfig, Repository};
 
-const FILE_NAME: &str = "known-chunks";
-const GC_FILE_NAME: &str = "known-chunks.gc";
 const IDENTITIES_FILE: &str = "repositories.json";
 
 /// Creates `dir` (and missing parents) mode 0700, and checks that it is a directory of the
@@ -82,13 +84,9 @@ pub fn private_dir(dir: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::Io`] when the cache file exists and cannot be removed.
 pub fn forget(repo: &Repository, cache_dir: Option<&Path>) -> Result<()> {
-    let Some(dir) = cache_dir else {
-        return Ok(());
-    };
-    let file = dir.join(&repo.config().id).join(GC_FILE_NAME);
-    match std::fs::remove_file(&file) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(file, e)),
-        _ => Ok(()),
+    match cache_dir {
+        Some(dir) => ChunkIndex::forget(&dir.join(&repo.config().id)),
+        None => Ok(()),
     }
 }
 
@@ -211,92 +209,106 @@ impl Identities {
 /// Ids of chunks stored in a repository; see the module docs.
 #[derive(Debug)]
 pub struct KnownChunks {
-    set: Mutex<HashSet<ChunkId>>,
-    file: Option<PathBuf>,
-    /// The gc fingerprint the set is valid for.
-    gc: String,
+    /// The ids known when the run began, on disk.
+    saved: std::sync::RwLock<ChunkIndex>,
+    /// Ids claimed during this run.
+    added: Mutex<HashSet<ChunkId>>,
+    /// Ids this run must not take as stored although `saved` holds them (condemned by a gc
+    /// plan); never saved, as every session reads the live plans again.
+    removed: Mutex<HashSet<ChunkId>>,
+    /// Without a cache directory, the index lives here for the run only.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl KnownChunks {
     /// Loads the cache of `repo` from `cache_dir` if it was saved under the gc fingerprint `gc`,
-    /// or lists the store. With `cache_dir` unset nothing is read or saved on disk.
+    /// or lists the store into a new one. With `cache_dir` unset the index is built in a
+    /// temporary directory and dropped after the run.
+    ///
+    /// # Errors
+    /// [`Error::UnsafePath`] for a cache directory others control, store errors listing, and
+    /// [`Error::Io`] writing the index.
     pub async fn load(
         repo: &Repository,
         cache_dir: Option<&Path>,
         gc: &str,
     ) -> Result<KnownChunks> {
-        let file = match cache_dir {
+        let (dir, scratch) = match cache_dir {
             Some(d) => {
                 let dir = d.join(&repo.config().id);
                 private_dir(&dir)?;
-                Some(dir.join(FILE_NAME))
+                (dir, None)
             }
-            None => None,
+            None => {
+                let scratch = tempfile::Builder::new()
+                    .prefix("tresor-known-chunks-")
+                    .tempdir()
+                    .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+                (scratch.path().to_path_buf(), Some(scratch))
+            }
         };
-        let cached = file.as_deref().filter(|f| {
-            std::fs::read_to_string(f.with_file_name(GC_FILE_NAME)).is_ok_and(|saved| saved == gc)
-        });
-        let set = match cached.and_then(read_cache_file) {
-            Some(set) => set,
-            None => repo.list_chunks().await?.into_iter().collect(),
+        let saved = match ChunkIndex::open(&dir, gc) {
+            Some(saved) => saved,
+            None => rebuild(repo, &dir, gc).await?,
         };
         Ok(KnownChunks {
-            set: Mutex::new(set),
-            file,
-            gc: gc.to_string(),
+            saved: std::sync::RwLock::new(saved),
+            added: Mutex::default(),
+            removed: Mutex::default(),
+            _scratch: scratch,
         })
     }
 
     /// Records `id` as stored; returns `false` if it was known already.
     pub fn insert(&self, id: ChunkId) -> bool {
-        self.set.lock().expect("cache lock").insert(id)
+        if self.added.lock().expect("cache lock").contains(&id) {
+            return false;
+        }
+        let removed = self.removed.lock().expect("cache lock").contains(&id);
+        // A cache that cannot be read claims nothing: the chunk is stored again.
+        let saved = !removed
+            && self
+                .saved
+                .read()
+                .expect("cache lock")
+                .contains(&id)
+                .unwrap_or_else(|e| {
+                    tracing::warn!("chunk cache: {e}; storing the chunk again");
+                    false
+                });
+        // Two threads may race for the same new id: only one inserts it.
+        !saved && self.added.lock().expect("cache lock").insert(id)
     }
 
     /// Forgets `id` (its upload failed, or `gc` condemned it).
     pub fn remove(&self, id: &ChunkId) {
-        self.set.lock().expect("cache lock").remove(id);
+        self.added.lock().expect("cache lock").remove(id);
+        self.removed.lock().expect("cache lock").insert(*id);
     }
 
-    /// Number of known chunks.
-    pub fn len(&self) -> usize {
-        self.set.lock().expect("cache lock").len()
-    }
-
-    /// Whether no chunk is known.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Writes the cache file (atomically: a temporary file renamed into place).
+    /// Adds the ids this run stored to the saved index (see [`ChunkIndex::add`]).
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Corrupt`] from the index; the saved cache is then as before.
     pub fn save(&self) -> Result<()> {
-        let Some(file) = &self.file else {
-            return Ok(());
-        };
-        replace_with(file, PRIVATE, |out| {
-            let mut out = std::io::BufWriter::new(out);
-            for id in self.set.lock().expect("cache lock").iter() {
-                out.write_all(&id.0).map_err(|e| Error::io(file, e))?;
-            }
-            out.flush().map_err(|e| Error::io(file, e))
-        })?;
-        write_atomically(
-            &file.with_file_name(GC_FILE_NAME),
-            PRIVATE,
-            self.gc.as_bytes(),
-        )
+        let mut ids: Vec<ChunkId> = self.added.lock().expect("cache lock").drain().collect();
+        ids.sort_unstable();
+        self.saved.write().expect("cache lock").add(&ids)
     }
 }
 
-fn read_cache_file(path: &Path) -> Option<HashSet<ChunkId>> {
-    let bytes = std::fs::read(path).ok()?;
-    if bytes.len() % 32 != 0 {
-        tracing::warn!(cache = %path.display(), "chunk cache is damaged; rebuilding it from the store");
-        return None;
+/// Lists the store's chunks, one id prefix at a time, into a new index in `dir`: memory holds a
+/// few prefixes' listings, not the repository's.
+async fn rebuild(repo: &Repository, dir: &Path, gc: &str) -> Result<ChunkIndex> {
+    let mut writer = ChunkIndex::writer(dir)?;
+    let mut listings = std::pin::pin!(repo.chunk_listings());
+    while let Some(listing) = listings.next().await {
+        let mut ids: Vec<ChunkId> = listing?.into_iter().map(|c| c.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            writer.push(id)?;
+        }
     }
-    Some(
-        bytes
-            .chunks_exact(32)
-            .map(|c| ChunkId(c.try_into().expect("32 bytes")))
-            .collect(),
-    )
+    ChunkIndex::create(dir, gc, writer)
 }

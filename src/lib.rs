@@ -12,6 +12,7 @@ pub mod agent;
 pub mod cache;
 pub mod catalog;
 pub mod chunker;
+pub mod chunkindex;
 pub mod codec;
 pub mod commands;
 pub mod crypto;

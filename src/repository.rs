@@ -62,6 +62,18 @@ pub const SESSIONS_PREFIX: &str = "sessions";
 /// Store prefix of garbage collection plans and their markers.
 pub const GC_PREFIX: &str = "gc";
 const MAX_RECORD_LEN: usize = 64 << 20;
+/// Chunk prefixes listed at once by [`Repository::chunk_listings`].
+const LIST_AHEAD: usize = 8;
+
+/// A chunk object as a listing shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct StoredChunk {
+    pub id: ChunkId,
+    /// Its stored (encoded) size.
+    pub size: u64,
+    /// When it was last written (store clock).
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
 
 /// Reads and parses the `config` of the repository in `store`: a tresor config, of a format
 /// this build reads, with a well-formed id and chunker.
@@ -636,13 +648,35 @@ impl Repository {
         Ok(data.into())
     }
 
-    /// Lists the ids of every stored chunk.
-    pub async fn list_chunks(&self) -> Result<Vec<ChunkId>> {
-        let keys = self.store.list(CHUNKS_PREFIX).await?;
-        Ok(keys
-            .iter()
-            .filter_map(|(k, _)| k.rsplit('/').next().and_then(ChunkId::from_hex))
+    /// The stored chunks whose id begins with the byte `prefix` (`chunks/<2 hex>/`), with
+    /// their sizes and times.
+    pub async fn list_chunk_prefix(&self, prefix: u8) -> Result<Vec<StoredChunk>> {
+        let listed = self
+            .store
+            .list_modified(&format!("{CHUNKS_PREFIX}/{prefix:02x}"))
+            .await?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|l| {
+                let id = ChunkId::from_hex(l.key.rsplit('/').next()?)?;
+                Some(StoredChunk {
+                    id,
+                    size: l.size,
+                    modified: l.modified,
+                })
+            })
             .collect())
+    }
+
+    /// Every stored chunk, listed one id prefix at a time (in increasing order of prefix): the
+    /// 256 prefixes split the chunks evenly, so a caller that handles each listing before the
+    /// next holds 1/256 of the repository's listing at a time, not all of it (a few prefixes
+    /// are listed ahead to hide a remote store's latency).
+    pub fn chunk_listings(&self) -> impl futures::Stream<Item = Result<Vec<StoredChunk>>> + '_ {
+        use futures::StreamExt;
+        futures::stream::iter(0..=u8::MAX)
+            .map(|prefix| self.list_chunk_prefix(prefix))
+            .buffered(LIST_AHEAD)
     }
 
     /// Makes everything written so far durable; see [`Store::sync`].
@@ -1006,7 +1040,8 @@ mod tests {
         let other = repo.chunk_id(b"other");
         let err = repo.decode_chunk(&other, &raw).unwrap_err().to_string();
         assert!(err.contains(&other.to_hex()), "{err}");
-        assert_eq!(repo.list_chunks().await.unwrap(), vec![id]);
+        let listed = repo.list_chunk_prefix(id.0[0]).await.unwrap();
+        assert_eq!(listed.iter().map(|c| c.id).collect::<Vec<_>>(), vec![id]);
     }
 
     #[tokio::test]

@@ -260,7 +260,9 @@ impl Store {
     /// Like [`Store::list`], with each object's modification time (the store's clock).
     pub async fn list_modified(&self, prefix: &str) -> Result<Vec<Listing>> {
         let path = StorePath::from(prefix);
-        self.inner
+        #[allow(unused_mut)]
+        let mut listed: Vec<Listing> = self
+            .inner
             .list(Some(&path))
             .map_ok(|meta| Listing {
                 key: meta.location.to_string(),
@@ -269,7 +271,10 @@ impl Store {
             })
             .try_collect()
             .await
-            .map_err(|e| store_err("list", prefix, e))
+            .map_err(|e| store_err("list", prefix, e))?;
+        #[cfg(feature = "scale-harness")]
+        listed.extend(padding::listing(prefix));
+        Ok(listed)
     }
 
     /// Lists every key under `prefix` (recursively) with its size, in no particular order.
@@ -295,6 +300,52 @@ impl Store {
         })
         .await
         .expect("syncfs task panicked")
+    }
+}
+
+/// The scale harness (`--features scale-harness`, never in a release): listings of `chunks/`
+/// answer `TRESOR_SCALE_PAD_CHUNKS` more chunk objects than the store holds, generated, so that
+/// `benches/scale.sh` measures memory and time at millions of chunks without storing them.
+/// They are written "now", so `gc` never condemns them; nothing references or reads them.
+#[cfg(feature = "scale-harness")]
+mod padding {
+    use super::Listing;
+
+    fn count() -> u64 {
+        static COUNT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        *COUNT.get_or_init(|| {
+            std::env::var("TRESOR_SCALE_PAD_CHUNKS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        })
+    }
+
+    /// The generated chunk objects under `prefix` (`chunks` or `chunks/<2 hex>`): chunk `i`
+    /// has an id whose first byte is `i % 256`, the rest a hash of `i`.
+    pub(super) fn listing(prefix: &str) -> Vec<Listing> {
+        let first: Option<u8> = match prefix.trim_end_matches('/') {
+            "chunks" => None,
+            p => match p.strip_prefix("chunks/").map(|h| u8::from_str_radix(h, 16)) {
+                Some(Ok(byte)) => Some(byte),
+                _ => return Vec::new(),
+            },
+        };
+        let (start, step) = first.map_or((0, 1), |b| (u64::from(b), 256));
+        let now = chrono::Utc::now();
+        (start..count())
+            .step_by(step)
+            .map(|i| {
+                let mut id = *blake3::hash(&i.to_le_bytes()).as_bytes();
+                id[0] = (i % 256) as u8;
+                let hex = hex::encode(id);
+                Listing {
+                    key: format!("chunks/{}/{hex}", &hex[..2]),
+                    size: 1 << 20,
+                    modified: now,
+                }
+            })
+            .collect()
     }
 }
 

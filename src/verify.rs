@@ -4,8 +4,9 @@
 //! 1. **Structure**: every snapshot record is read and parsed, and every selected snapshot's
 //!    index (catalog or block ref list) is read, which checks its chunks on the way. This gives
 //!    the set of referenced data chunks.
-//! 2. **Existence**: one listing of `chunks/` (not one request per chunk) tells which
-//!    referenced chunks are missing and which stored chunks nothing references.
+//! 2. **Existence**: a listing of `chunks/` (one request per id prefix and page, not one per
+//!    chunk) tells which referenced chunks are missing and which stored chunks nothing
+//!    references.
 //! 3. **Data**, with `read_data`: each selected chunk is downloaded, decompressed, decrypted and
 //!    re-hashed once, however many snapshots use it, on all cores; nothing is written out.
 //!    Index chunks the first pass read are not fetched again.
@@ -350,7 +351,7 @@ struct Run<'a> {
     broken: HashSet<String>,
     /// Chunks missing or unreadable, with why.
     bad: BTreeMap<ChunkId, (ProblemKind, String)>,
-    /// Every stored chunk and its size, from one listing.
+    /// Every referenced chunk the store holds, with its stored size, from the listing.
     stored: HashMap<ChunkId, u64>,
 }
 
@@ -507,15 +508,27 @@ impl Run<'_> {
             .collect()
     }
 
-    /// Existence: one listing of `chunks/` says which referenced chunks are missing and, when
-    /// every snapshot is selected, which stored ones nothing references.
+    /// Existence: a listing of `chunks/` says which referenced chunks are missing and, when
+    /// every snapshot is selected, which stored ones nothing references. It is read one id
+    /// prefix at a time and only referenced chunks are kept, so memory does not grow with what
+    /// the store holds beside them.
     fn existence(&mut self, all_selected: bool) -> Result<()> {
-        self.stored = self
-            .rt
-            .block_on(self.repo.store().list(crate::repository::CHUNKS_PREFIX))?
-            .into_iter()
-            .filter_map(|(k, size)| Some((ChunkId::from_hex(k.rsplit('/').next()?)?, size)))
-            .collect();
+        let (repo, shard) = (self.repo, self.options.shard);
+        let (referenced, stored, stats) = (&self.referenced, &mut self.stored, &mut self.stats);
+        self.rt.block_on(async {
+            let mut listings = std::pin::pin!(repo.chunk_listings());
+            while let Some(listing) = listings.next().await {
+                for chunk in listing? {
+                    if referenced.contains_key(&chunk.id) {
+                        stored.insert(chunk.id, chunk.size);
+                    } else if all_selected && in_shard(shard, &chunk.id) {
+                        stats.chunks_unreferenced += 1;
+                        stats.bytes_unreferenced += chunk.size;
+                    }
+                }
+            }
+            Ok::<(), Error>(())
+        })?;
         for id in self.referenced.keys() {
             if !self.stored.contains_key(id) {
                 self.bad.insert(
@@ -525,14 +538,6 @@ impl Run<'_> {
             }
         }
         self.stats.chunks_missing = self.bad.len() as u64;
-        if all_selected {
-            for (id, size) in &self.stored {
-                if self.in_shard(id) && !self.referenced.contains_key(id) {
-                    self.stats.chunks_unreferenced += 1;
-                    self.stats.bytes_unreferenced += size;
-                }
-            }
-        }
         Ok(())
     }
 

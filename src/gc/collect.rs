@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::runtime::Handle;
 
@@ -15,9 +16,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
-use crate::repository::{
-    time_name, Repository, BLOBS_PREFIX, CHUNKS_PREFIX, GC_PREFIX, SESSIONS_PREFIX,
-};
+use crate::repository::{time_name, Repository, BLOBS_PREFIX, GC_PREFIX, SESSIONS_PREFIX};
 use crate::snapshot::{Listed, RootFormat, Snapshot};
 
 /// Keys deleted per request (S3 `DeleteObjects` takes up to 1000); the sweep checks its lease
@@ -133,20 +132,24 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
         chunk_sizes: Vec::new(),
         blob_indexes: Vec::new(),
     };
-    for obj in rt.block_on(repo.store().list_modified(CHUNKS_PREFIX))? {
-        let Some(id) = obj.key.rsplit('/').next().and_then(ChunkId::from_hex) else {
-            continue;
-        };
-        report.chunks_stored += 1;
-        report.bytes_stored += obj.size;
-        if obj.modified <= cutoff
-            && !referenced.chunks.contains(&id)
-            && !condemned_before.contains(&id)
-        {
-            plan.chunks.extend_from_slice(&id.0);
-            plan.chunk_sizes.push(obj.size as u32);
+    // One id prefix at a time: memory holds the referenced set and the plan, not the listing.
+    rt.block_on(async {
+        let mut listings = std::pin::pin!(repo.chunk_listings());
+        while let Some(listing) = listings.next().await {
+            for chunk in listing? {
+                report.chunks_stored += 1;
+                report.bytes_stored += chunk.size;
+                if chunk.modified <= cutoff
+                    && !referenced.chunks.contains(&chunk.id)
+                    && !condemned_before.contains(&chunk.id)
+                {
+                    plan.chunks.extend_from_slice(&chunk.id.0);
+                    plan.chunk_sizes.push(chunk.size as u32);
+                }
+            }
         }
-    }
+        Ok::<(), Error>(())
+    })?;
     for obj in rt.block_on(repo.store().list_modified(BLOBS_PREFIX))? {
         if obj.modified <= cutoff
             && !referenced.indexes.contains(&obj.key)

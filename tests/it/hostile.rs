@@ -381,17 +381,21 @@ fn the_chunk_cache_heals_and_must_be_private() {
     let src = env.path("src");
     build_tree(&src);
     let first = env.backup("t", &src, &[]);
+    let saved_caches = || {
+        fs::read_dir(env.path("cache"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().join("known-chunks.manifest").exists())
+            .count()
+    };
+    assert_eq!(saved_caches(), 1, "the backup saved no chunk cache");
     let chunk = env.largest_chunk();
     fs::remove_file(&chunk).unwrap();
     let verify = env.tresor(&["verify"]);
     assert!(!verify.status.success(), "verify missed the lost chunk");
-    let fingerprints: Vec<_> = fs::read_dir(env.path("cache"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().join("known-chunks.gc").exists())
-        .collect();
-    assert!(
-        fingerprints.is_empty(),
+    assert_eq!(
+        saved_caches(),
+        0,
         "verify kept a cache that lists a lost chunk"
     );
     env.backup("t", &src, &["--force"]);

@@ -30,7 +30,7 @@ pub struct FaultyStore {
     spared: std::sync::atomic::AtomicU64,
     state: std::sync::Mutex<u64>,
     pub injected: std::sync::atomic::AtomicU64,
-    /// Run once, before the first listing of this prefix: another host's work landing at that
+    /// Run once, before the first listing under this prefix: another host's work landing at that
     /// moment (a forget and a gc sweep between a verification's passes).
     before_list: std::sync::Mutex<Option<(String, ListHook)>>,
 }
@@ -177,7 +177,7 @@ impl ObjectStore for FaultyStore {
         let mut hook = self.before_list.lock().unwrap();
         let due = hook
             .as_ref()
-            .is_some_and(|(p, _)| prefix.is_some_and(|l| l.as_ref().ends_with(p.as_str())));
+            .is_some_and(|(p, _)| prefix.is_some_and(|l| l.as_ref().starts_with(p.as_str())));
         if due {
             let (_, then) = hook.take().expect("checked");
             then();
