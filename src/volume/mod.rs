@@ -10,6 +10,7 @@ mod backup;
 mod fsmeta;
 pub mod payload;
 mod restore;
+mod reuse;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -45,6 +45,7 @@ use rustix::fs::{FileType, OFlags};
 
 use super::fsmeta::{self, Target};
 use super::payload::{PayloadIndex, Piece};
+use super::reuse::{self, Keep, Use};
 
 /// Chunks fetched ahead of the writer, at most: enough requests in flight to hide a store's
 /// latency when chunks are small (a tree of small files from S3: 24 in flight restored 7,911
@@ -178,8 +179,12 @@ struct Part {
 enum Data {
     /// All zeros: nothing to fetch.
     Zero,
-    /// Being fetched; a payload chunk is kept for the files after this one that start in it.
-    Fetch(JoinHandle<Result<Bytes>>, Option<Stream>),
+    /// Being fetched; a payload chunk is kept for the files after this one that start in it,
+    /// and a chunk later places use too is kept as the reuse plan says.
+    Fetch(JoinHandle<Result<Bytes>>, Option<Stream>, Option<Keep>),
+    /// A chunk fetched for an earlier place and kept ([`reuse`]); `last` when no later place
+    /// uses it.
+    Again(Option<Stream>, bool),
     /// The payload chunk kept from the last part of this stream.
     Kept(Stream),
 }
@@ -236,13 +241,15 @@ pub(super) fn restore_tree_at(
             sub.clone(),
             Arc::clone(&budget),
         );
-        std::thread::spawn(move || read_catalog(repo, rt, &snap, sub, tx, &budget))
+        let scratch = root.try_clone().map_err(|e| Error::io(target, e))?;
+        std::thread::spawn(move || read_catalog(repo, rt, &snap, sub, scratch, tx, &budget))
     };
     let mut writer = TreeWriter {
         target: target.to_path_buf(),
         sub,
         chown: options.chown,
         special: options.special,
+        repo,
         rt,
         rx,
         budget: Arc::clone(&budget),
@@ -257,6 +264,7 @@ pub(super) fn restore_tree_at(
         progress,
         parts: 0,
         kept: [None, None],
+        reused: reuse::Kept::default(),
     };
     let result = writer.run();
     // Unblock the reader if the writer stopped early.
@@ -274,94 +282,138 @@ fn selected(path: &[u8], sub: &Option<Vec<u8>>) -> bool {
     }
 }
 
-fn read_catalog(
-    repo: Arc<Repository>,
-    rt: Handle,
+/// The parts of an entry's content, each with its payload chunk (stream, index) if it is one.
+type Parts = Vec<(Part, Option<(Stream, usize)>)>;
+
+/// Reads the selected entries of `snap` in catalog order with the parts of their content;
+/// `each` returns `false` to stop.
+fn each_entry(
+    catalog: &File,
     snap: &Listed,
-    sub: Option<Vec<u8>>,
-    tx: SyncSender<Msg>,
-    budget: &Budget,
-) {
-    let payload = match &snap.snapshot.payload {
-        Some(p) => match PayloadIndex::load(&repo, &rt, &snap.id, p) {
-            Ok(index) => Some(index),
-            Err(e) => {
-                let _ = tx.send(Msg::Failed(e));
-                return;
-            }
-        },
-        None => None,
-    };
-    // The payload chunk each stream's last part used, which the writer keeps.
-    let mut last: [Option<usize>; 2] = [None, None];
-    let stream = match snap.root_stream(&repo, &rt, u64::MAX) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = tx.send(Msg::Failed(e));
-            return;
-        }
-    };
+    payload: Option<&PayloadIndex>,
+    sub: &Option<Vec<u8>>,
+    mut each: impl FnMut(Entry, Parts) -> bool,
+) -> Result<()> {
+    let mut file = catalog;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io("(restore catalog copy)", e))?;
+    let stream = std::io::BufReader::with_capacity(1 << 20, file);
     let mut reader = CatalogReader::new(stream, snap.id.clone());
-    loop {
-        let entry = match reader.next_entry() {
-            Ok(Some(e)) => e,
-            Ok(None) => return,
-            Err(e) => {
-                let _ = tx.send(Msg::Failed(e));
-                return;
-            }
-        };
-        if !selected(&entry.path, &sub) || (sub.is_some() && entry.path.is_empty()) {
+    while let Some(entry) = reader.next_entry()? {
+        if !selected(&entry.path, sub) || (sub.is_some() && entry.path.is_empty()) {
             continue;
         }
         let wants_content = match entry.kind {
             EntryKind::File => true,
-            EntryKind::Hardlink => !entry.link.as_ref().is_some_and(|l| selected(l, &sub)),
+            EntryKind::Hardlink => !entry.link.as_ref().is_some_and(|l| selected(l, sub)),
             _ => false,
         };
-        // Each part with its payload chunk (stream, index), if it is one.
-        let parts: Vec<(Part, Option<(Stream, usize)>)> = match (wants_content, entry.slice) {
+        let parts: Parts = match (wants_content, entry.slice) {
             (false, _) => Vec::new(),
             (true, None) => entry
                 .content
                 .iter()
                 .map(|&chunk| (Part::whole(chunk), None))
                 .collect(),
-            (true, Some(_)) => {
-                match super::payload::pieces_of(payload.as_ref(), &snap.id, &entry) {
-                    Ok(pieces) => pieces
-                        .into_iter()
-                        .map(|p| (Part::of(&p), Some((p.stream, p.index))))
-                        .collect(),
-                    Err(e) => {
-                        let shown = entry.display_path();
-                        let _ = tx.send(Msg::Failed(e.context(format!("restoring {shown}"))));
-                        return;
-                    }
-                }
-            }
+            (true, Some(_)) => super::payload::pieces_of(payload, &snap.id, &entry)
+                .map_err(|e| e.context(format!("restoring {}", entry.display_path())))?
+                .into_iter()
+                .map(|p| (Part::of(&p), Some((p.stream, p.index))))
+                .collect(),
         };
-        if tx.send(Msg::Entry(entry, parts.len())).is_err() {
-            return;
+        if !each(entry, parts) {
+            break;
         }
-        for (mut part, place) in parts {
-            part.data = match place {
-                _ if part.chunk.is_zero() => Data::Zero,
-                Some((stream, index)) if last[stream as usize] == Some(index) => Data::Kept(stream),
-                _ => {
-                    if !budget.take(part.chunk.len.into()) {
-                        return;
-                    }
-                    if let Some((stream, index)) = place {
-                        last[stream as usize] = Some(index);
-                    }
-                    Data::Fetch(pipeline::fetch(&repo, &rt, part.chunk), place.map(|p| p.0))
-                }
-            };
-            if tx.send(Msg::Part(part)).is_err() {
-                return;
+    }
+    Ok(())
+}
+
+/// Which parts fetch their chunk: not a zero run, nor a file's start in the payload chunk the
+/// file before it in the same stream ended in (the writer keeps that one).
+#[derive(Default)]
+struct Fetches {
+    /// The payload chunk each stream's last fetched part used.
+    last: [Option<usize>; 2],
+}
+
+impl Fetches {
+    fn fetches(&mut self, part: &Part, place: Option<(Stream, usize)>) -> bool {
+        match place {
+            _ if part.chunk.is_zero() => false,
+            Some((stream, index)) if self.last[stream as usize] == Some(index) => false,
+            Some((stream, index)) => {
+                self.last[stream as usize] = Some(index);
+                true
             }
+            None => true,
         }
+    }
+}
+
+/// Reads the catalog of `snap` and sends its selected entries and their parts to the writer,
+/// fetching ahead within `budget`. The catalog is fetched once into an unnamed file in
+/// `scratch` (the target) and read from there twice ([`reuse`]).
+fn read_catalog(
+    repo: Arc<Repository>,
+    rt: Handle,
+    snap: &Listed,
+    sub: Option<Vec<u8>>,
+    scratch: OwnedFd,
+    tx: SyncSender<Msg>,
+    budget: &Budget,
+) {
+    let read = || -> Result<()> {
+        let payload = match &snap.snapshot.payload {
+            Some(p) => Some(PayloadIndex::load(&repo, &rt, &snap.id, p)?),
+            None => None,
+        };
+        let mut catalog = reuse::unnamed_file(scratch.as_fd())?;
+        let mut stream = snap.root_stream(&repo, &rt, u64::MAX)?;
+        std::io::copy(&mut stream, &mut catalog).map_err(pipeline::from_io)?;
+        // First pass: the chunks more than one place fetches (see `reuse`).
+        let mut counter = reuse::Counter::default();
+        let mut fetches = Fetches::default();
+        each_entry(&catalog, snap, payload.as_ref(), &sub, |_, parts| {
+            for (part, place) in &parts {
+                if fetches.fetches(part, *place) {
+                    counter.fetch(&part.chunk);
+                }
+            }
+            true
+        })?;
+        let mut plan = counter.plan();
+        let mut fetches = Fetches::default();
+        each_entry(&catalog, snap, payload.as_ref(), &sub, |entry, parts| {
+            if tx.send(Msg::Entry(entry, parts.len())).is_err() {
+                return false;
+            }
+            for (mut part, place) in parts {
+                let stream = place.map(|p| p.0);
+                part.data = if !fetches.fetches(&part, place) {
+                    match stream {
+                        Some(stream) if !part.chunk.is_zero() => Data::Kept(stream),
+                        _ => Data::Zero,
+                    }
+                } else {
+                    match plan.at(&part.chunk) {
+                        Use::Again { last } => Data::Again(stream, last),
+                        Use::Fetch(keep) => {
+                            if !budget.take(part.chunk.len.into()) {
+                                return false;
+                            }
+                            Data::Fetch(pipeline::fetch(&repo, &rt, part.chunk), stream, keep)
+                        }
+                    }
+                };
+                if tx.send(Msg::Part(part)).is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+    };
+    if let Err(e) = read() {
+        let _ = tx.send(Msg::Failed(e));
     }
 }
 
@@ -402,6 +454,7 @@ struct TreeWriter<'a> {
     sub: Option<Vec<u8>>,
     chown: bool,
     special: bool,
+    repo: Arc<Repository>,
     rt: Handle,
     rx: Receiver<Msg>,
     budget: Arc<Budget>,
@@ -417,6 +470,8 @@ struct TreeWriter<'a> {
     parts: usize,
     /// The payload chunk last fetched in each stream, for the files that start in it.
     kept: [Option<Bytes>; 2],
+    /// Chunks later places use, kept since their fetch ([`reuse`]).
+    reused: reuse::Kept,
 }
 
 /// Directories are made private and get their real mode once their children are written.
@@ -476,25 +531,65 @@ impl TreeWriter<'_> {
     }
 
     /// Consumes the parts of an entry that failed, keeping payload chunks for the files that
-    /// start in them.
+    /// start in them and chunks later places use.
     fn skip_parts(&mut self) -> Result<()> {
         while self.parts > 0 {
             self.parts -= 1;
             match self.rx.recv() {
                 Ok(Msg::Part(part)) => {
-                    if let Data::Fetch(h, stream) = part.data {
-                        let data = pipeline::wait(&self.rt, h);
-                        self.budget.give(part.chunk.len.into());
-                        if let (Some(stream), Ok(data)) = (stream, data) {
-                            self.kept[stream as usize] = Some(data);
-                        }
-                    }
+                    // Bad data shows again where it is used next, or stops the restore there.
+                    let _ = self.part_data(part, &[]);
                 }
                 Ok(Msg::Failed(err)) => return Err(err),
                 _ => unreachable!("a file's parts follow it"),
             }
         }
         Ok(())
+    }
+
+    /// The data of `part` (none for a zero run), fetched, kept or taken from what was kept;
+    /// keeps it for later places as the part says. `path` names the entry in errors.
+    fn part_data(&mut self, part: Part, path: &[u8]) -> Result<Option<Bytes>> {
+        let shown = || String::from_utf8_lossy(path).into_owned();
+        let (data, stream) = match part.data {
+            Data::Zero => return Ok(None),
+            Data::Fetch(h, stream, keep) => {
+                let data = pipeline::wait(&self.rt, h);
+                self.budget.give(part.chunk.len.into());
+                let data = data?;
+                self.report.chunks_verified += 1;
+                if let Some(keep) = keep {
+                    self.reused
+                        .keep(part.chunk.id, keep, &data, self.root.as_fd())?;
+                }
+                (data, stream)
+            }
+            Data::Again(stream, last) => match self.reused.take(&part.chunk.id, last)? {
+                Some(data) => (data, stream),
+                // Its first fetch was for an entry the target refused, and failed.
+                None => {
+                    let data = pipeline::wait(
+                        &self.rt,
+                        pipeline::fetch(&self.repo, &self.rt, part.chunk),
+                    )?;
+                    self.report.chunks_verified += 1;
+                    (data, stream)
+                }
+            },
+            Data::Kept(stream) => {
+                let data = self.kept[stream as usize]
+                    .clone()
+                    .ok_or_else(|| Error::Corrupt {
+                        object: format!("catalog entry {}", shown()),
+                        reason: "starts in a payload chunk that was never read".into(),
+                    })?;
+                return Ok(Some(data));
+            }
+        };
+        if let Some(stream) = stream {
+            self.kept[stream as usize] = Some(data.clone());
+        }
+        Ok(Some(data))
     }
 
     /// The mode to give `e`: setuid and setgid bits only where special files are allowed.
@@ -708,39 +803,23 @@ impl TreeWriter<'_> {
                 Ok(Msg::Failed(err)) => return Err(err),
                 _ => unreachable!("a file's parts follow it"),
             };
-            let data = match part.data {
-                Data::Zero => {
-                    file.seek(SeekFrom::Current(part.take.into()))
+            let (skip, take, chunk) = (part.skip, part.take, part.chunk);
+            match self.part_data(part, &e.path)? {
+                None => {
+                    file.seek(SeekFrom::Current(take.into()))
                         .map_err(|err| Error::io(shown, err))?;
-                    None
                 }
-                Data::Fetch(h, stream) => {
-                    let data = pipeline::wait(&self.rt, h);
-                    self.budget.give(part.chunk.len.into());
-                    let data = data?;
-                    self.report.chunks_verified += 1;
-                    if let Some(stream) = stream {
-                        self.kept[stream as usize] = Some(data.clone());
-                    }
-                    Some(data)
-                }
-                Data::Kept(stream) => Some(self.kept[stream as usize].clone().ok_or_else(
-                    || Error::Corrupt {
+                Some(data) => {
+                    let (skip, take) = (skip as usize, take as usize);
+                    let bytes = data.get(skip..skip + take).ok_or_else(|| Error::Corrupt {
                         object: format!("catalog entry {}", e.display_path()),
-                        reason: "starts in a payload chunk that was never read".into(),
-                    },
-                )?),
-            };
-            if let Some(data) = data {
-                let (skip, take) = (part.skip as usize, part.take as usize);
-                let bytes = data.get(skip..skip + take).ok_or_else(|| Error::Corrupt {
-                    object: format!("catalog entry {}", e.display_path()),
-                    reason: format!("its part of chunk {} is out of the chunk", part.chunk.id),
-                })?;
-                file.write_all(bytes).map_err(|err| Error::io(shown, err))?;
+                        reason: format!("its part of chunk {} is out of the chunk", chunk.id),
+                    })?;
+                    file.write_all(bytes).map_err(|err| Error::io(shown, err))?;
+                }
             }
-            written += u64::from(part.take);
-            self.progress.inc(part.take.into());
+            written += u64::from(take);
+            self.progress.inc(take.into());
         }
         if written != e.size {
             return Err(Error::Corrupt {

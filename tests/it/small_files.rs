@@ -6,8 +6,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 
-use crate::common::*;
+use crate::common::{self, *};
 
 const FILES: usize = 20_000;
 
@@ -214,4 +215,82 @@ fn deleted_small_files_are_reclaimed_once_the_padding_budget_is_passed() {
     let verify = env.json(&["verify", "--read-data"]);
     assert_eq!(verify["ok"], true, "{verify}");
     assert_eq!(verify["stats"]["chunks_unreferenced"], 0, "{verify}");
+}
+
+/// A tree whose directories repeat (three copies of one directory: small files packed in
+/// payload chunks, a large file in chunks of its own): the restore fetches each chunk once,
+/// keeping those used again (in memory and, past the bound, in a spill file), and writes every
+/// copy byte for byte.
+#[test]
+fn a_chunk_used_in_many_places_is_fetched_once_per_restore() {
+    let env = Env::new();
+    let src = env.path("src");
+    let one = src.join("copy-1");
+    small_tree(&one);
+    fs::write(one.join("big.bin"), random_bytes(6 << 20, 77)).unwrap();
+    for copy in ["copy-2", "copy-3"] {
+        let status = Command::new("cp")
+            .args([
+                "-a",
+                one.to_str().unwrap(),
+                src.join(copy).to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let snap = env.backup("copies", &src, &[]);
+    let id = snap["id"].as_str().unwrap().to_string();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let counting = Arc::new(std::sync::Mutex::new(None));
+    let store = env.store().wrapped({
+        let counting = Arc::clone(&counting);
+        move |inner| {
+            let store = Arc::new(common::faults::FaultyStore::counting(inner));
+            *counting.lock().unwrap() = Some(Arc::clone(&store));
+            store
+        }
+    });
+    let key = fs::read(env.key_file()).unwrap();
+    let repo = Arc::new(
+        rt.block_on(tresor::repository::Repository::open(
+            store,
+            common::with_key(key),
+            common::no_prompt,
+        ))
+        .unwrap(),
+    );
+    let listed = rt
+        .block_on(tresor::snapshot::resolve(&repo, &id, None))
+        .unwrap();
+    let out = env.path("out");
+    let report = tresor::volume::restore(
+        &repo,
+        rt.handle(),
+        &listed,
+        &out,
+        &Default::default(),
+        &tresor::progress::Progress::hidden(),
+    )
+    .unwrap();
+    assert_same_tree(&src, &out);
+    let counting = counting.lock().unwrap().take().unwrap();
+    let gets = counting.gets.lock().unwrap();
+    let chunk_gets: Vec<(&String, &u32)> = gets
+        .iter()
+        .filter(|(k, _)| k.starts_with("chunks/"))
+        .collect();
+    let stored = env.chunk_files().len();
+    let again: Vec<_> = chunk_gets.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        again.is_empty(),
+        "{} chunks fetched more than once, such as {:?}",
+        again.len(),
+        again.first()
+    );
+    // The repository holds this snapshot only: its catalog, payload lists and data, each
+    // stored once for the three copies, and the restore needed every one of them.
+    assert_eq!(chunk_gets.len(), stored);
+    assert!(report.chunks_verified > 0 && (report.chunks_verified as usize) < stored);
 }

@@ -30,6 +30,8 @@ pub struct FaultyStore {
     spared: std::sync::atomic::AtomicU64,
     state: std::sync::Mutex<u64>,
     pub injected: std::sync::atomic::AtomicU64,
+    /// Objects read, with how many times each (see [`FaultyStore::counting`]).
+    pub gets: std::sync::Mutex<std::collections::BTreeMap<String, u32>>,
     /// Run once, before the first listing under this prefix: another host's work landing at that
     /// moment (a forget and a gc sweep between a verification's passes).
     before_list: std::sync::Mutex<Option<(String, ListHook)>>,
@@ -52,6 +54,7 @@ impl FaultyStore {
             state: std::sync::Mutex::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
             injected: std::sync::atomic::AtomicU64::new(0),
             before_list: std::sync::Mutex::new(None),
+            gets: std::sync::Mutex::default(),
         }
     }
 
@@ -64,6 +67,11 @@ impl FaultyStore {
         let store = FaultyStore::flaky(inner, 0, 0.0, 0.0, 0);
         *store.before_list.lock().unwrap() = Some((prefix.to_string(), Box::new(then)));
         store
+    }
+
+    /// A store that only counts the reads of each object, in `gets`.
+    pub fn counting(inner: Arc<dyn ObjectStore>) -> FaultyStore {
+        FaultyStore::flaky(inner, 0, 0.0, 0.0, 0)
     }
 
     pub fn append_only(inner: Arc<dyn ObjectStore>) -> FaultyStore {
@@ -151,6 +159,12 @@ impl ObjectStore for FaultyStore {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         self.fault("get", location).await?;
+        *self
+            .gets
+            .lock()
+            .unwrap()
+            .entry(location.to_string())
+            .or_default() += 1;
         self.inner.get_opts(location, options).await
     }
 
