@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Restore of a tree whose directories repeat: three copies of this machine's /usr/share (many
+# small files, packed by tresor into payload chunks, and larger ones), by tresor and restic on
+# the same data in the same run, from the local store and from Garage on loopback (with
+# LATENCY_MS, behind benches/latency-proxy.py, as a remote store). Each restored tree is
+# compared with the source.
+#
+#   benches/repeated.sh
+#   LATENCY_MS=20 TARGETS=garage benches/repeated.sh
+#   TRESOR_OTHER=/path/to/tresor benches/repeated.sh   # also another build (the one before)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BENCH_DIR="${BENCH_DIR:-/tmp/tresor-repeated-bench}"
+export PATH="${TRESOR_CI_TOOLS:-$HOME/.cache/tresor-ci}/bin:$PATH"
+source benches/lib.sh
+SRC="$BENCH_DIR/src"
+if [ ! -e "$SRC/.complete" ]; then
+    rm -rf "$SRC" && mkdir -p "$SRC"
+    for i in 1 2 3; do cp -a /usr/share "$SRC/share-$i"; done
+    touch "$SRC/.complete"
+fi
+BYTES=$(du -sb --apparent-size "$SRC" | cut -f1)
+cargo build --release --quiet
+echo "tree: $((BYTES / 1000000)) MB in $(find "$SRC" -type f | wc -l) files (three copies); $(nproc) cores"
+
+start_garage "$BENCH_DIR/garage"
+garage bucket create bench >/dev/null
+garage bucket allow --read --write --owner bench --key bench >/dev/null
+S3_ENDPOINT_PORT=$S3_PORT
+if [ -n "${LATENCY_MS:-}" ]; then
+    S3_ENDPOINT_PORT=$(free_port)
+    python3 benches/latency-proxy.py "$S3_ENDPOINT_PORT" "$S3_PORT" "$LATENCY_MS" &
+    PROXY_PID=$!
+    trap 'kill $GARAGE_PID $PROXY_PID 2>/dev/null' EXIT
+    sleep 0.5
+    echo "Garage behind a proxy adding ${LATENCY_MS} ms per request"
+fi
+
+check() {
+    diff -r --no-dereference "$SRC" "$BENCH_DIR/out" >/dev/null && echo "    restored tree equal"
+    rm -rf "$BENCH_DIR/out"
+}
+
+for target in ${TARGETS:-local garage}; do
+    if [ $target = local ]; then
+        export TRESOR_REPO="file://$BENCH_DIR/repo" RESTIC_REPOSITORY="$BENCH_DIR/restic-repo"
+    else
+        export TRESOR_REPO="s3://bench/repo" TRESOR_S3_ENDPOINT="http://127.0.0.1:$S3_ENDPOINT_PORT"
+        export TRESOR_S3_ALLOW_HTTP=true TRESOR_S3_REGION=garage
+        export RESTIC_REPOSITORY="s3:http://127.0.0.1:$S3_ENDPOINT_PORT/bench/restic"
+        export AWS_ACCESS_KEY_ID=$KEY_ID AWS_SECRET_ACCESS_KEY=$KEY_SECRET AWS_DEFAULT_REGION=garage
+    fi
+    export TRESOR_CACHE_DIR="$BENCH_DIR/cache" TRESOR_KEY_FILE="$BENCH_DIR/key" RESTIC_PASSWORD=tresor-bench
+    rm -rf "$BENCH_DIR/repo" "$BENCH_DIR/cache" "$BENCH_DIR/key" "$BENCH_DIR/restic-repo" "$BENCH_DIR/out"
+    target/release/tresor init >/dev/null 2>&1
+    target/release/tresor -q backup volume tree "$SRC"
+    for build in this ${TRESOR_OTHER:+other}; do
+        bin="$PWD/target/release/tresor"
+        [ $build = other ] && bin=$TRESOR_OTHER
+        run "$target: tresor $build restore" "$BYTES" "$bin" -q restore volume tree --to "$BENCH_DIR/out"
+        check
+    done
+    if command -v restic >/dev/null; then
+        restic init -q
+        restic -q backup "$SRC" >/dev/null
+        run "$target: restic restore" "$BYTES" restic -q restore latest --target "$BENCH_DIR/out"
+        # restic restores the absolute path below the target.
+        mv "$BENCH_DIR/out" "$BENCH_DIR/out.restic" && mv "$BENCH_DIR/out.restic$SRC" "$BENCH_DIR/out"
+        rm -rf "$BENCH_DIR/out.restic"
+        check
+    fi
+done
