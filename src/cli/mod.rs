@@ -41,10 +41,18 @@ use zeroize::Zeroizing;
 /// of an operation some of whose parts failed.
 pub(crate) const EXIT_PARTIAL: u8 = 3;
 
+/// `tresor --version`: with the repository formats this build reads and the one `init`
+/// writes, which a packager or an operator choosing a binary for a DR host needs (a unit test
+/// holds it to [`tresor::repository::FORMAT_VERSION`]).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (reads repository formats 1 and 2; init writes format 2)"
+);
+
 /// Digital-twin backups of container workloads: OCI images and volumes, deduplicated into a
 /// sovereign object store, restorable elsewhere byte for byte.
 #[derive(Parser)]
-#[command(name = "tresor", version, propagate_version = true)]
+#[command(name = "tresor", version = VERSION, propagate_version = true)]
 pub(crate) struct Cli {
     #[command(flatten)]
     pub(crate) global: Global,
@@ -362,4 +370,14 @@ pub(crate) async fn resume(g: &Global) -> anyhow::Result<std::process::ExitCode>
     } else {
         std::process::ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_version_names_the_formats_this_build_reads_and_writes() {
+        let newest = tresor::repository::FORMAT_VERSION;
+        assert!(super::VERSION.contains(&format!("formats 1 and {newest};")));
+        assert!(super::VERSION.ends_with(&format!("init writes format {newest})")));
+    }
 }

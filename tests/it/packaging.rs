@@ -1,5 +1,6 @@
 //! What a packager takes from the binary: shell completions and the manual page, generated from
-//! the CLI itself, so they name every command there is.
+//! the CLI itself, so they name every command there is, and a version that names the
+//! repository formats.
 
 use crate::common::*;
 
@@ -21,6 +22,12 @@ fn completions_and_the_manual_page_come_from_the_cli() {
     }
     let out = env.tresor(&["completions", "tcsh"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = env.tresor(&["--version"]);
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        version.starts_with("tresor ") && version.contains("reads repository formats 1 and 2"),
+        "{version}"
+    );
     let out = env.tresor(&["man"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let page = String::from_utf8_lossy(&out.stdout);
