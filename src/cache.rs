@@ -217,7 +217,7 @@ pub struct KnownChunks {
     /// plan); never saved, as every session reads the live plans again.
     removed: Mutex<HashSet<ChunkId>>,
     /// Without a cache directory, the index lives here for the run only.
-    _scratch: Option<tempfile::TempDir>,
+    scratch: Option<tempfile::TempDir>,
 }
 
 impl KnownChunks {
@@ -255,7 +255,7 @@ impl KnownChunks {
             saved: std::sync::RwLock::new(saved),
             added: Mutex::default(),
             removed: Mutex::default(),
-            _scratch: scratch,
+            scratch,
         })
     }
 
@@ -291,6 +291,10 @@ impl KnownChunks {
     /// # Errors
     /// [`Error::Io`] or [`Error::Corrupt`] from the index; the saved cache is then as before.
     pub fn save(&self) -> Result<()> {
+        if self.scratch.is_some() {
+            // Nobody reads a scratch index after the run.
+            return Ok(());
+        }
         let mut ids: Vec<ChunkId> = self.added.lock().expect("cache lock").drain().collect();
         ids.sort_unstable();
         self.saved.write().expect("cache lock").add(&ids)

@@ -177,6 +177,11 @@ impl Store {
         }
     }
 
+    /// Whether it is a `file://` store, on this host's own disk.
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
     /// The normalised URL, for messages.
     pub fn url(&self) -> &str {
         &self.url

@@ -381,7 +381,7 @@ fn read_catalog(
             }
             true
         })?;
-        let mut plan = counter.plan();
+        let mut plan = counter.plan(!repo.store().is_local());
         let mut fetches = Fetches::default();
         each_entry(&catalog, snap, payload.as_ref(), &sub, |entry, parts| {
             if tx.send(Msg::Entry(entry, parts.len())).is_err() {

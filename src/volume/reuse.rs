@@ -8,8 +8,13 @@
 //! would fetch it ([`Counter`]), the second
 //! restores and keeps each chunk counted more than once from its first fetch until its last
 //! use. The reader decides where each is kept ([`Plan`]): in memory up to [`MEMORY`] bytes,
-//! beyond that in a spill file (unnamed, on the target's file system when it allows
-//! `O_TMPFILE`, else in the temporary directory), so the bound holds however many chunks recur.
+//! beyond that, from a remote store, in a spill file (unnamed, on the target's file system when
+//! it allows `O_TMPFILE`, else in the temporary directory), so the bound holds however many
+//! chunks recur. From a local store a chunk beyond the bound is read again instead: the
+//! repository is a file on a local disk like the spill file would be, and reading it again
+//! runs on all cores ahead of the writer, while the spill file is written and read by the
+//! writer itself (a tree of three copies of /usr/share on tmpfs restored in 9.4 s with a spill
+//! file, 6.0 s without).
 //! The writer holds them ([`Kept`]); a chunk that is not there when a later place needs it
 //! (its first fetch failed on an entry the target refused) is fetched again.
 //!
@@ -41,14 +46,16 @@ impl Counter {
         *self.uses.entry(chunk.id).or_default() += 1;
     }
 
-    /// The plan for the restore: chunks fetched by more than one place.
-    pub fn plan(mut self) -> Plan {
+    /// The plan for the restore: chunks fetched by more than one place, kept beyond the
+    /// memory bound only with `spill`.
+    pub fn plan(mut self, spill: bool) -> Plan {
         self.uses.retain(|_, n| *n > 1);
         self.uses.shrink_to_fit();
         Plan {
             left: self.uses,
             kept: HashMap::new(),
             memory: 0,
+            spill,
         }
     }
 }
@@ -76,6 +83,8 @@ pub struct Plan {
     /// Bytes of chunks kept in memory now (as the reader sees it: the writer frees them when
     /// it reaches their last use, a little later).
     memory: u64,
+    /// Whether chunks beyond the memory bound go to the spill file, or are fetched again.
+    spill: bool,
 }
 
 impl Plan {
@@ -99,15 +108,23 @@ impl Plan {
                 }
                 Use::Again { last }
             }
+            // Not kept (no room when it was last fetched): fetched here, and kept if a later
+            // place needs it and there is room now.
             None => {
-                let keep = if self.memory + u64::from(chunk.len) <= MEMORY {
+                let keep = if last {
+                    None
+                } else if self.memory + u64::from(chunk.len) <= MEMORY {
                     self.memory += u64::from(chunk.len);
-                    Keep::Memory
+                    Some(Keep::Memory)
+                } else if self.spill {
+                    Some(Keep::Spill)
                 } else {
-                    Keep::Spill
+                    None
                 };
-                self.kept.insert(chunk.id, keep);
-                Use::Fetch(Some(keep))
+                if let Some(keep) = keep {
+                    self.kept.insert(chunk.id, keep);
+                }
+                Use::Fetch(keep)
             }
         }
     }
@@ -239,9 +256,18 @@ mod tests {
             chunk(1, big),
             chunk(3, big),
         ];
-        let mut counter = Counter::default();
-        places.iter().for_each(|c| counter.fetch(c));
-        let mut plan = counter.plan();
+        let plan_of = |spill| {
+            let mut counter = Counter::default();
+            places.iter().for_each(|c| counter.fetch(c));
+            counter.plan(spill)
+        };
+        // Without a spill file, the chunk that does not fit is fetched at each place.
+        let mut plan = plan_of(false);
+        let uses: Vec<Use> = places.iter().map(|c| plan.at(c)).collect();
+        assert_eq!(uses[2], Use::Fetch(None));
+        assert_eq!(uses[5], Use::Fetch(None));
+        assert_eq!(uses[8], Use::Fetch(None));
+        let mut plan = plan_of(true);
         let uses: Vec<Use> = places.iter().map(|c| plan.at(c)).collect();
         assert_eq!(
             uses,
