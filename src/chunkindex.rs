@@ -4,13 +4,13 @@
 //! of memory on a host that should give a backup agent a few hundred MiB (restic's and kopia's
 //! indexes hit this wall). So the set lives in a directory as a few **runs**: files of sorted
 //! ids, each with a small table that says where each id prefix starts. A lookup reads one
-//! table entry from memory and one bucket of about [`BUCKET_IDS`] ids (4 KiB) from the file,
+//! table entry from memory and one bucket of about 128 ids (4 KiB) from the file,
 //! for each run; the page cache, not the process, holds what is hot. Memory per run is the
 //! table: at most 2^16 offsets (512 KiB), whatever the number of ids.
 //!
 //! **Adding** writes the new ids as a new run; runs are merged (a streaming merge, never a
 //! rewrite of everything on every save) when the newest is at least a quarter of the one before
-//! it, or when there are more than [`MAX_RUNS`], so each id is rewritten a logarithmic number of
+//! it, or when there are more than six, so each id is rewritten a logarithmic number of
 //! times. **Which runs make the set** is said by one manifest file, replaced atomically after
 //! the runs it names are written and synced; runs it no longer names are deleted after it. A
 //! crash at any point leaves the old manifest with its runs or the new one with its runs, never
