@@ -235,6 +235,10 @@ pub struct MetricsConfig {
     /// Prometheus textfile written after every job (node_exporter's textfile collector).
     #[serde(default)]
     pub textfile: Option<PathBuf>,
+    /// Address to serve the same metrics on, `GET /metrics` (e.g. `127.0.0.1:9436`); read
+    /// when the agent starts (a reload keeps the address it has).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {

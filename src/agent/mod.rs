@@ -9,12 +9,13 @@
 
 pub mod config;
 pub mod hook;
+mod metrics;
 mod notify;
 pub mod schedule;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Local};
@@ -29,6 +30,7 @@ use crate::progress::Progress;
 use crate::repository::Repository;
 use crate::store::StoreOptions;
 use config::{AgentConfig, JobConfig, JobKind};
+use metrics::Metrics;
 use notify::notify;
 use schedule::Schedule;
 
@@ -52,25 +54,12 @@ impl Outcome {
     }
 }
 
-/// Per-job figures for the metrics file.
-#[derive(Clone, Debug, Default)]
-struct JobMetrics {
-    last_success: Option<i64>,
-    last_duration: f64,
-    last_ok: bool,
-    failures: u64,
-    /// Failed runs by the kind of their error ([`crate::ErrorKind::name`]).
-    failures_by_kind: BTreeMap<&'static str, u64>,
-    bytes_read: u64,
-    bytes_new: u64,
-}
-
 /// Everything a job needs.
 struct Context {
     config: AgentConfig,
     repo: Arc<Repository>,
     cache_dir: PathBuf,
-    metrics: Mutex<BTreeMap<String, JobMetrics>>,
+    metrics: Arc<Metrics>,
 }
 
 fn env_dir(var: &str, fallback: &str) -> PathBuf {
@@ -81,7 +70,8 @@ fn env_dir(var: &str, fallback: &str) -> PathBuf {
 }
 
 impl Context {
-    async fn new(config: AgentConfig) -> Result<Context> {
+    /// The context of `config`; `metrics` outlive it (a reload keeps them).
+    async fn new(config: AgentConfig, metrics: Arc<Metrics>) -> Result<Context> {
         let r = &config.repository;
         let cache_dir = config
             .cache_dir
@@ -119,7 +109,7 @@ impl Context {
             config,
             repo,
             cache_dir,
-            metrics: Mutex::new(BTreeMap::new()),
+            metrics,
         })
     }
 }
@@ -132,7 +122,7 @@ pub fn check_config(path: &Path) -> Result<AgentConfig> {
 /// Runs every job once (workload members as part of their workload) and returns how many
 /// failed. SIGTERM stops it like the service.
 pub async fn run_once(path: &Path) -> Result<usize> {
-    let ctx = Arc::new(Context::new(AgentConfig::load(path)?).await?);
+    let ctx = Arc::new(Context::new(AgentConfig::load(path)?, Arc::default()).await?);
     let members: Vec<String> = ctx
         .config
         .jobs
@@ -178,7 +168,11 @@ async fn stop_job(handle: tokio::task::JoinHandle<bool>) {
 
 /// Runs the agent as a service until SIGTERM.
 pub async fn run_service(path: &Path) -> Result<()> {
-    let mut ctx = Arc::new(Context::new(AgentConfig::load(path)?).await?);
+    let metrics: Arc<Metrics> = Arc::default();
+    let mut ctx = Arc::new(Context::new(AgentConfig::load(path)?, Arc::clone(&metrics)).await?);
+    if let Some(addr) = ctx.config.metrics.listen {
+        metrics::serve(addr, Arc::clone(&metrics)).await?;
+    }
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| Error::io("signal", e))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| Error::io("signal", e))?;
     if let Some(every) = notify::watchdog_interval() {
@@ -239,7 +233,7 @@ pub async fn run_service(path: &Path) -> Result<()> {
             _ = sighup.recv() => {
                 notify("RELOADING=1");
                 match AgentConfig::load(path) {
-                    Ok(config) => match Context::new(config).await {
+                    Ok(config) => match Context::new(config, Arc::clone(&metrics)).await {
                         Ok(new) => {
                             ctx = Arc::new(new);
                             next = plan(&ctx.config, Local::now(), &BTreeMap::new());
@@ -316,8 +310,8 @@ fn run_with_retries(ctx: &Context, rt: &Handle, name: &str) -> bool {
             Err(e) => break Err(e),
         }
     };
-    let mut metrics = ctx.metrics.lock().expect("metrics lock");
-    let m = metrics.entry(name.to_string()).or_default();
+    let mut jobs = ctx.metrics.jobs.lock().expect("metrics lock");
+    let m = jobs.entry(name.to_string()).or_default();
     m.last_duration = started.elapsed().as_secs_f64();
     let ok = match result {
         Ok(outcome) => {
@@ -337,7 +331,7 @@ fn run_with_retries(ctx: &Context, rt: &Handle, name: &str) -> bool {
         }
     };
     if let Some(path) = &ctx.config.metrics.textfile {
-        if let Err(e) = write_metrics(path, &metrics) {
+        if let Err(e) = write_atomically(path, SHARED, metrics::render(&jobs).as_bytes()) {
             tracing::warn!("cannot write metrics to {}: {e}", path.display());
         }
     }
@@ -689,63 +683,4 @@ fn duration(
             .map_err(|e| Error::Config(format!("job {}: {field}: {e}", job.name))),
         None => Ok(default),
     }
-}
-
-fn write_metrics(path: &Path, metrics: &BTreeMap<String, JobMetrics>) -> Result<()> {
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, value: &dyn Fn(&JobMetrics) -> Option<f64>| {
-        out.push_str(&format!(
-            "# HELP tresor_job_{name} {help}\n# TYPE tresor_job_{name} gauge\n"
-        ));
-        for (job, m) in metrics {
-            if let Some(v) = value(m) {
-                let job = job.replace('\\', "\\\\").replace('"', "\\\"");
-                out.push_str(&format!("tresor_job_{name}{{job=\"{job}\"}} {v}\n"));
-            }
-        }
-    };
-    gauge(
-        "last_success_timestamp_seconds",
-        "When the job last succeeded.",
-        &|m| m.last_success.map(|t| t as f64),
-    );
-    gauge(
-        "last_duration_seconds",
-        "How long the last run took, retries included.",
-        &|m| Some(m.last_duration),
-    );
-    gauge("last_run_ok", "1 if the last run succeeded.", &|m| {
-        Some(m.last_ok as u8 as f64)
-    });
-    gauge("failures", "Failed runs since the agent started.", &|m| {
-        Some(m.failures as f64)
-    });
-    gauge(
-        "bytes_read",
-        "Bytes read by the last successful run.",
-        &|m| Some(m.bytes_read as f64),
-    );
-    gauge(
-        "bytes_new",
-        "New bytes stored by the last successful run.",
-        &|m| Some(m.bytes_new as f64),
-    );
-    gauge(
-        "dedup_ratio",
-        "Share of the bytes read that were already stored.",
-        &|m| (m.bytes_read > 0).then(|| 1.0 - m.bytes_new as f64 / m.bytes_read as f64),
-    );
-    out.push_str(
-        "# HELP tresor_job_failures_by_kind Failed runs since the agent started, by the kind of error.\n\
-         # TYPE tresor_job_failures_by_kind gauge\n",
-    );
-    for (job, m) in metrics {
-        let job = job.replace('\\', "\\\\").replace('"', "\\\"");
-        for (kind, n) in &m.failures_by_kind {
-            out.push_str(&format!(
-                "tresor_job_failures_by_kind{{job=\"{job}\",kind=\"{kind}\"}} {n}\n"
-            ));
-        }
-    }
-    write_atomically(path, SHARED, out.as_bytes())
 }

@@ -296,6 +296,84 @@ fn readiness_status_reload_and_stop() {
     );
 }
 
+/// `[metrics] listen`: the running agent serves its job metrics over HTTP; a scrape parses
+/// with a Prometheus text parser and shows the job that ran, another path is a 404, and a
+/// client that connects and says nothing does not stop the next scrape.
+#[test]
+fn the_agent_serves_its_metrics_on_listen() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a"), b"metrics").unwrap();
+    let port = free_port();
+    let config = write_config(
+        &env,
+        &format!(
+            "[[job]]\nname = \"vol\"\ntype = \"volume\"\npath = \"{}\"\nschedule = \"every 2s\"\n",
+            src.display()
+        ),
+    );
+    let text = fs::read_to_string(&config).unwrap().replace(
+        "[metrics]\n",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    fs::write(&config, text).unwrap();
+    let mut child = Guard(
+        agent(&env, &config, &[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let get = |path: &str| -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    // A client that connects and sends nothing.
+    let listening = Instant::now() + Duration::from_secs(30);
+    let _idle = loop {
+        if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            break s;
+        }
+        assert!(Instant::now() < listening, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let response = get("/metrics").expect("the endpoint answers");
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        let body = response.split("\r\n\r\n").nth(1).unwrap().to_string();
+        if body.contains("tresor_job_last_run_ok{job=\"vol\"}") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "the job never ran: {body}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let gauge = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get("job") == Some("vol"))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) => v,
+                _ => panic!("{name} is not a gauge"),
+            })
+    };
+    assert_eq!(gauge("tresor_job_last_run_ok"), Some(1.0), "{body}");
+    assert_eq!(gauge("tresor_job_failures"), Some(0.0), "{body}");
+    assert!(gauge("tresor_job_last_success_timestamp_seconds").unwrap() > 1.7e9);
+    let missing = get("/other").unwrap();
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    signal(&child.0, libc::SIGTERM);
+    assert!(wait_exit(&mut child.0, Duration::from_secs(20)).success());
+}
+
 #[test]
 fn sigterm_during_a_large_backup_stops_in_bounded_time() {
     let env = Env::new();
