@@ -164,6 +164,9 @@ pub enum Error {
     #[error("no snapshot matches {0:?}")]
     SnapshotNotFound(String),
 
+    #[error("snapshot {snapshot} has no path {path:?}")]
+    PathNotFound { snapshot: String, path: String },
+
     #[error("snapshot reference {reference:?} is ambiguous; it matches {matches}")]
     AmbiguousSnapshot { reference: String, matches: String },
 
@@ -226,7 +229,9 @@ impl Error {
             Error::UnsafePath { .. } | Error::UnsafeRecord { .. } | Error::HostAccess { .. } => {
                 ErrorKind::Unsafe
             }
-            Error::SnapshotNotFound(_) | Error::AmbiguousSnapshot { .. } => ErrorKind::NotFound,
+            Error::SnapshotNotFound(_)
+            | Error::PathNotFound { .. }
+            | Error::AmbiguousSnapshot { .. } => ErrorKind::NotFound,
             Error::Context { .. } => unreachable!("root() strips context"),
         }
     }
@@ -275,6 +280,7 @@ impl Error {
                 _ => None,
             },
             Error::SnapshotNotFound(_) => Some("list snapshots with `tresor snapshots`"),
+            Error::PathNotFound { .. } => Some("`tresor ls SNAP` lists the paths of a snapshot"),
             Error::UnsafeRecord { .. } => Some(
                 "no tresor writes such a record: someone with write access to the store may have forged it; audit the store",
             ),

@@ -116,7 +116,7 @@ pub(crate) enum Command {
     /// Manage the key slots of an encrypted repository.
     #[command(subcommand)]
     Key(KeyCommand),
-    /// List the manifests and blobs of an image snapshot.
+    /// List a volume tree's entries (below PATH), or an image snapshot's manifests and blobs
     Ls(LsArgs),
     /// Run the jobs of an agent.toml on their schedules (the systemd service).
     Agent(AgentArgs),

@@ -79,14 +79,28 @@ pub(crate) async fn snapshots(g: &Global, args: &SnapshotsArgs) -> anyhow::Resul
 pub(crate) struct LsArgs {
     #[command(flatten)]
     pub(crate) out: JsonFlag,
-    /// Image snapshot id, unique prefix, or source reference.
+    /// Snapshot id, unique prefix, or name (its newest snapshot): a volume tree's entries, or an
+    /// image's manifests and blobs.
     pub(crate) snapshot: String,
+    /// Only this path of a tree and what is below it (relative, as stored).
+    pub(crate) path: Option<String>,
 }
 
 pub(crate) async fn ls(g: &Global, args: &LsArgs) -> anyhow::Result<ExitCode> {
     let repo = open(g).await?;
-    let snap = snapshot::resolve(&repo, &args.snapshot, Some(Kind::Image)).await?;
+    let snap = snapshot::resolve(&repo, &args.snapshot, None).await?;
     let rt = tokio::runtime::Handle::current();
+    if snap.snapshot.kind != Kind::Image {
+        let (json, path) = (g.json, args.path.clone());
+        tokio::task::spawn_blocking(move || ls_tree(&repo, &rt, &snap, path.as_deref(), json))
+            .await??;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.path.is_some() {
+        anyhow::bail!(
+            "an image snapshot has no paths; `tresor ls SNAP` lists its manifests and blobs"
+        );
+    }
     let record =
         tokio::task::spawn_blocking(move || tresor::oci::load_record(&repo, &rt, &snap)).await??;
     if g.json {
@@ -129,6 +143,105 @@ pub(crate) async fn ls(g: &Global, args: &LsArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the entries of a tree snapshot under `path`: `ls -l` lines, or with `json` a JSON
+/// array with one entry per line, written as the catalog is read.
+fn ls_tree(
+    repo: &std::sync::Arc<tresor::repository::Repository>,
+    rt: &tokio::runtime::Handle,
+    snap: &tresor::snapshot::Listed,
+    path: Option<&str>,
+    json: bool,
+) -> tresor::Result<()> {
+    use std::io::Write;
+    use tresor::catalog::EntryKind;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut first = true;
+    let mut failed = None;
+    tresor::volume::browse::entries(repo, rt, snap, path, |e| {
+        let (kind, letter) = match e.kind {
+            EntryKind::Dir => ("dir", 'd'),
+            EntryKind::File => ("file", '-'),
+            EntryKind::Symlink => ("symlink", 'l'),
+            EntryKind::Hardlink => ("hardlink", 'h'),
+            EntryKind::Fifo => ("fifo", 'p'),
+            EntryKind::Socket => ("socket", 's'),
+            EntryKind::CharDevice => ("char", 'c'),
+            EntryKind::BlockDevice => ("block", 'b'),
+        };
+        let mtime = chrono::DateTime::from_timestamp(
+            e.mtime_ns.div_euclid(1_000_000_000),
+            e.mtime_ns.rem_euclid(1_000_000_000) as u32,
+        )
+        .unwrap_or_default();
+        let link = e.link.as_deref().map(String::from_utf8_lossy);
+        let line = if json {
+            let entry = json!({
+                "path": e.display_path(), "type": kind, "mode": format!("{:o}", e.mode),
+                "uid": e.uid, "gid": e.gid, "user": e.user, "group": e.group, "size": e.size,
+                "mtime": mtime.to_rfc3339(), "link": link,
+            });
+            let sep = if first { "[\n" } else { ",\n" };
+            format!("{sep}{entry}")
+        } else {
+            let owner = e.user.clone().unwrap_or_else(|| e.uid.to_string());
+            let group = e.group.clone().unwrap_or_else(|| e.gid.to_string());
+            let arrow = match (&e.kind, &link) {
+                (EntryKind::Symlink, Some(l)) => format!(" -> {l}"),
+                (EntryKind::Hardlink, Some(l)) => format!(" => {l}"),
+                _ => String::new(),
+            };
+            format!(
+                "{letter}{} {owner}/{group} {:>12} {} {}{arrow}\n",
+                permissions(e.mode),
+                e.size,
+                mtime.format("%Y-%m-%d %H:%M:%S"),
+                e.display_path()
+            )
+        };
+        first = false;
+        match out.write_all(line.as_bytes()) {
+            Ok(()) => true,
+            Err(err) => {
+                failed = Some(err);
+                false
+            }
+        }
+    })?;
+    let end = match (json, first) {
+        (false, _) => "",
+        (true, true) => "[]\n",
+        (true, false) => "\n]\n",
+    };
+    let written = out.write_all(end.as_bytes()).and_then(|()| out.flush());
+    match failed.map_or(written, Err) {
+        // A closed pipe (`| head`) is the reader's choice, not a failure.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(tresor::Error::io("(stdout)", e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `rwxr-xr-x` for the permission bits of `mode`, with setuid, setgid and sticky.
+fn permissions(mode: u32) -> String {
+    let mut s: Vec<u8> = b"rwxrwxrwx".to_vec();
+    for (i, c) in s.iter_mut().enumerate() {
+        if mode & (0o400 >> i) == 0 {
+            *c = b'-';
+        }
+    }
+    for (bit, at, lower, upper) in [
+        (0o4000, 2, b's', b'S'),
+        (0o2000, 5, b's', b'S'),
+        (0o1000, 8, b't', b'T'),
+    ] {
+        if mode & bit != 0 {
+            s[at] = if s[at] == b'x' { lower } else { upper };
+        }
+    }
+    String::from_utf8(s).expect("ascii")
 }
 
 #[derive(Args)]

@@ -7,6 +7,7 @@
 //! an incremental run reads only what changed.
 
 mod backup;
+pub mod browse;
 mod fsmeta;
 pub mod payload;
 mod restore;

@@ -275,7 +275,8 @@ pub(super) fn restore_tree_at(
     Ok(writer.report)
 }
 
-fn selected(path: &[u8], sub: &Option<Vec<u8>>) -> bool {
+/// Whether `path` is `sub` or below it (everything when `sub` is `None`).
+pub(super) fn selected(path: &[u8], sub: &Option<Vec<u8>>) -> bool {
     match sub {
         None => true,
         Some(s) => path.starts_with(s) && (path.len() == s.len() || path[s.len()] == b'/'),

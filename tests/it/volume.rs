@@ -113,6 +113,81 @@ fn sub_path_restore_and_snapshot_references() {
     );
 }
 
+/// `tresor ls`: a tree snapshot's entries with their metadata, all of them or below a path,
+/// as text and JSON; a path the snapshot lacks and one that would leave the tree are named.
+#[test]
+fn ls_lists_a_tree_or_a_path_with_metadata() {
+    let env = Env::new();
+    let src = env.path("src");
+    build_tree(&src);
+    env.backup("data", &src, &[]);
+    let all = env.json(&["ls", "data"]);
+    let entries = all.as_array().unwrap();
+    let walked = walkdir_count(&src);
+    assert_eq!(
+        entries.len(),
+        walked,
+        "one entry per file, directory and link"
+    );
+    let sub = entries
+        .iter()
+        .find(|e| e["path"] == "dir/sub")
+        .expect("dir/sub listed");
+    assert_eq!(sub["type"], "dir");
+    assert_eq!(sub["mode"], "750");
+    let small = entries.iter().find(|e| e["path"] == "small.txt").unwrap();
+    assert_eq!(
+        small["size"].as_u64().unwrap(),
+        fs::metadata(src.join("small.txt")).unwrap().len()
+    );
+    let below = env.json(&["ls", "data", "dir/sub"]);
+    let paths: Vec<&str> = below
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert!(paths[0] == "dir/sub" && paths.len() > 1, "{paths:?}");
+    assert!(paths.iter().all(|p| p.starts_with("dir/sub")), "{paths:?}");
+    let text = env.tresor(&["ls", "data", "dir/sub"]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines().next().unwrap().starts_with("drwxr-x--- "),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), paths.len());
+
+    let missing = env.tresor(&["ls", "data", "no/such"]);
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("has no path \"no/such\""),
+        "{}",
+        stderr(&missing)
+    );
+    let escaping = env.tresor(&["ls", "data", "../etc"]);
+    assert!(!escaping.status.success());
+    assert!(
+        stderr(&escaping).contains("unsafe path"),
+        "{}",
+        stderr(&escaping)
+    );
+}
+
+/// Entries below `root`, `root` included, as a catalog lists them.
+fn walkdir_count(root: &std::path::Path) -> usize {
+    let mut n = 1;
+    for e in fs::read_dir(root).unwrap() {
+        let e = e.unwrap();
+        n += if e.file_type().unwrap().is_dir() {
+            walkdir_count(&e.path())
+        } else {
+            1
+        };
+    }
+    n
+}
+
 #[test]
 fn unchanged_tree_is_not_read_again_and_dedups() {
     let env = Env::new();
