@@ -21,7 +21,7 @@ pub(crate) use gc::GcArgs;
 pub(crate) use init::InitArgs;
 pub(crate) use key::KeyCommand;
 pub(crate) use restore::RestoreCommand;
-pub(crate) use snapshots::{ForgetArgs, LsArgs, ProtectArgs, SnapshotsArgs};
+pub(crate) use snapshots::{DiffArgs, ForgetArgs, LsArgs, ProtectArgs, SnapshotsArgs};
 pub(crate) use verify::{VerifyArgs, EXIT_VERIFY_FAILED};
 
 use anyhow::Context;
@@ -118,6 +118,8 @@ pub(crate) enum Command {
     Key(KeyCommand),
     /// List a volume tree's entries (below PATH), or an image snapshot's manifests and blobs
     Ls(LsArgs),
+    /// What changed from one volume tree snapshot to another: added, removed, modified entries
+    Diff(DiffArgs),
     /// Run the jobs of an agent.toml on their schedules (the systemd service).
     Agent(AgentArgs),
     /// Remove snapshots that a retention policy does not keep, per source (host, kind, name).

@@ -245,6 +245,79 @@ fn permissions(mode: u32) -> String {
 }
 
 #[derive(Args)]
+pub(crate) struct DiffArgs {
+    #[command(flatten)]
+    pub(crate) out: JsonFlag,
+    /// The older snapshot: id, unique prefix, or name (its newest snapshot).
+    pub(crate) old: String,
+    /// The newer snapshot.
+    pub(crate) new: String,
+}
+
+/// `tresor diff`: one line per changed entry (`+` added, `-` removed, `M` content modified,
+/// `U` metadata only, with what changed) and a count; with `--json` an array, one change per
+/// line, written as the catalogs are read.
+pub(crate) async fn diff(g: &Global, args: &DiffArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    use tresor::volume::browse::ChangeKind;
+    let repo = open(g).await?;
+    let old = snapshot::resolve(&repo, &args.old, None).await?;
+    let new = snapshot::resolve(&repo, &args.new, None).await?;
+    let (rt, json) = (tokio::runtime::Handle::current(), g.json);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        let mut counts = [0u64; 3];
+        let mut failed = None;
+        tresor::volume::browse::diff(&repo, &rt, &old, &new, |c| {
+            let n = counts.iter().sum::<u64>();
+            counts[c.change as usize] += 1;
+            let line = if json {
+                let sep = if n == 0 { "[\n" } else { ",\n" };
+                format!(
+                    "{sep}{}",
+                    serde_json::to_string(&c).expect("a change serialises")
+                )
+            } else {
+                let mark = match (c.change, c.content) {
+                    (ChangeKind::Added, _) => "+",
+                    (ChangeKind::Removed, _) => "-",
+                    (ChangeKind::Modified, true) => "M",
+                    (ChangeKind::Modified, false) => "U",
+                };
+                let what = if c.metadata.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", c.metadata.join(", "))
+                };
+                format!("{mark}    {}{what}\n", c.path)
+            };
+            match out.write_all(line.as_bytes()) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        })?;
+        let end = match (json, counts.iter().sum::<u64>()) {
+            (true, 0) => "[]\n".to_string(),
+            (true, _) => "\n]\n".to_string(),
+            (false, _) => format!(
+                "{} added, {} removed, {} modified\n",
+                counts[0], counts[1], counts[2]
+            ),
+        };
+        let written = out.write_all(end.as_bytes()).and_then(|()| out.flush());
+        match failed.map_or(written, Err) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+            _ => Ok(()),
+        }
+    })
+    .await??;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
 pub(crate) struct ProtectArgs {
     /// Snapshot id, unique id prefix (4+ hex digits), or name (its newest snapshot).
     pub(crate) snapshot: String,

@@ -1,6 +1,10 @@
-//! Browsing a tree snapshot without restoring it: its entries under a path (`tresor ls`).
+//! Browsing tree snapshots without restoring them: the entries under a path (`tresor ls`), and
+//! what changed between two snapshots (`tresor diff`).
 
+use std::cmp::Ordering;
 use std::sync::Arc;
+
+use serde::Serialize;
 
 use tokio::runtime::Handle;
 
@@ -54,4 +58,151 @@ pub fn entries(
         });
     }
     Ok(())
+}
+
+/// How an entry differs between two snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Change {
+    /// Its path (relative; `.` for the root).
+    pub path: String,
+    pub change: ChangeKind,
+    /// With [`ChangeKind::Modified`]: its content (bytes, link target) differs.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub content: bool,
+    /// With [`ChangeKind::Modified`]: the metadata that differs (`type`, `mode`, `owner`,
+    /// `mtime`, `xattrs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub metadata: Vec<&'static str>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Added,
+    Removed,
+    Modified,
+}
+
+/// The order of a catalog (a sorted depth-first walk): paths compared component by component,
+/// so a directory comes before what it holds and siblings by name.
+fn catalog_order(a: &[u8], b: &[u8]) -> Ordering {
+    a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/'))
+}
+
+/// What differs between entries `a` (older) and `b` of the same path, if anything.
+fn compare(a: &Entry, b: &Entry) -> Option<Change> {
+    let mut metadata = Vec::new();
+    if a.kind != b.kind {
+        metadata.push("type");
+    }
+    if a.mode != b.mode {
+        metadata.push("mode");
+    }
+    if (a.uid, a.gid) != (b.uid, b.gid) {
+        metadata.push("owner");
+    }
+    if a.mtime_ns != b.mtime_ns {
+        metadata.push("mtime");
+    }
+    if a.xattrs != b.xattrs {
+        metadata.push("xattrs");
+    }
+    // A file's bytes: its content id where the payload holds it, else its chunk refs.
+    let content = a.size != b.size
+        || a.link != b.link
+        || a.rdev != b.rdev
+        || match (a.hash, b.hash) {
+            (Some(x), Some(y)) => x != y,
+            _ => a.content != b.content || a.slice.is_some() != b.slice.is_some(),
+        };
+    (content || !metadata.is_empty()).then(|| Change {
+        path: b.display_path(),
+        change: ChangeKind::Modified,
+        content,
+        metadata,
+    })
+}
+
+/// Calls `each` with every difference from tree snapshot `a` to `b`, in catalog order: both
+/// catalogs are read once, side by side. `each` returns `false` to stop.
+///
+/// # Errors
+/// [`Error::Config`] when either is not a tree, and the catalogs' read errors.
+pub fn diff(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    a: &Listed,
+    b: &Listed,
+    mut each: impl FnMut(Change) -> bool,
+) -> Result<()> {
+    for snap in [a, b] {
+        if snap.snapshot.root_format != RootFormat::Tree {
+            return Err(Error::Config(format!(
+                "snapshot {} is not a tree: only volume trees are compared",
+                &snap.id[..8.min(snap.id.len())]
+            )));
+        }
+    }
+    let mut old = CatalogReader::new(a.root_stream(repo, rt, u64::MAX)?, a.id.clone());
+    let mut new = CatalogReader::new(b.root_stream(repo, rt, u64::MAX)?, b.id.clone());
+    let (mut x, mut y) = (old.next_entry()?, new.next_entry()?);
+    loop {
+        let change = match (&x, &y) {
+            (None, None) => return Ok(()),
+            (Some(e), Some(f)) if e.path == f.path => {
+                let change = compare(e, f);
+                (x, y) = (old.next_entry()?, new.next_entry()?);
+                change
+            }
+            (Some(e), Some(f)) if catalog_order(&e.path, &f.path) == Ordering::Less => {
+                let change = removed(e);
+                x = old.next_entry()?;
+                Some(change)
+            }
+            (Some(e), None) => {
+                let change = removed(e);
+                x = old.next_entry()?;
+                Some(change)
+            }
+            (_, Some(f)) => {
+                let change = Change {
+                    path: f.display_path(),
+                    change: ChangeKind::Added,
+                    content: false,
+                    metadata: Vec::new(),
+                };
+                y = new.next_entry()?;
+                Some(change)
+            }
+        };
+        if let Some(change) = change {
+            if !each(change) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn removed(e: &Entry) -> Change {
+    Change {
+        path: e.display_path(),
+        change: ChangeKind::Removed,
+        content: false,
+        metadata: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_order_is_a_sorted_depth_first_walk() {
+        let mut paths: Vec<&[u8]> = vec![b"b", b"a/z", b"a", b"a.txt", b"", b"a/b/c", b"a/b"];
+        paths.sort_by(|a, b| catalog_order(a, b));
+        assert_eq!(
+            paths,
+            [&b""[..], b"a", b"a/b", b"a/b/c", b"a/z", b"a.txt", b"b"]
+        );
+    }
 }

@@ -174,6 +174,76 @@ fn ls_lists_a_tree_or_a_path_with_metadata() {
     );
 }
 
+/// `tresor diff`: between two snapshots of a tree, exactly the file added, the file removed,
+/// the file whose bytes changed and the one whose mode changed (besides the directories whose
+/// mtime moved with them); a snapshot against itself differs in nothing.
+#[test]
+fn diff_names_what_changed_between_two_snapshots() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("a"), random_bytes(300_000, 5)).unwrap();
+    fs::write(src.join("b"), b"to be removed").unwrap();
+    fs::write(src.join("d/c"), b"mode changes").unwrap();
+    fs::write(src.join("z"), b"unchanged").unwrap();
+    let first = env.backup("data", &src, &[]);
+    let mut a = fs::OpenOptions::new()
+        .append(true)
+        .open(src.join("a"))
+        .unwrap();
+    a.write_all(b"more").unwrap();
+    drop(a);
+    fs::remove_file(src.join("b")).unwrap();
+    fs::set_permissions(src.join("d/c"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(src.join("d/new"), b"added").unwrap();
+    let second = env.backup("data", &src, &[]);
+    let (old, new) = (
+        first["id"].as_str().unwrap(),
+        second["id"].as_str().unwrap(),
+    );
+
+    let changes = env.json(&["diff", old, new]);
+    let mut seen: Vec<(String, String, bool, Vec<String>)> = Vec::new();
+    for c in changes.as_array().unwrap() {
+        let path = c["path"].as_str().unwrap().to_string();
+        let metadata: Vec<String> = c["metadata"]
+            .as_array()
+            .map(|m| m.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default();
+        let content = c["content"].as_bool().unwrap_or(false);
+        if path == "." || path == "d" {
+            assert_eq!(metadata, ["mtime"], "{c}");
+            continue;
+        }
+        seen.push((
+            path,
+            c["change"].as_str().unwrap().into(),
+            content,
+            metadata,
+        ));
+    }
+    let content_change = seen.iter().find(|c| c.0 == "a").expect("a changed");
+    assert!(
+        content_change.1 == "modified" && content_change.2,
+        "{content_change:?}"
+    );
+    let mode_change = seen.iter().find(|c| c.0 == "d/c").expect("d/c changed");
+    assert_eq!(mode_change.3, ["mode"], "{mode_change:?}");
+    assert!(!mode_change.2, "d/c's bytes did not change");
+    assert!(seen.contains(&("b".into(), "removed".into(), false, vec![])));
+    assert!(seen.contains(&("d/new".into(), "added".into(), false, vec![])));
+    assert_eq!(seen.len(), 4, "only those: {seen:?}");
+
+    let text = env.tresor(&["diff", old, new]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("-    b\n") && text.contains("+    d/new\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("1 added, 1 removed, 4 modified\n"), "{text}");
+    assert_eq!(env.json(&["diff", new, new]), serde_json::json!([]));
+}
+
 /// Entries below `root`, `root` included, as a catalog lists them.
 fn walkdir_count(root: &std::path::Path) -> usize {
     let mut n = 1;
