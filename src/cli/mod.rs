@@ -21,7 +21,7 @@ pub(crate) use gc::GcArgs;
 pub(crate) use init::InitArgs;
 pub(crate) use key::KeyCommand;
 pub(crate) use restore::RestoreCommand;
-pub(crate) use snapshots::{DiffArgs, ForgetArgs, LsArgs, ProtectArgs, SnapshotsArgs};
+pub(crate) use snapshots::{DiffArgs, DumpArgs, ForgetArgs, LsArgs, ProtectArgs, SnapshotsArgs};
 pub(crate) use verify::{VerifyArgs, EXIT_VERIFY_FAILED};
 
 use anyhow::Context;
@@ -120,6 +120,8 @@ pub(crate) enum Command {
     Ls(LsArgs),
     /// What changed from one volume tree snapshot to another: added, removed, modified entries
     Diff(DiffArgs),
+    /// Write one file of a volume tree snapshot to stdout, checked as a restore checks it
+    Dump(DumpArgs),
     /// Run the jobs of an agent.toml on their schedules (the systemd service).
     Agent(AgentArgs),
     /// Remove snapshots that a retention policy does not keep, per source (host, kind, name).

@@ -245,6 +245,29 @@ fn permissions(mode: u32) -> String {
 }
 
 #[derive(Args)]
+pub(crate) struct DumpArgs {
+    /// Snapshot id, unique prefix, or name (its newest snapshot).
+    pub(crate) snapshot: String,
+    /// The file's path in the tree (relative, as `tresor ls` lists it).
+    pub(crate) path: String,
+}
+
+/// `tresor dump`: the file's bytes on stdout (`> FILE`, or a pipe).
+pub(crate) async fn dump(g: &Global, args: &DumpArgs) -> anyhow::Result<ExitCode> {
+    let repo = open(g).await?;
+    let snap = snapshot::resolve(&repo, &args.snapshot, None).await?;
+    let (rt, path) = (tokio::runtime::Handle::current(), args.path.clone());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        tresor::volume::browse::dump(&repo, &rt, &snap, &path, &mut out)?;
+        std::io::Write::flush(&mut out)?;
+        Ok(())
+    })
+    .await??;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
 pub(crate) struct DiffArgs {
     #[command(flatten)]
     pub(crate) out: JsonFlag,

@@ -1,5 +1,5 @@
-//! Browsing tree snapshots without restoring them: the entries under a path (`tresor ls`), and
-//! what changed between two snapshots (`tresor diff`).
+//! Browsing tree snapshots without restoring them: the entries under a path (`tresor ls`), one
+//! file's bytes (`tresor dump`), and what changed between two snapshots (`tresor diff`).
 
 use std::cmp::Ordering;
 use std::sync::Arc;
@@ -8,8 +8,11 @@ use serde::Serialize;
 
 use tokio::runtime::Handle;
 
-use crate::catalog::{self, CatalogReader, Entry};
+use super::payload::{pieces_of, PayloadIndex};
+use crate::catalog::{self, CatalogReader, Entry, EntryKind};
 use crate::error::{Error, Result};
+use crate::id::ChunkRef;
+use crate::pipeline;
 use crate::repository::Repository;
 use crate::snapshot::{Listed, RootFormat};
 
@@ -58,6 +61,94 @@ pub fn entries(
         });
     }
     Ok(())
+}
+
+/// Chunks fetched ahead while a file is dumped.
+const DUMP_AHEAD: usize = 8;
+
+/// Writes the bytes of the file at `path` in tree snapshot `snap` to `out`, each chunk checked
+/// as a restore checks it, and returns how many. Blocking reads: call it off the runtime.
+///
+/// # Errors
+/// [`Error::PathNotFound`] when no entry has `path`, [`Error::Config`] when it is not a file
+/// (a directory is restored with `restore volume --path`), [`Error::Corrupt`] for bad data,
+/// [`Error::Io`] writing `out`.
+pub fn dump(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    snap: &Listed,
+    path: &str,
+    out: &mut impl std::io::Write,
+) -> Result<u64> {
+    let wanted = path.trim_matches('/');
+    let mut found = None;
+    entries(repo, rt, snap, Some(path), |e| {
+        if e.path == wanted.as_bytes() {
+            found = Some(e);
+        }
+        false
+    })?;
+    let entry = found.ok_or_else(|| Error::PathNotFound {
+        snapshot: snap.id[..8.min(snap.id.len())].to_string(),
+        path: path.to_string(),
+    })?;
+    if !matches!(entry.kind, EntryKind::File | EntryKind::Hardlink) {
+        return Err(Error::Config(format!(
+            "{path} is a {:?} entry, not a file: `tresor ls` shows it, `restore volume --path` restores it",
+            entry.kind
+        )
+        .to_lowercase()));
+    }
+    // Each part of its content: a chunk, and the bytes of it that belong to the file.
+    let parts: Vec<(ChunkRef, u32, u32)> = match &snap.snapshot.payload {
+        Some(p) if entry.slice.is_some() => {
+            let index = PayloadIndex::load(repo, rt, &snap.id, p)?;
+            pieces_of(Some(&index), &snap.id, &entry)?
+                .into_iter()
+                .map(|piece| (piece.chunk, piece.skip, piece.take))
+                .collect()
+        }
+        _ => pieces_of(None, &snap.id, &entry)?
+            .into_iter()
+            .map(|piece| (piece.chunk, piece.skip, piece.take))
+            .chain(entry.content.iter().map(|&c| (c, 0, c.len)))
+            .collect(),
+    };
+    let shown = entry.display_path();
+    let mut pending = std::collections::VecDeque::new();
+    let mut parts = parts.into_iter();
+    let mut written = 0u64;
+    loop {
+        while pending.len() < DUMP_AHEAD {
+            let Some((chunk, skip, take)) = parts.next() else {
+                break;
+            };
+            pending.push_back((pipeline::fetch(repo, rt, chunk), chunk, skip, take));
+        }
+        let Some((fetch, chunk, skip, take)) = pending.pop_front() else {
+            break;
+        };
+        let data = pipeline::wait(rt, fetch).map_err(|e| e.context(format!("dumping {shown}")))?;
+        let bytes = data
+            .get(skip as usize..skip as usize + take as usize)
+            .ok_or_else(|| Error::Corrupt {
+                object: format!("catalog entry {shown}"),
+                reason: format!("its part of chunk {} is out of the chunk", chunk.id),
+            })?;
+        out.write_all(bytes)
+            .map_err(|e| Error::io("(dump output)", e))?;
+        written += u64::from(take);
+    }
+    if written != entry.size {
+        return Err(Error::Corrupt {
+            object: format!("catalog entry {shown}"),
+            reason: format!(
+                "content adds up to {written} bytes, the entry says {}",
+                entry.size
+            ),
+        });
+    }
+    Ok(written)
 }
 
 /// How an entry differs between two snapshots.

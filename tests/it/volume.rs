@@ -174,6 +174,26 @@ fn ls_lists_a_tree_or_a_path_with_metadata() {
     );
 }
 
+/// `tresor dump`: a large file (its own chunks), a small one (a slice of the payload) and a
+/// hardlink come out byte for byte; a directory and a missing path are refused by name.
+#[test]
+fn dump_writes_one_file_byte_for_byte() {
+    let env = Env::new();
+    let src = env.path("src");
+    build_tree(&src);
+    env.backup("data", &src, &[]);
+    for path in ["multi.bin", "small.txt", "dir/sub/hard2"] {
+        let out = env.tresor(&["dump", "data", path]);
+        assert!(out.status.success(), "{path}: {}", stderr(&out));
+        assert_eq!(out.stdout, fs::read(src.join(path)).unwrap(), "{path}");
+    }
+    let dir = env.tresor(&["dump", "data", "dir"]);
+    assert!(!dir.status.success());
+    assert!(stderr(&dir).contains("not a file"), "{}", stderr(&dir));
+    let missing = env.tresor(&["dump", "data", "nope"]);
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+}
+
 /// `tresor diff`: between two snapshots of a tree, exactly the file added, the file removed,
 /// the file whose bytes changed and the one whose mode changed (besides the directories whose
 /// mtime moved with them); a snapshot against itself differs in nothing.
