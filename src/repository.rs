@@ -655,11 +655,14 @@ impl Repository {
             .store
             .list_modified(&format!("{CHUNKS_PREFIX}/{prefix:02x}"))
             .await?;
+        // Only objects at their id's own key count: one a store put elsewhere under this
+        // prefix would claim a chunk whose key holds nothing (and break the sorted order the
+        // chunk cache is built in).
         Ok(listed
             .into_iter()
             .filter_map(|l| {
                 let id = ChunkId::from_hex(l.key.rsplit('/').next()?)?;
-                Some(StoredChunk {
+                (l.key == Self::chunk_key(&id)).then_some(StoredChunk {
                     id,
                     size: l.size,
                     modified: l.modified,
@@ -1040,8 +1043,14 @@ mod tests {
         let other = repo.chunk_id(b"other");
         let err = repo.decode_chunk(&other, &raw).unwrap_err().to_string();
         assert!(err.contains(&other.to_hex()), "{err}");
-        let listed = repo.list_chunk_prefix(id.0[0]).await.unwrap();
-        assert_eq!(listed.iter().map(|c| c.id).collect::<Vec<_>>(), vec![id]);
+        // A copy under another prefix's directory is not taken for a stored chunk.
+        let misplaced = format!("{CHUNKS_PREFIX}/{:02x}/{}", id.0[0] ^ 1, id.to_hex());
+        repo.store().put(&misplaced, raw.clone()).await.unwrap();
+        for prefix in [id.0[0], id.0[0] ^ 1] {
+            let listed = repo.list_chunk_prefix(prefix).await.unwrap();
+            let expected = if prefix == id.0[0] { vec![id] } else { vec![] };
+            assert_eq!(listed.iter().map(|c| c.id).collect::<Vec<_>>(), expected);
+        }
     }
 
     #[tokio::test]

@@ -265,8 +265,7 @@ impl Store {
     /// Like [`Store::list`], with each object's modification time (the store's clock).
     pub async fn list_modified(&self, prefix: &str) -> Result<Vec<Listing>> {
         let path = StorePath::from(prefix);
-        #[allow(unused_mut)]
-        let mut listed: Vec<Listing> = self
+        let listed: Vec<Listing> = self
             .inner
             .list(Some(&path))
             .map_ok(|meta| Listing {
@@ -278,7 +277,7 @@ impl Store {
             .await
             .map_err(|e| store_err("list", prefix, e))?;
         #[cfg(feature = "scale-harness")]
-        listed.extend(padding::listing(prefix));
+        let listed = [listed, padding::listing(prefix)].concat();
         Ok(listed)
     }
 

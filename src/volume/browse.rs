@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 
 use super::payload::{pieces_of, PayloadIndex};
-use crate::catalog::{self, CatalogReader, Entry, EntryKind};
+use crate::catalog::{CatalogReader, Entry, EntryKind};
 use crate::error::{Error, Result};
 use crate::id::ChunkRef;
 use crate::pipeline;
@@ -37,12 +37,7 @@ pub fn entries(
             &snap.id[..8.min(snap.id.len())]
         )));
     }
-    let sub = path
-        .map(|p| p.trim_matches('/').as_bytes().to_vec())
-        .filter(|p| !p.is_empty());
-    if let Some(s) = &sub {
-        catalog::validate_path(s)?;
-    }
+    let sub = super::restore::selection(path)?;
     let mut reader = CatalogReader::new(snap.root_stream(repo, rt, u64::MAX)?, snap.id.clone());
     let mut found = sub.is_none();
     while let Some(entry) = reader.next_entry()? {

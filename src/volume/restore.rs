@@ -148,16 +148,23 @@ impl RestoreOptions {
     /// # Errors
     /// [`Error::UnsafePath`] for a path that would leave the target.
     fn selection(&self) -> Result<Option<Vec<u8>>> {
-        let sub = self
-            .subpath
-            .as_deref()
-            .map(|s| s.trim_matches('/').as_bytes().to_vec())
-            .filter(|s| !s.is_empty());
-        if let Some(s) = &sub {
-            catalog::validate_path(s)?;
-        }
-        Ok(sub)
+        selection(self.subpath.as_deref())
     }
+}
+
+/// The stored (relative) form of a path an operator names in a tree, checked like a catalog
+/// path; `None` for the whole tree.
+///
+/// # Errors
+/// [`Error::UnsafePath`] for a path that would leave the tree.
+pub(super) fn selection(path: Option<&str>) -> Result<Option<Vec<u8>>> {
+    let sub = path
+        .map(|s| s.trim_matches('/').as_bytes().to_vec())
+        .filter(|s| !s.is_empty());
+    if let Some(s) = &sub {
+        catalog::validate_path(s)?;
+    }
+    Ok(sub)
 }
 
 enum Msg {
