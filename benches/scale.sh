@@ -40,6 +40,10 @@ scale_run() {
     run "$label verify (existence)" "$BYTES" "$bin" -q verify
     run "$label verify --read-data-subset 10%" "$BYTES" "$bin" -q verify --read-data-subset 10%
     run "$label gc --dry-run" "$BYTES" "$bin" -q gc --dry-run
+    # The same two with every generated chunk referenced, as if snapshots used them: the
+    # referenced sets of verify and gc at N chunks.
+    run "$label verify, all referenced" "$BYTES" env TRESOR_SCALE_PAD_REFERENCED=1 "$bin" -q verify
+    run "$label gc --dry-run, all referenced" "$BYTES" env TRESOR_SCALE_PAD_REFERENCED=1 "$bin" -q gc --dry-run
     run "$label restore" "$BYTES" "$bin" -q restore volume tree --to "$BENCH_DIR/out"
     diff -r --no-dereference "$SRC" "$BENCH_DIR/out" >/dev/null && echo "$label: restored tree equal"
     rm -rf "$R" "$BENCH_DIR/out" "$SRC/new"

@@ -23,6 +23,7 @@ pub mod localfile;
 pub mod oci;
 pub mod pipeline;
 pub mod progress;
+pub mod refset;
 pub mod repository;
 pub mod retention;
 pub mod snapshot;

@@ -326,12 +326,17 @@ pub fn wait(rt: &Handle, handle: JoinHandle<Result<Bytes>>) -> Result<Bytes> {
     rt.block_on(handle).expect("fetch task panicked")
 }
 
-/// Reads a ref list as one byte stream, fetching `window` chunks ahead. A run of zeros (a ref
-/// with the all-zero id) is read from a shared zero page, never allocated at its length.
+/// `take` bytes of a chunk from `skip` on: one piece of a stream that uses parts of chunks (a
+/// file held in a payload chunk); a whole chunk is `(r, 0, r.len)`.
+pub type Piece = (ChunkRef, u32, u32);
+
+/// Reads a ref list (or pieces of chunks) as one byte stream, fetching `window` chunks ahead.
+/// A run of zeros (a ref with the all-zero id) is read from a shared zero page, never
+/// allocated at its length.
 pub struct StreamReader {
     repo: Arc<Repository>,
     rt: Handle,
-    refs: std::vec::IntoIter<ChunkRef>,
+    pieces: Box<dyn Iterator<Item = Piece> + Send>,
     pending: VecDeque<Pending>,
     window: usize,
     current: Bytes,
@@ -340,7 +345,7 @@ pub struct StreamReader {
 }
 
 enum Pending {
-    Fetch(JoinHandle<Result<Bytes>>),
+    Fetch(JoinHandle<Result<Bytes>>, Piece),
     Zeros(u32),
 }
 
@@ -349,10 +354,21 @@ static ZERO_PAGE: [u8; 64 << 10] = [0; 64 << 10];
 
 impl StreamReader {
     pub fn new(repo: Arc<Repository>, rt: Handle, refs: Vec<ChunkRef>, window: usize) -> Self {
+        let pieces = refs.into_iter().map(|r| (r, 0, r.len));
+        StreamReader::pieces(repo, rt, pieces, window)
+    }
+
+    /// A stream of pieces of chunks; a piece out of its chunk is [`Error::Corrupt`] when read.
+    pub fn pieces(
+        repo: Arc<Repository>,
+        rt: Handle,
+        pieces: impl Iterator<Item = Piece> + Send + 'static,
+        window: usize,
+    ) -> Self {
         StreamReader {
             repo,
             rt,
-            refs: refs.into_iter(),
+            pieces: Box::new(pieces),
             pending: VecDeque::new(),
             window: window.max(1),
             current: Bytes::new(),
@@ -402,17 +418,31 @@ impl BufRead for StreamReader {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.current.is_empty() && self.zeros == 0 {
             while self.pending.len() < self.window {
-                match self.refs.next() {
-                    Some(r) if r.is_zero() => self.pending.push_back(Pending::Zeros(r.len)),
-                    Some(r) => self
-                        .pending
-                        .push_back(Pending::Fetch(fetch(&self.repo, &self.rt, r))),
+                match self.pieces.next() {
+                    Some((r, _, take)) if r.is_zero() => {
+                        self.pending.push_back(Pending::Zeros(take));
+                    }
+                    Some(piece) => {
+                        let h = fetch(&self.repo, &self.rt, piece.0);
+                        self.pending.push_back(Pending::Fetch(h, piece));
+                    }
                     None => break,
                 }
             }
             match self.pending.pop_front() {
-                Some(Pending::Fetch(h)) => {
-                    self.current = wait(&self.rt, h).map_err(io::Error::other)?
+                Some(Pending::Fetch(h, (r, skip, take))) => {
+                    let data = wait(&self.rt, h).map_err(io::Error::other)?;
+                    let (skip, take) = (skip as usize, take as usize);
+                    if skip + take > data.len() {
+                        return Err(io::Error::other(Error::Corrupt {
+                            object: Repository::chunk_key(&r.id),
+                            reason: format!(
+                                "a piece of {take} bytes at {skip} is out of its {} bytes",
+                                data.len()
+                            ),
+                        }));
+                    }
+                    self.current = data.slice(skip..skip + take);
                 }
                 Some(Pending::Zeros(n)) => self.zeros = u64::from(n),
                 None => break,

@@ -310,9 +310,11 @@ impl Store {
 /// The scale harness (`--features scale-harness`, never in a release): listings of `chunks/`
 /// answer `TRESOR_SCALE_PAD_CHUNKS` more chunk objects than the store holds, generated, so that
 /// `benches/scale.sh` measures memory and time at millions of chunks without storing them.
-/// They are written "now", so `gc` never condemns them; nothing references or reads them.
+/// They are written "now", so `gc` never condemns them; nothing reads them. With
+/// `TRESOR_SCALE_PAD_REFERENCED=1` the referenced sets of `verify` and `gc` hold them too (as if
+/// snapshots used them), so the bench measures those sets at millions of chunks as well.
 #[cfg(feature = "scale-harness")]
-mod padding {
+pub(crate) mod padding {
     use super::Listing;
 
     fn count() -> u64 {
@@ -323,6 +325,18 @@ mod padding {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         })
+    }
+
+    fn id(i: u64) -> crate::id::ChunkId {
+        let mut id = *blake3::hash(&i.to_le_bytes()).as_bytes();
+        id[0] = (i % 256) as u8;
+        crate::id::ChunkId(id)
+    }
+
+    /// The generated ids, when `TRESOR_SCALE_PAD_REFERENCED=1` says snapshots reference them.
+    pub(crate) fn referenced() -> impl Iterator<Item = crate::id::ChunkId> {
+        let on = std::env::var("TRESOR_SCALE_PAD_REFERENCED").is_ok_and(|v| v == "1");
+        (0..if on { count() } else { 0 }).map(id)
     }
 
     /// The generated chunk objects under `prefix` (`chunks` or `chunks/<2 hex>`): chunk `i`
@@ -340,9 +354,7 @@ mod padding {
         (start..count())
             .step_by(step)
             .map(|i| {
-                let mut id = *blake3::hash(&i.to_le_bytes()).as_bytes();
-                id[0] = (i % 256) as u8;
-                let hex = hex::encode(id);
+                let hex = id(i).to_hex();
                 Listing {
                     key: format!("chunks/{}/{hex}", &hex[..2]),
                     size: 1 << 20,

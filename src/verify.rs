@@ -28,6 +28,7 @@
 //! checked, and last fully read.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -41,6 +42,7 @@ use crate::error::{Error, Result};
 use crate::id::{ChunkId, ChunkRef};
 use crate::pipeline;
 use crate::progress::Progress;
+use crate::refset::{RefSorter, Spool};
 use crate::repository::Repository;
 use crate::snapshot::{self, Filter, Listed};
 use crate::volume;
@@ -264,6 +266,7 @@ struct RunRecord {
 pub fn verify(
     repo: &Arc<Repository>,
     rt: &Handle,
+    scratch: Option<&Path>,
     options: &VerifyOptions,
     progress: &Progress,
 ) -> Result<Report> {
@@ -274,19 +277,19 @@ pub fn verify(
         rt,
         options,
         progress,
+        scratch,
         problems: Vec::new(),
         stats: Stats::default(),
-        referenced: HashMap::new(),
         index_read: HashSet::new(),
         broken: HashSet::new(),
         bad: BTreeMap::new(),
-        stored: HashMap::new(),
+        image_sizes: HashMap::new(),
     };
     let snaps = run.records()?;
     let all = snaps.clone();
     let mut selected = select(snaps, options)?;
     let workloads = run.members(&all, &mut selected);
-    run.structure(&selected);
+    let referenced = run.structure(&selected)?;
     // On a full read, image blobs are read whole by their own pass (their sha256 needs the
     // bytes in order, and reading them checks their chunks too), so the data pass skips their
     // chunks rather than read them twice.
@@ -302,9 +305,9 @@ pub fn verify(
         .filter(|r| !r.is_zero())
         .map(|r| r.id)
         .collect();
-    run.existence(options.selects_all())?;
-    if let Some(part) = options.read_data {
-        run.data(part, &image_chunks);
+    let to_read = run.existence(referenced, options.selects_all(), &image_chunks)?;
+    if let Some(to_read) = to_read {
+        run.data(to_read)?;
     }
     run.images(&images);
     drop(images);
@@ -340,10 +343,10 @@ struct Run<'a> {
     rt: &'a Handle,
     options: &'a VerifyOptions,
     progress: &'a Progress,
+    /// Where the referenced set and the list of chunks to read are kept (see [`RefSorter`]).
+    scratch: Option<&'a Path>,
     problems: Vec<Problem>,
     stats: Stats,
-    /// Chunks the selected snapshots reference (in this shard), with their lengths.
-    referenced: HashMap<ChunkId, u32>,
     /// Index chunks the structure pass fetched, decrypted and hashed already: the data pass
     /// counts them as read instead of fetching them again.
     index_read: HashSet<ChunkId>,
@@ -351,8 +354,8 @@ struct Run<'a> {
     broken: HashSet<String>,
     /// Chunks missing or unreadable, with why.
     bad: BTreeMap<ChunkId, (ProblemKind, String)>,
-    /// Every referenced chunk the store holds, with its stored size, from the listing.
-    stored: HashMap<ChunkId, u64>,
+    /// The stored size of each image chunk, for the images pass (only on a full read).
+    image_sizes: HashMap<ChunkId, u64>,
 }
 
 impl Run<'_> {
@@ -453,21 +456,30 @@ impl Run<'_> {
     }
 
     /// Structure, second half: every selected snapshot's index (catalog, ref list or image
-    /// record) read, which checks its chunks on the way, giving the referenced chunks.
-    fn structure(&mut self, selected: &[Listed]) {
+    /// record) read, which checks its chunks on the way, giving the referenced chunks (in this
+    /// shard).
+    ///
+    /// # Errors
+    /// Writing the referenced set to the scratch directory failed.
+    fn structure(&mut self, selected: &[Listed]) -> Result<RefSorter> {
+        let mut referenced = RefSorter::new(self.scratch);
         for snap in selected {
             for r in snap.snapshot.index_refs() {
                 if !r.is_zero() && self.in_shard(&r.id) {
-                    self.referenced.insert(r.id, r.len);
+                    referenced.push(*r)?;
                 }
             }
-            let (referenced, shard) = (&mut self.referenced, self.options.shard);
+            let shard = self.options.shard;
+            let mut scratch_failed = false;
             let walked = walk_refs(self.repo, self.rt, snap, |_, r| {
                 if !r.is_zero() && in_shard(shard, &r.id) {
-                    referenced.insert(r.id, r.len);
+                    referenced.push(*r).inspect_err(|_| scratch_failed = true)?;
                 }
                 Ok(())
             });
+            if scratch_failed {
+                return Err(walked.expect_err("the scratch write failed"));
+            }
             match walked {
                 Ok(()) => {
                     let roots: Vec<ChunkId> = snap
@@ -490,7 +502,7 @@ impl Run<'_> {
                 }
             }
         }
-        self.stats.chunks_referenced = self.referenced.len() as u64;
+        Ok(referenced)
     }
 
     /// The image records of the readable image snapshots, for the images pass.
@@ -509,62 +521,88 @@ impl Run<'_> {
     }
 
     /// Existence: a listing of `chunks/` says which referenced chunks are missing and, when
-    /// every snapshot is selected, which stored ones nothing references. It is read one id
-    /// prefix at a time and only referenced chunks are kept, so memory does not grow with what
-    /// the store holds beside them.
-    fn existence(&mut self, all_selected: bool) -> Result<()> {
-        let (repo, shard) = (self.repo, self.options.shard);
-        let (referenced, stored, stats) = (&self.referenced, &mut self.stored, &mut self.stats);
-        self.rt.block_on(async {
+    /// every snapshot is selected, which stored ones nothing references. The listing comes one
+    /// id prefix at a time, in id order, and is walked beside the referenced set in the same
+    /// order, so memory holds neither whole. Returns the chunks the data pass reads, when it
+    /// runs: the referenced ones stored and in its share, less image chunks (the images pass
+    /// reads those) and index chunks the structure pass read already (counted as read here).
+    ///
+    /// # Errors
+    /// The store cannot be listed; the scratch directory cannot be written or read.
+    fn existence(
+        &mut self,
+        referenced: RefSorter,
+        all_selected: bool,
+        image_chunks: &HashSet<ChunkId>,
+    ) -> Result<Option<Spool>> {
+        let mut refs = referenced.finish()?;
+        let read_data = self.options.read_data;
+        let mut to_read = read_data.map(|_| Spool::new(self.scratch)).transpose()?;
+        let (repo, rt, shard) = (self.repo, self.rt, self.options.shard);
+        let missing = |bad: &mut BTreeMap<_, _>, r: ChunkRef| {
+            bad.insert(
+                r.id,
+                (ProblemKind::MissingChunk, "missing from the store".into()),
+            );
+        };
+        rt.block_on(async {
             let mut listings = std::pin::pin!(repo.chunk_listings());
             while let Some(listing) = listings.next().await {
-                for chunk in listing? {
-                    if referenced.contains_key(&chunk.id) {
-                        stored.insert(chunk.id, chunk.size);
-                    } else if all_selected && in_shard(shard, &chunk.id) {
-                        stats.chunks_unreferenced += 1;
-                        stats.bytes_unreferenced += chunk.size;
+                let mut listing = listing?;
+                // A key listed twice must not make the walk miss that it is referenced.
+                listing.sort_unstable_by_key(|c| c.id);
+                listing.dedup_by_key(|c| c.id);
+                for chunk in listing {
+                    let Some(r) = refs.advance_to(&chunk.id, |r| missing(&mut self.bad, r))? else {
+                        if all_selected && in_shard(shard, &chunk.id) {
+                            self.stats.chunks_unreferenced += 1;
+                            self.stats.bytes_unreferenced += chunk.size;
+                        }
+                        continue;
+                    };
+                    if image_chunks.contains(&r.id) {
+                        self.image_sizes.insert(r.id, chunk.size);
+                    } else if let (Some(spool), Some(part)) = (&mut to_read, read_data) {
+                        let in_part = part.is_none_or(|p| p.contains(subset_key(&r.id)));
+                        if !in_part {
+                            continue;
+                        }
+                        if self.index_read.contains(&r.id) {
+                            self.stats.chunks_read += 1;
+                            self.stats.bytes_read += chunk.size;
+                            self.progress.inc(chunk.size);
+                        } else {
+                            spool.push(r, chunk.size)?;
+                        }
                     }
                 }
             }
             Ok::<(), Error>(())
         })?;
-        for id in self.referenced.keys() {
-            if !self.stored.contains_key(id) {
-                self.bad.insert(
-                    *id,
-                    (ProblemKind::MissingChunk, "missing from the store".into()),
-                );
-            }
-        }
+        self.stats.chunks_referenced = refs.rest(|r| missing(&mut self.bad, r))?;
         self.stats.chunks_missing = self.bad.len() as u64;
-        Ok(())
+        Ok(to_read)
     }
 
-    /// Data: each selected chunk downloaded, decompressed, decrypted and re-hashed once, on
-    /// all cores; image chunks are left to the images pass, index chunks the structure pass
-    /// read are counted.
-    fn data(&mut self, part: Option<Part>, image_chunks: &HashSet<ChunkId>) {
-        let (walked, to_read): (Vec<ChunkRef>, Vec<ChunkRef>) = self
-            .referenced
-            .iter()
-            .filter(|(id, _)| {
-                self.stored.contains_key(id)
-                    && !image_chunks.contains(id)
-                    && part.is_none_or(|p| p.contains(subset_key(id)))
-            })
-            .map(|(id, len)| ChunkRef { id: *id, len: *len })
-            .partition(|r| self.index_read.contains(&r.id));
-        let read = AtomicU64::new(walked.len() as u64);
-        let bytes = AtomicU64::new(walked.iter().map(|r| self.stored[&r.id]).sum());
-        self.progress.inc(bytes.load(Ordering::Relaxed));
+    /// Data: each chunk `to_read` names downloaded, decompressed, decrypted and re-hashed once,
+    /// on all cores.
+    ///
+    /// # Errors
+    /// Reading the list back from the scratch directory failed.
+    fn data(&mut self, to_read: Spool) -> Result<()> {
+        let read = AtomicU64::new(0);
+        let bytes = AtomicU64::new(0);
         let corrupt = Mutex::new(Vec::new());
-        let (repo, rt, stored, progress) = (self.repo, self.rt, &self.stored, self.progress);
+        let scratch_error = Mutex::new(None);
+        let (repo, rt, progress) = (self.repo, self.rt, self.progress);
         let budget = Arc::new(tokio::sync::Semaphore::new(READ_KIB as usize));
+        let entries = to_read.into_entries()?.map_while(|e| {
+            e.map_err(|e| *scratch_error.lock().expect("lock") = Some(e))
+                .ok()
+        });
         rt.block_on(
-            futures::stream::iter(to_read)
-                .map(|r| {
-                    let size = stored[&r.id];
+            futures::stream::iter(entries)
+                .map(|(r, size)| {
                     let budget = Arc::clone(&budget);
                     async move {
                         let kib = r.len.div_ceil(1024).clamp(1, READ_KIB);
@@ -585,11 +623,15 @@ impl Run<'_> {
                     async {}
                 }),
         );
-        self.stats.chunks_read = read.into_inner();
-        self.stats.bytes_read = bytes.into_inner();
+        if let Some(e) = scratch_error.into_inner().expect("lock") {
+            return Err(e);
+        }
+        self.stats.chunks_read += read.into_inner();
+        self.stats.bytes_read += bytes.into_inner();
         for (id, e) in corrupt.into_inner().expect("lock") {
             record_unreadable(&mut self.bad, &mut self.stats, id, e);
         }
+        Ok(())
     }
 
     /// Images, on a full read: every blob reassembled from its chunks must hash to its digest
@@ -665,7 +707,7 @@ impl Run<'_> {
         self.stats.chunks_read += image_read.len() as u64;
         self.stats.bytes_read += image_read
             .iter()
-            .filter_map(|id| self.stored.get(id))
+            .filter_map(|id| self.image_sizes.get(id))
             .sum::<u64>();
         for (object, reason, users) in wrong {
             self.broken.extend(users.iter().map(|s| s.id.clone()));

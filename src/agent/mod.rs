@@ -603,7 +603,8 @@ impl Run<'_> {
                 crate::gc::DECLARE_WINDOW,
             )?,
         };
-        let report = crate::gc::run(&self.ctx.repo, self.rt, &options)?;
+        let scratch = Some(self.ctx.cache_dir.as_path());
+        let report = crate::gc::run(&self.ctx.repo, self.rt, scratch, &options)?;
         let freed: u64 = report.swept.iter().map(|s| s.bytes_freed).sum();
         tracing::info!(
             job = %job.name,

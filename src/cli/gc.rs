@@ -30,8 +30,11 @@ pub(crate) async fn gc(g: &Global, args: &GcArgs) -> anyhow::Result<ExitCode> {
     };
     let repo = open(g).await?;
     let rt = tokio::runtime::Handle::current();
-    let report =
-        tokio::task::spawn_blocking(move || tresor::gc::run(&repo, &rt, &options)).await??;
+    let scratch = cache_dir(g);
+    let report = tokio::task::spawn_blocking(move || {
+        tresor::gc::run(&repo, &rt, scratch.as_deref(), &options)
+    })
+    .await??;
     if g.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);

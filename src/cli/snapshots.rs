@@ -248,19 +248,62 @@ fn permissions(mode: u32) -> String {
 pub(crate) struct DumpArgs {
     /// Snapshot id, unique prefix, or name (its newest snapshot).
     pub(crate) snapshot: String,
-    /// The file's path in the tree (relative, as `tresor ls` lists it).
-    pub(crate) path: String,
+    /// A path in the tree (relative, as `tresor ls` lists it): a file's bytes, or a directory
+    /// as a tar stream [default: the whole tree, as a tar stream].
+    pub(crate) path: Option<String>,
+    /// A tar stream even of a single file.
+    #[arg(long)]
+    pub(crate) tar: bool,
+    /// Keep setuid/setgid bits and device nodes in a tar stream from an unencrypted
+    /// repository (as `restore volume --restore-special`; encrypted ones keep them always).
+    #[arg(long)]
+    pub(crate) restore_special: bool,
 }
 
-/// `tresor dump`: the file's bytes on stdout (`> FILE`, or a pipe).
+/// `tresor dump`: a file's bytes, or a directory as a tar stream, on stdout (`> FILE`, or a
+/// pipe; never a terminal).
 pub(crate) async fn dump(g: &Global, args: &DumpArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    use tresor::catalog::EntryKind;
+    use tresor::volume::browse;
+    if std::io::stdout().is_terminal() {
+        anyhow::bail!("tresor dump writes raw bytes: redirect its output to a file or a pipe");
+    }
     let repo = open(g).await?;
     let snap = snapshot::resolve(&repo, &args.snapshot, None).await?;
-    let (rt, path) = (tokio::runtime::Handle::current(), args.path.clone());
+    let special = args.restore_special || repo.is_encrypted();
+    let (rt, path, force_tar, quiet) = (
+        tokio::runtime::Handle::current(),
+        args.path.clone(),
+        args.tar,
+        g.quiet,
+    );
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-        tresor::volume::browse::dump(&repo, &rt, &snap, &path, &mut out)?;
-        std::io::Write::flush(&mut out)?;
+        let out = std::io::BufWriter::new(std::io::stdout().lock());
+        let file = match &path {
+            Some(p) if !force_tar => matches!(
+                browse::kind_of(&repo, &rt, &snap, p)?,
+                EntryKind::File | EntryKind::Hardlink
+            ),
+            _ => false,
+        };
+        if file {
+            let mut out = out;
+            browse::dump(&repo, &rt, &snap, path.as_deref().unwrap_or_default(), &mut out)?;
+            std::io::Write::flush(&mut out)?;
+            return Ok(());
+        }
+        let summary = browse::dump_tar(&repo, &rt, &snap, path.as_deref(), special, out)?;
+        for skipped in &summary.skipped {
+            tracing::warn!("{skipped}: left out of the tar stream (a socket, or a device node without --restore-special)");
+        }
+        if !quiet {
+            eprintln!(
+                "tar stream: {} entries, {} of file data",
+                summary.entries,
+                human_bytes(summary.bytes)
+            );
+        }
         Ok(())
     })
     .await??;

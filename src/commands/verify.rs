@@ -23,7 +23,7 @@ pub fn verify(
     options: &VerifyOptions,
     progress: &Progress,
 ) -> Result<Report> {
-    let report = crate::verify::verify(repo, rt, options, progress)?;
+    let report = crate::verify::verify(repo, rt, cache_dir, options, progress)?;
     if report.chunks_missing() {
         crate::cache::forget(repo, cache_dir)?;
     }

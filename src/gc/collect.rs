@@ -1,6 +1,7 @@
 //! `tresor gc`: mark what no snapshot references, sweep what earlier marks condemned.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
+use crate::refset::RefSorter;
 use crate::repository::{time_name, Repository, BLOBS_PREFIX, GC_PREFIX, SESSIONS_PREFIX};
 use crate::snapshot::{Listed, RootFormat, Snapshot};
 
@@ -90,7 +92,12 @@ pub struct GcReport {
 /// [`Error::DeleteRefused`] up front when the credential may not delete; an unreadable
 /// snapshot record or index stops the run before anything is condemned or deleted (gc must
 /// not guess what a snapshot uses); store errors.
-pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<GcReport> {
+pub fn run(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    scratch: Option<&Path>,
+    options: &GcOptions,
+) -> Result<GcReport> {
     let mut report = GcReport {
         dry_run: options.dry_run,
         ..GcReport::default()
@@ -112,8 +119,8 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
     tracing::info!("gc: reading every snapshot's index");
     let snaps = load_snapshots(repo, rt, None)?;
     report.snapshots = snaps.len() as u64;
-    let referenced = referenced(repo, rt, &snaps)?;
-    report.chunks_referenced = referenced.chunks.len() as u64;
+    let referenced = referenced(repo, rt, scratch, &snaps)?;
+    let mut referenced_chunks = referenced.chunks.finish()?;
 
     tracing::info!("gc: listing chunks and blob indexes");
     let condemned_before: HashSet<ChunkId> =
@@ -132,17 +139,20 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
         chunk_sizes: Vec::new(),
         blob_indexes: Vec::new(),
     };
-    // One id prefix at a time: memory holds the referenced set and the plan, not the listing.
+    // One id prefix at a time, in id order, beside the referenced set in the same order: memory
+    // holds the plan, neither the listing nor the referenced set.
     rt.block_on(async {
         let mut listings = std::pin::pin!(repo.chunk_listings());
         while let Some(listing) = listings.next().await {
-            for chunk in listing? {
+            let mut listing = listing?;
+            // A key listed twice must not make the walk miss that it is referenced.
+            listing.sort_unstable_by_key(|c| c.id);
+            listing.dedup_by_key(|c| c.id);
+            for chunk in listing {
                 report.chunks_stored += 1;
                 report.bytes_stored += chunk.size;
-                if chunk.modified <= cutoff
-                    && !referenced.chunks.contains(&chunk.id)
-                    && !condemned_before.contains(&chunk.id)
-                {
+                let used = referenced_chunks.advance_to(&chunk.id, drop)?.is_some();
+                if chunk.modified <= cutoff && !used && !condemned_before.contains(&chunk.id) {
                     plan.chunks.extend_from_slice(&chunk.id.0);
                     plan.chunk_sizes.push(chunk.size as u32);
                 }
@@ -150,6 +160,7 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
         }
         Ok::<(), Error>(())
     })?;
+    report.chunks_referenced = referenced_chunks.rest(drop)?;
     for obj in rt.block_on(repo.store().list_modified(BLOBS_PREFIX))? {
         if obj.modified <= cutoff
             && !referenced.indexes.contains(&obj.key)
@@ -194,7 +205,7 @@ pub fn run(repo: &Arc<Repository>, rt: &Handle, options: &GcOptions) -> Result<G
             });
             continue;
         }
-        sweep(repo, rt, plan, options, &mut report)?;
+        sweep(repo, rt, scratch, plan, options, &mut report)?;
     }
     if !options.dry_run {
         report.sessions_removed = rt.block_on(remove_old_sessions(repo, now))?;
@@ -247,29 +258,42 @@ fn unreadable(id: &str, e: Error) -> Error {
 }
 
 /// Chunks and blob index keys that snapshots use.
-#[derive(Default)]
 struct Referenced {
-    chunks: HashSet<ChunkId>,
+    chunks: RefSorter,
     indexes: HashSet<String>,
+}
+
+impl Referenced {
+    fn new(scratch: Option<&Path>) -> Referenced {
+        Referenced {
+            chunks: RefSorter::new(scratch),
+            indexes: HashSet::new(),
+        }
+    }
 }
 
 /// Everything `snaps` reference: root and data chunks, and the blob indexes of image blobs.
 /// A few snapshots are read at once, on plain threads: reading blocks on the runtime and on
 /// rayon, so it must not run on either.
-fn referenced(repo: &Arc<Repository>, rt: &Handle, snaps: &[Listed]) -> Result<Referenced> {
+fn referenced(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    scratch: Option<&Path>,
+    snaps: &[Listed],
+) -> Result<Referenced> {
     const READERS: usize = 4;
     let next = std::sync::atomic::AtomicUsize::new(0);
     let parts: Vec<Result<Referenced>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..READERS.min(snaps.len()))
             .map(|_| {
                 scope.spawn(|| {
-                    let mut r = Referenced::default();
+                    let mut r = Referenced::new(scratch);
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(snap) = snaps.get(i) else {
                             return Ok(r);
                         };
-                        add_refs(repo, rt, snap, &mut r).map_err(|e| unreadable(&snap.id, e))?;
+                        add_refs(repo, rt, snap, &mut r)?;
                     }
                 })
             })
@@ -279,35 +303,49 @@ fn referenced(repo: &Arc<Repository>, rt: &Handle, snaps: &[Listed]) -> Result<R
             .map(|w| w.join().expect("snapshot reader panicked"))
             .collect()
     });
-    let mut all = Referenced::default();
+    let mut all = Referenced::new(scratch);
     for part in parts {
         let part = part?;
-        all.chunks.extend(part.chunks);
+        all.chunks.append(part.chunks)?;
         all.indexes.extend(part.indexes);
     }
     Ok(all)
 }
 
+/// Adds what `snap` references to `r`. A snapshot that cannot be read is an [`unreadable`]
+/// error; a failure to write the scratch directory is returned as it is.
 fn add_refs(repo: &Arc<Repository>, rt: &Handle, snap: &Listed, r: &mut Referenced) -> Result<()> {
-    let live = |c: &&crate::id::ChunkRef| !c.is_zero();
-    r.chunks
-        .extend(snap.snapshot.index_refs().filter(live).map(|c| c.id));
+    let unreadable = |e| unreadable(&snap.id, e);
+    for c in snap.snapshot.index_refs().filter(|c| !c.is_zero()) {
+        r.chunks.push(*c)?;
+    }
     match snap.snapshot.root_format {
         RootFormat::Image => {
-            for blob in &crate::oci::load_record(repo, rt, snap)?.blobs {
+            let record = crate::oci::load_record(repo, rt, snap).map_err(unreadable)?;
+            for blob in &record.blobs {
                 r.indexes.insert(repo.blob_index_key(&blob.digest));
-                r.chunks.extend(blob.refs.iter().filter(live).map(|c| c.id));
+                for c in blob.refs.iter().filter(|c| !c.is_zero()) {
+                    r.chunks.push(*c)?;
+                }
             }
             Ok(())
         }
         // Its members are snapshots of their own; the record is all its root holds.
         RootFormat::Workload => Ok(()),
-        _ => crate::volume::walk_refs(repo, rt, snap, |_, c| {
-            if !c.is_zero() {
-                r.chunks.insert(c.id);
+        _ => {
+            let mut scratch_failed = false;
+            let walked = crate::volume::walk_refs(repo, rt, snap, |_, c| {
+                if !c.is_zero() {
+                    r.chunks.push(*c).inspect_err(|_| scratch_failed = true)?;
+                }
+                Ok(())
+            });
+            if scratch_failed {
+                walked
+            } else {
+                walked.map_err(unreadable)
             }
-            Ok(())
-        }),
+        }
     }
 }
 
@@ -378,6 +416,7 @@ impl Drop for Marker<'_> {
 fn sweep(
     repo: &Arc<Repository>,
     rt: &Handle,
+    scratch: Option<&Path>,
     plan: &Plan,
     options: &GcOptions,
     report: &mut GcReport,
@@ -421,12 +460,12 @@ fn sweep(
         report.waiting.push(waiting(blocked));
         return Ok(());
     }
-    let rescued = rescued(&sessions);
     let known: HashSet<&str> = plan.snapshots.iter().map(String::as_str).collect();
-    let referenced = match load_snapshots(repo, rt, Some(&known))
-        .and_then(|newer| referenced(repo, rt, &newer))
-    {
-        Ok(r) => r,
+    let deletions = load_snapshots(repo, rt, Some(&known))
+        .and_then(|newer| referenced(repo, rt, scratch, &newer))
+        .and_then(|newer| deletions(plan, &rescued(&sessions), newer));
+    let (indexes, chunks, summary) = match deletions {
+        Ok(d) => d,
         Err(e) => {
             // Nothing is deleted yet: take the marker down so backups need not wait for it.
             if let Some(m) = marker {
@@ -435,30 +474,6 @@ fn sweep(
             return Err(e);
         }
     };
-
-    let mut summary = SweepSummary {
-        plan: plan.id.clone(),
-        ..SweepSummary::default()
-    };
-    let indexes: Vec<String> = plan
-        .blob_indexes
-        .iter()
-        .filter(|k| !referenced.indexes.contains(*k))
-        .cloned()
-        .collect();
-    let mut chunks = Vec::new();
-    for (id, size) in plan.chunk_ids().zip(&plan.chunk_sizes) {
-        if rescued.contains(&id) {
-            summary.kept_rescued += 1;
-        } else if referenced.chunks.contains(&id) {
-            summary.kept_referenced += 1;
-        } else {
-            chunks.push(Repository::chunk_key(&id));
-            summary.bytes_freed += u64::from(*size);
-        }
-    }
-    summary.blob_indexes_deleted = indexes.len() as u64;
-    summary.chunks_deleted = chunks.len() as u64;
     let Some(marker) = marker else {
         report.swept.push(summary);
         return Ok(());
@@ -481,6 +496,48 @@ fn sweep(
     rt.block_on(repo.store().delete(&plan_key(&plan.id)))?;
     report.swept.push(summary);
     Ok(())
+}
+
+/// What a sweep of `plan` deletes: the blob index keys and chunk keys it condemned, less those
+/// a running backup rescued and those snapshots published since the mark (`newer`) use.
+fn deletions(
+    plan: &Plan,
+    rescued: &HashSet<ChunkId>,
+    newer: Referenced,
+) -> Result<(Vec<String>, Vec<String>, SweepSummary)> {
+    let mut summary = SweepSummary {
+        plan: plan.id.clone(),
+        ..SweepSummary::default()
+    };
+    let indexes: Vec<String> = plan
+        .blob_indexes
+        .iter()
+        .filter(|k| !newer.indexes.contains(*k))
+        .cloned()
+        .collect();
+    // In id order, to walk beside the newer snapshots' referenced set.
+    let mut condemned: Vec<(ChunkId, u32)> = plan
+        .chunk_ids()
+        .zip(plan.chunk_sizes.iter().copied())
+        .collect();
+    condemned.sort_unstable_by_key(|c| c.0);
+    condemned.dedup_by_key(|c| c.0);
+    let mut used = newer.chunks.finish()?;
+    let mut chunks = Vec::new();
+    for (id, size) in condemned {
+        let referenced = used.advance_to(&id, drop)?.is_some();
+        if rescued.contains(&id) {
+            summary.kept_rescued += 1;
+        } else if referenced {
+            summary.kept_referenced += 1;
+        } else {
+            chunks.push(Repository::chunk_key(&id));
+            summary.bytes_freed += u64::from(size);
+        }
+    }
+    summary.blob_indexes_deleted = indexes.len() as u64;
+    summary.chunks_deleted = chunks.len() as u64;
+    Ok((indexes, chunks, summary))
 }
 
 /// Deletes session objects that ended, or that have been silent for [`super::STALE_AFTER`].

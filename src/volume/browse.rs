@@ -11,7 +11,6 @@ use tokio::runtime::Handle;
 use super::payload::{pieces_of, PayloadIndex};
 use crate::catalog::{CatalogReader, Entry, EntryKind};
 use crate::error::{Error, Result};
-use crate::id::ChunkRef;
 use crate::pipeline;
 use crate::repository::Repository;
 use crate::snapshot::{Listed, RootFormat};
@@ -58,6 +57,25 @@ pub fn entries(
     Ok(())
 }
 
+/// The kind of the entry at `path` in tree snapshot `snap`.
+///
+/// # Errors
+/// Those of [`entries`].
+pub fn kind_of(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    snap: &Listed,
+    path: &str,
+) -> Result<EntryKind> {
+    let mut kind = EntryKind::Dir;
+    // The path's own entry comes first, before what is below it.
+    entries(repo, rt, snap, Some(path), |e| {
+        kind = e.kind;
+        false
+    })?;
+    Ok(kind)
+}
+
 /// Chunks fetched ahead while a file is dumped.
 const DUMP_AHEAD: usize = 8;
 
@@ -66,7 +84,7 @@ const DUMP_AHEAD: usize = 8;
 ///
 /// # Errors
 /// [`Error::PathNotFound`] when no entry has `path`, [`Error::Config`] when it is not a file
-/// (a directory is restored with `restore volume --path`), [`Error::Corrupt`] for bad data,
+/// (a directory is dumped by [`dump_tar`]), [`Error::Corrupt`] for bad data,
 /// [`Error::Io`] writing `out`.
 pub fn dump(
     repo: &Arc<Repository>,
@@ -89,61 +107,252 @@ pub fn dump(
     })?;
     if !matches!(entry.kind, EntryKind::File | EntryKind::Hardlink) {
         return Err(Error::Config(format!(
-            "{path} is a {:?} entry, not a file: `tresor ls` shows it, `restore volume --path` restores it",
+            "{path} is a {:?} entry, not a file: `tresor ls` shows it, `tresor dump --tar` writes it as a tar stream",
             entry.kind
         )
         .to_lowercase()));
     }
-    // Each part of its content: a chunk, and the bytes of it that belong to the file.
-    let parts: Vec<(ChunkRef, u32, u32)> = match &snap.snapshot.payload {
-        Some(p) if entry.slice.is_some() => {
-            let index = PayloadIndex::load(repo, rt, &snap.id, p)?;
-            pieces_of(Some(&index), &snap.id, &entry)?
-                .into_iter()
-                .map(|piece| (piece.chunk, piece.skip, piece.take))
-                .collect()
-        }
-        _ => pieces_of(None, &snap.id, &entry)?
+    let index = match &snap.snapshot.payload {
+        Some(p) if entry.slice.is_some() => Some(PayloadIndex::load(repo, rt, &snap.id, p)?),
+        _ => None,
+    };
+    let mut content = Content::new(repo, rt, index.as_ref(), snap, &entry)?;
+    std::io::copy(&mut content, out).map_err(output_error)
+}
+
+/// An error of a copy into the dump's output: the library's own when reading failed, else
+/// the output's.
+fn output_error(e: std::io::Error) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+        pipeline::from_io(e)
+    } else {
+        Error::io("(dump output)", e)
+    }
+}
+
+/// A file entry's content as a reader: its payload slice or its own chunks, fetched ahead and
+/// checked; exactly the size the entry says, or an error (a tar header promised that size).
+struct Content {
+    stream: pipeline::StreamReader,
+    left: u64,
+    size: u64,
+    shown: String,
+}
+
+impl Content {
+    fn new(
+        repo: &Arc<Repository>,
+        rt: &Handle,
+        index: Option<&PayloadIndex>,
+        snap: &Listed,
+        entry: &Entry,
+    ) -> Result<Content> {
+        let pieces: Vec<pipeline::Piece> = pieces_of(index, &snap.id, entry)?
             .into_iter()
             .map(|piece| (piece.chunk, piece.skip, piece.take))
             .chain(entry.content.iter().map(|&c| (c, 0, c.len)))
-            .collect(),
-    };
-    let shown = entry.display_path();
-    let mut pending = std::collections::VecDeque::new();
-    let mut parts = parts.into_iter();
-    let mut written = 0u64;
-    loop {
-        while pending.len() < DUMP_AHEAD {
-            let Some((chunk, skip, take)) = parts.next() else {
-                break;
-            };
-            pending.push_back((pipeline::fetch(repo, rt, chunk), chunk, skip, take));
-        }
-        let Some((fetch, chunk, skip, take)) = pending.pop_front() else {
-            break;
-        };
-        let data = pipeline::wait(rt, fetch).map_err(|e| e.context(format!("dumping {shown}")))?;
-        let bytes = data
-            .get(skip as usize..skip as usize + take as usize)
-            .ok_or_else(|| Error::Corrupt {
-                object: format!("catalog entry {shown}"),
-                reason: format!("its part of chunk {} is out of the chunk", chunk.id),
-            })?;
-        out.write_all(bytes)
-            .map_err(|e| Error::io("(dump output)", e))?;
-        written += u64::from(take);
-    }
-    if written != entry.size {
-        return Err(Error::Corrupt {
-            object: format!("catalog entry {shown}"),
-            reason: format!(
-                "content adds up to {written} bytes, the entry says {}",
-                entry.size
+            .collect();
+        Ok(Content {
+            stream: pipeline::StreamReader::pieces(
+                Arc::clone(repo),
+                rt.clone(),
+                pieces.into_iter(),
+                DUMP_AHEAD,
             ),
-        });
+            left: entry.size,
+            size: entry.size,
+            shown: entry.display_path(),
+        })
     }
-    Ok(written)
+
+    fn wrong_size(&self) -> std::io::Error {
+        std::io::Error::other(Error::Corrupt {
+            object: format!("catalog entry {}", self.shown),
+            reason: format!(
+                "its content does not add up to the {} bytes the entry says",
+                self.size
+            ),
+        })
+    }
+}
+
+impl std::io::Read for Content {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::BufRead;
+        if self.left == 0 {
+            return if self.stream.fill_buf()?.is_empty() {
+                Ok(0)
+            } else {
+                Err(self.wrong_size())
+            };
+        }
+        let max = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.stream.read(&mut buf[..max])?;
+        if n == 0 {
+            return Err(self.wrong_size());
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// What [`dump_tar`] wrote.
+#[derive(Debug, Default, Serialize)]
+pub struct TarSummary {
+    pub entries: u64,
+    pub bytes: u64,
+    /// Entries a tar stream cannot hold (sockets) or that were withheld (device nodes without
+    /// `special`), by path.
+    pub skipped: Vec<String>,
+}
+
+/// Writes the entries of tree snapshot `snap` at or below `path` to `out` as a tar stream
+/// (POSIX with GNU long names, xattrs as `SCHILY.xattr` PAX records), named as stored, so the
+/// stream unpacks like `tar -C ROOT -c PATH` would have packed it. Each chunk is checked as a
+/// restore checks it. A hardlink to a file outside `path` is written as a copy of it. Without
+/// `special` (as a restore: an unencrypted repository, no `--restore-special`) setuid and
+/// setgid bits are cleared and device nodes left out. Blocking: call it off the runtime.
+///
+/// # Errors
+/// Those of [`entries`], [`Error::Corrupt`] for bad data, [`Error::Io`] writing `out`.
+pub fn dump_tar(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    snap: &Listed,
+    path: Option<&str>,
+    special: bool,
+    out: impl std::io::Write,
+) -> Result<TarSummary> {
+    let index = match &snap.snapshot.payload {
+        Some(p) => Some(PayloadIndex::load(repo, rt, &snap.id, p)?),
+        None => None,
+    };
+    let sub = super::restore::selection(path)?;
+    let mut tar = tar::Builder::new(out);
+    let mut summary = TarSummary::default();
+    let mut failed = None;
+    let content = |entry: &Entry| Content::new(repo, rt, index.as_ref(), snap, entry);
+    entries(repo, rt, snap, path, |entry| {
+        let written = tar_entry(&mut tar, &sub, special, &entry, content);
+        match written {
+            Ok(true) => {
+                summary.entries += 1;
+                summary.bytes += entry.size;
+            }
+            Ok(false) => summary.skipped.push(entry.display_path()),
+            Err(e) => failed = Some(e),
+        }
+        failed.is_none()
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    tar.into_inner()
+        .and_then(|mut out| out.flush())
+        .map_err(|e| Error::io("(dump output)", e))?;
+    Ok(summary)
+}
+
+/// One entry into the tar stream (a file's bytes read from `content`); `false` when it has no
+/// place there.
+fn tar_entry<W: std::io::Write>(
+    tar: &mut tar::Builder<W>,
+    sub: &Option<Vec<u8>>,
+    special: bool,
+    entry: &Entry,
+    content: impl Fn(&Entry) -> Result<Content>,
+) -> Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    use tar::EntryType;
+    let io = output_error;
+    let name = if entry.path.is_empty() {
+        std::path::Path::new(".")
+    } else {
+        std::path::Path::new(std::ffi::OsStr::from_bytes(&entry.path))
+    };
+    let mut header = tar::Header::new_gnu();
+    let mode = if special {
+        entry.mode
+    } else {
+        entry.mode & !0o6000
+    };
+    header.set_mode(mode & 0o7777);
+    header.set_uid(entry.uid.into());
+    header.set_gid(entry.gid.into());
+    header.set_mtime(entry.mtime_ns.div_euclid(1_000_000_000).max(0) as u64);
+    header.set_size(0);
+    // Names that do not fit the header's fields are left out; the ids are there.
+    let _ = entry.user.as_deref().map(|u| header.set_username(u));
+    let _ = entry.group.as_deref().map(|g| header.set_groupname(g));
+    // PAX records: the mtime to the nanosecond (the header holds seconds), and the xattrs.
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+    let nanos = entry.mtime_ns.rem_euclid(1_000_000_000);
+    if nanos != 0 {
+        let secs = entry.mtime_ns.div_euclid(1_000_000_000);
+        pax.push(("mtime".into(), format!("{secs}.{nanos:09}").into_bytes()));
+    }
+    for x in &entry.xattrs {
+        if let Ok(name) = std::str::from_utf8(&x.name) {
+            pax.push((format!("SCHILY.xattr.{name}"), x.value.clone()));
+        }
+    }
+    if !pax.is_empty() {
+        tar.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+            .map_err(io)?;
+    }
+    let link = entry.link.as_deref().map(std::ffi::OsStr::from_bytes);
+    match entry.kind {
+        EntryKind::Dir => {
+            header.set_entry_type(EntryType::Directory);
+            tar.append_data(&mut header, name, std::io::empty())
+                .map_err(io)?;
+        }
+        EntryKind::Symlink => {
+            header.set_entry_type(EntryType::Symlink);
+            tar.append_link(&mut header, name, link.unwrap_or_default())
+                .map_err(io)?;
+        }
+        EntryKind::Hardlink
+            if entry
+                .link
+                .as_ref()
+                .is_some_and(|l| super::restore::selected(l, sub)) =>
+        {
+            header.set_entry_type(EntryType::Link);
+            tar.append_link(&mut header, name, link.unwrap_or_default())
+                .map_err(io)?;
+        }
+        EntryKind::File | EntryKind::Hardlink => {
+            header.set_entry_type(EntryType::Regular);
+            header.set_size(entry.size);
+            tar.append_data(&mut header, name, content(entry)?)
+                .map_err(output_error)?;
+        }
+        EntryKind::Fifo => {
+            header.set_entry_type(EntryType::Fifo);
+            tar.append_data(&mut header, name, std::io::empty())
+                .map_err(io)?;
+        }
+        EntryKind::CharDevice | EntryKind::BlockDevice if special => {
+            header.set_entry_type(if entry.kind == EntryKind::CharDevice {
+                EntryType::Char
+            } else {
+                EntryType::Block
+            });
+            let (major, minor) = (
+                nix::sys::stat::major(entry.rdev),
+                nix::sys::stat::minor(entry.rdev),
+            );
+            header.set_device_major(major as u32).map_err(io)?;
+            header.set_device_minor(minor as u32).map_err(io)?;
+            tar.append_data(&mut header, name, std::io::empty())
+                .map_err(io)?;
+        }
+        EntryKind::CharDevice | EntryKind::BlockDevice | EntryKind::Socket => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// How an entry differs between two snapshots.

@@ -18,8 +18,9 @@
 //! The writer holds them ([`Kept`]); a chunk that is not there when a later place needs it
 //! (its first fetch failed on an entry the target refused) is fetched again.
 //!
-//! The counts are a map of the chunks the snapshot uses more than once, built from one of all
-//! the chunks it fetches: 40-odd bytes per chunk of the snapshot, not of the repository.
+//! The places are counted by sorting (a counting [`RefSorter`]: bounded memory, runs in the
+//! temporary directory past 2^18 places); the plan holds the chunks used more than once only,
+//! 40-odd bytes each.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -30,33 +31,54 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, ChunkRef};
+use crate::refset::RefSorter;
 
 /// Bytes of recurring chunks kept in memory; more go to the spill file.
 pub const MEMORY: u64 = 64 << 20;
 
-/// Counts the places that fetch each chunk (see [`count`]).
-#[derive(Default)]
+/// Counts the places that fetch each chunk.
 pub struct Counter {
-    uses: HashMap<ChunkId, u32>,
+    places: RefSorter,
+}
+
+impl Default for Counter {
+    fn default() -> Counter {
+        Counter {
+            places: RefSorter::counting(None),
+        }
+    }
 }
 
 impl Counter {
     /// One more place fetches `chunk`.
-    pub fn fetch(&mut self, chunk: &ChunkRef) {
-        *self.uses.entry(chunk.id).or_default() += 1;
+    ///
+    /// # Errors
+    /// Writing a run of counts to the temporary directory failed.
+    pub fn fetch(&mut self, chunk: &ChunkRef) -> Result<()> {
+        self.places.push(ChunkRef {
+            id: chunk.id,
+            len: 1,
+        })
     }
 
     /// The plan for the restore: chunks fetched by more than one place, kept beyond the
     /// memory bound only with `spill`.
-    pub fn plan(mut self, spill: bool) -> Plan {
-        self.uses.retain(|_, n| *n > 1);
-        self.uses.shrink_to_fit();
-        Plan {
-            left: self.uses,
+    ///
+    /// # Errors
+    /// Reading the runs of counts back failed.
+    pub fn plan(self, spill: bool) -> Result<Plan> {
+        let mut left = HashMap::new();
+        self.places.finish()?.rest(|r| {
+            if r.len > 1 {
+                left.insert(r.id, r.len);
+            }
+        })?;
+        Ok(Plan {
+            left,
             kept: HashMap::new(),
             memory: 0,
             spill,
-        }
+        })
     }
 }
 
@@ -258,8 +280,8 @@ mod tests {
         ];
         let plan_of = |spill| {
             let mut counter = Counter::default();
-            places.iter().for_each(|c| counter.fetch(c));
-            counter.plan(spill)
+            places.iter().for_each(|c| counter.fetch(c).unwrap());
+            counter.plan(spill).unwrap()
         };
         // Without a spill file, the chunk that does not fit is fetched at each place.
         let mut plan = plan_of(false);

@@ -25,7 +25,7 @@ fn gc_lib(repo: &Arc<Repository>, rt: &tokio::runtime::Runtime) -> GcReport {
         dry_run: false,
         declare_window: Duration::from_millis(500),
     };
-    gc::run(repo, rt.handle(), &options).unwrap()
+    gc::run(repo, rt.handle(), None, &options).unwrap()
 }
 
 fn write_file(path: &Path, bytes: &[u8]) {
@@ -316,6 +316,7 @@ fn append_only_credentials_back_up_and_verify_but_cannot_delete() {
     let report = tresor::verify::verify(
         &repo,
         rt.handle(),
+        None,
         &tresor::verify::VerifyOptions {
             read_data: Some(None),
             ..Default::default()
@@ -329,6 +330,7 @@ fn append_only_credentials_back_up_and_verify_but_cannot_delete() {
     let err = gc::run(
         &repo,
         rt.handle(),
+        None,
         &GcOptions {
             grace: Duration::ZERO,
             dry_run: false,

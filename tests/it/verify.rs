@@ -479,6 +479,7 @@ fn a_snapshot_forgotten_and_swept_during_the_run_is_no_problem() {
         let report = tresor::verify::verify(
             &repo,
             rt.handle(),
+            None,
             &options,
             &tresor::progress::Progress::hidden(),
         )

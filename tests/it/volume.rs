@@ -3,6 +3,7 @@
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
@@ -187,11 +188,87 @@ fn dump_writes_one_file_byte_for_byte() {
         assert!(out.status.success(), "{path}: {}", stderr(&out));
         assert_eq!(out.stdout, fs::read(src.join(path)).unwrap(), "{path}");
     }
-    let dir = env.tresor(&["dump", "data", "dir"]);
-    assert!(!dir.status.success());
-    assert!(stderr(&dir).contains("not a file"), "{}", stderr(&dir));
     let missing = env.tresor(&["dump", "data", "nope"]);
     assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+}
+
+/// Unpacks a tar stream with GNU tar as a restore would put it: permissions, numeric owners,
+/// xattrs.
+fn untar(stream: &[u8], into: &Path) {
+    fs::create_dir_all(into).unwrap();
+    let mut tar = std::process::Command::new("tar")
+        .args([
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "-xpf",
+            "-",
+            "-C",
+        ])
+        .arg(into)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("GNU tar");
+    tar.stdin.take().unwrap().write_all(stream).unwrap();
+    assert!(tar.wait().unwrap().success());
+}
+
+/// `tresor dump` of a directory, or of the whole tree, is a tar stream that GNU tar unpacks into
+/// the same tree: contents, modes, owners, mtimes to the nanosecond, xattrs, symlinks, hardlinks
+/// and a fifo. A hardlink whose file is outside the dumped directory comes as a copy. From an
+/// unencrypted repository setuid bits are withheld unless `--restore-special`.
+#[test]
+fn dump_writes_a_directory_as_a_tar_stream() {
+    let env = Env::new();
+    let src = env.path("src");
+    build_tree(&src);
+    env.backup("data", &src, &[]);
+    let whole = env.tresor(&["dump", "data"]);
+    assert!(whole.status.success(), "{}", stderr(&whole));
+    assert!(
+        stderr(&whole).contains("tar stream: "),
+        "{}",
+        stderr(&whole)
+    );
+    let out = env.path("whole");
+    untar(&whole.stdout, &out);
+    assert_same_tree(&src, &out);
+
+    let dir = env.tresor(&["dump", "data", "dir"]);
+    assert!(dir.status.success(), "{}", stderr(&dir));
+    let out = env.path("dir");
+    untar(&dir.stdout, &out);
+    let multi = fs::read(src.join("multi.bin")).unwrap();
+    for copy in ["dir/hard", "dir/sub/hard2"] {
+        assert_eq!(fs::read(out.join(copy)).unwrap(), multi, "{copy}");
+    }
+    assert!(!out.join("multi.bin").exists() && !out.join("small.txt").exists());
+
+    let file_as_tar = env.tresor(&["dump", "data", "small.txt", "--tar"]);
+    let out = env.path("one");
+    untar(&file_as_tar.stdout, &out);
+    assert_eq!(fs::read(out.join("small.txt")).unwrap(), b"hello tresor\n");
+
+    let plain = Env::unencrypted();
+    plain.backup("data", &src, &[]);
+    for (flags, setuid) in [(vec![], false), (vec!["--restore-special"], true)] {
+        let mut args = vec!["dump", "data", "with space"];
+        args.push("--tar");
+        args.extend(flags);
+        let tar = plain.tresor(&args);
+        assert!(tar.status.success(), "{}", stderr(&tar));
+        let out = plain.path(if setuid { "special" } else { "plain" });
+        untar(&tar.stdout, &out);
+        let mode = fs::metadata(out.join("with space"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o7777,
+            if setuid { 0o4755 } else { 0o755 },
+            "{args:?}"
+        );
+    }
 }
 
 /// `tresor diff`: between two snapshots of a tree, exactly the file added, the file removed,
