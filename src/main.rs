@@ -128,6 +128,7 @@ fn wants_json(cli: &Cli) -> bool {
         Command::Restore(RestoreCommand::Image(a)) => a.out.json,
         Command::Ls(a) => a.out.json,
         Command::Diff(a) => a.out.json,
+        Command::Find(a) => a.out.json,
         Command::Dump(_) => false,
         Command::Agent(_) | Command::Protect(_) => false,
         Command::Forget(a) => a.out.json,
@@ -167,9 +168,10 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(RestoreCommand::Workload(args)) => {
             cli::workload::restore_workload(g, args).await
         }
-        Command::Ls(args) => cli::snapshots::ls(g, args).await,
-        Command::Diff(args) => cli::snapshots::diff(g, args).await,
-        Command::Dump(args) => cli::snapshots::dump(g, args).await,
+        Command::Ls(args) => cli::browse::ls(g, args).await,
+        Command::Find(args) => cli::browse::find(g, args).await,
+        Command::Diff(args) => cli::browse::diff(g, args).await,
+        Command::Dump(args) => cli::browse::dump(g, args).await,
         Command::Agent(args) => cli::agent::agent(args).await,
         Command::Forget(args) => cli::snapshots::forget(g, args).await,
         Command::Protect(args) => cli::snapshots::protect(g, args).await,

@@ -5,6 +5,7 @@
 
 pub(crate) mod agent;
 pub(crate) mod backup;
+pub(crate) mod browse;
 pub(crate) mod drill;
 pub(crate) mod gc;
 pub(crate) mod init;
@@ -16,12 +17,13 @@ pub(crate) mod workload;
 
 pub(crate) use agent::{AgentArgs, LogFormat};
 pub(crate) use backup::{BackupCommand, RegistryArgs};
+pub(crate) use browse::{DiffArgs, DumpArgs, FindArgs, LsArgs};
 pub(crate) use drill::DrillCommand;
 pub(crate) use gc::GcArgs;
 pub(crate) use init::InitArgs;
 pub(crate) use key::KeyCommand;
 pub(crate) use restore::RestoreCommand;
-pub(crate) use snapshots::{DiffArgs, DumpArgs, ForgetArgs, LsArgs, ProtectArgs, SnapshotsArgs};
+pub(crate) use snapshots::{ForgetArgs, ProtectArgs, SnapshotsArgs};
 pub(crate) use verify::{VerifyArgs, EXIT_VERIFY_FAILED};
 
 use anyhow::Context;
@@ -120,7 +122,9 @@ pub(crate) enum Command {
     Ls(LsArgs),
     /// What changed from one volume tree snapshot to another: added, removed, modified entries
     Diff(DiffArgs),
-    /// Write one file of a volume tree snapshot to stdout, checked as a restore checks it
+    /// Volume tree entries whose name (or path) matches a pattern, across snapshots
+    Find(FindArgs),
+    /// Write a file of a volume tree snapshot to stdout, or a directory as a tar stream
     Dump(DumpArgs),
     /// Run the jobs of an agent.toml on their schedules (the systemd service).
     Agent(AgentArgs),

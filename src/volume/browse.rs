@@ -1,5 +1,6 @@
-//! Browsing tree snapshots without restoring them: the entries under a path (`tresor ls`), one
-//! file's bytes (`tresor dump`), and what changed between two snapshots (`tresor diff`).
+//! Browsing tree snapshots without restoring them: the entries under a path (`tresor ls`),
+//! the entries whose names match a pattern (`tresor find`), a file's bytes or a directory as a
+//! tar stream (`tresor dump`), and what changed between two snapshots (`tresor diff`).
 
 use std::cmp::Ordering;
 use std::sync::Arc;
@@ -74,6 +75,99 @@ pub fn kind_of(
         false
     })?;
     Ok(kind)
+}
+
+/// A shell-style pattern for `tresor find`: `*` and `?` within one path component, `[...]`
+/// (`[!...]` negated) a character class, `**` any number of components. Without a `/` it
+/// matches an entry's last component (its name), with one its whole path (relative, as
+/// listed; a leading `/` is ignored).
+pub struct Pattern {
+    regex: regex::bytes::Regex,
+    whole_path: bool,
+}
+
+impl Pattern {
+    /// # Errors
+    /// [`Error::Config`] for an unclosed `[`.
+    pub fn new(glob: &str) -> Result<Pattern> {
+        let glob = glob.trim_start_matches('/');
+        let bad = |why: &str| Error::Config(format!("find pattern {glob:?}: {why}"));
+        let mut re = String::from("(?s-u)^");
+        let mut chars = glob.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '*' if chars.peek() == Some(&'*') => {
+                    chars.next();
+                    if chars.peek() == Some(&'/') {
+                        chars.next();
+                        re.push_str("(?:.*/)?");
+                    } else {
+                        re.push_str(".*");
+                    }
+                }
+                '*' => re.push_str("[^/]*"),
+                '?' => re.push_str("[^/]"),
+                '[' => {
+                    re.push('[');
+                    if chars.peek() == Some(&'!') {
+                        chars.next();
+                        re.push('^');
+                    }
+                    let mut closed = false;
+                    let mut first = true;
+                    for c in chars.by_ref() {
+                        if c == ']' && !first {
+                            closed = true;
+                            break;
+                        }
+                        first = false;
+                        if matches!(c, '\\' | '[' | ']' | '&' | '~' | '^') {
+                            re.push('\\');
+                        }
+                        re.push(c);
+                    }
+                    if !closed {
+                        return Err(bad("a `[` is not closed"));
+                    }
+                    re.push(']');
+                }
+                c => re.push_str(&regex::escape(&c.to_string())),
+            }
+        }
+        re.push('$');
+        let regex = regex::bytes::Regex::new(&re).map_err(|e| bad(&e.to_string()))?;
+        Ok(Pattern {
+            regex,
+            whole_path: glob.contains('/'),
+        })
+    }
+
+    /// Whether the entry at `path` matches.
+    pub fn matches(&self, path: &[u8]) -> bool {
+        let target = if self.whole_path {
+            path
+        } else {
+            path.rsplit(|&c| c == b'/').next().unwrap_or(path)
+        };
+        self.regex.is_match(target)
+    }
+}
+
+/// Calls `each` with every entry of the tree snapshot `snap` whose path matches `pattern`, in
+/// catalog order; `each` returns `false` to stop. Blocking reads: call it off the runtime.
+///
+/// # Errors
+/// Those of [`entries`].
+pub fn find(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    snap: &Listed,
+    pattern: &Pattern,
+    mut each: impl FnMut(Entry) -> bool,
+) -> Result<()> {
+    entries(repo, rt, snap, None, |e| {
+        !pattern.matches(&e.path) || e.path.is_empty() || each(e)
+    })
 }
 
 /// Chunks fetched ahead while a file is dumped.
@@ -499,5 +593,22 @@ mod tests {
             paths,
             [&b""[..], b"a", b"a/b", b"a/b/c", b"a/z", b"a.txt", b"b"]
         );
+    }
+
+    #[test]
+    fn find_patterns_match_names_or_whole_paths() {
+        let yes = |glob: &str, path: &[u8]| Pattern::new(glob).unwrap().matches(path);
+        assert!(yes("*.conf", b"etc/nginx/nginx.conf"));
+        assert!(!yes("*.conf", b"etc/nginx.conf.d/x"));
+        assert!(yes("pg_*", b"var/lib/postgresql/pg_wal"));
+        assert!(yes("?.txt", b"d/a.txt") && !yes("?.txt", b"d/ab.txt"));
+        assert!(yes("[ab]*", b"x/beta") && !yes("[!ab]*", b"x/beta"));
+        assert!(yes("etc/*/nginx.conf", b"etc/nginx/nginx.conf"));
+        assert!(!yes("etc/*", b"etc/nginx/nginx.conf"));
+        assert!(yes("/etc/**", b"etc/nginx/nginx.conf"));
+        assert!(yes("**/base/*", b"var/lib/postgresql/15/main/base/1"));
+        assert!(yes("a.b", b"a.b") && !yes("a.b", b"axb"));
+        assert!(yes("bad-*", b"bad-utf8-\xff\xfe"));
+        assert!(Pattern::new("[oops").is_err());
     }
 }

@@ -192,6 +192,80 @@ fn dump_writes_one_file_byte_for_byte() {
     assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
 }
 
+/// `tresor find`: names matched in every tree snapshot (newest first), a pattern with `/`
+/// against the whole path, `--latest` only the newest snapshot per source, `--json` objects
+/// with the snapshot; nothing found exits 1, as grep does.
+#[test]
+fn find_names_matching_entries_across_snapshots() {
+    let env = Env::new();
+    let src = env.path("src");
+    build_tree(&src);
+    let first = env.backup("data", &src, &[]);
+    fs::write(src.join("dir/notes.txt"), b"new").unwrap();
+    let second = env.backup("data", &src, &[]);
+    let (first, second) = (
+        first["id"].as_str().unwrap(),
+        second["id"].as_str().unwrap(),
+    );
+
+    let hits = env.json(&["find", "*.txt"]);
+    let got: Vec<(String, String)> = hits
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            assert_eq!(h["name"], "data", "{h}");
+            assert_eq!(h["type"], "file", "{h}");
+            (
+                h["snapshot"].as_str().unwrap().into(),
+                h["path"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        (second, "dir/notes.txt"),
+        (second, "small.txt"),
+        (second, "ünïcödé ✓.txt"),
+        (first, "small.txt"),
+        (first, "ünïcödé ✓.txt"),
+    ]
+    .iter()
+    .map(|(s, p)| (s.to_string(), p.to_string()))
+    .collect();
+    assert_eq!(got, want);
+
+    let latest = env.json(&["find", "/dir/**", "--latest"]);
+    let paths: Vec<&str> = latest
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "dir/abs-link",
+            "dir/hard",
+            "dir/notes.txt",
+            "dir/sub",
+            "dir/sub/hard2"
+        ]
+    );
+
+    let text = env.tresor(&["find", "hard?"]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.starts_with(&format!("{} h", &second[..8])) && text.contains("dir/sub/hard2 => "),
+        "{text}"
+    );
+    assert!(text.ends_with("2 entries in 2 snapshots\n"), "{text}");
+    let none = env.tresor(&["find", "*.nothing"]);
+    assert_eq!(none.status.code(), Some(1), "{}", stderr(&none));
+    let bad = env.tresor(&["find", "[oops"]);
+    assert!(stderr(&bad).contains("not closed"), "{}", stderr(&bad));
+}
+
 /// Unpacks a tar stream with GNU tar as a restore would put it: permissions, numeric owners,
 /// xattrs.
 fn untar(stream: &[u8], into: &Path) {
