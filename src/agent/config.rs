@@ -89,8 +89,9 @@ pub enum JobKind {
     /// Image references or whole repositories.
     Image {
         images: Vec<String>,
+        /// Which tags of a whole repository (`tresor backup image --tags ...`).
         #[serde(default)]
-        tags_regex: Option<String>,
+        tag_policy: crate::oci::TagPolicy,
         #[serde(default)]
         platforms: Vec<String>,
     },
@@ -327,12 +328,14 @@ impl AgentConfig {
                         }
                     }
                 }
-                JobKind::Image {
-                    tags_regex: Some(re),
-                    ..
-                } => {
-                    regex::Regex::new(re)
-                        .map_err(|e| at(&job.name, "tags_regex", e.to_string()))?;
+                JobKind::Image { tag_policy, .. } => {
+                    tag_policy.compile().map_err(|e| {
+                        let why = match e {
+                            Error::Config(why) => why,
+                            e => e.to_string(),
+                        };
+                        at(&job.name, "tag_policy", why)
+                    })?;
                 }
                 JobKind::Verify {
                     read_data_subset: Some(s),

@@ -391,9 +391,9 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
         }
         JobKind::Image {
             images,
-            tags_regex,
+            tag_policy,
             platforms,
-        } => run.images(images, tags_regex.as_deref(), platforms),
+        } => run.images(images, tag_policy, platforms),
         JobKind::Workload(w) if w.project.compose.is_empty() => run.workload(&w.jobs),
         JobKind::Workload(w) => run.compose_workload(w),
         JobKind::Forget { .. } => run.forget(),
@@ -508,17 +508,13 @@ impl Run<'_> {
     fn images(
         &self,
         images: &[String],
-        tags_regex: Option<&str>,
+        tag_policy: &crate::oci::TagPolicy,
         platforms: &[String],
     ) -> Result<Outcome> {
         let job = self.job;
-        let tag_filter = tags_regex
-            .map(regex::Regex::new)
-            .transpose()
-            .map_err(|e| Error::Config(format!("job {}: tags_regex: {e}", job.name)))?;
         let what = commands::backup::ImageBackup {
             images,
-            tag_filter,
+            tag_policy,
             platforms,
             host: &self.host,
             tags: self.tags,

@@ -1,7 +1,6 @@
 //! `tresor backup volume` and `tresor backup image`, and the registry flags they share with
 //! `restore image`.
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use std::path::PathBuf;
@@ -106,9 +105,8 @@ pub(crate) struct BackupImageArgs {
     /// or an OCI image layout: oci:DIR:TAG, or oci:DIR (every named image).
     #[arg(required = true)]
     pub(crate) images: Vec<String>,
-    /// With a whole repository: only tags matching this regular expression.
-    #[arg(long, value_name = "REGEX")]
-    pub(crate) tags: Option<String>,
+    #[command(flatten)]
+    pub(crate) tag_policy: tresor::oci::TagPolicy,
     /// Keep only these platforms of an index (os/arch[/variant], repeatable) [default: all].
     #[arg(long)]
     pub(crate) platform: Vec<String>,
@@ -149,12 +147,6 @@ pub(crate) struct BackupVolumeArgs {
 }
 
 pub(crate) async fn backup_image(g: &Global, args: &BackupImageArgs) -> anyhow::Result<ExitCode> {
-    let tag_filter = args
-        .tags
-        .as_deref()
-        .map(regex::Regex::new)
-        .transpose()
-        .context("--tags is not a valid regular expression")?;
     let repo = open(g).await?;
     let rt = tokio::runtime::Handle::current();
     let cache = cache_dir(g);
@@ -168,7 +160,7 @@ pub(crate) async fn backup_image(g: &Global, args: &BackupImageArgs) -> anyhow::
     let results = tokio::task::block_in_place(|| {
         let what = commands::backup::ImageBackup {
             images: &args.images,
-            tag_filter,
+            tag_policy: &args.tag_policy,
             platforms: &args.platform,
             host: &host,
             tags: &args.snapshot_tags,

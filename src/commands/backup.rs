@@ -41,7 +41,7 @@ pub fn volume(
 pub struct ImageBackup<'a> {
     /// `docker://...` or `oci:...` references, each possibly naming many tags.
     pub images: &'a [String],
-    pub tag_filter: Option<regex::Regex>,
+    pub tag_policy: &'a crate::oci::TagPolicy,
     pub platforms: &'a [String],
     pub host: &'a str,
     pub tags: &'a [String],
@@ -69,6 +69,7 @@ pub fn images(
     registry: impl Fn(&ImageSource) -> Result<Registry>,
     progress: impl Fn(&str) -> Progress,
 ) -> Result<Vec<(String, Vec<ImageResult>)>> {
+    let tag_policy = what.tag_policy.compile()?;
     let session = Arc::new(rt.block_on(Session::start(Arc::clone(repo), cache_dir, command))?);
     let result = (|| {
         let mut out = Vec::new();
@@ -77,7 +78,7 @@ pub fn images(
             let registry = registry(&source)?;
             let options = ImageBackupOptions {
                 source,
-                tag_filter: what.tag_filter.clone(),
+                tag_policy: tag_policy.clone(),
                 platforms: what.platforms.to_vec(),
                 host: what.host.to_string(),
                 tags: what.tags.to_vec(),

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use std::io::Read;
 
-use regex::Regex;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
@@ -31,8 +30,8 @@ use crate::snapshot::{ImageInfo, Kind, Listed, RootFormat, Snapshot, Summary, RE
 #[derive(Clone, Debug)]
 pub struct ImageBackupOptions {
     pub source: ImageSource,
-    /// For a whole repository: the tags to take (default: all).
-    pub tag_filter: Option<Regex>,
+    /// For a whole repository: the tags to take.
+    pub tag_policy: super::TagSelector,
     /// Platforms (`os/arch[/variant]`) to keep from an index; empty keeps all.
     pub platforms: Vec<String>,
     pub host: String,
@@ -82,11 +81,16 @@ pub fn backup(
     let names: Vec<(String, String)> = match selector {
         Some((By::Digest(d), shown)) => vec![(format!("@{d}"), shown)],
         Some((By::Tag(t), shown)) => vec![(t.to_string(), shown)],
-        None => source
-            .tags(rt)?
+        None => options
+            .tag_policy
+            .select(
+                source
+                    .tags(rt)?
+                    .into_iter()
+                    .filter(|t| !t.starts_with("sha256-"))
+                    .collect(),
+            )
             .into_iter()
-            .filter(|t| !t.starts_with("sha256-"))
-            .filter(|t| options.tag_filter.as_ref().is_none_or(|re| re.is_match(t)))
             .map(|t| {
                 let shown = format!("{}:{t}", source.repository());
                 (t, shown)

@@ -21,6 +21,7 @@ pub mod reference;
 pub mod registry;
 mod restore;
 mod source;
+pub mod tags;
 
 use std::sync::Arc;
 
@@ -34,6 +35,7 @@ use tokio::runtime::Handle;
 pub use backup::{backup, ImageBackupOptions};
 pub use reference::{ImageSource, ImageTarget};
 pub use restore::{restore, ManifestCheck, RestoreReport};
+pub use tags::{TagPolicy, TagSelector};
 
 use crate::error::{Error, Result};
 use crate::id::ChunkRef;

@@ -327,6 +327,63 @@ fn whole_repository_with_tag_filter() {
     assert!(stderr(&bad).contains("team/nosuch"), "{}", stderr(&bad));
 }
 
+/// Tag policies against a real registry holding versions v1.0..v2.3 and junk tags: a semver
+/// range, the newest N with an exclude, each taking exactly the tags it names.
+#[test]
+fn tag_policies_pick_versions_from_a_real_registry() {
+    let f = fixture();
+    let host = f.registry.host.as_str();
+    let mut layout = Layout::new(&f.env.path("layout-versions"));
+    let layer = layout.layer(&[("f", random_bytes(10_000, 20))]);
+    let image = layout.image("amd64", &[layer]);
+    let versions = [
+        "v1.0", "v1.1", "v1.2", "v1.10", "v2.0", "v2.1", "v2.2", "v2.3",
+    ];
+    let junk = ["latest", "dev", "v2.3-debug", "nightly-2026"];
+    for tag in versions.iter().chain(&junk) {
+        layout.tag(tag, &image);
+        push(&layout, tag, host, "team/versions");
+    }
+    let taken = |policy: &[&str]| -> Vec<String> {
+        let source = format!("docker://{host}/team/versions");
+        let mut args = vec!["backup", "image", source.as_str(), "--insecure"];
+        args.extend(policy);
+        let snaps = f.env.json(&args);
+        let prefix = format!("{host}/team/versions:");
+        let mut tags: Vec<String> = snaps
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                s["name"]
+                    .as_str()
+                    .unwrap()
+                    .strip_prefix(&prefix)
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        tags.sort();
+        tags
+    };
+    assert_eq!(taken(&["--semver", ">=1.1, <2"]), ["v1.1", "v1.10", "v1.2"]);
+    assert_eq!(
+        taken(&["--newest", "2", "--exclude-tags", "debug"]),
+        ["v2.2", "v2.3"]
+    );
+    assert_eq!(taken(&["--tags", "^v1", "--newest", "1"]), ["v1.10"]);
+    let bad = f.env.tresor(&[
+        "backup",
+        "image",
+        &format!("docker://{host}/team/versions"),
+        "--semver",
+        ">=x",
+        "--insecure",
+    ]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("semver"), "{}", stderr(&bad));
+}
+
 #[test]
 fn lying_throttling_and_flaky_registries() {
     use common::proxy::FaultProxy;

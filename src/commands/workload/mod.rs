@@ -448,7 +448,7 @@ impl Run<'_, '_> {
         };
         let options = crate::oci::ImageBackupOptions {
             source: ImageSource::parse(&reference)?,
-            tag_filter: None,
+            tag_policy: crate::oci::TagSelector::default(),
             platforms: Vec::new(),
             host: self.what.host.clone(),
             tags: self.tags.clone(),
