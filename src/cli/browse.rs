@@ -245,7 +245,7 @@ pub(crate) async fn find(g: &Global, args: &FindArgs) -> anyhow::Result<ExitCode
         snaps.retain(|s| seen.insert((s.snapshot.host.clone(), s.snapshot.name.clone())));
     }
     let (rt, json) = (tokio::runtime::Handle::current(), g.json);
-    let found = tokio::task::spawn_blocking(move || -> tresor::Result<u64> {
+    tokio::task::spawn_blocking(move || -> tresor::Result<()> {
         let mut out = Streamed::new(json);
         let mut found = 0;
         for snap in &snaps {
@@ -263,16 +263,10 @@ pub(crate) async fn find(g: &Global, args: &FindArgs) -> anyhow::Result<ExitCode
             })?;
         }
         let trailer = format!("{found} entries in {} snapshots\n", snaps.len());
-        out.finish(&trailer)?;
-        Ok(found)
+        out.finish(&trailer)
     })
     .await??;
-    // As grep: nothing found is exit 1.
-    Ok(if found > 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `rwxr-xr-x` for the permission bits of `mode`, with setuid, setgid and sticky.

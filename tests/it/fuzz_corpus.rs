@@ -1,7 +1,7 @@
 //! The fuzz targets' committed corpus, replayed on the stable toolchain: every input libFuzzer
 //! kept (and every input that once crashed a parser, fixed since) goes through the same parser
 //! as in `fuzz/`, which must return. CI's smoke pass of every target; the fuzzing itself runs
-//! with cargo-fuzz (README, "Fuzzing").
+//! with cargo-fuzz (docs/TESTING.md, "Fuzzing").
 
 use std::fs;
 use std::path::Path;

@@ -36,3 +36,96 @@ fn completions_and_the_manual_page_come_from_the_cli() {
         "{page}"
     );
 }
+
+/// Every command of the CLI, with its `--help` text, found by walking `Commands:` lists.
+fn every_help(env: &Env) -> Vec<(Vec<String>, String)> {
+    let mut all = Vec::new();
+    let mut todo = vec![Vec::<String>::new()];
+    while let Some(path) = todo.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let out = env.tresor(&args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(list) = text.split("\nCommands:\n").nth(1) {
+            for line in list.lines().take_while(|l| !l.is_empty()) {
+                let name = line.strip_prefix("  ").filter(|l| !l.starts_with(' '));
+                match name.and_then(|l| l.split_whitespace().next()) {
+                    Some("help") | None => {}
+                    Some(name) => todo.push([path.clone(), vec![name.to_string()]].concat()),
+                }
+            }
+        }
+        all.push((path, text));
+    }
+    all
+}
+
+/// The `--flags` a text names (a `--` that starts a word).
+fn flags(text: &str) -> std::collections::BTreeSet<String> {
+    let re = regex::Regex::new(r"(^|[^\w-])(--[a-z][a-z0-9-]*)").unwrap();
+    re.captures_iter(text).map(|c| c[2].to_string()).collect()
+}
+
+/// The README cannot drift from the CLI: every `--flag` it names is a flag of some command
+/// (or of another tool it shows, listed here), and every `tresor WORD` it runs in a code block
+/// is a command.
+#[test]
+fn the_readme_names_only_flags_and_commands_that_exist() {
+    const OTHER_TOOLS: &[&str] = &[
+        "--key",
+        "--read",
+        "--write", // garage bucket allow
+        "--now",   // systemctl enable
+        "--release",
+        "--profile", // cargo build
+        "--xattrs",
+        "--xattrs-include", // GNU tar
+    ];
+    let env = Env::empty();
+    let helps = every_help(&env);
+    assert!(helps.len() > 20, "{} commands", helps.len());
+    let known: std::collections::BTreeSet<String> =
+        helps.iter().flat_map(|(_, text)| flags(text)).collect();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let unknown: Vec<String> = flags(&readme)
+        .into_iter()
+        .filter(|f| !known.contains(f) && !OTHER_TOOLS.contains(&f.as_str()))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the README names flags no command has: {unknown:?}"
+    );
+
+    let commands: std::collections::BTreeSet<&str> = helps
+        .iter()
+        .filter_map(|(path, _)| path.first().map(String::as_str))
+        .collect();
+    let mut in_code = false;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        let Some(rest) = line
+            .trim_start()
+            .strip_prefix("tresor ")
+            .filter(|_| in_code)
+        else {
+            continue;
+        };
+        // The first word that is neither a flag nor a flag's value; none for `tresor --version`.
+        let words: Vec<&str> = rest.split('#').next().unwrap().split_whitespace().collect();
+        let word = words.iter().enumerate().find(|(i, w)| {
+            !w.starts_with('-')
+                && (*i == 0 || !words[i - 1].starts_with("--") || commands.contains(*w))
+        });
+        if let Some((_, word)) = word {
+            assert!(
+                commands.contains(word),
+                "the README runs `tresor {word}`: {line}"
+            );
+        }
+    }
+}
