@@ -129,3 +129,78 @@ fn the_readme_names_only_flags_and_commands_that_exist() {
         }
     }
 }
+
+/// Every object key and string value of a JSON document.
+fn json_words(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                out.insert(k.clone());
+                json_words(v, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| json_words(v, out)),
+        serde_json::Value::String(s) => {
+            out.insert(s.clone());
+        }
+        _ => {}
+    }
+}
+
+/// The JSON fields the README names for `snapshots`, `ls`, `find` and `diff` (each backticked
+/// `snake_case` word of the paragraph that describes the output) are keys or values of the real
+/// output, but for values this repository cannot show (listed) and the command's name.
+#[test]
+fn the_readme_names_only_json_fields_that_exist() {
+    let env = Env::new();
+    let src = env.path("src");
+    build_tree(&src);
+    let old = env.backup("data", &src, &[]);
+    std::fs::write(src.join("added"), b"new").unwrap();
+    std::fs::remove_file(src.join("-dash")).unwrap();
+    std::fs::write(src.join("small.txt"), b"changed").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        src.join("empty-file"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let new = env.backup("data", &src, &[]);
+    let (old, new) = (old["id"].as_str().unwrap(), new["id"].as_str().unwrap());
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let word = regex::Regex::new(r"`([a-z_]+)`").unwrap();
+    for (paragraph, args, absent) in [
+        (
+            "The JSON is an array, oldest first",
+            vec!["snapshots"],
+            &["block", "image", "workload"][..],
+        ),
+        (
+            "`ls` prints one",
+            vec!["ls", "data"],
+            &["socket", "char", "block"][..],
+        ),
+        ("`find` reads the catalog", vec!["find", "*"], &["ls"][..]), // `ls --json` objects
+        (
+            "`diff` reads both catalogs",
+            vec!["diff", old, new],
+            &["type", "owner", "xattrs"][..],
+        ),
+    ] {
+        let start = readme.find(paragraph).expect(paragraph);
+        let text = &readme[start..];
+        let text = &text[..text.find("\n\n").unwrap_or(text.len())];
+        let mut output = std::collections::BTreeSet::new();
+        json_words(&env.json(&args), &mut output);
+        // The paragraph starts with the command's own name.
+        let named = word.captures_iter(text).map(|c| c[1].to_string());
+        for named in named.filter(|n| n != args[0]) {
+            assert!(
+                output.contains(&named) || absent.contains(&named.as_str()),
+                "the README names `{named}` for `tresor {}`, which its JSON lacks",
+                args.join(" ")
+            );
+        }
+    }
+}
