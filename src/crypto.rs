@@ -112,6 +112,16 @@ impl MasterKey {
         }
     }
 
+    /// A new key with a fresh encryption half and this key's id half: a second repository
+    /// that names chunks as this one does (`init --same-chunker-as`), sealed under its own key.
+    pub fn sharing_ids(&self, cipher: Cipher) -> MasterKey {
+        MasterKey {
+            enc: Zeroizing::new(rand::random()),
+            id: self.id.clone(),
+            cipher,
+        }
+    }
+
     /// This key, sealing new objects with `cipher` (the repository's configured one).
     pub fn with_cipher(mut self, cipher: Cipher) -> MasterKey {
         self.cipher = cipher;

@@ -129,6 +129,7 @@ fn wants_json(cli: &Cli) -> bool {
         Command::Ls(a) => a.out.json,
         Command::Diff(a) => a.out.json,
         Command::Find(a) => a.out.json,
+        Command::Copy(a) => a.out.json,
         Command::Dump(_) => false,
         Command::Agent(_) | Command::Protect(_) => false,
         Command::Forget(a) => a.out.json,
@@ -170,6 +171,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ls(args) => cli::browse::ls(g, args).await,
         Command::Find(args) => cli::browse::find(g, args).await,
+        Command::Copy(args) => cli::copy::copy(g, args).await,
         Command::Diff(args) => cli::browse::diff(g, args).await,
         Command::Dump(args) => cli::browse::dump(g, args).await,
         Command::Agent(args) => cli::agent::agent(args).await,

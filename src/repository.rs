@@ -217,6 +217,10 @@ pub struct InitOptions {
     pub compression_level: Option<i32>,
     /// The cipher of an encrypted repository; `None` picks [`Cipher::preferred`].
     pub cipher: Option<Cipher>,
+    /// A repository whose chunk ids (and chunker) the new one shares, so that `tresor copy`
+    /// moves chunks between them unchanged and backups into either dedupe alike. Its
+    /// encryption key is not shared.
+    pub same_ids_as: Option<std::sync::Arc<Repository>>,
 }
 
 impl Default for InitOptions {
@@ -225,6 +229,7 @@ impl Default for InitOptions {
             chunker: ChunkerParams::default(),
             compression_level: Some(3),
             cipher: None,
+            same_ids_as: None,
         }
     }
 }
@@ -248,9 +253,19 @@ impl Repository {
     /// invalid chunker or compression settings.
     pub async fn init(
         store: Store,
-        options: InitOptions,
+        mut options: InitOptions,
         secret: Option<&Secret>,
     ) -> Result<Repository> {
+        if let Some(other) = &options.same_ids_as {
+            if other.is_encrypted() != secret.is_some() {
+                return Err(Error::Config(format!(
+                    "{} is {}encrypted: a repository sharing its chunk ids must be too",
+                    other.store().url(),
+                    if other.is_encrypted() { "" } else { "not " }
+                )));
+            }
+            options.chunker = other.config().chunker;
+        }
         options.chunker.validate()?;
         if let Some(level) = options.compression_level {
             if !zstd::compression_level_range().contains(&level) {
@@ -283,7 +298,10 @@ impl Repository {
             slot: None,
         };
         if let Some(secret) = secret {
-            let key = MasterKey::generate(cipher);
+            let key = match options.same_ids_as.as_ref().and_then(|o| o.key.as_ref()) {
+                Some(other) => other.sharing_ids(cipher),
+                None => MasterKey::generate(cipher),
+            };
             repo.config.sign(&key);
             repo.key = Some(key);
             repo.slot = Some(repo.add_key(secret).await?);

@@ -842,8 +842,9 @@ impl Run<'_> {
     }
 }
 
-/// Every data chunk ref of a snapshot with the file (or blob digest) that uses it.
-fn walk_refs(
+/// Every data chunk ref of a snapshot with the file (or blob digest) that uses it (also what
+/// `copy` copies).
+pub(crate) fn walk_refs(
     repo: &Arc<Repository>,
     rt: &Handle,
     snap: &Listed,

@@ -43,6 +43,16 @@ pub(crate) struct InitArgs {
     /// XChaCha20-Poly1305]. Both are always readable.
     #[arg(long, value_enum)]
     pub(crate) cipher: Option<CipherArg>,
+    /// Share this repository's chunk ids and chunker (not its encryption key), so that
+    /// `tresor copy` moves chunks between the two unchanged.
+    #[arg(long, value_name = "URL")]
+    pub(crate) same_chunker_as: Option<String>,
+    /// Key file of the --same-chunker-as repository.
+    #[arg(long, requires = "same_chunker_as")]
+    pub(crate) from_key_file: Option<std::path::PathBuf>,
+    /// Password file of the --same-chunker-as repository.
+    #[arg(long, requires = "same_chunker_as")]
+    pub(crate) from_password_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +80,19 @@ pub(crate) async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode
             CipherArg::Aes256gcm => tresor::crypto::Cipher::Aes256Gcm,
             CipherArg::Xchacha20poly1305 => tresor::crypto::Cipher::XChaCha20Poly1305,
         }),
+        same_ids_as: match &args.same_chunker_as {
+            Some(url) => Some(
+                open_other(
+                    g,
+                    url,
+                    args.from_key_file.as_deref(),
+                    args.from_password_file.as_deref(),
+                    None,
+                )
+                .await?,
+            ),
+            None => None,
+        },
     };
     let access = access(g)?;
     let encrypted = args.encryption == Encryption::On;

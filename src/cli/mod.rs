@@ -6,6 +6,7 @@
 pub(crate) mod agent;
 pub(crate) mod backup;
 pub(crate) mod browse;
+pub(crate) mod copy;
 pub(crate) mod drill;
 pub(crate) mod gc;
 pub(crate) mod init;
@@ -18,6 +19,7 @@ pub(crate) mod workload;
 pub(crate) use agent::{AgentArgs, LogFormat};
 pub(crate) use backup::{BackupCommand, RegistryArgs};
 pub(crate) use browse::{DiffArgs, DumpArgs, FindArgs, LsArgs};
+pub(crate) use copy::CopyArgs;
 pub(crate) use drill::DrillCommand;
 pub(crate) use gc::GcArgs;
 pub(crate) use init::InitArgs;
@@ -122,6 +124,8 @@ pub(crate) enum Command {
     Ls(LsArgs),
     /// What changed from one volume tree snapshot to another: added, removed, modified entries
     Diff(DiffArgs),
+    /// Copy snapshots (workloads with their members) into a second repository
+    Copy(CopyArgs),
     /// Volume tree entries whose name (or path) matches a pattern, across snapshots
     Find(FindArgs),
     /// Write a file of a volume tree snapshot to stdout, or a directory as a tar stream
@@ -221,6 +225,28 @@ pub(crate) fn access(g: &Global) -> anyhow::Result<Access> {
         cache_dir: cache_dir(g),
         expect_unencrypted: g.expect_unencrypted,
     })
+}
+
+/// Opens a second repository (`copy --to-repo`, `init --same-chunker-as`) with its own URL and
+/// secret (never `TRESOR_PASSWORD` or the systemd credentials, which are the first one's), on
+/// the first one's S3 endpoint unless given.
+pub(crate) async fn open_other(
+    g: &Global,
+    url: &str,
+    key_file: Option<&std::path::Path>,
+    password_file: Option<&std::path::Path>,
+    s3_endpoint: Option<&str>,
+) -> anyhow::Result<Arc<Repository>> {
+    let mut other = access(g)?;
+    other.url = url.to_string();
+    other.key_file = key_file.map(std::path::Path::to_path_buf);
+    other.password_file = password_file.map(std::path::Path::to_path_buf);
+    other.password = None;
+    other.credentials = None;
+    if let Some(endpoint) = s3_endpoint {
+        other.store.endpoint = Some(endpoint.to_string());
+    }
+    Ok(other.open(|| ask_secret(url, false)).await?)
 }
 
 pub(crate) async fn open(g: &Global) -> anyhow::Result<Arc<Repository>> {

@@ -6,6 +6,7 @@
 //! ([`verify`]). Neither front end opens stores or sessions by itself.
 
 pub mod backup;
+pub mod copy;
 pub mod drill;
 pub mod open;
 pub mod verify;

@@ -4,6 +4,7 @@
 
 mod agent;
 mod common;
+mod copy;
 mod drill;
 mod encryption;
 mod faults;

@@ -58,14 +58,20 @@ impl Env {
     /// A fresh environment with an initialised repository on `backend`: the local filesystem
     /// (`None`) or a new S3 server of that kind. `None` when S3 is skipped on purpose.
     pub fn on(backend: Option<s3::Kind>) -> Option<Env> {
+        let env = Env::empty_on(backend)?;
+        let out = env.tresor(&["init"]);
+        assert!(out.status.success(), "init failed: {}", stderr(&out));
+        Some(env)
+    }
+
+    /// Like [`Env::on`], with the repository not initialised.
+    pub fn empty_on(backend: Option<s3::Kind>) -> Option<Env> {
         let mut env = Env::empty();
         if let Some(kind) = backend {
             let server = s3::S3Server::start(kind, env.dir.path())?;
             env.repo = format!("s3://{}/repo", s3::BUCKET);
             env.s3 = Some(std::sync::Arc::new(server));
         }
-        let out = env.tresor(&["init"]);
-        assert!(out.status.success(), "init failed: {}", stderr(&out));
         Some(env)
     }
 

@@ -1,0 +1,301 @@
+//! `tresor copy`: snapshots into a second repository (a second sovereign site), as PBS sync
+//! jobs and `restic copy` do.
+//!
+//! The target must name chunks as the source does: both unencrypted, or the target made with
+//! `init --same-chunker-as SOURCE`, which shares the source's id key (and chunker) but has its
+//! own encryption key. Then a chunk keeps its id and a snapshot record its id, and copying is:
+//! for each snapshot the target lacks (a workload's members before the workload), every chunk
+//! it references that the target lacks is fetched, checked against its id, sealed under the
+//! target's key, checked to open again, and stored; then, with everything it references
+//! durable, the record. An interrupted copy leaves chunks that the next run finds stored and
+//! skips (resumable); a snapshot copied already is skipped whole (a second copy moves
+//! nothing).
+//!
+//! The target side runs in a backup session ([`Session`]), so a `gc` of the target never
+//! deletes a chunk the copy relies on (ARCHITECTURE.md, "Garbage collection while backups
+//! run"); chunks the target's gc has condemned are rescued as a backup rescues them. A `gc` of
+//! the source may delete the chunks of a snapshot forgotten there meanwhile: that snapshot then
+//! fails to copy, by name, and nothing is published for it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::runtime::Handle;
+
+use crate::error::{Error, Result};
+use crate::gc::{Claim, Session};
+use crate::id::ChunkRef;
+use crate::progress::Progress;
+use crate::repository::Repository;
+use crate::snapshot::{self, Filter, Kind, Listed};
+
+/// Chunks copied at once: many small requests hide both stores' latency.
+const COPY_CONCURRENCY: usize = 32;
+
+/// Which snapshots to copy.
+#[derive(Clone, Debug, Default)]
+pub struct CopyOptions {
+    /// Snapshot ids, unique prefixes or names (their newest snapshot); empty means all that
+    /// match `filter`.
+    pub snapshots: Vec<String>,
+    pub filter: Filter,
+}
+
+/// What a copy did.
+#[derive(Debug, Default, Serialize)]
+pub struct CopyReport {
+    /// Snapshots copied, by id, in the order published.
+    pub copied: Vec<String>,
+    /// Snapshots the target had already.
+    pub present: u64,
+    /// Snapshots that could not be copied, with why.
+    pub failed: BTreeMap<String, String>,
+    pub chunks_copied: u64,
+    /// Plaintext bytes of the chunks copied.
+    pub bytes_copied: u64,
+    /// Chunks the target had already.
+    pub chunks_present: u64,
+}
+
+/// Copies the snapshots `options` selects from `source` to `target`. Blocking.
+///
+/// # Errors
+/// [`Error::Config`] when the two repositories name chunks differently or the selection names
+/// nothing; store errors listing either side. A snapshot that fails to copy is in the report.
+pub fn copy(
+    source: &Arc<Repository>,
+    target: &Arc<Repository>,
+    rt: &Handle,
+    cache_dir: Option<&Path>,
+    options: &CopyOptions,
+    progress: &Progress,
+) -> Result<CopyReport> {
+    same_ids(source, target)?;
+    let wanted = rt.block_on(selection(source, options))?;
+    let present: HashSet<String> = rt
+        .block_on(target.list_snapshot_ids())?
+        .into_iter()
+        .collect();
+    let mut report = CopyReport::default();
+    let todo: Vec<Listed> = wanted
+        .into_iter()
+        .filter(|s| {
+            let had = present.contains(&s.id);
+            report.present += u64::from(had);
+            !had
+        })
+        .collect();
+    if todo.is_empty() {
+        return Ok(report);
+    }
+    let command = format!(
+        "copy {} snapshots from {}",
+        todo.len(),
+        source.store().url()
+    );
+    let session = Arc::new(rt.block_on(Session::start(Arc::clone(target), cache_dir, &command))?);
+    for snap in &todo {
+        let result = members_copied(source, rt, snap, &report)
+            .and_then(|()| copy_one(source, &session, rt, snap, &mut report, progress));
+        match result {
+            Ok(()) => report.copied.push(snap.id.clone()),
+            Err(e) => {
+                tracing::warn!("snapshot {}: {e}", snap.id);
+                report.failed.insert(snap.id.clone(), e.to_string());
+            }
+        }
+    }
+    rt.block_on(session.finish(report.failed.is_empty()));
+    Ok(report)
+}
+
+/// Refuses two repositories that name chunks differently: copying between them would need
+/// every index rewritten.
+fn same_ids(source: &Repository, target: &Repository) -> Result<()> {
+    let probe = b"tresor copy: do both repositories name chunks alike?";
+    if source.chunk_id(probe) != target.chunk_id(probe) {
+        return Err(Error::Config(format!(
+            "{} names chunks differently from {}: make the target with `tresor init \
+             --same-chunker-as {}` (it shares the chunk id key, not the encryption key)",
+            target.store().url(),
+            source.store().url(),
+            source.store().url()
+        )));
+    }
+    if target.format() < source.format() {
+        return Err(Error::Config(format!(
+            "{} has repository format {}, older than the source's {}",
+            target.store().url(),
+            target.format(),
+            source.format()
+        )));
+    }
+    Ok(())
+}
+
+/// The selected snapshots, each workload's members (ahead of it) with it.
+async fn selection(source: &Arc<Repository>, options: &CopyOptions) -> Result<Vec<Listed>> {
+    let all = snapshot::list(source, &Filter::default()).await?;
+    let mut chosen: Vec<Listed> = if options.snapshots.is_empty() {
+        all.iter()
+            .filter(|s| options.filter.matches(&s.snapshot))
+            .cloned()
+            .collect()
+    } else {
+        let mut out = Vec::new();
+        for reference in &options.snapshots {
+            out.push(snapshot::resolve(source, reference, None).await?);
+        }
+        out
+    };
+    if chosen.is_empty() {
+        return Err(Error::Config("no snapshot matches the selection".into()));
+    }
+    // Members first: a workload in the target never names a snapshot it lacks.
+    chosen.sort_by_key(|s| (s.snapshot.kind == Kind::Workload, s.snapshot.time));
+    let mut ids: HashSet<String> = chosen.iter().map(|s| s.id.clone()).collect();
+    let mut members = Vec::new();
+    for w in chosen.iter().filter(|s| s.snapshot.kind == Kind::Workload) {
+        let handle = Handle::current();
+        let record = {
+            let (source, w) = (Arc::clone(source), w.clone());
+            tokio::task::spawn_blocking(move || crate::workload::load_record(&source, &handle, &w))
+                .await
+                .expect("record reader panicked")?
+        };
+        for id in record.members() {
+            if ids.insert(id.to_string()) {
+                let m = all
+                    .iter()
+                    .find(|s| s.id == id)
+                    .ok_or_else(|| Error::Missing {
+                        key: format!("snapshots/{id} (a member of workload {})", w.id),
+                    })?;
+                members.push(m.clone());
+            }
+        }
+    }
+    members.extend(chosen);
+    Ok(members)
+}
+
+/// Refuses a workload one of whose members failed to copy: the target would name a snapshot
+/// it lacks.
+fn members_copied(
+    source: &Arc<Repository>,
+    rt: &Handle,
+    snap: &Listed,
+    report: &CopyReport,
+) -> Result<()> {
+    if snap.snapshot.kind != Kind::Workload {
+        return Ok(());
+    }
+    let record = crate::workload::load_record(source, rt, snap)?;
+    match record
+        .members()
+        .into_iter()
+        .find(|m| report.failed.contains_key(*m))
+    {
+        Some(m) => Err(Error::Config(format!(
+            "its member snapshot {m} failed to copy"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Copies one snapshot: its chunks the target lacks, then (all durable) its record.
+fn copy_one(
+    source: &Arc<Repository>,
+    session: &Arc<Session>,
+    rt: &Handle,
+    snap: &Listed,
+    report: &mut CopyReport,
+    progress: &Progress,
+) -> Result<()> {
+    let mut refs: Vec<ChunkRef> = snap
+        .snapshot
+        .index_refs()
+        .filter(|r| !r.is_zero())
+        .copied()
+        .collect();
+    crate::verify::walk_refs(source, rt, snap, |_, r| {
+        if !r.is_zero() {
+            refs.push(*r);
+        }
+        Ok(())
+    })?;
+    refs.sort_unstable_by_key(|r| r.id);
+    refs.dedup_by_key(|r| r.id);
+    let mut new = Vec::new();
+    for r in refs {
+        match session.claim(r.id) {
+            Claim::Known => report.chunks_present += 1,
+            Claim::New => new.push((r, false)),
+            Claim::Condemned => new.push((r, true)),
+        }
+    }
+    let target = session.repo();
+    let results: Vec<Result<u64>> = rt.block_on(
+        futures::stream::iter(new)
+            .map(|(r, condemned)| async move {
+                let copied = copy_chunk(source, session, r, condemned).await;
+                if copied.is_err() {
+                    session.unclaim(&r.id);
+                }
+                copied
+            })
+            .buffer_unordered(COPY_CONCURRENCY)
+            .inspect(|done| {
+                if let Ok(n) = done {
+                    progress.inc(*n);
+                }
+            })
+            .collect(),
+    );
+    for result in results {
+        let n = result?;
+        report.chunks_copied += 1;
+        report.bytes_copied += n;
+    }
+    rt.block_on(target.sync())?;
+    session.check_lease()?;
+    let record = rt.block_on(source.get_snapshot(&snap.id))?;
+    let id = rt.block_on(target.put_snapshot(&record))?;
+    if id != snap.id {
+        // Cannot happen when `same_ids` held; a record under another id would be a new one.
+        return Err(Error::Corrupt {
+            object: format!("snapshots/{}", snap.id),
+            reason: format!("its copy hashes to {id}"),
+        });
+    }
+    Ok(())
+}
+
+/// One chunk: fetched, checked against its id, sealed for the target, checked to open there,
+/// stored. Returns its plaintext length.
+async fn copy_chunk(
+    source: &Arc<Repository>,
+    session: &Session,
+    r: ChunkRef,
+    condemned: bool,
+) -> Result<u64> {
+    let target = Arc::clone(session.repo());
+    let raw = source.get_chunk_raw(&r.id).await?;
+    let (source2, id) = (Arc::clone(source), r.id);
+    let checked = tokio::task::spawn_blocking(move || -> Result<bytes::Bytes> {
+        let data = source2.decode_chunk(&id, &raw)?;
+        let encoded = target.encode_chunk(&id, &data);
+        target.decode_chunk(&id, &encoded)?;
+        Ok(encoded)
+    })
+    .await
+    .expect("chunk sealing panicked")?;
+    if condemned {
+        session.rescue(&r.id).await?;
+    }
+    session.repo().put_chunk(&r.id, checked).await?;
+    Ok(u64::from(r.len))
+}

@@ -1,0 +1,105 @@
+//! `tresor copy` into a second repository: an encrypted local repository copied to Garage
+//! under another key, restored byte for byte from there; a second copy moves nothing; a
+//! target that names chunks differently is refused.
+
+use std::fs;
+
+use crate::common::*;
+
+/// `copy` from `source` into `target`, run as the target's command (its S3 server and cache)
+/// with the source as `--repo`.
+fn copy(source: &Env, target: &Env, args: &[&str]) -> serde_json::Value {
+    let source_key = source.key_file();
+    let target_key = target.key_file();
+    let mut all = vec![
+        "--repo",
+        source.repo.as_str(),
+        "--key-file",
+        source_key.to_str().unwrap(),
+        "copy",
+        "--to-repo",
+        target.repo.as_str(),
+        "--to-key-file",
+        target_key.to_str().unwrap(),
+        "--json",
+    ];
+    all.extend(args);
+    let out = target.cmd().args(&all).output().unwrap();
+    assert!(out.status.success(), "copy {args:?}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn copy_to_garage_under_another_key_restores_byte_for_byte() {
+    let source = Env::new();
+    let src = source.path("src");
+    build_tree(&src);
+    let data = source.backup("data", &src, &[]);
+    let other_src = source.path("other");
+    fs::create_dir_all(&other_src).unwrap();
+    fs::write(other_src.join("blob"), random_bytes(3 << 20, 9)).unwrap();
+    fs::copy(src.join("multi.bin"), other_src.join("shared.bin")).unwrap();
+    let other = source.backup("other", &other_src, &[]);
+
+    // A target with its own chunk ids is refused, naming the way out.
+    let stranger = Env::new();
+    let stranger_key = stranger.key_file();
+    let refused = stranger
+        .cmd()
+        .args(["--repo", &source.repo, "--key-file"])
+        .arg(source.key_file())
+        .args(["copy", "--to-repo", &stranger.repo, "--to-key-file"])
+        .arg(&stranger_key)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("--same-chunker-as"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let Some(target) = Env::empty_on(Some(s3::Kind::Garage)) else {
+        return;
+    };
+    let source_key = source.key_file();
+    let made = target.tresor(&[
+        "init",
+        "--same-chunker-as",
+        &source.repo,
+        "--from-key-file",
+        source_key.to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert_ne!(
+        fs::read(target.key_file()).unwrap(),
+        fs::read(source.key_file()).unwrap(),
+        "the target has a key of its own"
+    );
+
+    // One snapshot first, then all: the second run copies only what the target lacks.
+    let first = copy(&source, &target, &["data"]);
+    assert_eq!(first["copied"], serde_json::json!([data["id"]]));
+    let all = copy(&source, &target, &[]);
+    assert_eq!(all["copied"], serde_json::json!([other["id"]]));
+    assert_eq!(all["present"], 1);
+    assert!(all["chunks_present"].as_u64().unwrap() > 0, "{all}");
+    let again = copy(&source, &target, &[]);
+    assert_eq!(again["copied"], serde_json::json!([]));
+    assert_eq!(
+        (again["present"].as_u64(), again["chunks_copied"].as_u64()),
+        (Some(2), Some(0))
+    );
+
+    // The target, opened with its own key only, verifies every chunk and restores the tree.
+    let verify = target.tresor(&["verify", "--read-data"]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    let out = target.path("restored");
+    let restore = target.tresor(&["restore", "volume", "data", "--to", out.to_str().unwrap()]);
+    assert!(restore.status.success(), "{}", stderr(&restore));
+    assert_same_tree(&src, &out);
+    let out = target.path("restored-other");
+    let restore = target.tresor(&["restore", "volume", "other", "--to", out.to_str().unwrap()]);
+    assert!(restore.status.success(), "{}", stderr(&restore));
+    assert_same_tree(&other_src, &out);
+}
