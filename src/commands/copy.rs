@@ -7,9 +7,9 @@
 //! for each snapshot the target lacks (a workload's members before the workload), every chunk
 //! it references that the target lacks is fetched, checked against its id, sealed under the
 //! target's key, checked to open again, and stored; then, with everything it references
-//! durable, the record. An interrupted copy leaves chunks that the next run finds stored and
-//! skips (resumable); a snapshot copied already is skipped whole (a second copy moves
-//! nothing).
+//! durable, the record, and the chunk cache learns the chunks. A snapshot copied already is
+//! skipped whole (a second copy moves nothing), so a copy interrupted and run again goes on
+//! where it stopped; only the chunks of the snapshot it was copying are stored again.
 //!
 //! The target side runs in a backup session ([`Session`]), so a `gc` of the target never
 //! deletes a chunk the copy relies on (ARCHITECTURE.md, "Garbage collection while backups
@@ -270,6 +270,10 @@ fn copy_one(
             object: format!("snapshots/{}", snap.id),
             reason: format!("its copy hashes to {id}"),
         });
+    }
+    // Everything claimed is durable now: a copy killed later skips these chunks.
+    if let Err(e) = session.save_cache() {
+        tracing::warn!("could not save the chunk cache: {e}");
     }
     Ok(())
 }

@@ -274,6 +274,16 @@ impl Session {
         self.inner.last_write.check(&self.id)
     }
 
+    /// Saves the ids this session stored so far to the chunk cache, so that a run killed later
+    /// does not store them again. Only when every chunk claimed so far is durable (after a
+    /// sync), as `copy` is after each snapshot it publishes.
+    ///
+    /// # Errors
+    /// Those of [`crate::cache::KnownChunks::save`]; the saved cache is then as before.
+    pub fn save_cache(&self) -> Result<()> {
+        self.known.save()
+    }
+
     /// Ends the session: saves the chunk cache when `succeeded`, and marks the session object
     /// ended (a PUT, so append-only credentials suffice) so `gc` need not wait for it.
     pub async fn finish(&self, succeeded: bool) {

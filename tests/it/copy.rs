@@ -3,6 +3,7 @@
 //! target that names chunks differently is refused.
 
 use std::fs;
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -102,4 +103,71 @@ fn copy_to_garage_under_another_key_restores_byte_for_byte() {
     let restore = target.tresor(&["restore", "volume", "other", "--to", out.to_str().unwrap()]);
     assert!(restore.status.success(), "{}", stderr(&restore));
     assert_same_tree(&other_src, &out);
+}
+
+/// A copy killed (SIGKILL) while it stores chunks leaves the target without the snapshot; run
+/// again, it completes and the target restores the tree byte for byte.
+#[test]
+fn a_killed_copy_completes_when_run_again() {
+    use std::os::unix::process::ExitStatusExt;
+    let source = Env::new();
+    let src = source.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..6 {
+        fs::write(src.join(format!("f{i}")), random_bytes(25 << 20, 40 + i)).unwrap();
+    }
+    source.backup("big", &src, &[]);
+    let Some(target) = Env::empty_on(Some(s3::Kind::Garage)) else {
+        return;
+    };
+    let source_key = source.key_file();
+    let made = target.tresor(&[
+        "init",
+        "--same-chunker-as",
+        &source.repo,
+        "--from-key-file",
+        source_key.to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let target_key = target.key_file();
+    let mut child = target
+        .cmd()
+        .args(["--repo", &source.repo, "--key-file"])
+        .arg(&source_key)
+        .args(["copy", "--to-repo", &target.repo, "--to-key-file"])
+        .arg(&target_key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let store = target.store();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let started = std::time::Instant::now();
+    while rt.block_on(store.list("chunks")).unwrap().len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no chunk arrived"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the copy ended before it was killed"
+    );
+    let listed = target.json(&["snapshots"]);
+    assert_eq!(
+        listed,
+        serde_json::json!([]),
+        "nothing published by the killed copy"
+    );
+
+    let again = copy(&source, &target, &[]);
+    assert_eq!(again["copied"].as_array().unwrap().len(), 1, "{again}");
+    let out = target.path("restored");
+    let restore = target.tresor(&["restore", "volume", "big", "--to", out.to_str().unwrap()]);
+    assert!(restore.status.success(), "{}", stderr(&restore));
+    assert_same_tree(&src, &out);
 }
