@@ -28,6 +28,9 @@ pub(crate) struct CopyArgs {
     /// S3 endpoint of the target [default: the source's].
     #[arg(long)]
     pub(crate) to_s3_endpoint: Option<String>,
+    /// Print which snapshots would be copied (after the same checks); copy nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
 }
 
 pub(crate) async fn copy(g: &Global, args: &CopyArgs) -> anyhow::Result<ExitCode> {
@@ -43,6 +46,7 @@ pub(crate) async fn copy(g: &Global, args: &CopyArgs) -> anyhow::Result<ExitCode
     let options = CopyOptions {
         snapshots: args.snapshots.clone(),
         filter: args.filter.to_filter(),
+        dry_run: args.dry_run,
     };
     let progress = Progress::new(!g.quiet, "copy", None);
     let (rt, cache, p) = (
@@ -57,6 +61,13 @@ pub(crate) async fn copy(g: &Global, args: &CopyArgs) -> anyhow::Result<ExitCode
     progress.finish();
     if g.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.dry_run {
+        println!(
+            "would copy {} snapshots ({} there already): {}",
+            report.copied.len(),
+            report.present,
+            report.copied.join(" ")
+        );
     } else {
         println!(
             "copied {} snapshots ({} chunks, {} new to the target; {} chunks it had); {} there already",

@@ -42,12 +42,15 @@ pub struct CopyOptions {
     /// match `filter`.
     pub snapshots: Vec<String>,
     pub filter: Filter,
+    /// Say which snapshots would be copied (after the same checks), and copy nothing.
+    pub dry_run: bool,
 }
 
 /// What a copy did.
 #[derive(Debug, Default, Serialize)]
 pub struct CopyReport {
-    /// Snapshots copied, by id, in the order published.
+    pub dry_run: bool,
+    /// Snapshots copied (or, in a dry run, to copy), by id, in the order published.
     pub copied: Vec<String>,
     /// Snapshots the target had already.
     pub present: u64,
@@ -79,7 +82,10 @@ pub fn copy(
         .block_on(target.list_snapshot_ids())?
         .into_iter()
         .collect();
-    let mut report = CopyReport::default();
+    let mut report = CopyReport {
+        dry_run: options.dry_run,
+        ..CopyReport::default()
+    };
     let todo: Vec<Listed> = wanted
         .into_iter()
         .filter(|s| {
@@ -88,7 +94,8 @@ pub fn copy(
             !had
         })
         .collect();
-    if todo.is_empty() {
+    if options.dry_run || todo.is_empty() {
+        report.copied = todo.into_iter().map(|s| s.id).collect();
         return Ok(report);
     }
     let command = format!(

@@ -78,6 +78,12 @@ fn copy_to_garage_under_another_key_restores_byte_for_byte() {
         "the target has a key of its own"
     );
 
+    // A dry run names what a real run copies, and copies nothing.
+    let plan = copy(&source, &target, &["--dry-run"]);
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(plan["copied"], serde_json::json!([data["id"], other["id"]]));
+    assert_eq!(target.json(&["snapshots"]), serde_json::json!([]));
+
     // One snapshot first, then all: the second run copies only what the target lacks.
     let first = copy(&source, &target, &["data"]);
     assert_eq!(first["copied"], serde_json::json!([data["id"]]));
