@@ -125,6 +125,8 @@ pub enum JobKind {
     },
     /// A drill of a workload's newest twin beside the original (`tresor drill workload`).
     Drill(crate::commands::drill::DrillOptions),
+    /// Snapshots into a second repository (`tresor copy`; its flags as keys).
+    Copy(crate::commands::copy::CopyOptions),
     /// A verification run.
     Verify {
         #[serde(default)]

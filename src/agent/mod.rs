@@ -57,6 +57,8 @@ impl Outcome {
 /// Everything a job needs.
 struct Context {
     config: AgentConfig,
+    /// How the repository was opened (a copy job opens its target alike).
+    access: Access,
     repo: Arc<Repository>,
     cache_dir: PathBuf,
     metrics: Arc<Metrics>,
@@ -107,6 +109,7 @@ impl Context {
             .await?;
         Ok(Context {
             config,
+            access,
             repo,
             cache_dir,
             metrics,
@@ -402,6 +405,7 @@ fn run_job(ctx: &Context, rt: &Handle, job: &JobConfig, tags: &[String]) -> Resu
             declare_window,
         } => run.gc(grace, declare_window),
         JobKind::Drill(options) => run.drill(options),
+        JobKind::Copy(options) => run.copy(options),
         JobKind::Verify {
             read_data,
             read_data_subset,
@@ -608,6 +612,43 @@ impl Run<'_> {
             report.swept.len(),
             report.waiting.len()
         );
+        Ok(Outcome::default())
+    }
+
+    /// A copy into a second repository; a snapshot that failed to copy fails the job.
+    fn copy(&self, options: &commands::copy::CopyOptions) -> Result<Outcome> {
+        let job = self.job;
+        let target = options.target(&self.ctx.access);
+        let target = self.rt.block_on(target.open(|| {
+            Err(Error::Config(format!(
+                "job {}: the target is encrypted: set to_key_file or to_password_file",
+                job.name
+            )))
+        }))?;
+        let cache = Some(self.ctx.cache_dir.as_path());
+        let hidden = Progress::hidden();
+        let report =
+            commands::copy::copy(&self.ctx.repo, &target, self.rt, cache, options, &hidden)?;
+        tracing::info!(
+            job = %job.name,
+            "copy: {} snapshots copied ({} chunks, {} bytes), {} there already",
+            report.copied.len(),
+            report.chunks_copied,
+            report.bytes_copied,
+            report.present
+        );
+        if !report.failed.is_empty() {
+            return Err(Error::Partial {
+                what: format!("job {}", job.name),
+                total: report.copied.len() + report.failed.len(),
+                transient: false,
+                failures: report
+                    .failed
+                    .iter()
+                    .map(|(id, why)| format!("{id}: {why}"))
+                    .collect(),
+            });
+        }
         Ok(Outcome::default())
     }
 

@@ -11,44 +11,21 @@ use super::*;
 pub(crate) struct CopyArgs {
     #[command(flatten)]
     pub(crate) out: JsonFlag,
-    /// Snapshot ids, unique prefixes or names (their newest snapshot) [default: every snapshot
-    /// the filter selects]. A workload brings its members.
-    pub(crate) snapshots: Vec<String>,
     #[command(flatten)]
-    pub(crate) filter: FilterArgs,
-    /// The target repository (made with `init --same-chunker-as` the source when encrypted).
-    #[arg(long, value_name = "URL")]
-    pub(crate) to_repo: String,
-    /// Key file of the target repository.
-    #[arg(long)]
-    pub(crate) to_key_file: Option<std::path::PathBuf>,
-    /// Password file of the target repository.
-    #[arg(long)]
-    pub(crate) to_password_file: Option<std::path::PathBuf>,
-    /// S3 endpoint of the target [default: the source's].
-    #[arg(long)]
-    pub(crate) to_s3_endpoint: Option<String>,
-    /// Print which snapshots would be copied (after the same checks); copy nothing.
-    #[arg(long)]
-    pub(crate) dry_run: bool,
+    pub(crate) options: CopyOptions,
 }
 
 pub(crate) async fn copy(g: &Global, args: &CopyArgs) -> anyhow::Result<ExitCode> {
-    let source = open(g).await?;
-    let target = open_other(
-        g,
-        &args.to_repo,
-        args.to_key_file.as_deref(),
-        args.to_password_file.as_deref(),
-        args.to_s3_endpoint.as_deref(),
-    )
-    .await?;
-    let options = CopyOptions {
-        snapshots: args.snapshots.clone(),
-        filter: args.filter.to_filter(),
-        dry_run: args.dry_run,
-    };
-    let progress = Progress::new(!g.quiet, "copy", None);
+    let source_access = access(g)?;
+    let source = source_access
+        .open(|| ask_secret(&source_access.url, false))
+        .await?;
+    let target_access = args.options.target(&source_access);
+    let target = target_access
+        .open(|| ask_secret(&target_access.url, false))
+        .await?;
+    let options = args.options.clone();
+    let progress = Progress::new(!g.quiet && !options.dry_run, "copy", None);
     let (rt, cache, p) = (
         tokio::runtime::Handle::current(),
         cache_dir(g),

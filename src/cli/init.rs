@@ -81,16 +81,15 @@ pub(crate) async fn init(g: &Global, args: &InitArgs) -> anyhow::Result<ExitCode
             CipherArg::Xchacha20poly1305 => tresor::crypto::Cipher::XChaCha20Poly1305,
         }),
         same_ids_as: match &args.same_chunker_as {
-            Some(url) => Some(
-                open_other(
-                    g,
+            Some(url) => {
+                let other = access(g)?.other(
                     url,
                     args.from_key_file.as_deref(),
                     args.from_password_file.as_deref(),
                     None,
-                )
-                .await?,
-            ),
+                );
+                Some(other.open(|| ask_secret(url, false)).await?)
+            }
             None => None,
         },
     };

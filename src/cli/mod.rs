@@ -227,28 +227,6 @@ pub(crate) fn access(g: &Global) -> anyhow::Result<Access> {
     })
 }
 
-/// Opens a second repository (`copy --to-repo`, `init --same-chunker-as`) with its own URL and
-/// secret (never `TRESOR_PASSWORD` or the systemd credentials, which are the first one's), on
-/// the first one's S3 endpoint unless given.
-pub(crate) async fn open_other(
-    g: &Global,
-    url: &str,
-    key_file: Option<&std::path::Path>,
-    password_file: Option<&std::path::Path>,
-    s3_endpoint: Option<&str>,
-) -> anyhow::Result<Arc<Repository>> {
-    let mut other = access(g)?;
-    other.url = url.to_string();
-    other.key_file = key_file.map(std::path::Path::to_path_buf);
-    other.password_file = password_file.map(std::path::Path::to_path_buf);
-    other.password = None;
-    other.credentials = None;
-    if let Some(endpoint) = s3_endpoint {
-        other.store.endpoint = Some(endpoint.to_string());
-    }
-    Ok(other.open(|| ask_secret(url, false)).await?)
-}
-
 pub(crate) async fn open(g: &Global) -> anyhow::Result<Arc<Repository>> {
     let access = access(g)?;
     Ok(access.open(|| ask_secret(&access.url, false)).await?)

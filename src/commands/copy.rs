@@ -18,13 +18,14 @@
 //! fails to copy, by name, and nothing is published for it.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
+use super::open::Access;
 use crate::error::{Error, Result};
 use crate::gc::{Claim, Session};
 use crate::id::ChunkRef;
@@ -35,15 +36,66 @@ use crate::snapshot::{self, Filter, Kind, Listed};
 /// Chunks copied at once: many small requests hide both stores' latency.
 const COPY_CONCURRENCY: usize = 32;
 
-/// Which snapshots to copy.
-#[derive(Clone, Debug, Default)]
+/// Which snapshots to copy, and where: the flags of `tresor copy` and an agent job of
+/// `type = "copy"` alike.
+#[derive(Clone, Debug, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CopyOptions {
-    /// Snapshot ids, unique prefixes or names (their newest snapshot); empty means all that
-    /// match `filter`.
+    /// Snapshot ids, unique prefixes or names (their newest snapshot) [default: every snapshot
+    /// the filter selects]. A workload brings its members.
+    #[serde(default)]
     pub snapshots: Vec<String>,
-    pub filter: Filter,
-    /// Say which snapshots would be copied (after the same checks), and copy nothing.
+    /// Only snapshots of this kind.
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub kind: Option<Kind>,
+    /// Only snapshots of this name.
+    #[arg(long)]
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Only snapshots taken on this host.
+    #[arg(long)]
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The target repository (made with `init --same-chunker-as` the source when encrypted).
+    #[arg(long, value_name = "URL")]
+    pub to_repo: String,
+    /// Key file of the target repository.
+    #[arg(long)]
+    #[serde(default)]
+    pub to_key_file: Option<PathBuf>,
+    /// Password file of the target repository.
+    #[arg(long)]
+    #[serde(default)]
+    pub to_password_file: Option<PathBuf>,
+    /// S3 endpoint of the target [default: the source's].
+    #[arg(long)]
+    #[serde(default)]
+    pub to_s3_endpoint: Option<String>,
+    /// Print which snapshots would be copied (after the same checks); copy nothing.
+    #[arg(long)]
+    #[serde(default)]
     pub dry_run: bool,
+}
+
+impl CopyOptions {
+    /// How to open the target, given how the source was opened.
+    pub fn target(&self, source: &Access) -> Access {
+        source.other(
+            &self.to_repo,
+            self.to_key_file.as_deref(),
+            self.to_password_file.as_deref(),
+            self.to_s3_endpoint.as_deref(),
+        )
+    }
+
+    fn filter(&self) -> Filter {
+        Filter {
+            kind: self.kind,
+            name: self.name.clone(),
+            host: self.host.clone(),
+        }
+    }
 }
 
 /// What a copy did.
@@ -148,7 +200,7 @@ async fn selection(source: &Arc<Repository>, options: &CopyOptions) -> Result<Ve
     let all = snapshot::list(source, &Filter::default()).await?;
     let mut chosen: Vec<Listed> = if options.snapshots.is_empty() {
         all.iter()
-            .filter(|s| options.filter.matches(&s.snapshot))
+            .filter(|s| options.filter().matches(&s.snapshot))
             .cloned()
             .collect()
     } else {

@@ -33,6 +33,32 @@ pub struct Access {
 }
 
 impl Access {
+    /// Access to a second repository (`copy`'s target, `init --same-chunker-as`'s source):
+    /// its own URL and secret (never this one's password or systemd credentials), this one's
+    /// S3 settings and cache unless `s3_endpoint` names its own endpoint.
+    pub fn other(
+        &self,
+        url: &str,
+        key_file: Option<&Path>,
+        password_file: Option<&Path>,
+        s3_endpoint: Option<&str>,
+    ) -> Access {
+        let mut store = self.store.clone();
+        if let Some(endpoint) = s3_endpoint {
+            store.endpoint = Some(endpoint.to_string());
+        }
+        Access {
+            url: url.to_string(),
+            store,
+            key_file: key_file.map(Path::to_path_buf),
+            password_file: password_file.map(Path::to_path_buf),
+            password: None,
+            credentials: None,
+            cache_dir: self.cache_dir.clone(),
+            expect_unencrypted: false,
+        }
+    }
+
     /// The secret given for the repository: the key file, the password file, the password,
     /// then the systemd credentials. With `create`, a missing key file is made (mode 600).
     ///

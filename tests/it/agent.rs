@@ -70,7 +70,7 @@ fn example_config_parses_and_errors_are_named() {
     let env = Env::empty();
     let out = agent(&env, &example, &["--check-config"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("9 jobs"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("10 jobs"));
 
     // Every commented key, once uncommented as its comment invites (replacing the key it is an
     // alternative to), still parses.
@@ -556,4 +556,86 @@ fn a_hanging_hook_is_killed_on_sigterm_and_sees_no_secret() {
             "the hook saw {secret}: {env_seen}"
         );
     }
+}
+
+/// A `copy` job puts this host's snapshots into a second repository (made with `init
+/// --same-chunker-as`), which restores them; the next run copies nothing more.
+#[test]
+fn a_copy_job_fills_a_second_repository() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("data"), random_bytes(2_000_000, 31)).unwrap();
+    let site_b = env.path("site-b");
+    let site_b_key = env.path("site-b.key");
+    let made = env.tresor(&[
+        "--repo",
+        &format!("file://{}", site_b.display()),
+        "--key-file",
+        site_b_key.to_str().unwrap(),
+        "init",
+        "--same-chunker-as",
+        &env.repo,
+        "--from-key-file",
+        env.key_file().to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let jobs = format!(
+        "[[job]]\nname = \"data\"\ntype = \"volume\"\npath = \"{src}\"\n\n\
+         [[job]]\nname = \"site-b\"\ntype = \"copy\"\nto_repo = \"file://{site_b}\"\n\
+         to_key_file = \"{key}\"\n",
+        src = src.display(),
+        site_b = site_b.display(),
+        key = site_b_key.display()
+    );
+    let config = write_config(&env, &jobs);
+    for _ in 0..2 {
+        let out = agent(&env, &config, &["--once"]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let here: Vec<String> = env
+        .json(&["snapshots"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    let there = env
+        .cmd()
+        .args([
+            "--repo",
+            &format!("file://{}", site_b.display()),
+            "--key-file",
+        ])
+        .arg(&site_b_key)
+        .args(["snapshots", "--json"])
+        .output()
+        .unwrap();
+    assert!(there.status.success(), "{}", stderr(&there));
+    let there: serde_json::Value = serde_json::from_slice(&there.stdout).unwrap();
+    let there: Vec<String> = there
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(here.len(), 2, "two runs, two snapshots");
+    assert_eq!(there, here);
+    let out = env.path("restored");
+    let restore = env
+        .cmd()
+        .args([
+            "--repo",
+            &format!("file://{}", site_b.display()),
+            "--key-file",
+        ])
+        .arg(&site_b_key)
+        .args(["restore", "volume", "data", "--to", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(restore.status.success(), "{}", stderr(&restore));
+    assert_eq!(
+        fs::read(out.join("data")).unwrap(),
+        fs::read(src.join("data")).unwrap()
+    );
 }
