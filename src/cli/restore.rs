@@ -42,9 +42,10 @@ pub(crate) struct RestoreVolumeArgs {
     /// Target directory, file or block device.
     #[arg(long)]
     pub(crate) to: PathBuf,
-    /// Restore only this path of the tree (as stored, relative to the volume root).
-    #[arg(long)]
-    pub(crate) path: Option<String>,
+    /// Restore only this path of the tree (as stored, relative to the volume root) and what
+    /// is below it (repeatable).
+    #[arg(long, visible_alias = "include")]
+    pub(crate) path: Vec<String>,
     /// As root, also restore device nodes and setuid/setgid bits from an unencrypted
     /// repository (whoever may write its store could have forged them). Encrypted repositories
     /// restore them always: only a key holder can write a snapshot there.
@@ -112,7 +113,7 @@ pub(crate) async fn restore_volume(
     let repo = open(g).await?;
     let snap = snapshot::resolve(&repo, &args.snapshot, Some(Kind::Volume)).await?;
     let options = RestoreOptions {
-        subpath: args.path.clone(),
+        paths: args.path.clone(),
         chown: nix::unistd::geteuid().is_root(),
         special: args.restore_special || repo.is_encrypted(),
     };

@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 
 use super::payload::{pieces_of, PayloadIndex};
+use super::restore::Selection;
 use crate::catalog::{CatalogReader, Entry, EntryKind};
 use crate::error::{Error, Result};
 use crate::pipeline;
@@ -37,11 +38,11 @@ pub fn entries(
             &snap.id[..8.min(snap.id.len())]
         )));
     }
-    let sub = super::restore::selection(path)?;
+    let sub = Selection::new(&Vec::from_iter(path))?;
     let mut reader = CatalogReader::new(snap.root_stream(repo, rt, u64::MAX)?, snap.id.clone());
-    let mut found = sub.is_none();
+    let mut found = sub.is_all();
     while let Some(entry) = reader.next_entry()? {
-        if !super::restore::selected(&entry.path, &sub) {
+        if !sub.contains(&entry.path) {
             continue;
         }
         found = true;
@@ -323,7 +324,7 @@ pub fn dump_tar(
         Some(p) => Some(PayloadIndex::load(repo, rt, &snap.id, p)?),
         None => None,
     };
-    let sub = super::restore::selection(path)?;
+    let sub = Selection::new(&Vec::from_iter(path))?;
     let mut tar = tar::Builder::new(out);
     let mut summary = TarSummary::default();
     let mut failed = None;
@@ -353,7 +354,7 @@ pub fn dump_tar(
 /// place there.
 fn tar_entry<W: std::io::Write>(
     tar: &mut tar::Builder<W>,
-    sub: &Option<Vec<u8>>,
+    sub: &Selection,
     special: bool,
     entry: &Entry,
     content: impl Fn(&Entry) -> Result<Content>,
@@ -408,12 +409,7 @@ fn tar_entry<W: std::io::Write>(
             tar.append_link(&mut header, name, link.unwrap_or_default())
                 .map_err(io)?;
         }
-        EntryKind::Hardlink
-            if entry
-                .link
-                .as_ref()
-                .is_some_and(|l| super::restore::selected(l, sub)) =>
-        {
+        EntryKind::Hardlink if entry.link.as_ref().is_some_and(|l| sub.contains(l)) => {
             header.set_entry_type(EntryType::Link);
             tar.append_link(&mut header, name, link.unwrap_or_default())
                 .map_err(io)?;

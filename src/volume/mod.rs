@@ -245,7 +245,7 @@ pub fn restore(
             options,
             progress,
         ),
-        RootFormat::Block if options.subpath.is_some() => Err(Error::Config(
+        RootFormat::Block if !options.paths.is_empty() => Err(Error::Config(
             "--path selects inside a tree; this is a block snapshot".into(),
         )),
         RootFormat::Block => {

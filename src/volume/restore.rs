@@ -132,8 +132,9 @@ pub struct RestoreReport {
 /// Restore options.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
-    /// Only this path of the tree (relative, as listed in the snapshot) and what is below it.
-    pub subpath: Option<String>,
+    /// Only these paths of the tree (relative, as listed in the snapshot) and what is below
+    /// them; empty for the whole tree.
+    pub paths: Vec<String>,
     /// Restore ownership (needs root).
     pub chown: bool,
     /// With `chown`: also restore device nodes and setuid/setgid bits. Only for snapshots
@@ -142,29 +143,52 @@ pub struct RestoreOptions {
 }
 
 impl RestoreOptions {
-    /// The path of the tree `subpath` selects, as stored (relative), checked like a catalog
-    /// path; `None` for the whole tree.
+    /// The paths of the tree `paths` select.
     ///
     /// # Errors
     /// [`Error::UnsafePath`] for a path that would leave the target.
-    fn selection(&self) -> Result<Option<Vec<u8>>> {
-        selection(self.subpath.as_deref())
+    fn selection(&self) -> Result<Selection> {
+        Selection::new(&self.paths)
     }
 }
 
-/// The stored (relative) form of a path an operator names in a tree, checked like a catalog
-/// path; `None` for the whole tree.
-///
-/// # Errors
-/// [`Error::UnsafePath`] for a path that would leave the tree.
-pub(super) fn selection(path: Option<&str>) -> Result<Option<Vec<u8>>> {
-    let sub = path
-        .map(|s| s.trim_matches('/').as_bytes().to_vec())
-        .filter(|s| !s.is_empty());
-    if let Some(s) = &sub {
-        catalog::validate_path(s)?;
+/// What part of a tree an operation takes: all of it, or the subtrees at some paths (stored,
+/// relative form).
+#[derive(Clone, Debug, Default)]
+pub struct Selection(Vec<Vec<u8>>);
+
+impl Selection {
+    /// The subtrees at `paths` as an operator names them, checked like catalog paths; no path
+    /// (or only the root) is the whole tree.
+    ///
+    /// # Errors
+    /// [`Error::UnsafePath`] for a path that would leave the tree.
+    pub fn new(paths: &[impl AsRef<str>]) -> Result<Selection> {
+        let mut subtrees = Vec::new();
+        for path in paths {
+            let p = path.as_ref().trim_matches('/').as_bytes().to_vec();
+            if p.is_empty() {
+                return Ok(Selection::default());
+            }
+            catalog::validate_path(&p)?;
+            subtrees.push(p);
+        }
+        Ok(Selection(subtrees))
     }
-    Ok(sub)
+
+    /// Whether this is the whole tree.
+    pub fn is_all(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `path` is one of the subtrees' roots or below one.
+    pub fn contains(&self, path: &[u8]) -> bool {
+        self.is_all()
+            || self
+                .0
+                .iter()
+                .any(|s| path.starts_with(s) && (path.len() == s.len() || path[s.len()] == b'/'))
+    }
 }
 
 enum Msg {
@@ -282,14 +306,6 @@ pub(super) fn restore_tree_at(
     Ok(writer.report)
 }
 
-/// Whether `path` is `sub` or below it (everything when `sub` is `None`).
-pub(super) fn selected(path: &[u8], sub: &Option<Vec<u8>>) -> bool {
-    match sub {
-        None => true,
-        Some(s) => path.starts_with(s) && (path.len() == s.len() || path[s.len()] == b'/'),
-    }
-}
-
 /// The parts of an entry's content, each with its payload chunk (stream, index) if it is one.
 type Parts = Vec<(Part, Option<(Stream, usize)>)>;
 
@@ -299,7 +315,7 @@ fn each_entry(
     catalog: &File,
     snap: &Listed,
     payload: Option<&PayloadIndex>,
-    sub: &Option<Vec<u8>>,
+    sub: &Selection,
     mut each: impl FnMut(Entry, Parts) -> bool,
 ) -> Result<()> {
     let mut file = catalog;
@@ -308,12 +324,12 @@ fn each_entry(
     let stream = std::io::BufReader::with_capacity(1 << 20, file);
     let mut reader = CatalogReader::new(stream, snap.id.clone());
     while let Some(entry) = reader.next_entry()? {
-        if !selected(&entry.path, sub) || (sub.is_some() && entry.path.is_empty()) {
+        if !sub.contains(&entry.path) || (!sub.is_all() && entry.path.is_empty()) {
             continue;
         }
         let wants_content = match entry.kind {
             EntryKind::File => true,
-            EntryKind::Hardlink => !entry.link.as_ref().is_some_and(|l| selected(l, sub)),
+            EntryKind::Hardlink => !entry.link.as_ref().is_some_and(|l| sub.contains(l)),
             _ => false,
         };
         let parts: Parts = match (wants_content, entry.slice) {
@@ -365,7 +381,7 @@ fn read_catalog(
     repo: Arc<Repository>,
     rt: Handle,
     snap: &Listed,
-    sub: Option<Vec<u8>>,
+    sub: Selection,
     scratch: OwnedFd,
     tx: SyncSender<Msg>,
     budget: &Budget,
@@ -464,7 +480,7 @@ struct OpenDir {
 
 struct TreeWriter<'a> {
     target: PathBuf,
-    sub: Option<Vec<u8>>,
+    sub: Selection,
     chown: bool,
     special: bool,
     repo: Arc<Repository>,
@@ -744,7 +760,7 @@ impl TreeWriter<'_> {
     ) -> Result<()> {
         let link = e.link.clone().unwrap_or_default();
         catalog::validate_path(&link)?;
-        if !selected(&link, &self.sub) {
+        if !self.sub.contains(&link) {
             return self.file(dir, name, e, shown);
         }
         let mut source: Vec<&[u8]> = link.split(|b| *b == b'/').collect();

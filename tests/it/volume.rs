@@ -74,6 +74,37 @@ fn sub_path_restore_and_snapshot_references() {
         fs::metadata(out.join("dir/sub")).unwrap().mode() & 0o7777,
         0o750
     );
+    // Several subtrees (`--include` is `--path`): each with what is below it, nothing else; a
+    // hardlink whose file is in another selected subtree is a link to it (the catalog keeps
+    // the three names of multi.bin's inode as the file dir/hard and links to it).
+    let out = env.path("parts");
+    env.restore(
+        &id[..10],
+        &out,
+        &[
+            "--include",
+            "dir/hard",
+            "--path",
+            "dir/sub",
+            "--path",
+            "empty-dir",
+        ],
+    );
+    assert!(!out.join("small.txt").exists() && !out.join("multi.bin").exists());
+    assert!(out.join("empty-dir").is_dir());
+    let (a, b) = (
+        fs::metadata(out.join("dir/hard")).unwrap(),
+        fs::metadata(out.join("dir/sub/hard2")).unwrap(),
+    );
+    assert_eq!(
+        (a.ino(), a.nlink()),
+        (b.ino(), 2),
+        "hard2 links to dir/hard, the name the catalog keeps the file under"
+    );
+    assert_eq!(
+        fs::read(out.join("dir/sub/hard2")).unwrap(),
+        fs::read(src.join("multi.bin")).unwrap()
+    );
 
     let err = env.tresor(&[
         "restore",

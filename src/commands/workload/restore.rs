@@ -684,7 +684,7 @@ impl Apply<'_> {
     /// without the key could have written.
     fn restore_options(&self) -> RestoreOptions {
         RestoreOptions {
-            subpath: None,
+            paths: Vec::new(),
             chown: true,
             special: self.repo.is_encrypted(),
         }
