@@ -177,3 +177,74 @@ fn a_killed_copy_completes_when_run_again() {
     assert!(restore.status.success(), "{}", stderr(&restore));
     assert_same_tree(&src, &out);
 }
+
+/// `gc` on the target (grace 0) and on the source while a copy runs deletes nothing the copy
+/// needs: the target's plan may condemn the chunks not yet published, but its sweep waits for
+/// the copy's session, and once published they are referenced and kept. The target then
+/// verifies and restores the tree.
+#[test]
+fn gc_on_either_side_during_a_copy_loses_nothing() {
+    let source = Env::new();
+    let src = source.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..6 {
+        fs::write(src.join(format!("f{i}")), random_bytes(25 << 20, 60 + i)).unwrap();
+    }
+    source.backup("big", &src, &[]);
+    let Some(target) = Env::empty_on(Some(s3::Kind::Garage)) else {
+        return;
+    };
+    let source_key = source.key_file();
+    let made = target.tresor(&[
+        "init",
+        "--same-chunker-as",
+        &source.repo,
+        "--from-key-file",
+        source_key.to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let mut child = target
+        .cmd()
+        .args(["--repo", &source.repo, "--key-file"])
+        .arg(&source_key)
+        .args(["copy", "--to-repo", &target.repo, "--to-key-file"])
+        .arg(target.key_file())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let store = target.store();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let started = std::time::Instant::now();
+    while rt.block_on(store.list("chunks")).unwrap().len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no chunk arrived"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let gc = ["gc", "--grace", "0s", "--declare-window", "1s"];
+    // A sweep of what the copy stored runs only once its session ended, and keeps it all.
+    let nothing_deleted = |report: &serde_json::Value| {
+        for sweep in report["swept"].as_array().unwrap() {
+            assert_eq!(sweep["chunks_deleted"], 0, "{report}");
+        }
+    };
+    nothing_deleted(&target.json(&gc));
+    let on_source = source.json(&gc);
+    assert_eq!(
+        on_source["condemned"],
+        serde_json::Value::Null,
+        "{on_source}"
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the copy failed during gc");
+
+    nothing_deleted(&target.json(&gc));
+    let verify = target.tresor(&["verify", "--read-data"]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    let out = target.path("restored");
+    let restore = target.tresor(&["restore", "volume", "big", "--to", out.to_str().unwrap()]);
+    assert!(restore.status.success(), "{}", stderr(&restore));
+    assert_same_tree(&src, &out);
+}
