@@ -33,8 +33,10 @@ use crate::progress::Progress;
 use crate::repository::Repository;
 use crate::snapshot::{self, Filter, Kind, Listed};
 
-/// Chunks copied at once: many small requests hide both stores' latency.
+/// Chunks copied at once, and their plaintext KiB at most: many small requests hide both
+/// stores' latency, the bytes bound memory (each chunk is held fetched, opened and sealed).
 const COPY_CONCURRENCY: usize = 32;
+const COPY_KIB: u32 = 16 << 10;
 
 /// Which snapshots to copy, and where: the flags of `tresor copy` and an agent job of
 /// `type = "copy"` alike.
@@ -297,14 +299,21 @@ fn copy_one(
         }
     }
     let target = session.repo();
+    let budget = Arc::new(tokio::sync::Semaphore::new(COPY_KIB as usize));
     let results: Vec<Result<u64>> = rt.block_on(
         futures::stream::iter(new)
-            .map(|(r, condemned)| async move {
-                let copied = copy_chunk(source, session, r, condemned).await;
-                if copied.is_err() {
-                    session.unclaim(&r.id);
+            .map(|(r, condemned)| {
+                let budget = Arc::clone(&budget);
+                async move {
+                    let kib = r.len.div_ceil(1024).clamp(1, COPY_KIB);
+                    let held = budget.acquire_many_owned(kib).await.expect("never closed");
+                    let copied = copy_chunk(source, session, r, condemned).await;
+                    drop(held);
+                    if copied.is_err() {
+                        session.unclaim(&r.id);
+                    }
+                    copied
                 }
-                copied
             })
             .buffer_unordered(COPY_CONCURRENCY)
             .inspect(|done| {
