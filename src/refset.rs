@@ -35,6 +35,9 @@ pub struct RefSorter {
     limit: usize,
     /// Whether refs with one id add their `len`s (counting) rather than keep one of them.
     sum: bool,
+    /// The first failure to write a run: later refs are dropped and [`RefSorter::finish`]
+    /// returns it, so callers push from inside walks without a way to stop them.
+    failed: Option<Error>,
 }
 
 impl RefSorter {
@@ -57,38 +60,37 @@ impl RefSorter {
             runs: Vec::new(),
             limit,
             sum,
+            failed: None,
         }
     }
 
-    /// Adds a ref; a full buffer becomes a run.
-    ///
-    /// # Errors
-    /// Writing a run failed.
-    pub fn push(&mut self, r: ChunkRef) -> Result<()> {
+    /// Adds a ref; a full buffer becomes a run (a failure to write it is kept for
+    /// [`RefSorter::finish`]).
+    pub fn push(&mut self, r: ChunkRef) {
+        if self.failed.is_some() {
+            return;
+        }
         self.buffer.push(r);
         if self.buffer.len() >= self.limit {
-            self.spill()?;
+            if let Err(e) = self.spill() {
+                self.buffer = Vec::new();
+                self.failed = Some(e);
+            }
         }
-        Ok(())
     }
 
-    /// Takes over another sorter's refs (one gathered on another thread).
-    ///
-    /// # Errors
-    /// Writing a run failed.
-    pub fn append(&mut self, other: RefSorter) -> Result<()> {
+    /// Takes over another sorter's refs (one gathered on another thread), and its failure.
+    pub fn append(&mut self, other: RefSorter) {
         self.runs.extend(other.runs);
+        self.failed = self.failed.take().or(other.failed);
         for r in other.buffer {
-            self.push(r)?;
+            self.push(r);
         }
-        Ok(())
     }
 
     fn spill(&mut self) -> Result<()> {
         sort_unique(&mut self.buffer, self.sum);
-        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        let file = tempfile::tempfile_in(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        let mut out = BufWriter::new(file);
+        let mut out = BufWriter::new(scratch_file(&self.dir)?);
         for r in self.buffer.drain(..) {
             out.write_all(&r.encode())
                 .map_err(|e| Error::io(&self.dir, e))?;
@@ -104,11 +106,16 @@ impl RefSorter {
     /// Every ref gathered, in id order, each id once.
     ///
     /// # Errors
-    /// Reading a run failed.
+    /// Writing or reading a run failed.
     pub fn finish(mut self) -> Result<SortedRefs> {
         #[cfg(feature = "scale-harness")]
-        for id in crate::store::padding::referenced() {
-            self.push(ChunkRef { id, len: 1024 })?;
+        if !self.sum {
+            for id in crate::store::padding::referenced() {
+                self.push(ChunkRef { id, len: 1024 });
+            }
+        }
+        if let Some(e) = self.failed {
+            return Err(e);
         }
         sort_unique(&mut self.buffer, self.sum);
         let mut sources: Vec<Source> = self
@@ -139,6 +146,12 @@ impl RefSorter {
 }
 
 /// Sorts by id and keeps each id once: the first ref, or one whose `len` is their sum.
+/// An unnamed file in `dir`, made if missing.
+fn scratch_file(dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    tempfile::tempfile_in(dir).map_err(|e| Error::io(dir, e))
+}
+
 fn sort_unique(refs: &mut Vec<ChunkRef>, sum: bool) {
     refs.sort_unstable_by_key(|r| r.id);
     refs.dedup_by(|later, kept| {
@@ -282,11 +295,9 @@ impl Spool {
     /// The scratch file cannot be made.
     pub fn new(dir: Option<&Path>) -> Result<Spool> {
         let dir = dir.map_or_else(std::env::temp_dir, Path::to_path_buf);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let file = tempfile::tempfile_in(&dir).map_err(|e| Error::io(&dir, e))?;
         Ok(Spool {
+            out: BufWriter::new(scratch_file(&dir)?),
             dir,
-            out: BufWriter::new(file),
             len: 0,
         })
     }
@@ -361,10 +372,10 @@ mod tests {
             };
             want.insert(id, r);
             let sorter = if n % 3 == 0 { &mut b } else { &mut a };
-            sorter.push(r).unwrap();
+            sorter.push(r);
         }
         assert!(a.runs.len() > 10 && !b.runs.is_empty());
-        a.append(b).unwrap();
+        a.append(b);
         // A "listing": every other wanted id, plus ids nobody references.
         let mut listing: Vec<ChunkId> = want.keys().step_by(2).copied().collect();
         listing.extend((0..50u32).map(|i| ChunkId::of(&(i + 10_000).to_le_bytes())));
@@ -394,7 +405,7 @@ mod tests {
         for n in 0..1000u32 {
             let id = ChunkId::of(&(n % 37 * n % 101).to_le_bytes());
             *want.entry(id).or_insert(0u32) += 1;
-            counting.push(ChunkRef { id, len: 1 }).unwrap();
+            counting.push(ChunkRef { id, len: 1 });
         }
         assert!(counting.runs.len() > 10);
         let mut got = BTreeMap::new();

@@ -289,7 +289,7 @@ pub fn verify(
     let all = snaps.clone();
     let mut selected = select(snaps, options)?;
     let workloads = run.members(&all, &mut selected);
-    let referenced = run.structure(&selected)?;
+    let referenced = run.structure(&selected);
     // On a full read, image blobs are read whole by their own pass (their sha256 needs the
     // bytes in order, and reading them checks their chunks too), so the data pass skips their
     // chunks rather than read them twice.
@@ -458,28 +458,21 @@ impl Run<'_> {
     /// Structure, second half: every selected snapshot's index (catalog, ref list or image
     /// record) read, which checks its chunks on the way, giving the referenced chunks (in this
     /// shard).
-    ///
-    /// # Errors
-    /// Writing the referenced set to the scratch directory failed.
-    fn structure(&mut self, selected: &[Listed]) -> Result<RefSorter> {
+    fn structure(&mut self, selected: &[Listed]) -> RefSorter {
         let mut referenced = RefSorter::new(self.scratch);
         for snap in selected {
             for r in snap.snapshot.index_refs() {
                 if !r.is_zero() && self.in_shard(&r.id) {
-                    referenced.push(*r)?;
+                    referenced.push(*r);
                 }
             }
             let shard = self.options.shard;
-            let mut scratch_failed = false;
             let walked = walk_refs(self.repo, self.rt, snap, |_, r| {
                 if !r.is_zero() && in_shard(shard, &r.id) {
-                    referenced.push(*r).inspect_err(|_| scratch_failed = true)?;
+                    referenced.push(*r);
                 }
                 Ok(())
             });
-            if scratch_failed {
-                return Err(walked.expect_err("the scratch write failed"));
-            }
             match walked {
                 Ok(()) => {
                     let roots: Vec<ChunkId> = snap
@@ -502,7 +495,7 @@ impl Run<'_> {
                 }
             }
         }
-        Ok(referenced)
+        referenced
     }
 
     /// The image records of the readable image snapshots, for the images pass.

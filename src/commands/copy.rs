@@ -131,7 +131,7 @@ pub fn copy(
     progress: &Progress,
 ) -> Result<CopyReport> {
     same_ids(source, target)?;
-    let wanted = rt.block_on(selection(source, options))?;
+    let selected = selection(source, rt, options)?;
     let present: HashSet<String> = rt
         .block_on(target.list_snapshot_ids())?
         .into_iter()
@@ -140,8 +140,9 @@ pub fn copy(
         dry_run: options.dry_run,
         ..CopyReport::default()
     };
-    let todo: Vec<Listed> = wanted
-        .into_iter()
+    let todo: Vec<&Listed> = selected
+        .snapshots
+        .iter()
         .filter(|s| {
             let had = present.contains(&s.id);
             report.present += u64::from(had);
@@ -149,7 +150,7 @@ pub fn copy(
         })
         .collect();
     if options.dry_run || todo.is_empty() {
-        report.copied = todo.into_iter().map(|s| s.id).collect();
+        report.copied = todo.into_iter().map(|s| s.id.clone()).collect();
         return Ok(report);
     }
     let command = format!(
@@ -159,7 +160,7 @@ pub fn copy(
     );
     let session = Arc::new(rt.block_on(Session::start(Arc::clone(target), cache_dir, &command))?);
     for snap in &todo {
-        let result = members_copied(source, rt, snap, &report)
+        let result = members_copied(&selected, snap, &report)
             .and_then(|()| copy_one(source, &session, rt, snap, &mut report, progress));
         match result {
             Ok(()) => report.copied.push(snap.id.clone()),
@@ -197,20 +198,28 @@ fn same_ids(source: &Repository, target: &Repository) -> Result<()> {
     Ok(())
 }
 
-/// The selected snapshots, each workload's members (ahead of it) with it.
-async fn selection(source: &Arc<Repository>, options: &CopyOptions) -> Result<Vec<Listed>> {
-    let all = snapshot::list(source, &Filter::default()).await?;
+/// Snapshots in the order they are copied, with each workload's members.
+struct Selected {
+    snapshots: Vec<Listed>,
+    members: BTreeMap<String, Vec<String>>,
+}
+
+/// The selected snapshots, each workload's members (ahead of it) with it. Blocking.
+fn selection(source: &Arc<Repository>, rt: &Handle, options: &CopyOptions) -> Result<Selected> {
+    let all = rt.block_on(snapshot::list(source, &Filter::default()))?;
     let mut chosen: Vec<Listed> = if options.snapshots.is_empty() {
+        let filter = options.filter();
         all.iter()
-            .filter(|s| options.filter().matches(&s.snapshot))
+            .filter(|s| filter.matches(&s.snapshot))
             .cloned()
             .collect()
     } else {
-        let mut out = Vec::new();
-        for reference in &options.snapshots {
-            out.push(snapshot::resolve(source, reference, None).await?);
-        }
-        out
+        let resolve = |r: &String| rt.block_on(snapshot::resolve(source, r, None));
+        options
+            .snapshots
+            .iter()
+            .map(resolve)
+            .collect::<Result<_>>()?
     };
     if chosen.is_empty() {
         return Err(Error::Config("no snapshot matches the selection".into()));
@@ -218,15 +227,10 @@ async fn selection(source: &Arc<Repository>, options: &CopyOptions) -> Result<Ve
     // Members first: a workload in the target never names a snapshot it lacks.
     chosen.sort_by_key(|s| (s.snapshot.kind == Kind::Workload, s.snapshot.time));
     let mut ids: HashSet<String> = chosen.iter().map(|s| s.id.clone()).collect();
-    let mut members = Vec::new();
+    let mut snapshots = Vec::new();
+    let mut members = BTreeMap::new();
     for w in chosen.iter().filter(|s| s.snapshot.kind == Kind::Workload) {
-        let handle = Handle::current();
-        let record = {
-            let (source, w) = (Arc::clone(source), w.clone());
-            tokio::task::spawn_blocking(move || crate::workload::load_record(&source, &handle, &w))
-                .await
-                .expect("record reader panicked")?
-        };
+        let record = crate::workload::load_record(source, rt, w)?;
         for id in record.members() {
             if ids.insert(id.to_string()) {
                 let m = all
@@ -235,31 +239,21 @@ async fn selection(source: &Arc<Repository>, options: &CopyOptions) -> Result<Ve
                     .ok_or_else(|| Error::Missing {
                         key: format!("snapshots/{id} (a member of workload {})", w.id),
                     })?;
-                members.push(m.clone());
+                snapshots.push(m.clone());
             }
         }
+        let names = record.members().into_iter().map(str::to_string).collect();
+        members.insert(w.id.clone(), names);
     }
-    members.extend(chosen);
-    Ok(members)
+    snapshots.extend(chosen);
+    Ok(Selected { snapshots, members })
 }
 
 /// Refuses a workload one of whose members failed to copy: the target would name a snapshot
 /// it lacks.
-fn members_copied(
-    source: &Arc<Repository>,
-    rt: &Handle,
-    snap: &Listed,
-    report: &CopyReport,
-) -> Result<()> {
-    if snap.snapshot.kind != Kind::Workload {
-        return Ok(());
-    }
-    let record = crate::workload::load_record(source, rt, snap)?;
-    match record
-        .members()
-        .into_iter()
-        .find(|m| report.failed.contains_key(*m))
-    {
+fn members_copied(selected: &Selected, snap: &Listed, report: &CopyReport) -> Result<()> {
+    let members = selected.members.get(&snap.id).into_iter().flatten();
+    match members.into_iter().find(|m| report.failed.contains_key(*m)) {
         Some(m) => Err(Error::Config(format!(
             "its member snapshot {m} failed to copy"
         ))),
@@ -323,10 +317,19 @@ fn copy_one(
             })
             .collect(),
     );
+    // Every chunk stored counts, even when another one failed.
+    let mut failed = None;
     for result in results {
-        let n = result?;
-        report.chunks_copied += 1;
-        report.bytes_copied += n;
+        match result {
+            Ok(n) => {
+                report.chunks_copied += 1;
+                report.bytes_copied += n;
+            }
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     rt.block_on(target.sync())?;
     session.check_lease()?;
@@ -346,8 +349,8 @@ fn copy_one(
     Ok(())
 }
 
-/// One chunk: fetched, checked against its id, sealed for the target, checked to open there,
-/// stored. Returns its plaintext length.
+/// One chunk: fetched and checked as a restore does ([`crate::pipeline::fetch`]), sealed for
+/// the target, checked to open there, stored. Returns its plaintext length.
 async fn copy_chunk(
     source: &Arc<Repository>,
     session: &Session,
@@ -355,10 +358,11 @@ async fn copy_chunk(
     condemned: bool,
 ) -> Result<u64> {
     let target = Arc::clone(session.repo());
-    let raw = source.get_chunk_raw(&r.id).await?;
-    let (source2, id) = (Arc::clone(source), r.id);
+    let data = crate::pipeline::fetch(source, &Handle::current(), r)
+        .await
+        .expect("fetch task panicked")?;
+    let id = r.id;
     let checked = tokio::task::spawn_blocking(move || -> Result<bytes::Bytes> {
-        let data = source2.decode_chunk(&id, &raw)?;
         let encoded = target.encode_chunk(&id, &data);
         target.decode_chunk(&id, &encoded)?;
         Ok(encoded)

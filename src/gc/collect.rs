@@ -293,7 +293,7 @@ fn referenced(
                         let Some(snap) = snaps.get(i) else {
                             return Ok(r);
                         };
-                        add_refs(repo, rt, snap, &mut r)?;
+                        add_refs(repo, rt, snap, &mut r).map_err(|e| unreadable(&snap.id, e))?;
                     }
                 })
             })
@@ -306,46 +306,35 @@ fn referenced(
     let mut all = Referenced::new(scratch);
     for part in parts {
         let part = part?;
-        all.chunks.append(part.chunks)?;
+        all.chunks.append(part.chunks);
         all.indexes.extend(part.indexes);
     }
     Ok(all)
 }
 
-/// Adds what `snap` references to `r`. A snapshot that cannot be read is an [`unreadable`]
-/// error; a failure to write the scratch directory is returned as it is.
+/// Adds what `snap` references to `r`.
 fn add_refs(repo: &Arc<Repository>, rt: &Handle, snap: &Listed, r: &mut Referenced) -> Result<()> {
-    let unreadable = |e| unreadable(&snap.id, e);
     for c in snap.snapshot.index_refs().filter(|c| !c.is_zero()) {
-        r.chunks.push(*c)?;
+        r.chunks.push(*c);
     }
     match snap.snapshot.root_format {
         RootFormat::Image => {
-            let record = crate::oci::load_record(repo, rt, snap).map_err(unreadable)?;
-            for blob in &record.blobs {
+            for blob in &crate::oci::load_record(repo, rt, snap)?.blobs {
                 r.indexes.insert(repo.blob_index_key(&blob.digest));
                 for c in blob.refs.iter().filter(|c| !c.is_zero()) {
-                    r.chunks.push(*c)?;
+                    r.chunks.push(*c);
                 }
             }
             Ok(())
         }
         // Its members are snapshots of their own; the record is all its root holds.
         RootFormat::Workload => Ok(()),
-        _ => {
-            let mut scratch_failed = false;
-            let walked = crate::volume::walk_refs(repo, rt, snap, |_, c| {
-                if !c.is_zero() {
-                    r.chunks.push(*c).inspect_err(|_| scratch_failed = true)?;
-                }
-                Ok(())
-            });
-            if scratch_failed {
-                walked
-            } else {
-                walked.map_err(unreadable)
+        _ => crate::volume::walk_refs(repo, rt, snap, |_, c| {
+            if !c.is_zero() {
+                r.chunks.push(*c);
             }
-        }
+            Ok(())
+        }),
     }
 }
 

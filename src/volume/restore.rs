@@ -397,19 +397,14 @@ fn read_catalog(
         // First pass: the chunks more than one place fetches (see `reuse`).
         let mut counter = reuse::Counter::default();
         let mut fetches = Fetches::default();
-        let mut counting = Ok(());
         each_entry(&catalog, snap, payload.as_ref(), &sub, |_, parts| {
             for (part, place) in &parts {
                 if fetches.fetches(part, *place) {
-                    counting = counter.fetch(&part.chunk);
-                    if counting.is_err() {
-                        return false;
-                    }
+                    counter.fetch(&part.chunk);
                 }
             }
             true
         })?;
-        counting?;
         let mut plan = counter.plan(!repo.store().is_local())?;
         let mut fetches = Fetches::default();
         each_entry(&catalog, snap, payload.as_ref(), &sub, |entry, parts| {

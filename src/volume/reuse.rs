@@ -51,21 +51,18 @@ impl Default for Counter {
 
 impl Counter {
     /// One more place fetches `chunk`.
-    ///
-    /// # Errors
-    /// Writing a run of counts to the temporary directory failed.
-    pub fn fetch(&mut self, chunk: &ChunkRef) -> Result<()> {
+    pub fn fetch(&mut self, chunk: &ChunkRef) {
         self.places.push(ChunkRef {
             id: chunk.id,
             len: 1,
-        })
+        });
     }
 
     /// The plan for the restore: chunks fetched by more than one place, kept beyond the
     /// memory bound only with `spill`.
     ///
     /// # Errors
-    /// Reading the runs of counts back failed.
+    /// Writing or reading the runs of counts in the temporary directory failed.
     pub fn plan(self, spill: bool) -> Result<Plan> {
         let mut left = HashMap::new();
         self.places.finish()?.rest(|r| {
@@ -280,7 +277,7 @@ mod tests {
         ];
         let plan_of = |spill| {
             let mut counter = Counter::default();
-            places.iter().for_each(|c| counter.fetch(c).unwrap());
+            places.iter().for_each(|c| counter.fetch(c));
             counter.plan(spill).unwrap()
         };
         // Without a spill file, the chunk that does not fit is fetched at each place.

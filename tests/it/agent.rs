@@ -593,46 +593,25 @@ fn a_copy_job_fills_a_second_repository() {
         let out = agent(&env, &config, &["--once"]).output().unwrap();
         assert!(out.status.success(), "{}", stderr(&out));
     }
-    let here: Vec<String> = env
-        .json(&["snapshots"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
-    let there = env
-        .cmd()
-        .args([
-            "--repo",
-            &format!("file://{}", site_b.display()),
-            "--key-file",
-        ])
-        .arg(&site_b_key)
-        .args(["snapshots", "--json"])
-        .output()
-        .unwrap();
+    let ids = |listed: &serde_json::Value| -> Vec<String> {
+        let all = listed.as_array().unwrap().iter();
+        all.map(|s| s["id"].as_str().unwrap().to_string()).collect()
+    };
+    let on_site_b = |args: &[&str]| {
+        let url = format!("file://{}", site_b.display());
+        let mut c = env.cmd();
+        c.args(["--repo", &url, "--key-file"])
+            .arg(&site_b_key)
+            .args(args);
+        c.output().unwrap()
+    };
+    let here = ids(&env.json(&["snapshots"]));
+    let there = on_site_b(&["snapshots", "--json"]);
     assert!(there.status.success(), "{}", stderr(&there));
-    let there: serde_json::Value = serde_json::from_slice(&there.stdout).unwrap();
-    let there: Vec<String> = there
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
-        .collect();
     assert_eq!(here.len(), 2, "two runs, two snapshots");
-    assert_eq!(there, here);
+    assert_eq!(ids(&serde_json::from_slice(&there.stdout).unwrap()), here);
     let out = env.path("restored");
-    let restore = env
-        .cmd()
-        .args([
-            "--repo",
-            &format!("file://{}", site_b.display()),
-            "--key-file",
-        ])
-        .arg(&site_b_key)
-        .args(["restore", "volume", "data", "--to", out.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let restore = on_site_b(&["restore", "volume", "data", "--to", out.to_str().unwrap()]);
     assert!(restore.status.success(), "{}", stderr(&restore));
     assert_eq!(
         fs::read(out.join("data")).unwrap(),

@@ -30,6 +30,59 @@ fn copy(source: &Env, target: &Env, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A target on Garage made with `init --same-chunker-as` the source; `None` when S3 is skipped.
+fn target_sharing_ids(source: &Env) -> Option<Env> {
+    let target = Env::empty_on(Some(s3::Kind::Garage))?;
+    let source_key = source.key_file();
+    let made = target.tresor(&[
+        "init",
+        "--same-chunker-as",
+        &source.repo,
+        "--from-key-file",
+        source_key.to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    Some(target)
+}
+
+/// A source holding one snapshot `big` of 150 MB in six files.
+fn big_source(seed: u64) -> (Env, std::path::PathBuf) {
+    let source = Env::new();
+    let src = source.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..6 {
+        fs::write(src.join(format!("f{i}")), random_bytes(25 << 20, seed + i)).unwrap();
+    }
+    source.backup("big", &src, &[]);
+    (source, src)
+}
+
+/// A copy from `source` to `target` started in the background, returned once three chunks
+/// have arrived in the target.
+fn copy_under_way(source: &Env, target: &Env) -> std::process::Child {
+    let child = target
+        .cmd()
+        .args(["--repo", &source.repo, "--key-file"])
+        .arg(source.key_file())
+        .args(["copy", "--to-repo", &target.repo, "--to-key-file"])
+        .arg(target.key_file())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let store = target.store();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let started = std::time::Instant::now();
+    while rt.block_on(store.list("chunks")).unwrap().len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no chunk arrived"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
 #[test]
 fn copy_to_garage_under_another_key_restores_byte_for_byte() {
     let source = Env::new();
@@ -60,18 +113,9 @@ fn copy_to_garage_under_another_key_restores_byte_for_byte() {
         stderr(&refused)
     );
 
-    let Some(target) = Env::empty_on(Some(s3::Kind::Garage)) else {
+    let Some(target) = target_sharing_ids(&source) else {
         return;
     };
-    let source_key = source.key_file();
-    let made = target.tresor(&[
-        "init",
-        "--same-chunker-as",
-        &source.repo,
-        "--from-key-file",
-        source_key.to_str().unwrap(),
-    ]);
-    assert!(made.status.success(), "{}", stderr(&made));
     assert_ne!(
         fs::read(target.key_file()).unwrap(),
         fs::read(source.key_file()).unwrap(),
@@ -116,46 +160,11 @@ fn copy_to_garage_under_another_key_restores_byte_for_byte() {
 #[test]
 fn a_killed_copy_completes_when_run_again() {
     use std::os::unix::process::ExitStatusExt;
-    let source = Env::new();
-    let src = source.path("src");
-    fs::create_dir_all(&src).unwrap();
-    for i in 0..6 {
-        fs::write(src.join(format!("f{i}")), random_bytes(25 << 20, 40 + i)).unwrap();
-    }
-    source.backup("big", &src, &[]);
-    let Some(target) = Env::empty_on(Some(s3::Kind::Garage)) else {
+    let (source, src) = big_source(40);
+    let Some(target) = target_sharing_ids(&source) else {
         return;
     };
-    let source_key = source.key_file();
-    let made = target.tresor(&[
-        "init",
-        "--same-chunker-as",
-        &source.repo,
-        "--from-key-file",
-        source_key.to_str().unwrap(),
-    ]);
-    assert!(made.status.success(), "{}", stderr(&made));
-    let target_key = target.key_file();
-    let mut child = target
-        .cmd()
-        .args(["--repo", &source.repo, "--key-file"])
-        .arg(&source_key)
-        .args(["copy", "--to-repo", &target.repo, "--to-key-file"])
-        .arg(&target_key)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let store = target.store();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let started = std::time::Instant::now();
-    while rt.block_on(store.list("chunks")).unwrap().len() < 3 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no chunk arrived"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut child = copy_under_way(&source, &target);
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(
@@ -184,45 +193,11 @@ fn a_killed_copy_completes_when_run_again() {
 /// verifies and restores the tree.
 #[test]
 fn gc_on_either_side_during_a_copy_loses_nothing() {
-    let source = Env::new();
-    let src = source.path("src");
-    fs::create_dir_all(&src).unwrap();
-    for i in 0..6 {
-        fs::write(src.join(format!("f{i}")), random_bytes(25 << 20, 60 + i)).unwrap();
-    }
-    source.backup("big", &src, &[]);
-    let Some(target) = Env::empty_on(Some(s3::Kind::Garage)) else {
+    let (source, src) = big_source(60);
+    let Some(target) = target_sharing_ids(&source) else {
         return;
     };
-    let source_key = source.key_file();
-    let made = target.tresor(&[
-        "init",
-        "--same-chunker-as",
-        &source.repo,
-        "--from-key-file",
-        source_key.to_str().unwrap(),
-    ]);
-    assert!(made.status.success(), "{}", stderr(&made));
-    let mut child = target
-        .cmd()
-        .args(["--repo", &source.repo, "--key-file"])
-        .arg(&source_key)
-        .args(["copy", "--to-repo", &target.repo, "--to-key-file"])
-        .arg(target.key_file())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let store = target.store();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let started = std::time::Instant::now();
-    while rt.block_on(store.list("chunks")).unwrap().len() < 3 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no chunk arrived"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut child = copy_under_way(&source, &target);
     let gc = ["gc", "--grace", "0s", "--declare-window", "1s"];
     // A sweep of what the copy stored runs only once its session ended, and keeps it all.
     let nothing_deleted = |report: &serde_json::Value| {
