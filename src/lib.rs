@@ -20,6 +20,7 @@ pub mod error;
 pub mod gc;
 pub mod id;
 pub mod localfile;
+pub mod mount;
 pub mod oci;
 pub mod pipeline;
 pub mod progress;

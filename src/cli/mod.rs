@@ -11,6 +11,7 @@ pub(crate) mod drill;
 pub(crate) mod gc;
 pub(crate) mod init;
 pub(crate) mod key;
+pub(crate) mod mount;
 pub(crate) mod restore;
 pub(crate) mod snapshots;
 pub(crate) mod verify;
@@ -130,6 +131,9 @@ pub(crate) enum Command {
     Find(FindArgs),
     /// Write a file of a volume tree snapshot to stdout, or a directory as a tar stream
     Dump(DumpArgs),
+    /// Mount the snapshots read-only at DIR (FUSE) until Ctrl-C or SIGTERM: by host, kind,
+    /// name and time; volume trees, images as OCI layouts, workloads with their members
+    Mount(mount::MountArgs),
     /// Run the jobs of an agent.toml on their schedules (the systemd service).
     Agent(AgentArgs),
     /// Remove snapshots that a retention policy does not keep, per source (host, kind, name).

@@ -208,7 +208,7 @@ pub(crate) fn is_index(media_type: &str) -> bool {
 }
 
 /// Checks that a digest is `sha256:` and 64 hex digits, so it is safe as a file name.
-pub(crate) fn check_digest(digest: &str) -> Result<&str> {
+pub fn check_digest(digest: &str) -> Result<&str> {
     let hex = digest.strip_prefix("sha256:").unwrap_or("");
     if hex.len() == 64
         && hex
