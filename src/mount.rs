@@ -29,8 +29,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
     ReplyOpen, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
@@ -140,7 +140,10 @@ enum Body {
 enum Content {
     Inline(Vec<u8>),
     /// Pieces of chunks, and where each piece ends in the file.
-    Chunks { pieces: Vec<Piece>, ends: Vec<u64> },
+    Chunks {
+        pieces: Vec<Piece>,
+        ends: Vec<u64>,
+    },
     /// A file whose pieces do not add up to its size: reads fail, naming it.
     Bad(String),
 }
@@ -335,7 +338,9 @@ impl Tree {
     fn read_at(&self, content: &Content, offset: u64, size: u32) -> Result<Vec<u8>> {
         let (pieces, ends) = match content {
             Content::Inline(bytes) => {
-                let from = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+                let from = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
                 let to = from.saturating_add(size as usize).min(bytes.len());
                 return Ok(bytes[from..to].to_vec());
             }
@@ -558,7 +563,13 @@ fn read_image(
     let mut meta = b.meta(FileType::RegularFile, time);
     meta.perm = 0o444;
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec();
-    b.file(dir, OsStr::new("oci-layout"), meta, layout.len() as u64, Content::Inline(layout));
+    b.file(
+        dir,
+        OsStr::new("oci-layout"),
+        meta,
+        layout.len() as u64,
+        Content::Inline(layout),
+    );
     let top = record.manifests.iter().find(|m| m.digest == record.digest);
     let mut descriptor = serde_json::json!({
         "mediaType": top.map(|m| m.media_type.as_str()),
@@ -574,7 +585,13 @@ fn read_image(
         "manifests": [descriptor],
     }))
     .expect("index serialises");
-    b.file(dir, OsStr::new("index.json"), meta, index.len() as u64, Content::Inline(index));
+    b.file(
+        dir,
+        OsStr::new("index.json"),
+        meta,
+        index.len() as u64,
+        Content::Inline(index),
+    );
     let blobs = b.child_dir(dir, OsStr::new("blobs"), time);
     let sha = b.child_dir(blobs, OsStr::new("sha256"), time);
     let shown = |d: &str| format!("image snapshot {}: {d}", &snap.id[..8]);
@@ -582,7 +599,13 @@ fn read_image(
         match crate::oci::check_digest(&m.digest) {
             Ok(hex) if !b.has(sha, OsStr::new(hex)) => {
                 let raw = m.raw.clone();
-                b.file(sha, OsStr::new(hex), meta, raw.len() as u64, Content::Inline(raw));
+                b.file(
+                    sha,
+                    OsStr::new(hex),
+                    meta,
+                    raw.len() as u64,
+                    Content::Inline(raw),
+                );
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("mount: {}: left out: {e}", shown(&m.digest)),
@@ -616,12 +639,24 @@ fn read_workload(
     meta.perm = 0o444;
     let config = record.config.clone().into_bytes();
     let project = OsStr::new("project.yaml");
-    b.file(dir, project, meta, config.len() as u64, Content::Inline(config));
+    b.file(
+        dir,
+        project,
+        meta,
+        config.len() as u64,
+        Content::Inline(config),
+    );
     let compose = b.child_dir(dir, OsStr::new("compose"), time);
     for kept in record.compose_files.iter().chain(&record.env_file) {
         let name = encode(&kept.name);
         let bytes = kept.bytes.clone();
-        b.file(compose, OsStr::new(&name), meta, bytes.len() as u64, Content::Inline(bytes));
+        b.file(
+            compose,
+            OsStr::new(&name),
+            meta,
+            bytes.len() as u64,
+            Content::Inline(bytes),
+        );
     }
     // From DIR/hosts/HOST/KIND/NAME/TIME/GROUP/ up to DIR.
     let member = |b: &mut Builder, group: &str, name: &str, id: &str| {
@@ -689,11 +724,13 @@ impl Builder {
     }
 
     fn is_dir(&mut self, ino: u64) -> bool {
-        self.node(ino).is_some_and(|n| n.kind == FileType::Directory)
+        self.node(ino)
+            .is_some_and(|n| n.kind == FileType::Directory)
     }
 
     fn is_file(&mut self, ino: u64) -> bool {
-        self.node(ino).is_some_and(|n| n.kind == FileType::RegularFile)
+        self.node(ino)
+            .is_some_and(|n| n.kind == FileType::RegularFile)
     }
 
     fn has(&self, dir: u64, name: &OsStr) -> bool {
@@ -756,7 +793,14 @@ impl Builder {
     }
 
     fn file(&mut self, parent: u64, name: &OsStr, meta: Meta, size: u64, c: Content) -> u64 {
-        let ino = self.add(parent, name, Meta { kind: FileType::RegularFile, ..meta });
+        let ino = self.add(
+            parent,
+            name,
+            Meta {
+                kind: FileType::RegularFile,
+                ..meta
+            },
+        );
         self.set_body(ino, size, Body::File(Arc::new(c)));
         ino
     }
@@ -897,7 +941,9 @@ impl ChunkCache {
     fn get(&self, repo: &Arc<Repository>, rt: &Handle, r: ChunkRef) -> Result<Bytes> {
         let (slot, _) = self.slot(r);
         rt.block_on(slot.get_or_try_init(|| async {
-            pipeline::fetch(repo, rt, r).await.expect("fetch task panicked")
+            pipeline::fetch(repo, rt, r)
+                .await
+                .expect("fetch task panicked")
         }))
         .cloned()
     }
@@ -983,6 +1029,13 @@ impl Filesystem for Tree {
                 tracing::error!("mount: reading inode {}: {e}", ino.0);
                 reply.error(Errno::EIO)
             }
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.load(ino.0) {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
         }
     }
 

@@ -12,6 +12,7 @@ mod fixtures;
 mod fuzz_corpus;
 mod gc;
 mod hostile;
+mod mount;
 mod oci;
 mod packaging;
 mod podman;
