@@ -8,6 +8,7 @@
 
 mod backup;
 pub mod browse;
+mod filewriters;
 mod fsmeta;
 pub mod payload;
 mod restore;

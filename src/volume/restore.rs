@@ -43,6 +43,7 @@ use crate::snapshot::Listed;
 
 use rustix::fs::{FileType, OFlags};
 
+use super::filewriters::{self, FileWriters, Job, Pending};
 use super::fsmeta::{self, Target};
 use super::payload::{PayloadIndex, Piece};
 use super::reuse::{self, Keep, Use};
@@ -59,6 +60,9 @@ const BYTES_AHEAD: u64 = 64 << 20;
 /// counted in entries would let only a few chunks be in flight (a 51,550-file tree behind
 /// 20 ms per request restored in 5.6 s with 256 messages, against 2.7 s with no latency).
 const MESSAGES_AHEAD: usize = 16 << 10;
+/// Messages sent to the writer at once: one wake-up of the writer per batch, not per entry
+/// (waking it cost a tenth of a restore of 131,296 small files).
+const BATCH: usize = 256;
 
 /// Chunks fetched and not yet written: the reader waits before a fetch that would pass
 /// [`FETCH_AHEAD`] chunks or [`BYTES_AHEAD`] bytes (one chunk always goes, however large), the
@@ -77,9 +81,11 @@ struct InFlight {
 }
 
 impl Budget {
-    /// Waits until a chunk of `n` bytes fits; `false` once the writer has stopped.
-    fn take(&self, n: u64) -> bool {
+    /// Waits until a chunk of `n` bytes fits, calling `before_wait` once if it must wait;
+    /// `false` once the writer has stopped.
+    fn take(&self, n: u64, mut before_wait: impl FnMut()) -> bool {
         let mut state = self.state.lock().expect("budget lock");
+        let mut waited = false;
         loop {
             if state.closed {
                 return false;
@@ -89,6 +95,13 @@ impl Budget {
                 state.chunks += 1;
                 state.bytes += n;
                 return true;
+            }
+            if !waited {
+                waited = true;
+                drop(state);
+                before_wait();
+                state = self.state.lock().expect("budget lock");
+                continue;
             }
             state = self.changed.wait(state).expect("budget lock");
         }
@@ -262,7 +275,7 @@ pub(super) fn restore_tree_at(
     progress: &Progress,
 ) -> Result<RestoreReport> {
     let sub = options.selection()?;
-    let (tx, rx) = sync_channel(MESSAGES_AHEAD);
+    let (tx, rx) = sync_channel(MESSAGES_AHEAD / BATCH);
     let budget = Arc::new(Budget::default());
     let reader = {
         let (repo, rt, snap, sub, budget) = (
@@ -282,7 +295,10 @@ pub(super) fn restore_tree_at(
         special: options.special,
         repo,
         rt,
-        rx,
+        inbox: Inbox {
+            rx,
+            batch: Vec::new().into_iter(),
+        },
         budget: Arc::clone(&budget),
         root,
         root_entry: None,
@@ -296,11 +312,13 @@ pub(super) fn restore_tree_at(
         parts: 0,
         kept: [None, None],
         reused: reuse::Kept::default(),
+        writers: Some(FileWriters::start(options.chown)),
+        root_pending: Arc::new(Pending::default()),
     };
     let result = writer.run();
     // Unblock the reader if the writer stopped early.
     budget.close();
-    drop(writer.rx);
+    drop(writer.inbox);
     reader.join().expect("catalog reader panicked");
     result?;
     Ok(writer.report)
@@ -383,7 +401,7 @@ fn read_catalog(
     snap: &Listed,
     sub: Selection,
     scratch: OwnedFd,
-    tx: SyncSender<Msg>,
+    tx: SyncSender<Vec<Msg>>,
     budget: &Budget,
 ) {
     let read = || -> Result<()> {
@@ -407,8 +425,9 @@ fn read_catalog(
         })?;
         let mut plan = counter.plan(!repo.store().is_local())?;
         let mut fetches = Fetches::default();
-        each_entry(&catalog, snap, payload.as_ref(), &sub, |entry, parts| {
-            if tx.send(Msg::Entry(entry, parts.len())).is_err() {
+        let batch = std::cell::RefCell::new(Batch::new(&tx));
+        let sent = each_entry(&catalog, snap, payload.as_ref(), &sub, |entry, parts| {
+            if !batch.borrow_mut().push(Msg::Entry(entry, parts.len())) {
                 return false;
             }
             for (mut part, place) in parts {
@@ -422,22 +441,58 @@ fn read_catalog(
                     match plan.at(&part.chunk) {
                         Use::Again { last } => Data::Again(stream, last),
                         Use::Fetch(keep) => {
-                            if !budget.take(part.chunk.len.into()) {
+                            // The writer may be waiting for what is batched here.
+                            let flush = || {
+                                batch.borrow_mut().flush();
+                            };
+                            if !budget.take(part.chunk.len.into(), flush) {
                                 return false;
                             }
                             Data::Fetch(pipeline::fetch(&repo, &rt, part.chunk), stream, keep)
                         }
                     }
                 };
-                if tx.send(Msg::Part(part)).is_err() {
+                if !batch.borrow_mut().push(Msg::Part(part)) {
                     return false;
                 }
             }
             true
-        })
+        });
+        batch.borrow_mut().flush();
+        sent
     };
     if let Err(e) = read() {
-        let _ = tx.send(Msg::Failed(e));
+        let _ = tx.send(vec![Msg::Failed(e)]);
+    }
+}
+
+/// Messages on their way to the writer, sent [`BATCH`] at a time.
+struct Batch<'a> {
+    tx: &'a SyncSender<Vec<Msg>>,
+    msgs: Vec<Msg>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(tx: &'a SyncSender<Vec<Msg>>) -> Batch<'a> {
+        Batch {
+            tx,
+            msgs: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// `false` once the writer has stopped.
+    fn push(&mut self, msg: Msg) -> bool {
+        self.msgs.push(msg);
+        self.msgs.len() < BATCH || self.flush()
+    }
+
+    /// Sends what is batched; `false` once the writer has stopped.
+    fn flush(&mut self) -> bool {
+        if self.msgs.is_empty() {
+            return true;
+        }
+        let msgs = std::mem::replace(&mut self.msgs, Vec::with_capacity(BATCH));
+        self.tx.send(msgs).is_ok()
     }
 }
 
@@ -463,6 +518,24 @@ impl Part {
     }
 }
 
+/// The writer's end of the reader's batches.
+struct Inbox {
+    rx: Receiver<Vec<Msg>>,
+    batch: std::vec::IntoIter<Msg>,
+}
+
+impl Inbox {
+    /// The next message; `None` once the reader is done.
+    fn recv(&mut self) -> Option<Msg> {
+        loop {
+            if let Some(msg) = self.batch.next() {
+                return Some(msg);
+            }
+            self.batch = self.rx.recv().ok()?.into_iter();
+        }
+    }
+}
+
 /// A directory of the target held open while the restore is inside it.
 struct OpenDir {
     /// Its name in its parent.
@@ -471,6 +544,8 @@ struct OpenDir {
     /// Its catalog entry, applied when the restore leaves it (its children are then written);
     /// `None` for a directory made only to hold a selected path.
     entry: Option<Entry>,
+    /// Its files still being made by the small-file writers.
+    pending: Arc<Pending>,
 }
 
 struct TreeWriter<'a> {
@@ -480,7 +555,8 @@ struct TreeWriter<'a> {
     special: bool,
     repo: Arc<Repository>,
     rt: Handle,
-    rx: Receiver<Msg>,
+    /// The reader's messages, in batches.
+    inbox: Inbox,
     budget: Arc<Budget>,
     /// The target directory, opened once by path; everything below is reached from it.
     root: OwnedFd,
@@ -496,6 +572,10 @@ struct TreeWriter<'a> {
     kept: [Option<Bytes>; 2],
     /// Chunks later places use, kept since their fetch ([`reuse`]).
     reused: reuse::Kept,
+    /// The threads that make small files ([`filewriters`]); `None` once stopped.
+    writers: Option<FileWriters>,
+    /// Files being made directly in the target.
+    root_pending: Arc<Pending>,
 }
 
 /// Directories are made private and get their real mode once their children are written.
@@ -512,6 +592,8 @@ impl TreeWriter<'_> {
         // Directories get their modes on the error path too, and a failure here comes second
         // to the one that stopped the restore.
         let left = self.leave_to(0);
+        let done = self.writers.take().expect("writers run").stop();
+        self.made(done);
         result?;
         left?;
         if let Some(e) = self.root_entry.take() {
@@ -532,7 +614,7 @@ impl TreeWriter<'_> {
     /// the report and the rest goes on, as restic does; bad data, an unsafe path or a failed
     /// read of the snapshot stops the restore.
     fn entries(&mut self) -> Result<()> {
-        while let Ok(msg) = self.rx.recv() {
+        while let Some(msg) = self.inbox.recv() {
             match msg {
                 Msg::Entry(e, parts) => {
                     let shown = e.display_path();
@@ -546,6 +628,8 @@ impl TreeWriter<'_> {
                         tracing::warn!("{err}");
                         self.report.failed.push(err.to_string());
                     }
+                    let done = self.writers().results(false);
+                    self.made(done);
                 }
                 Msg::Failed(e) => return Err(e),
                 Msg::Part(..) => unreachable!("parts follow their entry"),
@@ -559,12 +643,12 @@ impl TreeWriter<'_> {
     fn skip_parts(&mut self) -> Result<()> {
         while self.parts > 0 {
             self.parts -= 1;
-            match self.rx.recv() {
-                Ok(Msg::Part(part)) => {
+            match self.inbox.recv() {
+                Some(Msg::Part(part)) => {
                     // Bad data shows again where it is used next, or stops the restore there.
                     let _ = self.part_data(part, &[]);
                 }
-                Ok(Msg::Failed(err)) => return Err(err),
+                Some(Msg::Failed(err)) => return Err(err),
                 _ => unreachable!("a file's parts follow it"),
             }
         }
@@ -634,6 +718,8 @@ impl TreeWriter<'_> {
         let mut first = Ok(());
         while self.open.len() > depth {
             let dir = self.open.pop().expect("len > depth");
+            // Every name made in it moves its mtime: its files first.
+            dir.pending.wait();
             if let Some(e) = &dir.entry {
                 let mode = self.mode(e);
                 let shown = self.target.join(OsStr::from_bytes(&e.path));
@@ -666,6 +752,7 @@ impl TreeWriter<'_> {
                 name: c.to_vec(),
                 fd,
                 entry: None,
+                pending: Arc::default(),
             });
         }
         Ok(self.dir())
@@ -705,9 +792,10 @@ impl TreeWriter<'_> {
                         content: Vec::new(),
                         ..e
                     }),
+                    pending: Arc::default(),
                 });
             }
-            EntryKind::File => self.file(parent.as_fd(), name, &e, &shown)?,
+            EntryKind::File => self.file(parent, name, &e, &shown)?,
             EntryKind::Hardlink => self.hardlink(parent.as_fd(), name, &e, &shown)?,
             EntryKind::Symlink => {
                 let link = e.link.clone().unwrap_or_default();
@@ -756,8 +844,12 @@ impl TreeWriter<'_> {
         let link = e.link.clone().unwrap_or_default();
         catalog::validate_path(&link)?;
         if !self.sub.contains(&link) {
+            let dir = rustix::io::dup(dir).map_err(errno(shown))?;
             return self.file(dir, name, e, shown);
         }
+        // The file it names may still be in the small-file writers' hands.
+        let done = self.writers().results(true);
+        self.made(done);
         let mut source: Vec<&[u8]> = link.split(|b| *b == b'/').collect();
         let source_name = OsStr::from_bytes(source.pop().expect("validated"));
         let mut source_dir = rustix::io::dup(&self.root).map_err(errno(shown))?;
@@ -800,63 +892,125 @@ impl TreeWriter<'_> {
     }
 
     /// Writes a file under a temporary name in `dir`, with its metadata, and renames it into
-    /// place once complete and verified.
-    fn file(&mut self, dir: BorrowedFd<'_>, name: &OsStr, e: &Entry, shown: &Path) -> Result<()> {
-        let tmp_name = crate::localfile::temp_name();
-        let tmp = OsStr::new(&tmp_name);
-        let mut file = create_private(dir, tmp, OFlags::EXCL, shown)?;
+    /// place once complete and verified: a small one on the small-file writers, its bytes read
+    /// here first ([`filewriters`]).
+    fn file(&mut self, dir: OwnedFd, name: &OsStr, e: &Entry, shown: &Path) -> Result<()> {
         let mode = self.mode(e);
-        let result = self.write_file(&mut file, e, shown).and_then(|()| {
-            fsmeta::apply(Target::Open(file.as_fd()), e, mode, self.chown, shown)?;
-            rustix::fs::renameat(dir, tmp, dir, name).map_err(errno(shown))
-        });
-        if result.is_err() {
-            let _ = rustix::fs::unlinkat(dir, tmp, rustix::fs::AtFlags::empty());
+        if e.size <= filewriters::SMALL_FILE {
+            let mut bytes = Vec::with_capacity(e.size as usize);
+            self.each_part(e, |data, take| {
+                match data {
+                    Some(data) => bytes.extend_from_slice(data),
+                    None => bytes.resize(bytes.len() + take as usize, 0),
+                }
+                Ok(())
+            })?;
+            let pending = self.open.last().map_or(&self.root_pending, |d| &d.pending);
+            let job = Job {
+                dir,
+                name: name.to_os_string(),
+                entry: Entry {
+                    content: Vec::new(),
+                    ..e.clone()
+                },
+                mode,
+                bytes,
+                shown: shown.to_path_buf(),
+                pending: Arc::clone(pending),
+            };
+            self.writers().send(job);
+            return Ok(());
         }
-        result?;
+        let chown = self.chown;
+        let written = filewriters::put_file(dir.as_fd(), name, e, mode, chown, shown, |file| {
+            self.each_part(e, |data, take| {
+                match data {
+                    Some(data) => file.write_all(data),
+                    None => file.seek(SeekFrom::Current(take.into())).map(drop),
+                }
+                .map_err(|err| Error::io(shown, err))
+            })?;
+            // A file that ends in zeros ends in a hole the seek made.
+            file.set_len(e.size).map_err(|err| Error::io(shown, err))?;
+            Ok(e.size)
+        })?;
         self.report.files += 1;
+        self.report.bytes_written += written;
         Ok(())
     }
 
-    fn write_file(&mut self, file: &mut File, e: &Entry, shown: &Path) -> Result<()> {
+    /// Reads the parts of entry `e`'s content in order and gives each to `put`: its bytes, or
+    /// `None` and the length of a run of zeros. Their lengths must add up to the entry's size:
+    /// one part too many is refused before it is given.
+    fn each_part(
+        &mut self,
+        e: &Entry,
+        mut put: impl FnMut(Option<&[u8]>, u32) -> Result<()>,
+    ) -> Result<()> {
+        let wrong_size = |reason: String| Error::Corrupt {
+            object: format!("catalog entry {}", e.display_path()),
+            reason,
+        };
         let mut written: u64 = 0;
         while self.parts > 0 {
             self.parts -= 1;
-            let part = match self.rx.recv() {
-                Ok(Msg::Part(part)) => part,
-                Ok(Msg::Failed(err)) => return Err(err),
+            let part = match self.inbox.recv() {
+                Some(Msg::Part(part)) => part,
+                Some(Msg::Failed(err)) => return Err(err),
                 _ => unreachable!("a file's parts follow it"),
             };
             let (skip, take, chunk) = (part.skip, part.take, part.chunk);
-            match self.part_data(part, &e.path)? {
-                None => {
-                    file.seek(SeekFrom::Current(take.into()))
-                        .map_err(|err| Error::io(shown, err))?;
-                }
+            let data = self.part_data(part, &e.path)?;
+            written += u64::from(take);
+            if written > e.size {
+                return Err(wrong_size(format!(
+                    "content adds up to more than the {} bytes the entry says",
+                    e.size
+                )));
+            }
+            match data {
+                None => put(None, take)?,
                 Some(data) => {
                     let (skip, take) = (skip as usize, take as usize);
-                    let bytes = data.get(skip..skip + take).ok_or_else(|| Error::Corrupt {
-                        object: format!("catalog entry {}", e.display_path()),
-                        reason: format!("its part of chunk {} is out of the chunk", chunk.id),
+                    let bytes = data.get(skip..skip + take).ok_or_else(|| {
+                        wrong_size(format!(
+                            "its part of chunk {} is out of the chunk",
+                            chunk.id
+                        ))
                     })?;
-                    file.write_all(bytes).map_err(|err| Error::io(shown, err))?;
+                    put(Some(bytes), take as u32)?;
                 }
             }
-            written += u64::from(take);
             self.progress.inc(take.into());
         }
         if written != e.size {
-            return Err(Error::Corrupt {
-                object: format!("catalog entry {}", e.display_path()),
-                reason: format!(
-                    "content adds up to {written} bytes, the entry says {}",
-                    e.size
-                ),
-            });
+            return Err(wrong_size(format!(
+                "content adds up to {written} bytes, the entry says {}",
+                e.size
+            )));
         }
-        file.set_len(written).map_err(|err| Error::io(shown, err))?;
-        self.report.bytes_written += written;
         Ok(())
+    }
+
+    fn writers(&self) -> &FileWriters {
+        self.writers.as_ref().expect("writers run until the end")
+    }
+
+    /// Counts the small files made, and lists those the target refused.
+    fn made(&mut self, done: Vec<filewriters::Done>) {
+        for (shown, made) in done {
+            match made {
+                Ok(size) => {
+                    self.report.files += 1;
+                    self.report.bytes_written += size;
+                }
+                Err(err) => {
+                    let err = err.context(format!("restoring {shown}"));
+                    tracing::warn!("{err}");
+                    self.report.failed.push(err.to_string());
+                }
+            }
+        }
     }
 }
 
