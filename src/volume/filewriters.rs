@@ -63,8 +63,8 @@ impl Pending {
 
 /// One small file to make: `bytes` are all of it.
 pub(super) struct Job {
-    /// Its directory (a descriptor of its own).
-    pub(super) dir: OwnedFd,
+    /// Its directory.
+    pub(super) dir: Arc<OwnedFd>,
     pub(super) name: OsString,
     /// Its metadata (its content refs are not needed).
     pub(super) entry: Entry,

@@ -300,7 +300,7 @@ pub(super) fn restore_tree_at(
             batch: Vec::new().into_iter(),
         },
         budget: Arc::clone(&budget),
-        root,
+        root: Arc::new(root),
         root_entry: None,
         open: Vec::new(),
         report: RestoreReport {
@@ -540,7 +540,8 @@ impl Inbox {
 struct OpenDir {
     /// Its name in its parent.
     name: Vec<u8>,
-    fd: OwnedFd,
+    /// Shared with the small files being made in it.
+    fd: Arc<OwnedFd>,
     /// Its catalog entry, applied when the restore leaves it (its children are then written);
     /// `None` for a directory made only to hold a selected path.
     entry: Option<Entry>,
@@ -559,7 +560,7 @@ struct TreeWriter<'a> {
     inbox: Inbox,
     budget: Arc<Budget>,
     /// The target directory, opened once by path; everything below is reached from it.
-    root: OwnedFd,
+    root: Arc<OwnedFd>,
     /// The root entry, applied to the target last.
     root_entry: Option<Entry>,
     /// The directories from the target down to the parent of the current entry.
@@ -735,7 +736,7 @@ impl TreeWriter<'_> {
 
     /// The directory `parent` (components below the target), opened from the ones already open,
     /// each component by `openat(O_NOFOLLOW)` and created 0700 when missing.
-    fn enter(&mut self, parent: &[&[u8]]) -> Result<BorrowedFd<'_>> {
+    fn enter(&mut self, parent: &[&[u8]]) -> Result<Arc<OwnedFd>> {
         let same = self
             .open
             .iter()
@@ -747,7 +748,7 @@ impl TreeWriter<'_> {
             let shown = self
                 .target
                 .join(OsStr::from_bytes(&parent[..=depth].join(&b'/')));
-            let fd = open_dir(self.dir(), c, false, &shown)?;
+            let fd = Arc::new(open_dir(self.dir(), c, false, &shown)?);
             self.open.push(OpenDir {
                 name: c.to_vec(),
                 fd,
@@ -755,7 +756,7 @@ impl TreeWriter<'_> {
                 pending: Arc::default(),
             });
         }
-        Ok(self.dir())
+        Ok(Arc::clone(self.open.last().map_or(&self.root, |d| &d.fd)))
     }
 
     /// The innermost open directory.
@@ -780,10 +781,10 @@ impl TreeWriter<'_> {
         let mut components: Vec<&[u8]> = e.path.split(|b| *b == b'/').collect();
         let name = OsStr::from_bytes(components.pop().expect("validated path has a name"));
         // Hold the parent's descriptor apart from `self`, which the arms below borrow.
-        let parent = rustix::io::dup(self.enter(&components)?).map_err(errno(&shown))?;
+        let parent = self.enter(&components)?;
         match e.kind {
             EntryKind::Dir => {
-                let fd = open_dir(parent.as_fd(), name.as_bytes(), true, &shown)?;
+                let fd = Arc::new(open_dir(parent.as_fd(), name.as_bytes(), true, &shown)?);
                 self.report.dirs += 1;
                 self.open.push(OpenDir {
                     name: name.as_bytes().to_vec(),
@@ -796,7 +797,7 @@ impl TreeWriter<'_> {
                 });
             }
             EntryKind::File => self.file(parent, name, &e, &shown)?,
-            EntryKind::Hardlink => self.hardlink(parent.as_fd(), name, &e, &shown)?,
+            EntryKind::Hardlink => self.hardlink(parent, name, &e, &shown)?,
             EntryKind::Symlink => {
                 let link = e.link.clone().unwrap_or_default();
                 remove_existing(parent.as_fd(), name, &shown)?;
@@ -836,7 +837,7 @@ impl TreeWriter<'_> {
     /// file of its own.
     fn hardlink(
         &mut self,
-        dir: BorrowedFd<'_>,
+        dir: Arc<OwnedFd>,
         name: &OsStr,
         e: &Entry,
         shown: &Path,
@@ -844,7 +845,6 @@ impl TreeWriter<'_> {
         let link = e.link.clone().unwrap_or_default();
         catalog::validate_path(&link)?;
         if !self.sub.contains(&link) {
-            let dir = rustix::io::dup(dir).map_err(errno(shown))?;
             return self.file(dir, name, e, shown);
         }
         // The file it names may still be in the small-file writers' hands.
@@ -852,15 +852,16 @@ impl TreeWriter<'_> {
         self.made(done);
         let mut source: Vec<&[u8]> = link.split(|b| *b == b'/').collect();
         let source_name = OsStr::from_bytes(source.pop().expect("validated"));
-        let mut source_dir = rustix::io::dup(&self.root).map_err(errno(shown))?;
+        let mut source_dir = rustix::io::dup(&*self.root).map_err(errno(shown))?;
         let mut source_path = self.target.clone();
         for c in source {
             source_path.push(OsStr::from_bytes(c));
             source_dir = open_dir(source_dir.as_fd(), c, false, &source_path)?;
         }
-        remove_existing(dir, name, shown)?;
+        remove_existing(dir.as_fd(), name, shown)?;
         let no_follow = rustix::fs::AtFlags::empty();
-        rustix::fs::linkat(&source_dir, source_name, dir, name, no_follow).map_err(errno(shown))?;
+        rustix::fs::linkat(&source_dir, source_name, &*dir, name, no_follow)
+            .map_err(errno(shown))?;
         self.report.files += 1;
         Ok(())
     }
@@ -894,7 +895,7 @@ impl TreeWriter<'_> {
     /// Writes a file under a temporary name in `dir`, with its metadata, and renames it into
     /// place once complete and verified: a small one on the small-file writers, its bytes read
     /// here first ([`filewriters`]).
-    fn file(&mut self, dir: OwnedFd, name: &OsStr, e: &Entry, shown: &Path) -> Result<()> {
+    fn file(&mut self, dir: Arc<OwnedFd>, name: &OsStr, e: &Entry, shown: &Path) -> Result<()> {
         let mode = self.mode(e);
         if e.size <= filewriters::SMALL_FILE {
             let mut bytes = Vec::with_capacity(e.size as usize);
