@@ -95,8 +95,10 @@ fn tune_allocator() {
 
 /// Logs go to stderr (the journal, for the agent): warnings by default, info for the agent.
 fn init_logging(verbose: u8, agent: bool, json: bool) {
+    // fuser warns of the requests a read-only mount leaves unanswered and of an unmount
+    // already done by `umount DIR`: not the user's concern.
     let default = match (verbose, agent) {
-        (0, false) => "warn",
+        (0, false) => "warn,fuser=error",
         (0, true) => "tresor=info,warn",
         (1, _) => "tresor=debug,info",
         _ => "trace",

@@ -288,7 +288,7 @@ impl Tree {
         let loaded = match loaded {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!("mount: snapshot {}: {e}", snap.id);
+                tracing::error!("snapshot {}: {e}", snap.id);
                 return Err(Errno::EIO);
             }
         };
@@ -322,6 +322,28 @@ impl Tree {
             Some(_) => Err(Errno::ENOTDIR),
             None => Err(Errno::ENOENT),
         }
+    }
+
+    /// Where node `ino` is below the mount point (its first name), for errors.
+    fn path_of(&self, mut ino: u64) -> String {
+        let nodes = self.nodes.read().expect("nodes lock");
+        let mut names = Vec::new();
+        while ino != ROOT {
+            let Some(node) = nodes.get(ino as usize - 1) else {
+                break;
+            };
+            let name = match nodes.get(node.parent as usize - 1).map(|p| &p.body) {
+                Some(Body::Dir { children, .. }) => children.iter().find(|c| c.1 == ino),
+                _ => None,
+            };
+            names.push(name.map_or_else(
+                || format!("(inode {ino})"),
+                |n| n.0.to_string_lossy().into_owned(),
+            ));
+            ino = node.parent;
+        }
+        names.reverse();
+        names.join("/")
     }
 
     fn content(&self, ino: u64) -> std::result::Result<Arc<Content>, Errno> {
@@ -471,7 +493,7 @@ fn read_tree(
             continue;
         }
         if let Err(e) = crate::catalog::validate_path(&entry.path) {
-            tracing::warn!("mount: snapshot {}: left out: {e}", snap.id);
+            tracing::warn!("snapshot {}: left out: {e}", snap.id);
             continue;
         }
         let (parent_path, name) = match entry.path.iter().rposition(|&c| c == b'/') {
@@ -485,7 +507,7 @@ fn read_tree(
         };
         let Some(parent) = parent.filter(|&p| p == dir || b.is_dir(p)) else {
             tracing::warn!(
-                "mount: snapshot {}: left out {}: its directory is not in the catalog",
+                "snapshot {}: left out {}: its directory is not in the catalog",
                 snap.id,
                 entry.display_path()
             );
@@ -608,7 +630,7 @@ fn read_image(
                 );
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!("mount: {}: left out: {e}", shown(&m.digest)),
+            Err(e) => tracing::warn!("{}: left out: {e}", shown(&m.digest)),
         }
     }
     for blob in &record.blobs {
@@ -619,7 +641,7 @@ fn read_image(
                 b.file(sha, OsStr::new(hex), meta, blob.size, content);
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!("mount: {}: left out: {e}", shown(&blob.digest)),
+            Err(e) => tracing::warn!("{}: left out: {e}", shown(&blob.digest)),
         }
     }
     Ok(())
@@ -662,7 +684,7 @@ fn read_workload(
     let member = |b: &mut Builder, group: &str, name: &str, id: &str| {
         if id.len() != 64 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
             tracing::warn!(
-                "mount: workload snapshot {}: left out member {name}: {id:?} is not a snapshot id",
+                "workload snapshot {}: left out member {name}: {id:?} is not a snapshot id",
                 &snap.id[..8]
             );
             return;
@@ -773,7 +795,7 @@ impl Builder {
     fn name(&mut self, parent: u64, name: &OsStr, ino: u64) {
         let key = (parent, name.to_os_string());
         if self.named.contains_key(&key) {
-            tracing::warn!("mount: a second entry named {name:?} in one directory is left out");
+            tracing::warn!("a second entry named {name:?} in one directory is left out");
             return;
         }
         self.named.insert(key, ino);
@@ -1026,7 +1048,7 @@ impl Filesystem for Tree {
         match self.read_at(&content, offset, size) {
             Ok(bytes) => reply.data(&bytes),
             Err(e) => {
-                tracing::error!("mount: reading inode {}: {e}", ino.0);
+                tracing::error!("reading {}: {e}", self.path_of(ino.0));
                 reply.error(Errno::EIO)
             }
         }

@@ -835,13 +835,7 @@ impl TreeWriter<'_> {
 
     /// A hardlink to an entry restored before, or (when the restore leaves that entry out) a
     /// file of its own.
-    fn hardlink(
-        &mut self,
-        dir: Arc<OwnedFd>,
-        name: &OsStr,
-        e: &Entry,
-        shown: &Path,
-    ) -> Result<()> {
+    fn hardlink(&mut self, dir: Arc<OwnedFd>, name: &OsStr, e: &Entry, shown: &Path) -> Result<()> {
         let link = e.link.clone().unwrap_or_default();
         catalog::validate_path(&link)?;
         if !self.sub.contains(&link) {

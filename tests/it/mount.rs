@@ -172,3 +172,37 @@ fn a_mount_shows_trees_images_and_workloads_and_ends_on_sigterm() {
     assert!(err.contains("unmounted"), "{err}");
     assert!(!is_mount_point(&dir), "still mounted after SIGTERM");
 }
+
+/// A chunk damaged in the store: reading the file that uses it through the mount is an I/O
+/// error, and the mount's log names the chunk and the file; the other files still read.
+#[test]
+fn a_damaged_chunk_is_an_io_error_naming_the_chunk_and_the_file() {
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIPPED a_damaged_chunk_is_an_io_error: /dev/fuse is missing");
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("victim.bin"), random_bytes(3 << 20, 9)).unwrap();
+    fs::write(src.join("fine.txt"), b"still here\n").unwrap();
+    let snap = env.backup("v", &src, &[]);
+    // The largest chunk object is victim.bin's data (random data is stored uncompressed).
+    let chunk = env.largest_chunk();
+    flip_middle_byte(&chunk);
+
+    let dir = env.path("mnt");
+    let mounted = Mounted::start(&env, &dir);
+    let tree = dir.join("ids").join(snap["id"].as_str().unwrap());
+    let err = fs::read(tree.join("victim.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(fs::read(tree.join("fine.txt")).unwrap(), b"still here\n");
+    let (status, log) = mounted.terminate();
+    assert!(status.success(), "{log}");
+    let id = chunk.file_name().unwrap().to_str().unwrap();
+    assert!(log.contains(id), "the log does not name chunk {id}: {log}");
+    assert!(
+        log.contains("victim.bin"),
+        "the log does not name the file: {log}"
+    );
+}
