@@ -184,6 +184,11 @@ struct Tree {
 
 const ROOT: u64 = 1;
 
+/// The place of node `ino` in the list (none for 0, which the kernel never sends).
+fn node_at(ino: u64) -> usize {
+    (ino as usize).wrapping_sub(1)
+}
+
 impl Tree {
     fn new(repo: Arc<Repository>, rt: Handle, snapshots: Vec<Listed>) -> Tree {
         let owner = (
@@ -271,7 +276,7 @@ impl Tree {
 
     /// Reads the snapshot of directory `ino` into nodes if it was not yet.
     fn load(&self, ino: u64) -> std::result::Result<(), Errno> {
-        let pending = |nodes: &Vec<Node>| match nodes.get(ino as usize - 1).map(|n| &n.body) {
+        let pending = |nodes: &Vec<Node>| match nodes.get(node_at(ino)).map(|n| &n.body) {
             Some(Body::Dir { pending, .. }) => Ok(*pending),
             Some(_) => Err(Errno::ENOTDIR),
             None => Err(Errno::ENOENT),
@@ -295,10 +300,15 @@ impl Tree {
                 return Err(Errno::EIO);
             }
         };
+        // Its xattrs before its nodes: a node is never seen without them.
+        self.xattrs
+            .write()
+            .expect("xattrs lock")
+            .extend(loaded.xattrs);
         let mut nodes = self.nodes.write().expect("nodes lock");
         let mut new = b.finish();
         nodes.append(&mut new);
-        let dir = &mut nodes[ino as usize - 1];
+        let dir = &mut nodes[node_at(ino)];
         if let Some(root) = loaded.root {
             (dir.perm, dir.uid, dir.gid, dir.mtime) = (root.perm, root.uid, root.gid, root.mtime);
         }
@@ -306,18 +316,13 @@ impl Tree {
             children: loaded.children,
             pending: None,
         };
-        drop(nodes);
-        self.xattrs
-            .write()
-            .expect("xattrs lock")
-            .extend(loaded.xattrs);
         Ok(())
     }
 
     fn lookup_child(&self, parent: u64, name: &OsStr) -> std::result::Result<u64, Errno> {
         self.load(parent)?;
         let nodes = self.nodes.read().expect("nodes lock");
-        match nodes.get(parent as usize - 1).map(|n| &n.body) {
+        match nodes.get(node_at(parent)).map(|n| &n.body) {
             Some(Body::Dir { children, .. }) => children
                 .binary_search_by(|(n, _)| n.as_os_str().cmp(name))
                 .map(|at| children[at].1)
@@ -332,10 +337,10 @@ impl Tree {
         let nodes = self.nodes.read().expect("nodes lock");
         let mut names = Vec::new();
         while ino != ROOT {
-            let Some(node) = nodes.get(ino as usize - 1) else {
+            let Some(node) = nodes.get(node_at(ino)) else {
                 break;
             };
-            let name = match nodes.get(node.parent as usize - 1).map(|p| &p.body) {
+            let name = match nodes.get(node_at(node.parent)).map(|p| &p.body) {
                 Some(Body::Dir { children, .. }) => children.iter().find(|c| c.1 == ino),
                 _ => None,
             };
@@ -351,7 +356,7 @@ impl Tree {
 
     fn content(&self, ino: u64) -> std::result::Result<Arc<Content>, Errno> {
         let nodes = self.nodes.read().expect("nodes lock");
-        match nodes.get(ino as usize - 1).map(|n| &n.body) {
+        match nodes.get(node_at(ino)).map(|n| &n.body) {
             Some(Body::File(c)) => Ok(Arc::clone(c)),
             Some(Body::Dir { .. }) => Err(Errno::EISDIR),
             Some(_) => Err(Errno::EINVAL),
@@ -1024,7 +1029,7 @@ impl Filesystem for Tree {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let nodes = self.nodes.read().expect("nodes lock");
-        match nodes.get(ino.0 as usize - 1).map(|n| &n.body) {
+        match nodes.get(node_at(ino.0)).map(|n| &n.body) {
             Some(Body::Link(target)) => reply.data(target),
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
@@ -1095,7 +1100,7 @@ impl Filesystem for Tree {
             return reply.error(e);
         }
         let nodes = self.nodes.read().expect("nodes lock");
-        let Some(node) = nodes.get(ino.0 as usize - 1) else {
+        let Some(node) = nodes.get(node_at(ino.0)) else {
             return reply.error(Errno::ENOENT);
         };
         let Body::Dir { children, .. } = &node.body else {
@@ -1106,7 +1111,7 @@ impl Filesystem for Tree {
             .into_iter()
             .chain(children.iter().map(|(name, i)| (*i, name.as_os_str())));
         for (at, (child, name)) in all.enumerate().skip(offset as usize) {
-            let kind = nodes[child as usize - 1].kind;
+            let kind = nodes[node_at(child)].kind;
             if reply.add(INodeNo(child), at as u64 + 1, kind, name) {
                 break;
             }
@@ -1127,7 +1132,7 @@ impl Filesystem for Tree {
         }
         let listed: Vec<(u64, OsString)> = {
             let nodes = self.nodes.read().expect("nodes lock");
-            let Some(node) = nodes.get(ino.0 as usize - 1) else {
+            let Some(node) = nodes.get(node_at(ino.0)) else {
                 return reply.error(Errno::ENOENT);
             };
             let Body::Dir { children, .. } = &node.body else {
