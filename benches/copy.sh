@@ -24,18 +24,9 @@ cargo build --release --quiet
 tresor="$PWD/target/release/tresor"
 
 start_garage "$BENCH_DIR/garage"
-garage bucket create bench >/dev/null
-garage bucket allow --read --write --owner bench --key bench >/dev/null
-ENDPOINT_PORT=$S3_PORT
-if [ -n "${LATENCY_MS:-}" ]; then
-    ENDPOINT_PORT=$(free_port)
-    python3 benches/latency-proxy.py "$ENDPOINT_PORT" "$S3_PORT" "$LATENCY_MS" &
-    trap 'kill $GARAGE_PID $! 2>/dev/null' EXIT
-    sleep 0.5
-    echo "Garage behind a proxy adding ${LATENCY_MS} ms per request"
-fi
+garage_endpoint
 export AWS_ACCESS_KEY_ID=$KEY_ID AWS_SECRET_ACCESS_KEY=$KEY_SECRET AWS_DEFAULT_REGION=garage
-export TRESOR_S3_ENDPOINT="http://127.0.0.1:$ENDPOINT_PORT" TRESOR_S3_ALLOW_HTTP=true TRESOR_S3_REGION=garage
+export TRESOR_S3_ENDPOINT="http://127.0.0.1:$S3_ENDPOINT_PORT" TRESOR_S3_ALLOW_HTTP=true TRESOR_S3_REGION=garage
 export TRESOR_CACHE_DIR="$BENCH_DIR/cache" RESTIC_PASSWORD=bench RESTIC_FROM_PASSWORD=bench
 R="$BENCH_DIR/repos"
 rm -rf "$R" "$BENCH_DIR/cache" && mkdir -p "$R"
@@ -52,7 +43,7 @@ restic -q -r "$R/restic-a" backup "$SRC" >/dev/null
 for target in local garage; do
     case $target in
         local) B="file://$R/tresor-b" RB="$R/restic-b" ;;
-        garage) B="s3://bench/tresor-b" RB="s3:http://127.0.0.1:$ENDPOINT_PORT/bench/restic-b" ;;
+        garage) B="s3://bench/tresor-b" RB="s3:http://127.0.0.1:$S3_ENDPOINT_PORT/bench/restic-b" ;;
     esac
     "$tresor" -q --repo "$B" --key-file "$R/b-$target.key" init \
         --same-chunker-as "$A" --from-key-file "$R/a.key" >/dev/null 2>&1

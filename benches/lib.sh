@@ -74,6 +74,23 @@ TOML
     garage key import --yes -n bench "$KEY_ID" "$KEY_SECRET" >/dev/null
 }
 
+# garage_endpoint: after start_garage, a bucket `bench` for the key `bench`, and the port S3
+# clients use in S3_ENDPOINT_PORT: Garage's own, or with LATENCY_MS a benches/latency-proxy.py
+# in front of it adding that many milliseconds per request (killed with Garage on exit).
+garage_endpoint() {
+    garage bucket create bench >/dev/null
+    garage bucket allow --read --write --owner bench --key bench >/dev/null
+    S3_ENDPOINT_PORT=$S3_PORT
+    if [ -n "${LATENCY_MS:-}" ]; then
+        S3_ENDPOINT_PORT=$(free_port)
+        python3 benches/latency-proxy.py "$S3_ENDPOINT_PORT" "$S3_PORT" "$LATENCY_MS" &
+        PROXY_PID=$!
+        trap 'kill $GARAGE_PID $PROXY_PID 2>/dev/null' EXIT
+        sleep 0.5
+        echo "Garage behind a proxy adding ${LATENCY_MS} ms per request"
+    fi
+}
+
 # requests: Garage's S3 request counters so far, as `Endpoint=count ...`.
 requests() {
     curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" |

@@ -24,17 +24,7 @@ cargo build --release --quiet
 echo "tree: $((BYTES / 1000000)) MB in $(find "$SRC" -type f | wc -l) files (three copies); $(nproc) cores"
 
 start_garage "$BENCH_DIR/garage"
-garage bucket create bench >/dev/null
-garage bucket allow --read --write --owner bench --key bench >/dev/null
-S3_ENDPOINT_PORT=$S3_PORT
-if [ -n "${LATENCY_MS:-}" ]; then
-    S3_ENDPOINT_PORT=$(free_port)
-    python3 benches/latency-proxy.py "$S3_ENDPOINT_PORT" "$S3_PORT" "$LATENCY_MS" &
-    PROXY_PID=$!
-    trap 'kill $GARAGE_PID $PROXY_PID 2>/dev/null' EXIT
-    sleep 0.5
-    echo "Garage behind a proxy adding ${LATENCY_MS} ms per request"
-fi
+garage_endpoint
 
 check() {
     diff -r --no-dereference "$SRC" "$BENCH_DIR/out" >/dev/null && echo "    restored tree equal"

@@ -27,17 +27,7 @@ cargo build --release --quiet
 tresor="$PWD/target/release/tresor"
 
 start_garage "$BENCH_DIR/garage"
-garage bucket create bench >/dev/null
-garage bucket allow --read --write --owner bench --key bench >/dev/null
-S3_ENDPOINT_PORT=$S3_PORT
-if [ -n "${LATENCY_MS:-}" ]; then
-    S3_ENDPOINT_PORT=$(free_port)
-    python3 benches/latency-proxy.py "$S3_ENDPOINT_PORT" "$S3_PORT" "$LATENCY_MS" &
-    PROXY_PID=$!
-    trap 'kill $GARAGE_PID $PROXY_PID 2>/dev/null' EXIT
-    sleep 0.5
-    echo "Garage behind a proxy adding ${LATENCY_MS} ms per request"
-fi
+garage_endpoint
 
 per_gib() { awk -v g="$GIB" '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); printf "%s %.0f/GiB  ", kv[1], kv[2] / g } print "" }'; }
 delta() {
