@@ -42,7 +42,7 @@ use crate::id::{ChunkId, ChunkRef};
 use crate::pipeline::{self, Piece};
 use crate::repository::Repository;
 use crate::snapshot::{Listed, RootFormat};
-use crate::volume::payload::{pieces_of, PayloadIndex};
+use crate::volume::payload::{file_pieces, PayloadIndex};
 
 /// How long the kernel may keep an answer: a snapshot never changes once listed.
 const TTL: Duration = Duration::from_secs(60);
@@ -457,9 +457,7 @@ impl Loaded {
                     .map_or_else(|| OsString::from("data"), OsStr::to_os_string);
                 let size = refs.iter().map(|p| u64::from(p.2)).sum();
                 let content = Content::chunks(refs, size, &snap.snapshot.source);
-                let mut meta = b.meta(FileType::RegularFile, time);
-                meta.perm = 0o444;
-                b.file(dir, &name, meta, size, content);
+                b.stored(dir, &name, time, size, content);
             }
             RootFormat::Image => read_image(repo, rt, snap, dir, time, b)?,
             RootFormat::Workload => read_workload(repo, rt, snap, dir, time, b)?,
@@ -556,11 +554,7 @@ fn tree_node(
         EntryKind::Dir => b.add(parent, name, meta),
         EntryKind::File | EntryKind::Hardlink => {
             meta.kind = FileType::RegularFile;
-            let pieces: Vec<Piece> = pieces_of(index, &snap.id, entry)?
-                .into_iter()
-                .map(|p| (p.chunk, p.skip, p.take))
-                .chain(entry.content.iter().map(|&c| (c, 0, c.len)))
-                .collect();
+            let pieces = file_pieces(index, &snap.id, entry)?;
             let content = Content::chunks(pieces, entry.size, &entry.display_path());
             b.file(parent, name, meta, entry.size, content)
         }
@@ -590,16 +584,8 @@ fn read_image(
     b: &mut Builder,
 ) -> Result<()> {
     let record = crate::oci::load_record(repo, rt, snap)?;
-    let mut meta = b.meta(FileType::RegularFile, time);
-    meta.perm = 0o444;
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec();
-    b.file(
-        dir,
-        OsStr::new("oci-layout"),
-        meta,
-        layout.len() as u64,
-        Content::Inline(layout),
-    );
+    b.inline(dir, OsStr::new("oci-layout"), time, layout);
     let top = record.manifests.iter().find(|m| m.digest == record.digest);
     let mut descriptor = serde_json::json!({
         "mediaType": top.map(|m| m.media_type.as_str()),
@@ -615,27 +601,14 @@ fn read_image(
         "manifests": [descriptor],
     }))
     .expect("index serialises");
-    b.file(
-        dir,
-        OsStr::new("index.json"),
-        meta,
-        index.len() as u64,
-        Content::Inline(index),
-    );
+    b.inline(dir, OsStr::new("index.json"), time, index);
     let blobs = b.child_dir(dir, OsStr::new("blobs"), time);
     let sha = b.child_dir(blobs, OsStr::new("sha256"), time);
     let shown = |d: &str| format!("image snapshot {}: {d}", &snap.id[..8]);
     for m in &record.manifests {
         match crate::oci::check_digest(&m.digest) {
             Ok(hex) if !b.has(sha, OsStr::new(hex)) => {
-                let raw = m.raw.clone();
-                b.file(
-                    sha,
-                    OsStr::new(hex),
-                    meta,
-                    raw.len() as u64,
-                    Content::Inline(raw),
-                );
+                b.inline(sha, OsStr::new(hex), time, m.raw.clone());
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("{}: left out: {e}", shown(&m.digest)),
@@ -646,7 +619,7 @@ fn read_image(
             Ok(hex) if !b.has(sha, OsStr::new(hex)) => {
                 let pieces = blob.refs.iter().map(|&r| (r, 0, r.len)).collect();
                 let content = Content::chunks(pieces, blob.size, &shown(&blob.digest));
-                b.file(sha, OsStr::new(hex), meta, blob.size, content);
+                b.stored(sha, OsStr::new(hex), time, blob.size, content);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("{}: left out: {e}", shown(&blob.digest)),
@@ -665,28 +638,12 @@ fn read_workload(
     b: &mut Builder,
 ) -> Result<()> {
     let record = crate::workload::load_record(repo, rt, snap)?;
-    let mut meta = b.meta(FileType::RegularFile, time);
-    meta.perm = 0o444;
     let config = record.config.clone().into_bytes();
-    let project = OsStr::new("project.yaml");
-    b.file(
-        dir,
-        project,
-        meta,
-        config.len() as u64,
-        Content::Inline(config),
-    );
+    b.inline(dir, OsStr::new("project.yaml"), time, config);
     let compose = b.child_dir(dir, OsStr::new("compose"), time);
     for kept in record.compose_files.iter().chain(&record.env_file) {
         let name = encode(&kept.name);
-        let bytes = kept.bytes.clone();
-        b.file(
-            compose,
-            OsStr::new(&name),
-            meta,
-            bytes.len() as u64,
-            Content::Inline(bytes),
-        );
+        b.inline(compose, OsStr::new(&name), time, kept.bytes.clone());
     }
     // From DIR/hosts/HOST/KIND/NAME/TIME/GROUP/ up to DIR.
     let member = |b: &mut Builder, group: &str, name: &str, id: &str| {
@@ -833,6 +790,21 @@ impl Builder {
         );
         self.set_body(ino, size, Body::File(Arc::new(c)));
         ino
+    }
+
+    /// A read-only file that is part of what a snapshot records (a blob, a kept file).
+    fn stored(&mut self, parent: u64, name: &OsStr, mtime: SystemTime, size: u64, c: Content) {
+        let meta = Meta {
+            perm: 0o444,
+            ..self.meta(FileType::RegularFile, mtime)
+        };
+        self.file(parent, name, meta, size, c);
+    }
+
+    /// A read-only file of `bytes` held in memory (a record's part, a layout's index).
+    fn inline(&mut self, parent: u64, name: &OsStr, mtime: SystemTime, bytes: Vec<u8>) {
+        let size = bytes.len() as u64;
+        self.stored(parent, name, mtime, size, Content::Inline(bytes));
     }
 
     fn set_body(&mut self, ino: u64, size: u64, body: Body) {

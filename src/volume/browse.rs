@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use tokio::runtime::Handle;
 
-use super::payload::{pieces_of, PayloadIndex};
+use super::payload::{file_pieces, PayloadIndex};
 use super::restore::Selection;
 use crate::catalog::{CatalogReader, Entry, EntryKind};
 use crate::error::{Error, Result};
@@ -242,11 +242,7 @@ impl Content {
         snap: &Listed,
         entry: &Entry,
     ) -> Result<Content> {
-        let pieces: Vec<pipeline::Piece> = pieces_of(index, &snap.id, entry)?
-            .into_iter()
-            .map(|piece| (piece.chunk, piece.skip, piece.take))
-            .chain(entry.content.iter().map(|&c| (c, 0, c.len)))
-            .collect();
+        let pieces = file_pieces(index, &snap.id, entry)?;
         Ok(Content {
             stream: pipeline::StreamReader::pieces(
                 Arc::clone(repo),

@@ -267,6 +267,23 @@ pub fn pieces_of(
     }
 }
 
+/// All of a file entry's bytes as pieces of chunks to read in order: its payload slice
+/// ([`pieces_of`]), then its own chunks. For readers that fetch pieces (`dump`, `mount`).
+///
+/// # Errors
+/// Those of [`pieces_of`].
+pub fn file_pieces(
+    index: Option<&PayloadIndex>,
+    snapshot: &str,
+    entry: &crate::catalog::Entry,
+) -> Result<Vec<crate::pipeline::Piece>> {
+    Ok(pieces_of(index, snapshot, entry)?
+        .into_iter()
+        .map(|p| (p.chunk, p.skip, p.take))
+        .chain(entry.content.iter().map(|&c| (c, 0, c.len)))
+        .collect())
+}
+
 /// Writes the payload of a new snapshot.
 pub struct PayloadWriter<'a> {
     fresh: StreamWriter<'a>,

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest;
 
-use crate::common::oci::{push, Layout, TestRegistry};
 use crate::common::*;
 
 /// A running `tresor mount`: on drop (a failed test) it is stopped and the mount point
@@ -89,25 +88,8 @@ fn a_mount_shows_trees_images_and_workloads_and_ends_on_sigterm() {
         return;
     }
     let env = Env::new();
-    let registry = TestRegistry::start(&env.path("registry"));
-    let mut layout = Layout::new(&env.path("layout"));
-    let layer = layout.layer(&[("hello.txt", b"hello\n".to_vec())]);
-    let app = layout.image("amd64", &[layer]);
-    layout.tag("v1", &app);
-    push(&layout, "v1", &registry.host, "mounted/app");
+    let (_registry, backup) = workload_by_hand(&env, "shop");
     let data = env.path("data");
-    build_tree(&data);
-    let image = format!("{}/mounted/app:v1", registry.host);
-    let backup = env.json(&[
-        "backup",
-        "workload",
-        "shop",
-        "--image",
-        &image,
-        "--volume",
-        &format!("data={}", data.display()),
-        "--insecure",
-    ]);
     let workload = &backup["workload"];
     let id = |v: &serde_json::Value| v.as_str().unwrap().to_string();
     let (tree_id, image_id) = (

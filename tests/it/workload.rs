@@ -808,28 +808,9 @@ fn exec_consistency_runs_in_the_services_and_a_failure_is_named() {
 
 #[test]
 fn a_workload_given_by_hand_comes_back_without_compose_or_engine() {
-    use crate::common::oci::{push, Layout};
     let env = Env::new();
-    let source = TestRegistry::start(&env.path("registry-a"));
-    let mut layout = Layout::new(&env.path("layout"));
-    let layer = layout.layer(&[("hello.txt", b"hello\n".to_vec())]);
-    let app = layout.image("amd64", &[layer]);
-    layout.tag("v1", &app);
-    push(&layout, "v1", &source.host, "manual/app");
+    let (_source, backup) = workload_by_hand(&env, "manual");
     let data = env.path("data");
-    build_tree(&data);
-
-    let image = format!("{}/manual/app:v1", source.host);
-    let backup = env.json(&[
-        "backup",
-        "workload",
-        "manual",
-        "--image",
-        &image,
-        "--volume",
-        &format!("data={}", data.display()),
-        "--insecure",
-    ]);
     let workload = &backup["workload"];
     assert_eq!(workload["consistency"], "none", "{backup}");
     assert_eq!(workload["binds"][0]["name"], "data", "{backup}");

@@ -462,6 +462,33 @@ pub mod proxy;
 pub mod s3;
 pub mod token;
 
+/// A workload given by hand, backed up as `project`: an image pushed to a registry the test
+/// starts (`manual/app:v1`, one layer) and a volume `data` holding [`build_tree`] at
+/// `env.path("data")` (`backup workload --image --volume`, consistency none). Returns the
+/// registry, which must outlive its use, and the backup's JSON.
+pub fn workload_by_hand(env: &Env, project: &str) -> (oci::TestRegistry, serde_json::Value) {
+    let registry = oci::TestRegistry::start(&env.path("registry"));
+    let mut layout = oci::Layout::new(&env.path("layout"));
+    let layer = layout.layer(&[("hello.txt", b"hello\n".to_vec())]);
+    let app = layout.image("amd64", &[layer]);
+    layout.tag("v1", &app);
+    oci::push(&layout, "v1", &registry.host, "manual/app");
+    let data = env.path("data");
+    build_tree(&data);
+    let image = format!("{}/manual/app:v1", registry.host);
+    let backup = env.json(&[
+        "backup",
+        "workload",
+        project,
+        "--image",
+        &image,
+        "--volume",
+        &format!("data={}", data.display()),
+        "--insecure",
+    ]);
+    (registry, backup)
+}
+
 /// Opens a repository with the contents of a key file, as `--key-file` does.
 pub fn with_key(key: Vec<u8>) -> tresor::repository::OpenOptions<'static> {
     tresor::repository::OpenOptions {
