@@ -8,6 +8,7 @@
 #   benches/repeated.sh
 #   LATENCY_MS=20 TARGETS=garage benches/repeated.sh
 #   TRESOR_OTHER=/path/to/tresor benches/repeated.sh   # also another build (the one before)
+#   RUNS=5 benches/repeated.sh                          # each restore five times, interleaved
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH_DIR="${BENCH_DIR:-/tmp/tresor-repeated-bench}"
@@ -44,12 +45,27 @@ for target in ${TARGETS:-local garage}; do
     rm -rf "$BENCH_DIR/repo" "$BENCH_DIR/cache" "$BENCH_DIR/key" "$BENCH_DIR/restic-repo" "$BENCH_DIR/out"
     target/release/tresor init >/dev/null 2>&1
     target/release/tresor -q backup volume tree "$SRC"
-    for build in this ${TRESOR_OTHER:+other}; do
-        bin="$PWD/target/release/tresor"
-        [ $build = other ] && bin=$TRESOR_OTHER
-        run "$target: tresor $build restore" "$BYTES" "$bin" -q restore volume tree --to "$BENCH_DIR/out"
-        check
+    if command -v restic >/dev/null; then
+        restic init -q
+        restic -q backup "$SRC" >/dev/null
+    fi
+    # Rounds interleave the programs, so that a slow spell of the machine hits them alike.
+    for round in $(seq 1 "${RUNS:-1}"); do
+        for build in this ${TRESOR_OTHER:+other}; do
+            bin="$PWD/target/release/tresor"
+            [ $build = other ] && bin=$TRESOR_OTHER
+            run "$target: tresor $build restore" "$BYTES" "$bin" -q restore volume tree --to "$BENCH_DIR/out"
+            check
+        done
+        if command -v restic >/dev/null; then
+            run "$target: restic restore" "$BYTES" restic -q restore latest --target "$BENCH_DIR/out"
+            # restic restores the absolute path below the target.
+            mv "$BENCH_DIR/out" "$BENCH_DIR/out.restic" && mv "$BENCH_DIR/out.restic$SRC" "$BENCH_DIR/out"
+            rm -rf "$BENCH_DIR/out.restic"
+            check
+        fi
     done
+done
     if command -v restic >/dev/null; then
         restic init -q
         restic -q backup "$SRC" >/dev/null

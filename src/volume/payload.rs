@@ -15,7 +15,10 @@
 //! files again instead, which lets gc free those chunks once the older snapshots are
 //! forgotten (ARCHITECTURE.md, "Repository format 2").
 
-use std::sync::Arc;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
@@ -75,11 +78,31 @@ pub struct Piece {
 /// each earlier backup's fresh stream (65,536 nightly backups is 179 years), 2.9 MB of index.
 const REUSED_SHORT_CHUNKS: u64 = 1 << 16;
 
-/// One payload stream's chunks with where each ends, for finding a slice's chunks.
+/// Refs per page of a stream's index. A stream of at most one page (4 GiB of small files at
+/// 1 MiB chunks) is held in memory; a longer one is written to an unnamed scratch file in the
+/// temporary directory and read back a page at a time, so memory does not grow with the
+/// stream: 8 bytes per page in memory, and the last page read.
+const PAGE_REFS: usize = 4096;
+
+/// Consecutive refs of a stream with where each ends.
 #[derive(Default)]
-struct StreamIndex {
+struct Page {
+    /// The place in the stream of the first.
+    first: usize,
     refs: Vec<ChunkRef>,
     ends: Vec<u64>,
+}
+
+/// One payload stream's chunks with where each ends, for finding a slice's chunks.
+struct StreamIndex {
+    /// Where each page's last chunk ends.
+    page_ends: Vec<u64>,
+    /// The pages past the first, 36 bytes per ref, when there are any.
+    file: Option<File>,
+    /// The page last read (the only one when there is no file). Slices come in stream order
+    /// from a catalog read in order, so this is nearly always the page wanted.
+    page: Mutex<Arc<Page>>,
+    page_refs: usize,
 }
 
 impl StreamIndex {
@@ -97,19 +120,26 @@ impl StreamIndex {
     }
 
     /// Reads a ref list of a stream of `len` bytes: at most `most` refs, none empty, none over
-    /// the chunker's maximum, adding up to `len`.
+    /// the chunker's maximum, adding up to `len`. Pages hold `page_refs` refs.
     fn read(
         mut list: impl std::io::BufRead,
         len: u64,
         most: u64,
         chunker: &ChunkerParams,
+        page_refs: usize,
     ) -> Result<Self> {
         let corrupt = |reason: String| Error::Corrupt {
             object: "payload ref list".into(),
             reason,
         };
-        let mut index = StreamIndex::default();
-        let mut end = 0u64;
+        let mut index = StreamIndex {
+            page_ends: Vec::new(),
+            file: None,
+            page: Mutex::default(),
+            page_refs,
+        };
+        let mut page = Page::default();
+        let (mut end, mut count) = (0u64, 0u64);
         let mut rec = [0u8; ChunkRef::ENCODED_LEN];
         while super::restore::read_record(&mut list, &mut rec)? {
             let r = ChunkRef::decode(&rec);
@@ -119,26 +149,114 @@ impl StreamIndex {
                     r.len, chunker.max_size
                 )));
             }
-            if index.refs.len() as u64 >= most {
+            if count >= most {
                 return Err(corrupt(format!(
                     "holds more than the {most} chunks a stream of {len} bytes can have"
                 )));
             }
+            if page.refs.len() == page_refs {
+                index.write_page(&page)?;
+                page = Page {
+                    first: page.first + page_refs,
+                    ..Page::default()
+                };
+            }
             end += u64::from(r.len);
-            index.refs.push(r);
-            index.ends.push(end);
+            count += 1;
+            page.refs.push(r);
+            page.ends.push(end);
         }
         if end != len {
             return Err(corrupt(format!(
                 "its chunks add up to {end} bytes, the record says {len}"
             )));
         }
+        match index.file {
+            Some(_) if !page.refs.is_empty() => index.write_page(&page)?,
+            Some(_) => {}
+            None => index.page_ends.push(end),
+        }
+        index.page = Mutex::new(Arc::new(page));
         Ok(index)
+    }
+
+    /// Ends a full page: its end is kept, its refs go to the scratch file.
+    fn write_page(&mut self, page: &Page) -> Result<()> {
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self
+                .file
+                .insert(tempfile::tempfile().map_err(|e| Error::io(std::env::temp_dir(), e))?),
+        };
+        let mut out = std::io::BufWriter::new(file);
+        for r in &page.refs {
+            out.write_all(&r.encode()).map_err(scratch_error)?;
+        }
+        out.flush().map_err(scratch_error)?;
+        self.page_ends.push(*page.ends.last().expect("a full page"));
+        Ok(())
+    }
+
+    /// Where the stream ends.
+    fn end(&self) -> u64 {
+        self.page_ends.last().copied().unwrap_or(0)
+    }
+
+    /// The page holding the first chunk that ends after `at` (which is below the stream's
+    /// end).
+    fn page_at(&self, at: u64) -> Result<Arc<Page>> {
+        let mut held = self.page.lock().expect("payload page lock");
+        let Some(file) = &self.file else {
+            return Ok(Arc::clone(&held));
+        };
+        let wanted = self.page_ends.partition_point(|&e| e <= at);
+        let page_refs = self.page_refs;
+        if held.first == wanted * page_refs {
+            return Ok(Arc::clone(&held));
+        }
+        let start = if wanted == 0 {
+            0
+        } else {
+            self.page_ends[wanted - 1]
+        };
+        let mut bytes = vec![0u8; page_refs * ChunkRef::ENCODED_LEN];
+        let offset = (wanted * page_refs * ChunkRef::ENCODED_LEN) as u64;
+        let n = read_at_most(file, &mut bytes, offset)?;
+        let mut page = Page {
+            first: wanted * page_refs,
+            ..Page::default()
+        };
+        let mut end = start;
+        for rec in bytes[..n].chunks_exact(ChunkRef::ENCODED_LEN) {
+            let r = ChunkRef::decode(rec.try_into().expect("a record"));
+            end += u64::from(r.len);
+            page.refs.push(r);
+            page.ends.push(end);
+        }
+        *held = Arc::new(page);
+        Ok(Arc::clone(&held))
     }
 }
 
-/// Both payload streams of one snapshot, held in memory (44 bytes per chunk) to map slices to
-/// chunks.
+/// Reads into `buf` from `offset` until it is full or the file ends; the bytes read.
+fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(scratch_error(e)),
+        }
+    }
+    Ok(n)
+}
+
+fn scratch_error(e: std::io::Error) -> Error {
+    Error::io("(payload index scratch file)", e)
+}
+/// Both payload streams of one snapshot, to map slices to chunks: in memory up to a page of
+/// refs each, in a scratch file beyond ([`PAGE_REFS`]).
 pub struct PayloadIndex {
     fresh: StreamIndex,
     reused: StreamIndex,
@@ -187,15 +305,34 @@ impl PayloadIndex {
         chunker: &ChunkerParams,
         snapshot: &str,
     ) -> Result<Self> {
+        Self::read_paged(fresh, reused, payload, chunker, snapshot, PAGE_REFS)
+    }
+
+    /// [`PayloadIndex::read`] with pages of `page_refs` refs.
+    fn read_paged(
+        fresh: impl std::io::BufRead,
+        reused: impl std::io::BufRead,
+        payload: &Payload,
+        chunker: &ChunkerParams,
+        snapshot: &str,
+        page_refs: usize,
+    ) -> Result<Self> {
         let most = |len, stream| StreamIndex::most_refs(len, stream, chunker);
         let (fresh_len, reused_len) = (payload.fresh_len, payload.reused_len);
         Ok(PayloadIndex {
-            fresh: StreamIndex::read(fresh, fresh_len, most(fresh_len, Stream::Fresh), chunker)?,
+            fresh: StreamIndex::read(
+                fresh,
+                fresh_len,
+                most(fresh_len, Stream::Fresh),
+                chunker,
+                page_refs,
+            )?,
             reused: StreamIndex::read(
                 reused,
                 reused_len,
                 most(reused_len, Stream::Reused),
                 chunker,
+                page_refs,
             )?,
             snapshot: snapshot.to_string(),
         })
@@ -211,7 +348,7 @@ impl PayloadIndex {
             Stream::Reused => &self.reused,
         };
         let end = slice.offset.checked_add(size);
-        if end.is_none_or(|end| end > stream.ends.last().copied().unwrap_or(0)) {
+        if end.is_none_or(|end| end > stream.end()) {
             return Err(Error::Corrupt {
                 object: format!("catalog of snapshot {}", self.snapshot),
                 reason: format!(
@@ -222,23 +359,33 @@ impl PayloadIndex {
         }
         let mut pieces = Vec::new();
         let (mut at, mut left) = (slice.offset, size);
-        // The first chunk ending after `at`.
-        let mut index = stream.ends.partition_point(|&e| e <= at);
         while left > 0 {
-            let chunk = stream.refs[index];
-            let start = stream.ends[index] - u64::from(chunk.len);
-            let skip = (at - start) as u32;
-            let take = (u64::from(chunk.len - skip)).min(left) as u32;
-            pieces.push(Piece {
-                stream: slice.stream,
-                index,
-                chunk,
-                skip,
-                take,
-            });
-            at += u64::from(take);
-            left -= u64::from(take);
-            index += 1;
+            let page = stream.page_at(at)?;
+            // The first chunk ending after `at`.
+            let mut i = page.ends.partition_point(|&e| e <= at);
+            if i == page.refs.len() {
+                // Only a scratch file changed under the restore gets here; never loop on it.
+                return Err(scratch_error(std::io::Error::other(format!(
+                    "its page from chunk {} does not hold offset {at}",
+                    page.first
+                ))));
+            }
+            while left > 0 && i < page.refs.len() {
+                let chunk = page.refs[i];
+                let start = page.ends[i] - u64::from(chunk.len);
+                let skip = (at - start) as u32;
+                let take = (u64::from(chunk.len - skip)).min(left) as u32;
+                pieces.push(Piece {
+                    stream: slice.stream,
+                    index: page.first + i,
+                    chunk,
+                    skip,
+                    take,
+                });
+                at += u64::from(take);
+                left -= u64::from(take);
+                i += 1;
+            }
         }
         Ok(pieces)
     }
@@ -373,22 +520,31 @@ mod tests {
     use super::*;
     use crate::id::ChunkId;
 
+    /// Chunk sizes that the tiny test chunks fit.
+    const CHUNKER: ChunkerParams = ChunkerParams {
+        min_size: 1,
+        avg_size: 2,
+        max_size: 1 << 20,
+    };
+
+    fn paged(lens: &[u32], page_refs: usize) -> PayloadIndex {
+        let list: Vec<u8> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &len)| {
+                let id = ChunkId(blake3::hash(&i.to_le_bytes()).into());
+                ChunkRef { id, len }.encode()
+            })
+            .collect();
+        let payload = Payload {
+            fresh_len: lens.iter().map(|&l| u64::from(l)).sum(),
+            ..Payload::default()
+        };
+        PayloadIndex::read_paged(&list[..], &[][..], &payload, &CHUNKER, "s1", page_refs).unwrap()
+    }
+
     fn index(lens: &[u32]) -> PayloadIndex {
-        let mut fresh = StreamIndex::default();
-        let mut end = 0;
-        for (i, &len) in lens.iter().enumerate() {
-            end += u64::from(len);
-            fresh.refs.push(ChunkRef {
-                id: ChunkId([i as u8 + 1; 32]),
-                len,
-            });
-            fresh.ends.push(end);
-        }
-        PayloadIndex {
-            fresh,
-            reused: StreamIndex::default(),
-            snapshot: "s1".into(),
-        }
+        paged(lens, PAGE_REFS)
     }
 
     fn at(offset: u64) -> Slice {
@@ -428,6 +584,42 @@ mod tests {
             offset: 0,
         };
         assert!(index.pieces(reused, 1).is_err());
+    }
+
+    /// Pages in a scratch file give the pieces that one page in memory gives, for slices
+    /// read in stream order and in any order, crossing pages or not.
+    #[test]
+    fn a_paged_index_agrees_with_one_in_memory() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+        let lens: Vec<u32> = (0..500).map(|_| rng.gen_range(1..300)).collect();
+        let end: u64 = lens.iter().map(|&l| u64::from(l)).sum();
+        let whole = index(&lens);
+        assert!(whole.fresh.file.is_none());
+        let mut slices: Vec<(u64, u64)> = (0..2000)
+            .map(|_| {
+                let offset = rng.gen_range(0..end);
+                (offset, rng.gen_range(0..=(end - offset).min(700)))
+            })
+            .collect();
+        for page_refs in [1, 7, 64, 500] {
+            let paged = paged(&lens, page_refs);
+            assert_eq!(paged.fresh.file.is_some(), page_refs < lens.len());
+            slices.sort_unstable();
+            let mut ordered = true;
+            for _ in 0..2 {
+                for &(offset, size) in &slices {
+                    assert_eq!(
+                        paged.pieces(at(offset), size).unwrap(),
+                        whole.pieces(at(offset), size).unwrap(),
+                        "{size} bytes at {offset}, pages of {page_refs}, ordered: {ordered}"
+                    );
+                }
+                slices.sort_unstable_by_key(|&(offset, size)| (offset * 7919 + size) % 1009);
+                ordered = false;
+            }
+            assert!(paged.pieces(at(end - 1), 2).is_err());
+        }
     }
 
     #[test]

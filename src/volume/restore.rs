@@ -405,13 +405,25 @@ fn read_catalog(
     budget: &Budget,
 ) {
     let read = || -> Result<()> {
-        let payload = match &snap.snapshot.payload {
-            Some(p) => Some(PayloadIndex::load(&repo, &rt, &snap.id, p)?),
-            None => None,
-        };
-        let mut catalog = reuse::unnamed_file(scratch.as_fd())?;
-        let mut stream = snap.root_stream(&repo, &rt, u64::MAX)?;
-        std::io::copy(&mut stream, &mut catalog).map_err(pipeline::from_io)?;
+        // The payload's ref lists and the catalog are fetched side by side: from a remote
+        // store each is a few round trips, one after the other.
+        let (payload, catalog) = std::thread::scope(|s| {
+            let payload = s.spawn(|| match &snap.snapshot.payload {
+                Some(p) => PayloadIndex::load(&repo, &rt, &snap.id, p).map(Some),
+                None => Ok(None),
+            });
+            let catalog = (|| {
+                let mut catalog = reuse::unnamed_file(scratch.as_fd())?;
+                let mut stream = snap.root_stream(&repo, &rt, u64::MAX)?;
+                std::io::copy(&mut stream, &mut catalog).map_err(pipeline::from_io)?;
+                Ok::<_, Error>(catalog)
+            })();
+            (
+                payload.join().expect("payload index reader panicked"),
+                catalog,
+            )
+        });
+        let (payload, catalog) = (payload?, catalog?);
         // First pass: the chunks more than one place fetches (see `reuse`).
         let mut counter = reuse::Counter::default();
         let mut fetches = Fetches::default();
