@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
@@ -330,17 +330,13 @@ type Parts = Vec<(Part, Option<(Stream, usize)>)>;
 /// Reads the selected entries of `snap` in catalog order with the parts of their content;
 /// `each` returns `false` to stop.
 fn each_entry(
-    catalog: &File,
+    catalog: &mut impl BufRead,
     snap: &Listed,
     payload: Option<&PayloadIndex>,
     sub: &Selection,
     mut each: impl FnMut(Entry, Parts) -> bool,
 ) -> Result<()> {
-    let mut file = catalog;
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| Error::io("(restore catalog copy)", e))?;
-    let stream = std::io::BufReader::with_capacity(1 << 20, file);
-    let mut reader = CatalogReader::new(stream, snap.id.clone());
+    let mut reader = CatalogReader::new(catalog, snap.id.clone());
     while let Some(entry) = reader.next_entry()? {
         if !sub.contains(&entry.path) || (!sub.is_all() && entry.path.is_empty()) {
             continue;
@@ -368,6 +364,25 @@ fn each_entry(
         }
     }
     Ok(())
+}
+
+/// The restore's copy of the catalog, in errors.
+const CATALOG_COPY: &str = "(restore catalog copy)";
+
+/// Reads `inner` and writes what it reads to `copy`.
+struct Tee<'a, R> {
+    inner: R,
+    copy: &'a File,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy
+            .write_all(&buf[..n])
+            .map_err(|e| std::io::Error::other(Error::io(CATALOG_COPY, e)))?;
+        Ok(n)
+    }
 }
 
 /// Which parts fetch their chunk: not a zero run, nor a file's start in the payload chunk the
@@ -405,40 +420,48 @@ fn read_catalog(
     budget: &Budget,
 ) {
     let read = || -> Result<()> {
-        // The payload's ref lists and the catalog are fetched side by side: from a remote
-        // store each is a few round trips, one after the other.
-        let (payload, catalog) = std::thread::scope(|s| {
+        let catalog = reuse::unnamed_file(scratch.as_fd())?;
+        let mut stream = snap.root_stream(&repo, &rt, u64::MAX)?;
+        // First pass: the chunks more than one place fetches (see `reuse`), counted as the
+        // catalog arrives, into a copy that the second pass reads. From a remote store the
+        // payload's ref lists and the catalog's first chunks are fetched side by side.
+        let (payload, counter) = std::thread::scope(|s| -> Result<_> {
             let payload = s.spawn(|| match &snap.snapshot.payload {
                 Some(p) => PayloadIndex::load(&repo, &rt, &snap.id, p).map(Some),
                 None => Ok(None),
             });
-            let catalog = (|| {
-                let mut catalog = reuse::unnamed_file(scratch.as_fd())?;
-                let mut stream = snap.root_stream(&repo, &rt, u64::MAX)?;
-                std::io::copy(&mut stream, &mut catalog).map_err(pipeline::from_io)?;
-                Ok::<_, Error>(catalog)
-            })();
-            (
-                payload.join().expect("payload index reader panicked"),
-                catalog,
-            )
-        });
-        let (payload, catalog) = (payload?, catalog?);
-        // First pass: the chunks more than one place fetches (see `reuse`).
-        let mut counter = reuse::Counter::default();
-        let mut fetches = Fetches::default();
-        each_entry(&catalog, snap, payload.as_ref(), &sub, |_, parts| {
-            for (part, place) in &parts {
-                if fetches.fetches(part, *place) {
-                    counter.fetch(&part.chunk);
+            // Starts the catalog's fetches.
+            stream.fill_buf().map_err(pipeline::from_io)?;
+            let payload = payload.join().expect("payload index reader panicked")?;
+            let mut counter = reuse::Counter::default();
+            let mut fetches = Fetches::default();
+            let mut tee = BufReader::with_capacity(
+                1 << 20,
+                Tee {
+                    inner: stream,
+                    copy: &catalog,
+                },
+            );
+            each_entry(&mut tee, snap, payload.as_ref(), &sub, |_, parts| {
+                for (part, place) in &parts {
+                    if fetches.fetches(part, *place) {
+                        counter.fetch(&part.chunk);
+                    }
                 }
-            }
-            true
+                true
+            })?;
+            // Whatever follows the last entry is copied too.
+            std::io::copy(&mut tee, &mut std::io::sink()).map_err(pipeline::from_io)?;
+            Ok((payload, counter))
         })?;
         let mut plan = counter.plan(!repo.store().is_local())?;
         let mut fetches = Fetches::default();
         let batch = std::cell::RefCell::new(Batch::new(&tx));
-        let sent = each_entry(&catalog, snap, payload.as_ref(), &sub, |entry, parts| {
+        let mut copy = &catalog;
+        copy.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io(CATALOG_COPY, e))?;
+        let mut copy = BufReader::with_capacity(1 << 20, copy);
+        let sent = each_entry(&mut copy, snap, payload.as_ref(), &sub, |entry, parts| {
             if !batch.borrow_mut().push(Msg::Entry(entry, parts.len())) {
                 return false;
             }

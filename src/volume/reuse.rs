@@ -217,16 +217,34 @@ impl Kept {
             None => Ok(None),
             Some(Held::Memory(data)) => Ok(Some(data)),
             Some(Held::Spilled { offset, len }) => {
-                let mut buf = vec![0u8; len];
-                self.spill
+                let file = self
+                    .spill
                     .as_ref()
-                    .expect("a spilled chunk has a spill file")
-                    .read_exact_at(&mut buf, offset)
-                    .map_err(|e| Error::io("(restore spill file)", e))?;
-                Ok(Some(buf.into()))
+                    .expect("a spilled chunk has a spill file");
+                Ok(Some(read_spilled(file, offset, len)?.into()))
             }
         }
     }
+}
+
+/// `len` bytes of the spill file at `offset`, read into memory that is not zeroed first (a
+/// restore reads back hundreds of megabytes so).
+fn read_spilled(file: &File, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)
+            .map_err(|e| Error::io("(restore spill file)", e.into()))?;
+        if n == 0 {
+            return Err(Error::io(
+                "(restore spill file)",
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+    }
+    // The capacity may pass `len`, and the read with it.
+    buf.truncate(len);
+    Ok(buf)
 }
 
 /// An unnamed file on `dir`'s file system (gone when closed, so a killed restore leaves
