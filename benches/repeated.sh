@@ -66,13 +66,3 @@ for target in ${TARGETS:-local garage}; do
         fi
     done
 done
-    if command -v restic >/dev/null; then
-        restic init -q
-        restic -q backup "$SRC" >/dev/null
-        run "$target: restic restore" "$BYTES" restic -q restore latest --target "$BENCH_DIR/out"
-        # restic restores the absolute path below the target.
-        mv "$BENCH_DIR/out" "$BENCH_DIR/out.restic" && mv "$BENCH_DIR/out.restic$SRC" "$BENCH_DIR/out"
-        rm -rf "$BENCH_DIR/out.restic"
-        check
-    fi
-done
