@@ -211,7 +211,11 @@ pub struct SortedRefs {
 }
 
 impl SortedRefs {
-    fn next_ref(&mut self) -> Result<Option<ChunkRef>> {
+    /// The next ref in id order; `None` after the last.
+    ///
+    /// # Errors
+    /// Reading a run failed.
+    pub fn next_ref(&mut self) -> Result<Option<ChunkRef>> {
         if let Some(r) = self.peeked.take() {
             return Ok(Some(r));
         }

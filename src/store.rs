@@ -312,7 +312,8 @@ impl Store {
 /// `benches/scale.sh` measures memory and time at millions of chunks without storing them.
 /// They are written "now", so `gc` never condemns them; nothing reads them. With
 /// `TRESOR_SCALE_PAD_REFERENCED=1` the referenced sets of `verify` and `gc` hold them too (as if
-/// snapshots used them), so the bench measures those sets at millions of chunks as well.
+/// snapshots used them), so the bench measures those sets at millions of chunks as well; every
+/// [`crate::refset::RefSorter`] that deduplicates gets them, so a `copy` would fail on them.
 #[cfg(feature = "scale-harness")]
 pub(crate) mod padding {
     use super::Listing;

@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::gc::{Claim, Session};
 use crate::id::ChunkRef;
 use crate::progress::Progress;
+use crate::refset::RefSorter;
 use crate::repository::Repository;
 use crate::snapshot::{self, Filter, Kind, Listed};
 
@@ -161,7 +162,7 @@ pub fn copy(
     let session = Arc::new(rt.block_on(Session::start(Arc::clone(target), cache_dir, &command))?);
     for snap in &todo {
         let result = members_copied(&selected, snap, &report)
-            .and_then(|()| copy_one(source, &session, rt, snap, &mut report, progress));
+            .and_then(|()| copy_one(source, &session, rt, snap, &mut report, progress, cache_dir));
         match result {
             Ok(()) => report.copied.push(snap.id.clone()),
             Err(e) => {
@@ -261,7 +262,9 @@ fn members_copied(selected: &Selected, snap: &Listed, report: &CopyReport) -> Re
     }
 }
 
-/// Copies one snapshot: its chunks the target lacks, then (all durable) its record.
+/// Copies one snapshot: its chunks the target lacks, then (all durable) its record. Its refs
+/// are sorted on disk ([`RefSorter`], runs in `scratch`) and claimed in id order as the copies
+/// go, so memory does not grow with the snapshot.
 fn copy_one(
     source: &Arc<Repository>,
     session: &Arc<Session>,
@@ -269,66 +272,68 @@ fn copy_one(
     snap: &Listed,
     report: &mut CopyReport,
     progress: &Progress,
+    scratch: Option<&Path>,
 ) -> Result<()> {
-    let mut refs: Vec<ChunkRef> = snap
-        .snapshot
-        .index_refs()
-        .filter(|r| !r.is_zero())
-        .copied()
-        .collect();
+    let mut refs = RefSorter::new(scratch);
+    for r in snap.snapshot.index_refs().filter(|r| !r.is_zero()) {
+        refs.push(*r);
+    }
     crate::verify::walk_refs(source, rt, snap, |_, r| {
         if !r.is_zero() {
             refs.push(*r);
         }
         Ok(())
     })?;
-    refs.sort_unstable_by_key(|r| r.id);
-    refs.dedup_by_key(|r| r.id);
-    let mut new = Vec::new();
-    for r in refs {
+    let mut refs = refs.finish()?;
+    let (mut present, mut read_failed) = (0, None);
+    let new = std::iter::from_fn(|| loop {
+        let r = match refs.next_ref() {
+            Ok(r) => r?,
+            Err(e) => {
+                read_failed = Some(e);
+                return None;
+            }
+        };
         match session.claim(r.id) {
-            Claim::Known => report.chunks_present += 1,
-            Claim::New => new.push((r, false)),
-            Claim::Condemned => new.push((r, true)),
+            Claim::Known => present += 1,
+            Claim::New => return Some((r, false)),
+            Claim::Condemned => return Some((r, true)),
         }
-    }
+    });
     let target = session.repo();
     let budget = Arc::new(tokio::sync::Semaphore::new(COPY_KIB as usize));
-    let results: Vec<Result<u64>> = rt.block_on(
-        futures::stream::iter(new)
-            .map(|(r, condemned)| {
-                let budget = Arc::clone(&budget);
-                async move {
-                    let kib = r.len.div_ceil(1024).clamp(1, COPY_KIB);
-                    let held = budget.acquire_many_owned(kib).await.expect("never closed");
-                    let copied = copy_chunk(source, session, r, condemned).await;
-                    drop(held);
-                    if copied.is_err() {
-                        session.unclaim(&r.id);
-                    }
-                    copied
+    let mut copies = futures::stream::iter(new)
+        .map(|(r, condemned)| {
+            let budget = Arc::clone(&budget);
+            async move {
+                let kib = r.len.div_ceil(1024).clamp(1, COPY_KIB);
+                let held = budget.acquire_many_owned(kib).await.expect("never closed");
+                let copied = copy_chunk(source, session, r, condemned).await;
+                drop(held);
+                if copied.is_err() {
+                    session.unclaim(&r.id);
                 }
-            })
-            .buffer_unordered(COPY_CONCURRENCY)
-            .inspect(|done| {
-                if let Ok(n) = done {
-                    progress.inc(*n);
-                }
-            })
-            .collect(),
-    );
+                copied
+            }
+        })
+        .buffer_unordered(COPY_CONCURRENCY);
     // Every chunk stored counts, even when another one failed.
     let mut failed = None;
-    for result in results {
-        match result {
-            Ok(n) => {
-                report.chunks_copied += 1;
-                report.bytes_copied += n;
+    rt.block_on(async {
+        while let Some(done) = copies.next().await {
+            match done {
+                Ok(n) => {
+                    progress.inc(n);
+                    report.chunks_copied += 1;
+                    report.bytes_copied += n;
+                }
+                Err(e) => failed = failed.take().or(Some(e)),
             }
-            Err(e) => failed = failed.or(Some(e)),
         }
-    }
-    if let Some(e) = failed {
+    });
+    drop(copies);
+    report.chunks_present += present;
+    if let Some(e) = read_failed.or(failed) {
         return Err(e);
     }
     rt.block_on(target.sync())?;
