@@ -256,7 +256,7 @@ fn scratch_error(e: std::io::Error) -> Error {
     Error::io("(payload index scratch file)", e)
 }
 /// Both payload streams of one snapshot, to map slices to chunks: in memory up to a page of
-/// refs each, in a scratch file beyond ([`PAGE_REFS`]).
+/// refs each (4,096), in a scratch file beyond.
 pub struct PayloadIndex {
     fresh: StreamIndex,
     reused: StreamIndex,
