@@ -110,6 +110,8 @@ fn a_workload_on_podman_is_backed_up_and_brought_up_again() {
         .arg(&build));
 
     // No healthcheck: podman runs them from systemd timers, which a test host may not have.
+    // The counter is written whole (a new file renamed over it): the test reads it while the
+    // service runs, and `echo > n` would let it read a truncated, empty file.
     let dir = env.path("podshop");
     fs::create_dir_all(&dir).unwrap();
     let file = dir.join("compose.yaml");
@@ -119,7 +121,7 @@ fn a_workload_on_podman_is_backed_up_and_brought_up_again() {
             r#"services:
   web:
     image: {local}
-    command: ["sh", "-c", "n=$$(cat /data/n 2>/dev/null || echo 0); while true; do n=$$((n+1)); echo $$n > /data/n; sleep 0.1; done"]
+    command: ["sh", "-c", "n=$$(cat /data/n 2>/dev/null || echo 0); while true; do n=$$((n+1)); echo $$n > /data/n.new; mv /data/n.new /data/n; sleep 0.1; done"]
     volumes: ["data:/data"]
     stop_grace_period: 1s
 volumes:
