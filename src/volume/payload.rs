@@ -103,6 +103,8 @@ struct StreamIndex {
     /// from a catalog read in order, so this is nearly always the page wanted.
     page: Mutex<Arc<Page>>,
     page_refs: usize,
+    /// Refs in the stream.
+    count: usize,
 }
 
 impl StreamIndex {
@@ -137,9 +139,10 @@ impl StreamIndex {
             file: None,
             page: Mutex::default(),
             page_refs,
+            count: 0,
         };
         let mut page = Page::default();
-        let (mut end, mut count) = (0u64, 0u64);
+        let mut end = 0u64;
         let mut rec = [0u8; ChunkRef::ENCODED_LEN];
         while super::restore::read_record(&mut list, &mut rec)? {
             let r = ChunkRef::decode(&rec);
@@ -149,7 +152,7 @@ impl StreamIndex {
                     r.len, chunker.max_size
                 )));
             }
-            if count >= most {
+            if index.count as u64 >= most {
                 return Err(corrupt(format!(
                     "holds more than the {most} chunks a stream of {len} bytes can have"
                 )));
@@ -162,7 +165,7 @@ impl StreamIndex {
                 };
             }
             end += u64::from(r.len);
-            count += 1;
+            index.count += 1;
             page.refs.push(r);
             page.ends.push(end);
         }
@@ -219,15 +222,16 @@ impl StreamIndex {
         } else {
             self.page_ends[wanted - 1]
         };
-        let mut bytes = vec![0u8; page_refs * ChunkRef::ENCODED_LEN];
-        let offset = (wanted * page_refs * ChunkRef::ENCODED_LEN) as u64;
-        let n = read_at_most(file, &mut bytes, offset)?;
+        let first = wanted * page_refs;
+        let mut bytes = vec![0u8; page_refs.min(self.count - first) * ChunkRef::ENCODED_LEN];
+        file.read_exact_at(&mut bytes, (first * ChunkRef::ENCODED_LEN) as u64)
+            .map_err(scratch_error)?;
         let mut page = Page {
-            first: wanted * page_refs,
+            first,
             ..Page::default()
         };
         let mut end = start;
-        for rec in bytes[..n].chunks_exact(ChunkRef::ENCODED_LEN) {
+        for rec in bytes.chunks_exact(ChunkRef::ENCODED_LEN) {
             let r = ChunkRef::decode(rec.try_into().expect("a record"));
             end += u64::from(r.len);
             page.refs.push(r);
@@ -238,23 +242,10 @@ impl StreamIndex {
     }
 }
 
-/// Reads into `buf` from `offset` until it is full or the file ends; the bytes read.
-fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read_at(&mut buf[n..], offset + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(scratch_error(e)),
-        }
-    }
-    Ok(n)
-}
-
 fn scratch_error(e: std::io::Error) -> Error {
     Error::io("(payload index scratch file)", e)
 }
+
 /// Both payload streams of one snapshot, to map slices to chunks: in memory up to a page of
 /// refs each (4,096), in a scratch file beyond.
 pub struct PayloadIndex {
