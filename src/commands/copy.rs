@@ -287,7 +287,7 @@ fn copy_one(
     let mut refs = refs.finish()?;
     let (mut present, mut read_failed) = (0, None);
     let new = std::iter::from_fn(|| loop {
-        let r = match refs.next_ref() {
+        let r = match refs.next_record() {
             Ok(r) => r?,
             Err(e) => {
                 read_failed = Some(e);

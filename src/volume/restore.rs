@@ -228,7 +228,7 @@ enum Data {
     Fetch(JoinHandle<Result<Bytes>>, Option<Stream>, Option<Keep>),
     /// A chunk fetched for an earlier place and kept ([`reuse`]); `last` when no later place
     /// uses it.
-    Again(Option<Stream>, bool),
+    Again(Option<Stream>, Keep, bool),
     /// The payload chunk kept from the last part of this stream.
     Kept(Stream),
 }
@@ -461,6 +461,8 @@ fn read_catalog(
         copy.seek(SeekFrom::Start(0))
             .map_err(|e| Error::io(CATALOG_COPY, e))?;
         let mut copy = BufReader::with_capacity(1 << 20, copy);
+        // A failure to read the plan stops the walk, and is sent once the walk is done.
+        let mut failed = None;
         let sent = each_entry(&mut copy, snap, payload.as_ref(), &sub, |entry, parts| {
             if !batch.borrow_mut().push(Msg::Entry(entry, parts.len())) {
                 return false;
@@ -473,8 +475,15 @@ fn read_catalog(
                         _ => Data::Zero,
                     }
                 } else {
-                    match plan.at(&part.chunk) {
-                        Use::Again { last } => Data::Again(stream, last),
+                    let step = match plan.at(&part.chunk) {
+                        Ok(step) => step,
+                        Err(e) => {
+                            failed = Some(e);
+                            return false;
+                        }
+                    };
+                    match step {
+                        Use::Again { keep, last } => Data::Again(stream, keep, last),
                         Use::Fetch(keep) => {
                             // The writer may be waiting for what is batched here.
                             let flush = || {
@@ -494,7 +503,7 @@ fn read_catalog(
             true
         });
         batch.borrow_mut().flush();
-        sent
+        failed.map_or(sent, Err)
     };
     if let Err(e) = read() {
         let _ = tx.send(vec![Msg::Failed(e)]);
@@ -703,23 +712,24 @@ impl TreeWriter<'_> {
                 let data = data?;
                 self.report.chunks_verified += 1;
                 if let Some(keep) = keep {
-                    self.reused
-                        .keep(part.chunk.id, keep, &data, self.root.as_fd())?;
+                    self.reused.keep(keep, &data, self.root.as_fd())?;
                 }
                 (data, stream)
             }
-            Data::Again(stream, last) => match self.reused.take(&part.chunk.id, last)? {
-                Some(data) => (data, stream),
-                // Its first fetch was for an entry the target refused, and failed.
-                None => {
-                    let data = pipeline::wait(
-                        &self.rt,
-                        pipeline::fetch(&self.repo, &self.rt, part.chunk),
-                    )?;
-                    self.report.chunks_verified += 1;
-                    (data, stream)
+            Data::Again(stream, keep, last) => {
+                match self.reused.take(keep, part.chunk.len, last)? {
+                    Some(data) => (data, stream),
+                    // Its first fetch was for an entry the target refused, and failed.
+                    None => {
+                        let data = pipeline::wait(
+                            &self.rt,
+                            pipeline::fetch(&self.repo, &self.rt, part.chunk),
+                        )?;
+                        self.report.chunks_verified += 1;
+                        (data, stream)
+                    }
                 }
-            },
+            }
             Data::Kept(stream) => {
                 let data = self.kept[stream as usize]
                     .clone()
