@@ -9,17 +9,24 @@
 #   LATENCY_MS=20 TARGETS=garage benches/repeated.sh
 #   TRESOR_OTHER=/path/to/tresor benches/repeated.sh   # also another build (the one before)
 #   RUNS=5 benches/repeated.sh                          # each restore five times, interleaved
+#   TREE=/usr/include CHUNK_AVG=256 NO_RESTIC=1 benches/repeated.sh
+#       # hundreds of thousands of recurring chunks (min avg/4, max avg*4): the restore plan's
+#       # memory at scale (restic's chunks cannot be made that small, so it is left out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH_DIR="${BENCH_DIR:-/tmp/tresor-repeated-bench}"
 export PATH="${TRESOR_CI_TOOLS:-$HOME/.cache/tresor-ci}/bin:$PATH"
 source benches/lib.sh
 SRC="$BENCH_DIR/src"
-if [ ! -e "$SRC/.complete" ]; then
+TREE="${TREE:-/usr/share}"
+if [ "$(cat "$SRC/.complete" 2>/dev/null)" != "$TREE" ]; then
     rm -rf "$SRC" && mkdir -p "$SRC"
-    for i in 1 2 3; do cp -a /usr/share "$SRC/share-$i"; done
-    touch "$SRC/.complete"
+    for i in 1 2 3; do cp -a "$TREE" "$SRC/copy-$i"; done
+    echo "$TREE" >"$SRC/.complete"
 fi
+INIT=()
+[ -n "${CHUNK_AVG:-}" ] && INIT=(--chunk-min $((CHUNK_AVG / 4)) --chunk-avg "$CHUNK_AVG" --chunk-max $((CHUNK_AVG * 4)))
+command -v restic >/dev/null && [ "${NO_RESTIC:-0}" != 1 ] && RESTIC=1 || RESTIC=0
 BYTES=$(du -sb --apparent-size "$SRC" | cut -f1)
 cargo build --release --quiet
 echo "tree: $((BYTES / 1000000)) MB in $(find "$SRC" -type f | wc -l) files (three copies); $(nproc) cores"
@@ -46,9 +53,9 @@ for target in ${TARGETS:-local garage}; do
     fi
     export TRESOR_CACHE_DIR="$BENCH_DIR/cache" TRESOR_KEY_FILE="$BENCH_DIR/key" RESTIC_PASSWORD=tresor-bench
     rm -rf "$BENCH_DIR/repo" "$BENCH_DIR/cache" "$BENCH_DIR/key" "$BENCH_DIR/restic-repo" "$BENCH_DIR/out"
-    target/release/tresor init >/dev/null 2>&1
+    target/release/tresor init "${INIT[@]}" >/dev/null 2>&1
     target/release/tresor -q backup volume tree "$SRC"
-    if command -v restic >/dev/null; then
+    if [ $RESTIC = 1 ]; then
         restic init -q
         restic -q backup "$SRC" >/dev/null
     fi
@@ -60,7 +67,7 @@ for target in ${TARGETS:-local garage}; do
             run "$target: tresor $build restore" "$BYTES" "$bin" -q restore volume tree --to "$BENCH_DIR/out"
             check
         done
-        if command -v restic >/dev/null; then
+        if [ $RESTIC = 1 ]; then
             run "$target: restic restore" "$BYTES" restic -q restore latest --target "$BENCH_DIR/out"
             # restic restores the absolute path below the target.
             mv "$BENCH_DIR/out" "$BENCH_DIR/out.restic" && mv "$BENCH_DIR/out.restic$SRC" "$BENCH_DIR/out"

@@ -24,8 +24,8 @@
 //! is sparse and needs no map),
 //! and writes one [`Step`] per such place to a second sort, by place. The second pass reads
 //! the steps in place order beside its own places. In memory stay the chunks kept in memory
-//! (at most [`MEMORY`] bytes, each counted as at least [`MIN_CHARGE`], so their maps stay
-//! small), and the writer's bitmap of the chunks in the spill file (one bit per recurring
+//! (at most [`MEMORY`] bytes, each counted with [`KEPT_OVERHEAD`] for its
+//! bookkeeping, so their maps stay within the bound too), and the writer's bitmap of the chunks in the spill file (one bit per recurring
 //! chunk). A chunk's bytes in the spill file are freed (a hole punched) at its last use.
 //! A chunk is its id and its length: a forged catalog that names one id with two lengths
 //! makes two chunks, and the fetch of the wrong one fails on its length.
@@ -43,9 +43,10 @@ use crate::refset::{Record, Sorted, Sorter};
 
 /// Bytes of recurring chunks kept in memory; more go to the spill file.
 pub const MEMORY: u64 = 64 << 20;
-/// The least a chunk kept in memory counts against [`MEMORY`]: bounds how many are kept (and
-/// the maps that find them) when a catalog names tiny chunks.
-pub const MIN_CHARGE: u64 = 4096;
+/// What a chunk kept in memory costs beyond its bytes (its buffer's header and its entries in
+/// the reader's and the writer's maps), counted against [`MEMORY`] with them: so the bound
+/// holds, and bounds how many are kept, when a catalog names tiny chunks.
+pub const KEPT_OVERHEAD: u64 = 128;
 
 /// Spill file slots start at multiples of this.
 const BLOCK: u64 = 4096;
@@ -322,7 +323,7 @@ impl Plan {
     /// Where a chunk of `len` bytes fetched now is kept: in memory when there is room, else
     /// in the spill file when there is one.
     fn room(&mut self, slot: Slot, len: u32) -> Option<Keep> {
-        let charge = u64::from(len).max(MIN_CHARGE);
+        let charge = u64::from(len) + KEPT_OVERHEAD;
         if self.memory + charge <= self.bound {
             self.memory += charge;
             self.in_memory.insert(slot.chunk, charge);
