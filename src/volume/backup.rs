@@ -113,8 +113,10 @@ struct Walker<'a> {
     /// Files smaller than this go to the payload.
     small: u64,
     reference: Option<Reference>,
-    /// (device, inode) of files with several links -> the first path and its content.
-    hardlinks: HashMap<(u64, u64), (Vec<u8>, Content)>,
+    /// (device, inode) of files with several links -> the first path, its content and how many
+    /// of its links are still to come: dropped at the last, so the map holds only files whose
+    /// links the walk has not all met (those outside the tree stay).
+    hardlinks: HashMap<(u64, u64), (Vec<u8>, Content, u64)>,
     names: Names,
     summary: Summary,
     errors: Vec<String>,
@@ -219,11 +221,15 @@ impl Walker<'_> {
         self.summary.files += 1;
         let key = (md.dev(), md.ino());
         if md.nlink() > 1 {
-            if let Some((first, content)) = self.hardlinks.get(&key) {
+            if let Some((first, content, left)) = self.hardlinks.get_mut(&key) {
                 entry.kind = EntryKind::Hardlink;
                 entry.link = Some(first.clone());
                 content.clone().set(entry);
                 self.summary.logical_bytes += entry.size;
+                *left = left.saturating_sub(1);
+                if *left == 0 {
+                    self.hardlinks.remove(&key);
+                }
                 return Ok(true);
             }
         }
@@ -263,7 +269,7 @@ impl Walker<'_> {
         };
         if md.nlink() > 1 {
             self.hardlinks
-                .insert(key, (entry.path.clone(), content.clone()));
+                .insert(key, (entry.path.clone(), content.clone(), md.nlink() - 1));
         }
         content.set(entry);
         self.summary.logical_bytes += entry.size;
