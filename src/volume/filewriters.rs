@@ -12,8 +12,9 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -170,9 +171,11 @@ fn work(queue: &Mutex<Receiver<Job>>, report: &Sender<Done>, all: &Pending, chow
     }
 }
 
-/// Makes file `name` in `dir`: created private under a temporary name, filled by `write`
-/// (which returns its size), given `entry`'s metadata with `mode`, then renamed into place;
-/// the temporary file is removed when a step fails, so a wrong file never has the real name.
+/// Makes file `name` in `dir`: created private and unnamed (`O_TMPFILE`), filled by `write`
+/// (which returns its size), given `entry`'s metadata with `mode`, then linked in under its
+/// name; a file system without `O_TMPFILE` gets a temporary name instead, removed when a step
+/// fails. A wrong file never has the real name, and a restore killed part-way leaves no
+/// half-written file behind under any name.
 pub(super) fn put_file(
     dir: BorrowedFd<'_>,
     name: &std::ffi::OsStr,
@@ -182,16 +185,158 @@ pub(super) fn put_file(
     shown: &Path,
     write: impl FnOnce(&mut File) -> Result<u64>,
 ) -> Result<u64> {
-    let tmp_name = crate::localfile::temp_name();
-    let tmp = std::ffi::OsStr::new(&tmp_name);
-    let mut file = super::restore::create_private(dir, tmp, OFlags::EXCL, shown)?;
+    let (mut file, named) = match unnamed(dir) {
+        Some(file) => (file, None),
+        None => {
+            let tmp = OsString::from(crate::localfile::temp_name());
+            let file = super::restore::create_private(dir, &tmp, OFlags::EXCL, shown)?;
+            (file, Some(tmp))
+        }
+    };
     let result = write(&mut file).and_then(|size| {
         fsmeta::apply(Target::Open(file.as_fd()), entry, mode, chown, shown)?;
-        rustix::fs::renameat(dir, tmp, dir, name).map_err(|e| Error::io(shown, e.into()))?;
+        match &named {
+            Some(tmp) => rename(dir, tmp, name, shown)?,
+            None => link_in(&file, dir, name, shown)?,
+        }
         Ok(size)
     });
-    if result.is_err() {
+    if let (Err(_), Some(tmp)) = (&result, &named) {
         let _ = rustix::fs::unlinkat(dir, tmp, rustix::fs::AtFlags::empty());
     }
     result
+}
+
+/// A new private file in `dir` with no name, or `None` where its file system cannot make one.
+fn unnamed(dir: BorrowedFd<'_>) -> Option<File> {
+    let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
+    rustix::fs::openat(dir, ".", flags, rustix::fs::Mode::from_raw_mode(0o600))
+        .ok()
+        .map(File::from)
+}
+
+/// Gives the unnamed `file` the name `name` in `dir`. A link cannot replace a name, so where
+/// `name` is taken (a restore run again over its own work) the file is linked under a
+/// temporary name and renamed over it.
+fn link_in(file: &File, dir: BorrowedFd<'_>, name: &std::ffi::OsStr, shown: &Path) -> Result<()> {
+    match link(file, dir, name) {
+        Err(rustix::io::Errno::EXIST) => {}
+        done => return done.map_err(|e| Error::io(shown, e.into())),
+    }
+    let tmp = OsString::from(crate::localfile::temp_name());
+    link(file, dir, &tmp).map_err(|e| Error::io(shown, e.into()))?;
+    let renamed = rename(dir, &tmp, name, shown);
+    if renamed.is_err() {
+        let _ = rustix::fs::unlinkat(dir, &tmp, rustix::fs::AtFlags::empty());
+    }
+    renamed
+}
+
+/// Whether linking by descriptor (`AT_EMPTY_PATH`, which needs `CAP_DAC_READ_SEARCH`) was
+/// refused once: then every link goes through `/proc/self/fd`.
+static NO_EMPTY_PATH: AtomicBool = AtomicBool::new(false);
+
+/// Links the unnamed `file` as `name` in `dir`: by its descriptor as root (no path walked),
+/// through `/proc/self/fd` otherwise.
+fn link(file: &File, dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> rustix::io::Result<()> {
+    use rustix::fs::{linkat, AtFlags, CWD};
+    if !NO_EMPTY_PATH.load(Ordering::Relaxed) {
+        match linkat(file, "", dir, name, AtFlags::EMPTY_PATH) {
+            // What the kernel answers a caller without the capability.
+            Err(rustix::io::Errno::NOENT) => NO_EMPTY_PATH.store(true, Ordering::Relaxed),
+            done => return done,
+        }
+    }
+    let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+    linkat(CWD, &proc, dir, name, AtFlags::SYMLINK_FOLLOW)
+}
+
+/// Renames `from` to `to` in `dir`, replacing what `to` names.
+fn rename(
+    dir: BorrowedFd<'_>,
+    from: &std::ffi::OsStr,
+    to: &std::ffi::OsStr,
+    shown: &Path,
+) -> Result<()> {
+    rustix::fs::renameat(dir, from, dir, to).map_err(|e| Error::io(shown, e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::EntryKind;
+    use std::os::unix::fs::MetadataExt;
+
+    fn file_entry() -> Entry {
+        Entry {
+            path: b"f".to_vec(),
+            kind: EntryKind::File,
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime_ns: 1_500_000_000_123_456_789,
+            ctime_ns: 0,
+            ino: 0,
+            size: 5,
+            link: None,
+            rdev: 0,
+            xattrs: vec![],
+            content: vec![],
+            slice: None,
+            hash: None,
+        }
+    }
+
+    /// A file gets its name only complete, with its metadata, over a name already there too,
+    /// linked by descriptor and through `/proc/self/fd`; a failed write leaves no name at all.
+    #[test]
+    fn a_file_is_named_only_when_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = File::open(dir.path()).unwrap();
+        let name = std::ffi::OsStr::new("f");
+        let entry = file_entry();
+        let names = || {
+            let mut n: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            n.sort();
+            n
+        };
+        for (proc, bytes) in [(false, "first"), (false, "again"), (true, "third")] {
+            NO_EMPTY_PATH.store(proc, Ordering::Relaxed);
+            let before = names();
+            let size = put_file(fd.as_fd(), name, &entry, 0o640, false, dir.path(), |f| {
+                // No name, temporary or not, while the file is written.
+                assert_eq!(names(), before);
+                f.write_all(bytes.as_bytes()).unwrap();
+                Ok(5)
+            })
+            .unwrap();
+            assert_eq!(size, 5);
+            assert_eq!(
+                std::fs::read(dir.path().join("f")).unwrap(),
+                bytes.as_bytes()
+            );
+            assert_eq!(names(), ["f"]);
+            let md = std::fs::metadata(dir.path().join("f")).unwrap();
+            assert_eq!((md.mode() & 0o7777, md.mtime_nsec()), (0o640, 123_456_789));
+        }
+        let failed = put_file(
+            fd.as_fd(),
+            "g".as_ref(),
+            &entry,
+            0o640,
+            false,
+            dir.path(),
+            |f| {
+                f.write_all(b"half").unwrap();
+                Err(Error::io(dir.path(), std::io::ErrorKind::Other.into()))
+            },
+        );
+        assert!(failed.is_err());
+        assert_eq!(names(), ["f"]);
+    }
 }

@@ -610,6 +610,60 @@ fn killed_backup_leaves_a_repository_that_completes_and_restores() {
     }
 }
 
+/// A restore killed (SIGKILL) while it writes files leaves no temporary file in the target or
+/// the temporary directory, and run again into the same target completes the tree.
+#[test]
+fn killed_restore_leaves_no_temporary_file_and_a_rerun_completes_it() {
+    let env = Env::new();
+    let src = env.path("src");
+    build_tree(&src);
+    for i in 0..8 {
+        fs::write(src.join(format!("big{i}")), random_bytes(32 * MIB, 40 + i)).unwrap();
+    }
+    env.backup("v", &src, &[]);
+
+    let (out, tmp) = (env.path("out"), env.path("tmp"));
+    fs::create_dir_all(&tmp).unwrap();
+    let mut child = env
+        .cmd()
+        .env("TMPDIR", &tmp)
+        .args([
+            "-q",
+            "restore",
+            "volume",
+            "v",
+            "--to",
+            out.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    // Killed once the first big file has its name, while the next ones are written.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !out.join("big0").exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "restore finished before it could be killed"
+        );
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.join("big7").exists(),
+        "the restore was killed too late"
+    );
+    let left: Vec<_> = files_under(&out)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".tresor-tmp-"))
+        .collect();
+    assert!(left.is_empty(), "a killed restore left {left:?}");
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0);
+
+    env.restore("v", &out, &[]);
+    assert_same_tree(&src, &out);
+}
+
 #[test]
 fn repository_errors_are_named() {
     let env = Env::empty();
