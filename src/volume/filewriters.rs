@@ -14,9 +14,8 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use rustix::fs::OFlags;
@@ -186,45 +185,72 @@ pub(super) fn put_file(
     write: impl FnOnce(&mut File) -> Result<u64>,
 ) -> Result<u64> {
     let (mut file, named) = match unnamed(dir) {
-        Some(file) => (file, None),
+        Some((file, how)) => (file, Err(how)),
         None => {
             let tmp = OsString::from(crate::localfile::temp_name());
             let file = super::restore::create_private(dir, &tmp, OFlags::EXCL, shown)?;
-            (file, Some(tmp))
+            (file, Ok(tmp))
         }
     };
     let result = write(&mut file).and_then(|size| {
         fsmeta::apply(Target::Open(file.as_fd()), entry, mode, chown, shown)?;
         match &named {
-            Some(tmp) => rename(dir, tmp, name, shown)?,
-            None => link_in(&file, dir, name, shown)?,
+            Ok(tmp) => rename(dir, tmp, name, shown)?,
+            Err(how) => link_in(*how, &file, dir, name, shown)?,
         }
         Ok(size)
     });
-    if let (Err(_), Some(tmp)) = (&result, &named) {
+    if let (Err(_), Ok(tmp)) = (&result, &named) {
         let _ = rustix::fs::unlinkat(dir, tmp, rustix::fs::AtFlags::empty());
     }
     result
 }
 
-/// A new private file in `dir` with no name, or `None` where its file system cannot make one.
-fn unnamed(dir: BorrowedFd<'_>) -> Option<File> {
+/// How this process gives an unnamed file a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Linking {
+    /// `linkat(AT_EMPTY_PATH)` on its descriptor: needs `CAP_DAC_READ_SEARCH` (root has it).
+    Descriptor,
+    /// `linkat` of `/proc/self/fd/N`, following it: needs `/proc`.
+    Proc,
+}
+
+/// How unnamed files get a name here, found at the first one; `None` when neither way works.
+static LINKING: OnceLock<Option<Linking>> = OnceLock::new();
+
+/// A new private file in `dir` with no name and how it will get one, or `None` where its file
+/// system cannot make one or this process cannot name it.
+fn unnamed(dir: BorrowedFd<'_>) -> Option<(File, Linking)> {
     let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
-    rustix::fs::openat(dir, ".", flags, rustix::fs::Mode::from_raw_mode(0o600))
+    let file = rustix::fs::openat(dir, ".", flags, rustix::fs::Mode::from_raw_mode(0o600))
         .ok()
-        .map(File::from)
+        .map(File::from)?;
+    let how = (*LINKING.get_or_init(|| {
+        // A link to "." fails on the name (EEXIST) only once the file was found, and with
+        // ENOENT when it was not (no capability, no /proc): a probe that names nothing.
+        [Linking::Descriptor, Linking::Proc]
+            .into_iter()
+            .find(|how| link(*how, &file, dir, ".".as_ref()) == Err(rustix::io::Errno::EXIST))
+    }))?;
+    Some((file, how))
 }
 
 /// Gives the unnamed `file` the name `name` in `dir`. A link cannot replace a name, so where
 /// `name` is taken (a restore run again over its own work) the file is linked under a
 /// temporary name and renamed over it.
-fn link_in(file: &File, dir: BorrowedFd<'_>, name: &std::ffi::OsStr, shown: &Path) -> Result<()> {
-    match link(file, dir, name) {
+fn link_in(
+    how: Linking,
+    file: &File,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    shown: &Path,
+) -> Result<()> {
+    match link(how, file, dir, name) {
         Err(rustix::io::Errno::EXIST) => {}
         done => return done.map_err(|e| Error::io(shown, e.into())),
     }
     let tmp = OsString::from(crate::localfile::temp_name());
-    link(file, dir, &tmp).map_err(|e| Error::io(shown, e.into()))?;
+    link(how, file, dir, &tmp).map_err(|e| Error::io(shown, e.into()))?;
     let renamed = rename(dir, &tmp, name, shown);
     if renamed.is_err() {
         let _ = rustix::fs::unlinkat(dir, &tmp, rustix::fs::AtFlags::empty());
@@ -232,23 +258,21 @@ fn link_in(file: &File, dir: BorrowedFd<'_>, name: &std::ffi::OsStr, shown: &Pat
     renamed
 }
 
-/// Whether linking by descriptor (`AT_EMPTY_PATH`, which needs `CAP_DAC_READ_SEARCH`) was
-/// refused once: then every link goes through `/proc/self/fd`.
-static NO_EMPTY_PATH: AtomicBool = AtomicBool::new(false);
-
-/// Links the unnamed `file` as `name` in `dir`: by its descriptor as root (no path walked),
-/// through `/proc/self/fd` otherwise.
-fn link(file: &File, dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> rustix::io::Result<()> {
+/// Links the unnamed `file` as `name` in `dir`.
+fn link(
+    how: Linking,
+    file: &File,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+) -> rustix::io::Result<()> {
     use rustix::fs::{linkat, AtFlags, CWD};
-    if !NO_EMPTY_PATH.load(Ordering::Relaxed) {
-        match linkat(file, "", dir, name, AtFlags::EMPTY_PATH) {
-            // What the kernel answers a caller without the capability.
-            Err(rustix::io::Errno::NOENT) => NO_EMPTY_PATH.store(true, Ordering::Relaxed),
-            done => return done,
+    match how {
+        Linking::Descriptor => linkat(file, "", dir, name, AtFlags::EMPTY_PATH),
+        Linking::Proc => {
+            let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+            linkat(CWD, &proc, dir, name, AtFlags::SYMLINK_FOLLOW)
         }
     }
-    let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
-    linkat(CWD, &proc, dir, name, AtFlags::SYMLINK_FOLLOW)
 }
 
 /// Renames `from` to `to` in `dir`, replacing what `to` names.
@@ -305,8 +329,7 @@ mod tests {
             n.sort();
             n
         };
-        for (proc, bytes) in [(false, "first"), (false, "again"), (true, "third")] {
-            NO_EMPTY_PATH.store(proc, Ordering::Relaxed);
+        for bytes in ["first", "again"] {
             let before = names();
             let size = put_file(fd.as_fd(), name, &entry, 0o640, false, dir.path(), |f| {
                 // No name, temporary or not, while the file is written.
@@ -338,5 +361,38 @@ mod tests {
         );
         assert!(failed.is_err());
         assert_eq!(names(), ["f"]);
+    }
+
+    /// Both ways of naming an unnamed file name it, over a name already there too, and the
+    /// probe finds a way without naming anything.
+    #[test]
+    fn both_ways_name_an_unnamed_file_and_the_probe_names_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = File::open(dir.path()).unwrap();
+        let (_, found) = unnamed(fd.as_fd()).expect("this file system makes unnamed files");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(found, Linking::Descriptor);
+        }
+        for (how, name) in [(Linking::Descriptor, "a"), (Linking::Proc, "b")] {
+            if how == Linking::Descriptor && found != how {
+                continue;
+            }
+            for bytes in [b"one", b"two"] {
+                let (mut file, _) = unnamed(fd.as_fd()).unwrap();
+                file.write_all(bytes).unwrap();
+                link_in(how, &file, fd.as_fd(), name.as_ref(), dir.path()).unwrap();
+                assert_eq!(std::fs::read(dir.path().join(name)).unwrap(), bytes);
+            }
+        }
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["a", "b"][usize::from(found != Linking::Descriptor)..]
+        );
     }
 }
