@@ -184,32 +184,41 @@ pub(super) fn put_file(
     shown: &Path,
     write: impl FnOnce(&mut File) -> Result<u64>,
 ) -> Result<u64> {
-    let (mut file, named) = match unnamed(dir) {
-        Some((file, how)) => (file, Err(how)),
+    let (mut file, naming) = match unnamed(dir) {
+        Some((file, how)) => (file, Naming::Link(how)),
         None => {
             let tmp = OsString::from(crate::localfile::temp_name());
             let file = super::restore::create_private(dir, &tmp, OFlags::EXCL, shown)?;
-            (file, Ok(tmp))
+            (file, Naming::Rename(tmp))
         }
     };
     let result = write(&mut file).and_then(|size| {
         fsmeta::apply(Target::Open(file.as_fd()), entry, mode, chown, shown)?;
-        match &named {
-            Ok(tmp) => rename(dir, tmp, name, shown)?,
-            Err(how) => link_in(*how, &file, dir, name, shown)?,
+        match &naming {
+            Naming::Link(how) => link_in(*how, &file, dir, name, shown)?,
+            Naming::Rename(tmp) => rename(dir, tmp, name, shown)?,
         }
         Ok(size)
     });
-    if let (Err(_), Ok(tmp)) = (&result, &named) {
+    if let (Err(_), Naming::Rename(tmp)) = (&result, &naming) {
         let _ = rustix::fs::unlinkat(dir, tmp, rustix::fs::AtFlags::empty());
     }
     result
 }
 
+/// How a file being made gets its name.
+enum Naming {
+    /// It has none yet and is linked in.
+    Link(Linking),
+    /// It has this temporary name and is renamed.
+    Rename(OsString),
+}
+
 /// How this process gives an unnamed file a name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Linking {
-    /// `linkat(AT_EMPTY_PATH)` on its descriptor: needs `CAP_DAC_READ_SEARCH` (root has it).
+    /// `linkat(AT_EMPTY_PATH)` on its descriptor: needs `CAP_DAC_READ_SEARCH` (root), or a
+    /// kernel that lets the file's opener do it.
     Descriptor,
     /// `linkat` of `/proc/self/fd/N`, following it: needs `/proc`.
     Proc,
