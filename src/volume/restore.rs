@@ -421,39 +421,7 @@ fn read_catalog(
 ) {
     let read = || -> Result<()> {
         let catalog = reuse::unnamed_file(scratch.as_fd())?;
-        let mut stream = snap.root_stream(&repo, &rt, u64::MAX)?;
-        // First pass: the chunks more than one place fetches (see `reuse`), counted as the
-        // catalog arrives, into a copy that the second pass reads. From a remote store the
-        // payload's ref lists and the catalog's first chunks are fetched side by side.
-        let (payload, counter) = std::thread::scope(|s| -> Result<_> {
-            let payload = s.spawn(|| match &snap.snapshot.payload {
-                Some(p) => PayloadIndex::load(&repo, &rt, &snap.id, p).map(Some),
-                None => Ok(None),
-            });
-            // Starts the catalog's fetches.
-            stream.fill_buf().map_err(pipeline::from_io)?;
-            let payload = payload.join().expect("payload index reader panicked")?;
-            let mut counter = reuse::Counter::default();
-            let mut fetches = Fetches::default();
-            let mut tee = BufReader::with_capacity(
-                1 << 20,
-                Tee {
-                    inner: stream,
-                    copy: &catalog,
-                },
-            );
-            each_entry(&mut tee, snap, payload.as_ref(), &sub, |_, parts| {
-                for (part, place) in &parts {
-                    if fetches.fetches(part, *place) {
-                        counter.fetch(&part.chunk);
-                    }
-                }
-                true
-            })?;
-            // Whatever follows the last entry is copied too.
-            std::io::copy(&mut tee, &mut std::io::sink()).map_err(pipeline::from_io)?;
-            Ok((payload, counter))
-        })?;
+        let (payload, counter) = count_uses(&repo, &rt, snap, &sub, &catalog)?;
         let mut plan = counter.plan(!repo.store().is_local())?;
         let mut fetches = Fetches::default();
         let batch = std::cell::RefCell::new(Batch::new(&tx));
@@ -508,6 +476,47 @@ fn read_catalog(
     if let Err(e) = read() {
         let _ = tx.send(vec![Msg::Failed(e)]);
     }
+}
+
+/// The first pass of [`read_catalog`]: the places that fetch a chunk (see `reuse`), counted
+/// as the catalog arrives, and the catalog copied into `catalog` for the second pass. From a
+/// remote store the payload's ref lists and the catalog's first chunks are fetched side by
+/// side; the payload index is returned for the second pass.
+fn count_uses(
+    repo: &Arc<Repository>,
+    rt: &Handle,
+    snap: &Listed,
+    sub: &Selection,
+    catalog: &File,
+) -> Result<(Option<PayloadIndex>, reuse::Counter)> {
+    let mut stream = snap.root_stream(repo, rt, u64::MAX)?;
+    std::thread::scope(|s| {
+        let payload = s.spawn(|| match &snap.snapshot.payload {
+            Some(p) => PayloadIndex::load(repo, rt, &snap.id, p).map(Some),
+            None => Ok(None),
+        });
+        // Starts the catalog's fetches.
+        stream.fill_buf().map_err(pipeline::from_io)?;
+        let payload = payload.join().expect("payload index reader panicked")?;
+        let mut counter = reuse::Counter::default();
+        let mut fetches = Fetches::default();
+        let tee = Tee {
+            inner: stream,
+            copy: catalog,
+        };
+        let mut tee = BufReader::with_capacity(1 << 20, tee);
+        each_entry(&mut tee, snap, payload.as_ref(), sub, |_, parts| {
+            for (part, place) in &parts {
+                if fetches.fetches(part, *place) {
+                    counter.fetch(&part.chunk);
+                }
+            }
+            true
+        })?;
+        // Whatever follows the last entry is copied too.
+        std::io::copy(&mut tee, &mut std::io::sink()).map_err(pipeline::from_io)?;
+        Ok((payload, counter))
+    })
 }
 
 /// Messages on their way to the writer, sent [`BATCH`] at a time.
