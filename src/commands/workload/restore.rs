@@ -287,8 +287,22 @@ fn place(
         compose::beside_original(&mut placement.config);
     }
     let restored: Vec<PathBuf> = bind_paths.into_values().collect();
+    placement.host_access = host_access(repo, record, what, &mut placement, &restored)?;
+    Ok(placement)
+}
+
+/// What the twin would reach on the host beyond its own containers, volumes and the files
+/// restored for it (`restored`), one line each, refused without `--allow-host-access`. A
+/// volume driver or options not reused become a note of `placement`.
+fn host_access(
+    repo: &Repository,
+    record: &WorkloadRecord,
+    what: &WorkloadRestore,
+    placement: &mut Placement,
+    restored: &[PathBuf],
+) -> Result<Vec<String>> {
     let volumes = placement.engine_names.keys().cloned().collect();
-    let mut lines = policy::host_access(&placement.config, &restored, &volumes);
+    let mut lines = policy::host_access(&placement.config, restored, &volumes);
     // The record's volume drivers and options reach host paths or remote shares (on the same
     // engine, the original's live directory): reused only with the grant; without it the
     // twin's volumes are plain local ones, and the report says so.
@@ -322,12 +336,11 @@ fn place(
     }
     if !lines.is_empty() && !what.allow_host_access {
         return Err(Error::HostAccess {
-            project: placement.project,
+            project: placement.project.clone(),
             lines,
         });
     }
-    placement.host_access = lines;
-    Ok(placement)
+    Ok(lines)
 }
 
 /// `--to`, created 0700 when missing and opened once; everything below it is reached from this
