@@ -107,28 +107,14 @@ pub fn run(
     } else {
         rt.block_on(store_clock(repo))?
     };
-    let state = rt.block_on(GcState::load(repo))?;
-    let mut plans = Vec::new();
-    for (id, written) in &state.live {
-        match rt.block_on(Plan::load(repo, id))? {
-            Some(plan) => plans.push((plan, *written)),
-            None => tracing::warn!("gc plan {id} vanished while listing; skipping it"),
-        }
-    }
+    let mut plans = live_plans(repo, rt)?;
 
     tracing::info!("gc: reading every snapshot's index");
     let snaps = load_snapshots(repo, rt, None)?;
     report.snapshots = snaps.len() as u64;
     let referenced = referenced(repo, rt, scratch, &snaps)?;
-    let mut referenced_chunks = referenced.chunks.finish()?;
 
     tracing::info!("gc: listing chunks and blob indexes");
-    let condemned_before: HashSet<ChunkId> =
-        plans.iter().flat_map(|(p, _)| p.chunk_ids()).collect();
-    let indexes_before: HashSet<&str> = plans
-        .iter()
-        .flat_map(|(p, _)| p.blob_indexes.iter().map(String::as_str))
-        .collect();
     let cutoff = now - chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
     let mut plan = Plan {
         id: time_name(Utc::now()),
@@ -139,36 +125,7 @@ pub fn run(
         chunk_sizes: Vec::new(),
         blob_indexes: Vec::new(),
     };
-    // One id prefix at a time, in id order, beside the referenced set in the same order: memory
-    // holds the plan, neither the listing nor the referenced set.
-    rt.block_on(async {
-        let mut listings = std::pin::pin!(repo.chunk_listings());
-        while let Some(listing) = listings.next().await {
-            let mut listing = listing?;
-            // A key listed twice must not make the walk miss that it is referenced.
-            listing.sort_unstable_by_key(|c| c.id);
-            listing.dedup_by_key(|c| c.id);
-            for chunk in listing {
-                report.chunks_stored += 1;
-                report.bytes_stored += chunk.size;
-                let used = referenced_chunks.advance_to(&chunk.id, drop)?.is_some();
-                if chunk.modified <= cutoff && !used && !condemned_before.contains(&chunk.id) {
-                    plan.chunks.extend_from_slice(&chunk.id.0);
-                    plan.chunk_sizes.push(chunk.size as u32);
-                }
-            }
-        }
-        Ok::<(), Error>(())
-    })?;
-    report.chunks_referenced = referenced_chunks.rest(drop)?;
-    for obj in rt.block_on(repo.store().list_modified(BLOBS_PREFIX))? {
-        if obj.modified <= cutoff
-            && !referenced.indexes.contains(&obj.key)
-            && !indexes_before.contains(obj.key.as_str())
-        {
-            plan.blob_indexes.push(obj.key);
-        }
-    }
+    condemn(repo, rt, referenced, &plans, cutoff, &mut plan, &mut report)?;
     if !plan.chunks.is_empty() || !plan.blob_indexes.is_empty() {
         report.condemned = Some(PlanSummary {
             id: plan.id.clone(),
@@ -211,6 +168,70 @@ pub fn run(
         report.sessions_removed = rt.block_on(remove_old_sessions(repo, now))?;
     }
     Ok(report)
+}
+
+/// The plans saved by earlier runs and not yet swept, each with when it was written.
+fn live_plans(repo: &Repository, rt: &Handle) -> Result<Vec<(Plan, DateTime<Utc>)>> {
+    let state = rt.block_on(GcState::load(repo))?;
+    let mut plans = Vec::new();
+    for (id, written) in &state.live {
+        match rt.block_on(Plan::load(repo, id))? {
+            Some(plan) => plans.push((plan, *written)),
+            None => tracing::warn!("gc plan {id} vanished while listing; skipping it"),
+        }
+    }
+    Ok(plans)
+}
+
+/// Fills `plan` with the chunks and blob indexes written before `cutoff` that no snapshot
+/// references and no plan of `earlier` condemns already, and counts what is stored in
+/// `report`. One id prefix at a time, in id order, beside the referenced set in the same
+/// order: memory holds the plan, neither the listing nor the referenced set.
+fn condemn(
+    repo: &Repository,
+    rt: &Handle,
+    referenced: Referenced,
+    earlier: &[(Plan, DateTime<Utc>)],
+    cutoff: DateTime<Utc>,
+    plan: &mut Plan,
+    report: &mut GcReport,
+) -> Result<()> {
+    let mut referenced_chunks = referenced.chunks.finish()?;
+    let condemned_before: HashSet<ChunkId> =
+        earlier.iter().flat_map(|(p, _)| p.chunk_ids()).collect();
+    let indexes_before: HashSet<&str> = earlier
+        .iter()
+        .flat_map(|(p, _)| p.blob_indexes.iter().map(String::as_str))
+        .collect();
+    rt.block_on(async {
+        let mut listings = std::pin::pin!(repo.chunk_listings());
+        while let Some(listing) = listings.next().await {
+            let mut listing = listing?;
+            // A key listed twice must not make the walk miss that it is referenced.
+            listing.sort_unstable_by_key(|c| c.id);
+            listing.dedup_by_key(|c| c.id);
+            for chunk in listing {
+                report.chunks_stored += 1;
+                report.bytes_stored += chunk.size;
+                let used = referenced_chunks.advance_to(&chunk.id, drop)?.is_some();
+                if chunk.modified <= cutoff && !used && !condemned_before.contains(&chunk.id) {
+                    plan.chunks.extend_from_slice(&chunk.id.0);
+                    plan.chunk_sizes.push(chunk.size as u32);
+                }
+            }
+        }
+        Ok::<(), Error>(())
+    })?;
+    report.chunks_referenced = referenced_chunks.rest(drop)?;
+    for obj in rt.block_on(repo.store().list_modified(BLOBS_PREFIX))? {
+        if obj.modified <= cutoff
+            && !referenced.indexes.contains(&obj.key)
+            && !indexes_before.contains(obj.key.as_str())
+        {
+            plan.blob_indexes.push(obj.key);
+        }
+    }
+    Ok(())
 }
 
 /// The store's clock, read from a probe object that is then deleted: this also proves, before
