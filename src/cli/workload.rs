@@ -3,7 +3,7 @@
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tresor::commands::workload::{ComposeOptions, WorkloadBackup, WorkloadRestore};
+use tresor::commands::workload::{ComposeOptions, WorkloadBackup, WorkloadReport, WorkloadRestore};
 use tresor::snapshot::{self, Kind};
 
 use super::backup::RegistryArgs;
@@ -225,71 +225,80 @@ pub(crate) async fn restore_workload(
     if g.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if report.dry_run {
-        println!(
-            "plan (nothing changed): project {} from {}",
-            report.project, report.compose_file
-        );
-        for i in &report.images {
-            println!(
-                "image  {:<12} {} -> {}: {} blobs, {} there already, {} to upload",
-                i.service,
-                i.source,
-                i.target,
-                i.blobs,
-                i.blobs_present,
-                human_bytes(i.bytes_to_move)
-            );
-        }
-        for v in &report.volumes {
-            println!(
-                "volume {:<12} -> {}{}: {} files, {}",
-                v.name,
-                v.to,
-                if v.existed { " (exists)" } else { "" },
-                v.files,
-                human_bytes(v.bytes)
-            );
-        }
-        return Ok(ExitCode::SUCCESS);
+        print_restore_plan(&report);
     } else {
-        for i in &report.images {
-            println!(
-                "image  {:<12} {} -> {} {}",
-                i.service,
-                i.source,
-                i.target,
-                if i.digest_equal {
-                    "digest equal"
-                } else {
-                    "DIGEST DIFFERS"
-                }
-            );
-        }
-        for v in &report.volumes {
-            println!(
-                "volume {:<12} -> {}: {} files, {}, {} chunks verified",
-                v.name,
-                v.to,
-                v.files,
-                human_bytes(v.bytes),
-                v.chunks_verified
-            );
-        }
-        println!("{}", phases_line(&report.phases));
-        if report.complete {
-            println!(
-                "twin complete: project {} from {}",
-                report.project, report.compose_file
-            );
-        } else {
-            println!("twin INCOMPLETE: {}", report.missing.join("; "));
-        }
+        print_restored(&report);
     }
     Ok(if report.complete || report.dry_run {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What `restore workload --dry-run` would do, for a person.
+fn print_restore_plan(report: &WorkloadReport) {
+    println!(
+        "plan (nothing changed): project {} from {}",
+        report.project, report.compose_file
+    );
+    for i in &report.images {
+        println!(
+            "image  {:<12} {} -> {}: {} blobs, {} there already, {} to upload",
+            i.service,
+            i.source,
+            i.target,
+            i.blobs,
+            i.blobs_present,
+            human_bytes(i.bytes_to_move)
+        );
+    }
+    for v in &report.volumes {
+        println!(
+            "volume {:<12} -> {}{}: {} files, {}",
+            v.name,
+            v.to,
+            if v.existed { " (exists)" } else { "" },
+            v.files,
+            human_bytes(v.bytes)
+        );
+    }
+}
+
+/// What `restore workload` did, for a person.
+fn print_restored(report: &WorkloadReport) {
+    for i in &report.images {
+        println!(
+            "image  {:<12} {} -> {} {}",
+            i.service,
+            i.source,
+            i.target,
+            if i.digest_equal {
+                "digest equal"
+            } else {
+                "DIGEST DIFFERS"
+            }
+        );
+    }
+    for v in &report.volumes {
+        println!(
+            "volume {:<12} -> {}: {} files, {}, {} chunks verified",
+            v.name,
+            v.to,
+            v.files,
+            human_bytes(v.bytes),
+            v.chunks_verified
+        );
+    }
+    println!("{}", phases_line(&report.phases));
+    if report.complete {
+        println!(
+            "twin complete: project {} from {}",
+            report.project, report.compose_file
+        );
+    } else {
+        println!("twin INCOMPLETE: {}", report.missing.join("; "));
+    }
 }
 
 /// The recovery time and its phases, in a line (`restore workload`, `drill workload`).
