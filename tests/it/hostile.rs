@@ -217,10 +217,7 @@ fn race_attacker() {
     println!("WATCHING");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !left_sub() {
-        assert!(
-            Instant::now() < deadline,
-            "the restore never wrote into {home:?}"
-        );
+        assert!(Instant::now() < deadline, "the restore never left {sub:?}");
     }
     let moved = home.join("moved");
     if exchange {
