@@ -307,11 +307,8 @@ async fn rebuild(repo: &Repository, dir: &Path, gc: &str) -> Result<ChunkIndex> 
     let mut writer = ChunkIndex::writer(dir)?;
     let mut listings = std::pin::pin!(repo.chunk_listings());
     while let Some(listing) = listings.next().await {
-        let mut ids: Vec<ChunkId> = listing?.into_iter().map(|c| c.id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        for id in ids {
-            writer.push(id)?;
+        for chunk in listing? {
+            writer.push(chunk.id)?;
         }
     }
     ChunkIndex::create(dir, gc, writer)

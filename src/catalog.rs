@@ -236,31 +236,33 @@ impl<R: BufRead> PreviousCatalog<R> {
     }
 }
 
+/// A file entry with every field set, for tests.
+#[cfg(test)]
+pub(crate) fn test_entry(path: &str) -> Entry {
+    Entry {
+        path: path.as_bytes().to_vec(),
+        kind: EntryKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        user: None,
+        group: None,
+        mtime_ns: 1,
+        ctime_ns: 2,
+        ino: 3,
+        size: 4,
+        link: None,
+        rdev: 0,
+        xattrs: vec![],
+        content: vec![],
+        slice: None,
+        hash: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(path: &str) -> Entry {
-        Entry {
-            path: path.as_bytes().to_vec(),
-            kind: EntryKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            user: None,
-            group: None,
-            mtime_ns: 1,
-            ctime_ns: 2,
-            ino: 3,
-            size: 4,
-            link: None,
-            rdev: 0,
-            xattrs: vec![],
-            content: vec![],
-            slice: None,
-            hash: None,
-        }
-    }
 
     #[test]
     fn component_order_differs_from_byte_order() {
@@ -294,7 +296,7 @@ mod tests {
         let mut buf = Vec::new();
         let paths = ["", "a", "a/c", "a-b", "z"];
         for p in paths {
-            write_entry(&mut buf, &entry(p)).unwrap();
+            write_entry(&mut buf, &test_entry(p)).unwrap();
         }
         let mut r = CatalogReader::new(&buf[..], "s");
         for p in paths {

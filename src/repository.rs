@@ -667,7 +667,8 @@ impl Repository {
     }
 
     /// The stored chunks whose id begins with the byte `prefix` (`chunks/<2 hex>/`), with
-    /// their sizes and times.
+    /// their sizes and times, in id order and each once (a store may list a key twice, and a
+    /// walk beside a sorted set must not miss that one is referenced).
     pub async fn list_chunk_prefix(&self, prefix: u8) -> Result<Vec<StoredChunk>> {
         let listed = self
             .store
@@ -676,7 +677,7 @@ impl Repository {
         // Only objects at their id's own key count: one a store put elsewhere under this
         // prefix would claim a chunk whose key holds nothing (and break the sorted order the
         // chunk cache is built in).
-        Ok(listed
+        let mut chunks: Vec<StoredChunk> = listed
             .into_iter()
             .filter_map(|l| {
                 let id = ChunkId::from_hex(l.key.rsplit('/').next()?)?;
@@ -686,10 +687,14 @@ impl Repository {
                     modified: l.modified,
                 })
             })
-            .collect())
+            .collect();
+        chunks.sort_unstable_by_key(|c| c.id);
+        chunks.dedup_by_key(|c| c.id);
+        Ok(chunks)
     }
 
-    /// Every stored chunk, listed one id prefix at a time (in increasing order of prefix): the
+    /// Every stored chunk, listed one id prefix at a time (in increasing order of prefix, so in
+    /// id order throughout, each once; see [`Repository::list_chunk_prefix`]): the
     /// 256 prefixes split the chunks evenly, so a caller that handles each listing before the
     /// next holds 1/256 of the repository's listing at a time, not all of it (a few prefixes
     /// are listed ahead to hide a remote store's latency).

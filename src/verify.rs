@@ -541,11 +541,7 @@ impl Run<'_> {
         rt.block_on(async {
             let mut listings = std::pin::pin!(repo.chunk_listings());
             while let Some(listing) = listings.next().await {
-                let mut listing = listing?;
-                // A key listed twice must not make the walk miss that it is referenced.
-                listing.sort_unstable_by_key(|c| c.id);
-                listing.dedup_by_key(|c| c.id);
-                for chunk in listing {
+                for chunk in listing? {
                     let Some(r) = refs.advance_to(&chunk.id, |r| missing(&mut self.bad, r))? else {
                         if all_selected && in_shard(shard, &chunk.id) {
                             self.stats.chunks_unreferenced += 1;

@@ -206,11 +206,7 @@ fn condemn(
     rt.block_on(async {
         let mut listings = std::pin::pin!(repo.chunk_listings());
         while let Some(listing) = listings.next().await {
-            let mut listing = listing?;
-            // A key listed twice must not make the walk miss that it is referenced.
-            listing.sort_unstable_by_key(|c| c.id);
-            listing.dedup_by_key(|c| c.id);
-            for chunk in listing {
+            for chunk in listing? {
                 report.chunks_stored += 1;
                 report.bytes_stored += chunk.size;
                 let used = referenced_chunks.advance_to(&chunk.id, drop)?.is_some();

@@ -297,47 +297,31 @@ fn rename(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::EntryKind;
     use std::os::unix::fs::MetadataExt;
 
-    fn file_entry() -> Entry {
-        Entry {
-            path: b"f".to_vec(),
-            kind: EntryKind::File,
-            mode: 0o640,
-            uid: 0,
-            gid: 0,
-            user: None,
-            group: None,
-            mtime_ns: 1_500_000_000_123_456_789,
-            ctime_ns: 0,
-            ino: 0,
-            size: 5,
-            link: None,
-            rdev: 0,
-            xattrs: vec![],
-            content: vec![],
-            slice: None,
-            hash: None,
-        }
+    /// The names in `dir`, sorted.
+    fn names_in(dir: &Path) -> Vec<OsString> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
     }
 
     /// A file gets its name only complete, with its metadata, over a name already there too,
-    /// linked by descriptor and through `/proc/self/fd`; a failed write leaves no name at all.
+    /// linked the way the probe found; a failed write leaves no name at all.
     #[test]
     fn a_file_is_named_only_when_made() {
         let dir = tempfile::tempdir().unwrap();
         let fd = File::open(dir.path()).unwrap();
         let name = std::ffi::OsStr::new("f");
-        let entry = file_entry();
-        let names = || {
-            let mut n: Vec<_> = std::fs::read_dir(dir.path())
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .collect();
-            n.sort();
-            n
+        let entry = Entry {
+            mode: 0o640,
+            mtime_ns: 1_500_000_000_123_456_789,
+            ..crate::catalog::test_entry("f")
         };
+        let names = || names_in(dir.path());
         for bytes in ["first", "again"] {
             let before = names();
             let size = put_file(fd.as_fd(), name, &entry, 0o640, false, dir.path(), |f| {
@@ -394,13 +378,8 @@ mod tests {
                 assert_eq!(std::fs::read(dir.path().join(name)).unwrap(), bytes);
             }
         }
-        let mut names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
         assert_eq!(
-            names,
+            names_in(dir.path()),
             ["a", "b"][usize::from(found != Linking::Descriptor)..]
         );
     }

@@ -4,7 +4,6 @@ use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::time::Duration;
 
 use crate::common::*;
 
@@ -581,17 +580,9 @@ fn killed_backup_leaves_a_repository_that_completes_and_restores() {
         .spawn()
         .unwrap();
     let before = env.chunk_files().len();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while env.chunk_files().len() < before + 20 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "backup finished before it could be killed"
-        );
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when(&mut child, "the backup", || {
+        env.chunk_files().len() >= before + 20
+    });
     assert_eq!(
         env.json(&["snapshots"]).as_array().unwrap().len(),
         1,
@@ -638,17 +629,7 @@ fn killed_restore_leaves_no_temporary_file_and_a_rerun_completes_it() {
         .spawn()
         .unwrap();
     // Killed once the first big file has its name, while the next ones are written.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !out.join("big0").exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "restore finished before it could be killed"
-        );
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_when(&mut child, "the restore", || out.join("big0").exists());
     assert!(
         !out.join("big7").exists(),
         "the restore was killed too late"

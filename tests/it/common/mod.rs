@@ -504,6 +504,24 @@ pub fn no_prompt() -> tresor::Result<tresor::crypto::Secret> {
     panic!("the test gave a secret; nothing may prompt for one")
 }
 
+/// Kills `child` (SIGKILL) once `ready` holds; fails when `what` ends first or 60 s pass.
+pub fn kill_when(child: &mut std::process::Child, what: &str, ready: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{what} finished before it could be killed"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never got where it is killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// Every file under `root`, at any depth.
 pub fn files_under(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
